@@ -1,0 +1,91 @@
+"""Model and tokenizer loading: 4-bit NF4 (QLoRA), plain bf16 LoRA, or full fine-tuning.
+
+The arguments are TRL's `ModelConfig` with this project's defaults: StarCoder2-3B in 4-bit NF4
+with double quantization, LoRA on all six linear projections of StarCoder2.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+from .tiny import TINY_MODEL, build_tiny_model
+
+# Every linear layer of a StarCoder2 block. (Upstream starcoder2 finetune.py names
+# gate_proj/up_proj/down_proj, which StarCoder2 does not have, so only attention got adapted.)
+STARCODER2_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    model_name_or_path: str | None = field(
+        default="bigcode/starcoder2-3b",
+        metadata={"help": f"Hub id or local folder of any causal LM; `{TINY_MODEL}` builds a tiny one offline."},
+    )
+    use_peft: bool = field(default=True, metadata={"help": "LoRA adapter (true) or full fine-tuning (false)."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Load the base in 4-bit NF4 (QLoRA)."})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of the 4-bit scales."})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: list(STARCODER2_LINEAR), metadata={"help": "Module names LoRA adapts."}
+    )
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attention_implementation(requested: str | None) -> str:
+    """flash_attention_2 when installed on a GPU, else SDPA; both keep packed examples apart."""
+    if requested:
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+
+
+def resolve_model_path(name: str) -> str:
+    return str(build_tiny_model()) if name == TINY_MODEL else name
+
+
+def load_tokenizer(model_args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(model_args.model_name_or_path), revision=model_args.model_revision
+    )
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{model_args.model_name_or_path}'s tokenizer has no EOS token; generation could not stop.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args: ModelArguments):
+    """The base model, quantized if asked; the LoRA adapter is added by the trainer (peft_config)."""
+    from transformers import AutoModelForCausalLM
+
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("Choose one of load_in_4bit and load_in_8bit.")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise ValueError("A quantized base cannot be fully fine-tuned: set use_peft true, or load_in_4bit false.")
+    dtype = compute_dtype() if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model_args.dtype = dtype  # get_quantization_config uses it as the 4-bit compute dtype
+    quantization = get_quantization_config(model_args)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_args.model_name_or_path),
+        revision=model_args.model_revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        attn_implementation=attention_implementation(model_args.attn_implementation),
+        device_map={"": torch.cuda.current_device()} if quantization and torch.cuda.is_available() else None,
+    )
+
+
+def lora_config(model_args: ModelArguments):
+    return get_peft_config(model_args)
