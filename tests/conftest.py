@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny StarCoder2 built once per session, and one short QLoRA run on it."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Build the tiny model under a per-session cache, so tests never reuse a stale one."""
+    cache = tmp_path_factory.mktemp("starsql-cache")
+    os.environ["STARSQL_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_cache):
+    from starsql.tiny import build_tiny_model
+
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_path, tmp_path_factory):
+    """Output folder of `train_sft.py --config configs/tiny.yaml` (adapter, card, curves)."""
+    import train_sft
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    code = train_sft.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(out),
+                           "--dataset_name", str(ROOT / "data" / "sql_create_context_sample.jsonl")])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def spider_dir():
+    path = SHARED / "spider_dev"
+    if not (path / "dev.json").is_file():
+        pytest.skip("../shared/spider_dev is not here")
+    return path
