@@ -110,6 +110,8 @@ def load_records(args: DataArguments, split: str) -> list[dict]:
         available, rows = _read_local(path)
     else:
         available, rows = _read_hub(args, split)
+    if not rows:
+        raise ValueError(f"Dataset {args.dataset_name} (split {split!r}) has no rows.")
     required = [name for role, name in columns.items() if role != "db_id"]
     missing = [name for name in required if name not in available]
     if missing:
@@ -119,8 +121,6 @@ def load_records(args: DataArguments, split: str) -> list[dict]:
             f"Column(s) {missing} not found in {args.dataset_name} (format {args.dataset_format}). "
             f"Available columns: {sorted(available)}. Set {hints} to the right names."
         )
-    if not rows:
-        raise ValueError(f"Dataset {args.dataset_name} (split {split!r}) has no rows.")
     return [{role: row.get(name) for role, name in columns.items()} for row in rows]
 
 
@@ -128,15 +128,20 @@ def _read_local(path: Path) -> tuple[set[str], list[dict]]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_LOADERS:
         raise ValueError(f"Unsupported data file {path}: use one of {', '.join(LOCAL_LOADERS)}.")
-    if suffix == ".json":
-        # Spider's files are JSON arrays with nested, irregular fields that Arrow cannot type.
+    if suffix in (".json", ".jsonl"):
+        # Read by hand: Spider's files are JSON arrays with nested, irregular fields Arrow cannot type.
         text = path.read_text()
         try:
-            rows = json.loads(text)
+            rows = json.loads(text) if text.strip() else []
         except json.JSONDecodeError:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is neither a JSON array nor JSON Lines: {error}") from error
         if isinstance(rows, dict):
             rows = [rows]
+    elif path.stat().st_size == 0:
+        rows = []
     else:
         from datasets import load_dataset
 

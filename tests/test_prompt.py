@@ -1,0 +1,41 @@
+from starsql.prompt import PROMPT_TEMPLATE, build_prompt, extract_sql, format_completion
+from starsql.schema import load_spider_schemas, normalize_schema, split_statements
+
+
+def test_prompt_is_the_template_with_one_statement_per_line():
+    prompt = build_prompt("CREATE TABLE a (x INTEGER); CREATE TABLE b (y VARCHAR)", "How many\n a rows?")
+    assert prompt == (
+        "-- Database schema\nCREATE TABLE a (x INTEGER);\nCREATE TABLE b (y VARCHAR);\n\n"
+        "-- Question: How many a rows?\n-- SQL:\n"
+    )
+    assert prompt == PROMPT_TEMPLATE.format(schema=normalize_schema("CREATE TABLE a (x INTEGER);CREATE TABLE b (y VARCHAR)"), history="", question="How many a rows?")
+
+
+def test_history_turns_come_before_the_question():
+    prompt = build_prompt("CREATE TABLE t (year INTEGER)", "now only 2023", [("all rows", "SELECT * FROM t")])
+    assert prompt.endswith("-- Question: all rows\n-- SQL:\nSELECT * FROM t;\n\n-- Question: now only 2023\n-- SQL:\n")
+
+
+def test_completion_is_one_statement_with_semicolon():
+    assert format_completion("SELECT  count(*)\nFROM t ;") == "SELECT count(*) FROM t;"
+
+
+def test_extract_sql_stops_at_first_statement_and_keeps_literals():
+    assert extract_sql(" SELECT a FROM t WHERE b = 'x;y'; SELECT 2;") == "SELECT a FROM t WHERE b = 'x;y'"
+    assert extract_sql("SELECT a FROM t\n-- Question: next one\n-- SQL:\nSELECT 1") == "SELECT a FROM t"
+    assert extract_sql("```sql\nSELECT 1\n```\nsome text") == "SELECT 1"
+    assert extract_sql("") == ""
+
+
+def test_split_statements_respects_string_literals():
+    assert split_statements("INSERT INTO t VALUES ('a;b'); CREATE TABLE u (x INT)") == [
+        "INSERT INTO t VALUES ('a;b')",
+        "CREATE TABLE u (x INT)",
+    ]
+
+
+def test_spider_schema_renders_every_table(spider_dir):
+    schemas = load_spider_schemas(spider_dir / "tables.json")
+    concert = schemas["concert_singer"].splitlines()
+    assert len(concert) == 4 and concert[1].startswith("CREATE TABLE singer (Singer_ID INTEGER, Name VARCHAR")
+    assert '"Home Town" VARCHAR' in schemas["perpetrator"]
