@@ -4,8 +4,10 @@
 calls `run`.
 """
 
+import gc
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -66,6 +68,12 @@ class RunArguments:
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     space_id: str | None = field(default=None, metadata={"help": "The demo Space, for the card's usage snippet."})
     license: str = field(default="bigcode-openrail-m", metadata={"help": "License in the card (the base model's)."})
+    eval_spider: str | None = field(
+        default=None,
+        metadata={"help": "Spider dev folder: after training, score execution accuracy (base vs fine-tuned) for the card."},
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Score only the first N Spider dev questions."})
+    eval_generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
 
 
 class StopOnSignal(TrainerCallback):
@@ -122,6 +130,29 @@ def resume_checkpoint(training_args: TrainingConfig, run_args: RunArguments) -> 
     if run_args.auto_resume and os.path.isdir(training_args.output_dir):
         return get_last_checkpoint(training_args.output_dir)
     return None
+
+
+def add_spider_evaluation(info: CardInfo, run_args: RunArguments, model_args: ModelArguments, output_dir: Path):
+    """Score base and fine-tuned model on Spider dev; put the numbers, table and chart in the card."""
+    from .evaluate import evaluate_model, markdown_table
+
+    base, adapter = (model_args.model_name_or_path, str(output_dir)) if model_args.use_peft else (str(output_dir), None)
+    reports = evaluate_model(
+        base, adapter, spider_dir=run_args.eval_spider, out_dir=output_dir / "eval_spider", limit=run_args.eval_limit,
+        batch_size=run_args.eval_generation_batch_size, compare=model_args.use_peft,
+    )
+    tuned = reports["adapter" if model_args.use_peft else "base"]
+    dataset = f"Spider dev ({tuned['label']})"
+    info.metrics += [
+        {"name": "Execution accuracy", "type": "execution_accuracy", "value": tuned["execution_accuracy"], "dataset": dataset, "dataset_type": "spider"},
+        {"name": "Exact match", "type": "exact_match", "value": tuned["exact_match"], "dataset": dataset, "dataset_type": "spider"},
+    ]
+    (output_dir / "eval_results.json").write_text(json.dumps(reports, indent=2))
+    chart = output_dir / "eval_spider" / "accuracy_by_hardness.png"
+    if chart.is_file():
+        shutil.copy(chart, output_dir / chart.name)
+        info.images.append(chart.name)
+    info.extra_sections.append("### Spider dev, by hardness\n\n" + markdown_table(reports))
 
 
 def run(run_args: RunArguments, training_args: TrainingConfig, model_args: ModelArguments, data_args: DataArguments):
@@ -198,6 +229,12 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
         use_peft=model_args.use_peft,
         images=[curves.name] if curves else [],
     )
+    if run_args.eval_spider:
+        del trainer, model  # free the GPU for the evaluation models
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        add_spider_evaluation(info, run_args, model_args, output_dir)
     card = write_model_card(output_dir, info)
     print(f"Saved adapter, tokenizer, {card.name} and curves to {output_dir}")
     if repo_id:

@@ -78,3 +78,19 @@ def test_unknown_config_key_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--config", str(bad)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "learning_rat" in result.stderr
+
+
+def test_eval_spider_puts_execution_accuracy_in_the_card(tmp_path, tiny_model_path, spider_dir):
+    out = tmp_path / "out"
+    result = run_tiny(out, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+                      "--eval_spider", str(spider_dir), "--eval_limit", "6")
+    output, _ = result.communicate(timeout=600)
+    assert result.returncode == 0, output[-3000:]
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    results = meta["model-index"][0]["results"]
+    metrics = {m["type"]: m["value"] for r in results for m in r["metrics"]}
+    reports = json.loads((out / "eval_results.json").read_text())
+    assert set(reports) == {"base", "adapter"} and reports["adapter"]["total"] == 6
+    assert metrics["execution_accuracy"] == reports["adapter"]["execution_accuracy"]
+    assert "![accuracy_by_hardness](accuracy_by_hardness.png)" in card and "### Spider dev, by hardness" in card

@@ -1,0 +1,254 @@
+"""The evaluation harness: execution-match semantics, Spider gold, bad input, model mode end to end."""
+
+import json
+import sqlite3
+import time
+from collections import Counter
+
+import pytest
+
+from starsql import evaluate
+from starsql.evaluate import (
+    CorruptDatabaseError,
+    Database,
+    MissingDatabaseError,
+    PredictionCountError,
+    execution_match,
+    main,
+    normalize_sql,
+    order_matters,
+    score_predictions,
+    score_schema_only,
+)
+
+
+@pytest.fixture
+def database(tmp_path):
+    """A small read-only database: duplicates, NULLs and floats on purpose."""
+    path = tmp_path / "toy.sqlite"
+    connection = sqlite3.connect(path)
+    connection.executescript(
+        """
+        CREATE TABLE pet (id INTEGER, name TEXT, kind TEXT, weight REAL, owner TEXT);
+        INSERT INTO pet VALUES (1, 'Rex', 'dog', 12.5, 'Ann'), (2, 'Tom', 'cat', 4.1, NULL),
+                               (3, 'Fido', 'dog', 20.0, 'Bob'), (4, 'Kitty', 'cat', 3.3, 'Ann');
+        """
+    )
+    connection.commit()
+    connection.close()
+    return Database.open_read_only(path)
+
+
+def matches(database, gold, predicted, timeout=10.0):
+    return execution_match(database, gold, predicted, timeout=timeout)[0]
+
+
+def test_row_order_counts_only_when_gold_orders(database):
+    assert matches(database, "SELECT name FROM pet", "SELECT name FROM pet ORDER BY name DESC")
+    assert not matches(database, "SELECT name FROM pet ORDER BY weight", "SELECT name FROM pet ORDER BY weight DESC")
+    assert matches(database, "SELECT name FROM pet ORDER BY weight", "SELECT name FROM pet ORDER BY weight ASC")
+    # ORDER BY in a subquery does not make the outer result ordered.
+    assert not order_matters("SELECT name FROM pet WHERE weight = (SELECT weight FROM pet ORDER BY weight LIMIT 1)")
+    assert order_matters("SELECT kind FROM pet UNION SELECT owner FROM pet ORDER BY 1")
+
+
+def test_rows_are_bags_duplicates_count(database):
+    assert not matches(database, "SELECT kind FROM pet", "SELECT DISTINCT kind FROM pet")
+    assert matches(database, "SELECT kind FROM pet", "SELECT kind FROM pet ORDER BY id DESC")
+    assert not matches(database, "SELECT kind FROM pet WHERE id < 4", "SELECT kind FROM pet WHERE id > 1")  # same set, other bag
+
+
+def test_columns_may_come_in_any_order(database):
+    assert matches(database, "SELECT name, kind FROM pet", "SELECT kind, name FROM pet")
+    assert matches(database, "SELECT name, kind FROM pet ORDER BY id", "SELECT kind, name FROM pet ORDER BY id")
+    assert not matches(database, "SELECT name, kind FROM pet", "SELECT name, owner FROM pet")
+    assert not matches(database, "SELECT name, kind FROM pet", "SELECT name FROM pet")
+    # Columns holding the same values as bags, paired differently in the rows.
+    assert not matches(database, "SELECT 1, 2 UNION ALL SELECT 2, 1", "SELECT 1, 1 UNION ALL SELECT 2, 2")
+    assert matches(database, "SELECT name FROM pet WHERE id > 9", "SELECT name, kind FROM pet WHERE id > 9")  # both empty
+
+
+def test_nulls_and_floats(database):
+    assert matches(database, "SELECT owner FROM pet", "SELECT owner FROM pet")
+    assert not matches(database, "SELECT owner FROM pet", "SELECT coalesce(owner, '') FROM pet")
+    assert matches(database, "SELECT avg(weight) FROM pet", "SELECT sum(weight) / count(weight) FROM pet")
+    assert matches(database, "SELECT 0.3", "SELECT 0.1 + 0.2")
+    assert matches(database, "SELECT 2", "SELECT 2.0")
+    assert not matches(database, "SELECT 1.0", "SELECT 1.001")
+
+
+def test_errors_and_writes_are_wrong(database):
+    matched, error = execution_match(database, "SELECT name FROM pet", "SELECT nme FROM pet")
+    assert not matched and "no such column" in error
+    assert not execution_match(database, "SELECT name FROM pet", "")[0]
+    assert not execution_match(database, "SELECT name FROM pet", "DELETE FROM pet")[0]
+    assert database.run("SELECT count(*) FROM pet").rows == [(4,)]  # nothing was deleted
+
+
+def test_runaway_query_is_interrupted(database):
+    runaway = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
+    started = time.monotonic()
+    matched, error = execution_match(database, "SELECT count(*) FROM pet", runaway, timeout=1.0)
+    assert not matched and "timed out" in error
+    assert time.monotonic() - started < 5
+    cross = "SELECT count(*) FROM pet a, pet b, pet c, pet d, pet e, pet f, pet g, pet h, pet i, pet j, pet k, pet l, pet m, pet n"
+    assert "timed out" in execution_match(database, "SELECT 1", cross, timeout=0.5)[1]
+    assert database.run("SELECT count(*) FROM pet").rows == [(4,)]  # the connection still works
+
+
+def test_exact_match_normalisation():
+    columns = {"name", "country", "singer_id"}
+    gold = 'SELECT T1.Name FROM singer AS T1 JOIN concert AS T2 ON T1.singer_id = T2.singer_id WHERE T1.country = "France"'
+    predicted = "select s.name from Singer s inner join concert c on s.singer_id=c.singer_id where s.country='France';"
+    assert normalize_sql(gold, columns) == normalize_sql(predicted, columns)
+    assert normalize_sql("SELECT name FROM singer ORDER BY name ASC") == normalize_sql("SELECT singer.name FROM singer ORDER BY name")
+    assert normalize_sql("SELECT name FROM singer", columns) != normalize_sql("SELECT country FROM singer", columns)
+    assert normalize_sql("SELEC name  FRM x") == normalize_sql("selec NAME frm x;")  # unparseable: text compare
+
+
+def test_schema_only_scoring():
+    rows = [
+        {"question": "q1", "context": "CREATE TABLE head (name VARCHAR, age INTEGER)", "answer": "SELECT name FROM head WHERE age > 56"},
+        {"question": "q2", "context": "CREATE TABLE head (name VARCHAR, age INTEGER)", "answer": 'SELECT count(*) FROM head WHERE name = "Bo"'},
+        {"question": "q3", "context": "CREATE TABLE head (name VARCHAR, age INTEGER)", "answer": "SELECT age FROM head"},
+    ]
+    predictions = ["select NAME from head where age>56", "SELECT COUNT(*) FROM head WHERE name = 'Bo'", "SELECT height FROM head"]
+    report = score_schema_only(predictions, rows, progress=False)
+    assert report["exact_match"] == pytest.approx(2 / 3)
+    assert report["valid_sql_rate"] == pytest.approx(2 / 3)
+    assert report["execution_accuracy"] is None and report["scored"] == 3
+
+
+# ------------------------------------------------------------------ real Spider dev
+
+
+def gold_predictions(spider_dir) -> list[str]:
+    return [line.split("\t")[0] for line in (spider_dir / "dev_gold.sql").read_text().splitlines()]
+
+
+def test_gold_scores_one_on_spider_dev(spider_dir):
+    report = score_predictions(gold_predictions(spider_dir), spider_dir, progress=False)
+    assert (report["scored"], report["skipped"], report["total"]) == (972, 62, 1034)
+    assert report["execution_accuracy"] == 1.0
+    assert report["exact_match"] == 1.0 and report["valid_sql_rate"] == 1.0
+    assert report["label"] == "EX on 972/1,034 (no wta_1)"
+    assert sum(level["count"] for level in report["by_hardness"].values()) == 972
+
+
+def test_hardness_matches_spiders_published_counts(spider_dir):
+    examples = evaluate.load_spider(spider_dir)
+    assert Counter(e.hardness for e in examples) == {"easy": 248, "medium": 446, "hard": 174, "extra": 166}
+
+
+def test_known_wrong_predictions_score_exactly(spider_dir):
+    examples = evaluate.load_spider(spider_dir)
+    predictions = gold_predictions(spider_dir)
+    replaced = [e for e in examples if e.db_id != "wta_1"][:10]
+    differ = 0
+    for example in replaced:
+        predictions[example.index] = "SELECT 1"
+        with sqlite3.connect(evaluate.database_path(spider_dir, example.db_id)) as connection:
+            differ += connection.execute(example.gold).fetchall() != [(1,)]
+    report = score_predictions(predictions, spider_dir, progress=False)
+    assert differ > 0
+    assert report["execution_accuracy"] == (972 - differ) / 972
+    assert report["exact_match"] == (972 - 10) / 972
+
+
+def test_wrong_line_count_is_a_clear_error(spider_dir, tmp_path, capsys):
+    predictions = tmp_path / "preds.sql"
+    predictions.write_text("\n".join(gold_predictions(spider_dir)[:-1]) + "\n")
+    assert main(["--predictions", str(predictions), "--spider", str(spider_dir), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "has 1033 lines, expected 1034" in message and "Traceback" not in message
+
+
+def fake_spider(spider_dir, tmp_path):
+    """A Spider folder with the real json files but an empty database/ folder."""
+    fake = tmp_path / "spider"
+    (fake / "database").mkdir(parents=True)
+    for name in ("dev.json", "tables.json", "dev_gold.sql"):
+        (fake / name).symlink_to(spider_dir / name)
+    return fake
+
+
+def test_missing_database_is_a_clear_error(spider_dir, tmp_path):
+    fake = fake_spider(spider_dir, tmp_path)
+    with pytest.raises(MissingDatabaseError, match=r"concert_singer.*wta_1"):
+        score_predictions(["SELECT 1"] * 5, fake, limit=5, progress=False)
+    report = score_predictions(["SELECT 1"] * 5, fake, limit=5, skip_missing=True, progress=False)
+    assert (report["scored"], report["skipped"]) == (0, 5)
+
+
+def test_corrupt_database_is_a_clear_error(spider_dir, tmp_path, capsys):
+    fake = fake_spider(spider_dir, tmp_path)
+    broken = fake / "database" / "concert_singer" / "concert_singer.sqlite"
+    broken.parent.mkdir()
+    broken.write_bytes(b"this is not an SQLite file" * 100)
+    with pytest.raises(CorruptDatabaseError, match="concert_singer.sqlite"):
+        score_predictions(["SELECT 1"] * 5, fake, limit=5, progress=False)
+    predictions = tmp_path / "preds.sql"
+    predictions.write_text("SELECT 1\n" * 5)
+    assert main(["--predictions", str(predictions), "--spider", str(fake), "--limit", "5", "--out", str(tmp_path / "o")]) == 2
+    assert "concert_singer.sqlite" in capsys.readouterr().err
+
+
+def test_prediction_count_error_from_python(spider_dir):
+    with pytest.raises(PredictionCountError, match="Got 1 predictions, expected 3"):
+        score_predictions(["SELECT 1"], spider_dir, limit=3, progress=False)
+    with pytest.raises(PredictionCountError, match="expected 1034.*limit=N"):
+        score_predictions(["SELECT 1"], spider_dir, progress=False)
+
+
+# ------------------------------------------------------------------ model mode, tiny model
+
+
+def test_model_mode_end_to_end(spider_dir, tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--model", "tiny-starcoder2", "--adapter", str(tiny_run), "--spider", str(spider_dir),
+            "--limit", "5", "--max_new_tokens", "16", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert len((out / "preds.sql").read_text().splitlines()) == 5
+    report = json.loads((out / "report.json").read_text())
+    assert report["total"] == 5 and report["adapter"] == str(tiny_run)
+    assert (out / "accuracy_by_hardness.png").stat().st_size > 0
+    assert "execution accuracy" in (out / "report.md").read_text()
+
+
+def test_compare_reports_base_and_adapter(spider_dir, tiny_run, tmp_path):
+    out = tmp_path / "compare"
+    args = ["--model", "tiny-starcoder2", "--adapter", str(tiny_run), "--compare", "--spider", str(spider_dir),
+            "--limit", "5", "--max_new_tokens", "16", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    reports = json.loads((out / "report.json").read_text())
+    assert set(reports) == {"base", "adapter"}
+    for label in ("base", "adapter"):
+        assert len((out / label / "preds.sql").read_text().splitlines()) == 5
+        assert json.loads((out / label / "report.json").read_text())["total"] == 5
+    assert "| metric | base | adapter |" in (out / "report.md").read_text()
+    assert (out / "accuracy_by_hardness.png").is_file()
+
+
+def test_cli_scores_gold_file_and_schema_only_file(spider_dir, tmp_path, capsys):
+    # dev_gold.sql itself (`SQL<TAB>db_id` lines) is accepted as a predictions file.
+    out = tmp_path / "gold"
+    assert main(["--predictions", str(spider_dir / "dev_gold.sql"), "--spider", str(spider_dir), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["execution_accuracy"] == 1.0
+    assert "EX on 972/1,034 (no wta_1)" in capsys.readouterr().out
+
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text(json.dumps({"question": "q", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT a FROM t"}) + "\n")
+    predictions = tmp_path / "preds.sql"
+    predictions.write_text("SELECT A FROM T\n")
+    assert main(["--predictions", str(predictions), "--schema_only", str(rows), "--out", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["exact_match"] == 1.0 and report["valid_sql_rate"] == 1.0
+
+
+def test_schema_only_model_mode(tiny_model_path, tmp_path):
+    from starsql.evaluate import evaluate_model
+    from starsql.tiny import DATA
+
+    reports = evaluate_model("tiny-starcoder2", schema_only=DATA, out_dir=tmp_path, limit=3, max_new_tokens=8)
+    assert reports["base"]["total"] == 3
+    assert len((tmp_path / "preds.sql").read_text().splitlines()) == 3
