@@ -77,7 +77,7 @@ def load_model(model_args: ModelArguments):
     dtype = compute_dtype() if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model_args.dtype = dtype  # get_quantization_config uses it as the 4-bit compute dtype
     quantization = get_quantization_config(model_args)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
         dtype=dtype,
@@ -85,6 +85,13 @@ def load_model(model_args: ModelArguments):
         attn_implementation=attention_implementation(model_args.attn_implementation),
         device_map={"": torch.cuda.current_device()} if quantization and torch.cuda.is_available() else None,
     )
+    if quantization is not None and not torch.cuda.is_available():
+        # On CPU, bitsandbytes repacks 4-bit weights for inference at the first eval forward, and
+        # the training forward after it fails (in-place bias add on a grad view): keep one layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def lora_config(model_args: ModelArguments):
