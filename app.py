@@ -1,0 +1,412 @@
+"""StarSQL: ask a question about your database in plain English, get SQLite SQL back, checked.
+
+    python app.py                                                  # bigcode/starcoder2-3b + $ADAPTER
+    python app.py --base_model tiny-starcoder2 --adapter runs/tiny   # offline smoke run on a CPU
+    BASE_MODEL=bigcode/starcoder2-3b ADAPTER=USER/starcoder2-3b-sql python app.py
+
+The same file is the Hugging Face Space (`python -m starsql.deploy`). The model is loaded once, at
+import: ZeroGPU wants it on CUDA at start-up and lends the GPU only while `generate` runs.
+Every answer is compiled against the schema in a throwaway in-memory SQLite database
+(starsql/sqlcheck.py), never run against anything else.
+
+API (gradio_client): /sql(question, schema) -> {sql, valid, error, unknown_identifiers, rows, ...}
+and /chat(message, schema, history, max_new_tokens, temperature), which streams the reply.
+"""
+
+try:
+    import spaces  # ZeroGPU; imported before torch, as it asks
+except ImportError:
+    spaces = None
+
+import argparse
+import os
+import re
+from collections.abc import Iterator
+
+import gradio as gr
+import torch
+
+from starsql.generate import load_for_inference, stream_sql
+from starsql.prompt import build_prompt, extract_sql
+from starsql.schema import split_statements
+from starsql.sqlcheck import (
+    CheckResult,
+    SchemaError,
+    check_sql,
+    format_sql,
+    load_schema,
+    looks_like_sql,
+    row_counts,
+    schema_tables,
+    statement_kind,
+)
+
+DEFAULT_BASE = "bigcode/starcoder2-3b"
+MAX_QUESTION_CHARS = 1_000
+MAX_SCHEMA_CHARS = 20_000
+DEFAULT_NEW_TOKENS = 256
+MAX_NEW_TOKENS = 512
+SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to sqlcheck.MAX_ROWS
+MODEL_CONCURRENCY = 2  # generations at once; the queue holds the rest
+QUEUE_SIZE = 100  # waiting requests before new ones are turned away
+WRITING = "_Writing SQL…_"  # ends a reply while the model writes
+STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
+GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="StarSQL text-to-SQL app.")
+    parser.add_argument("--base_model", default=os.environ.get("BASE_MODEL") or DEFAULT_BASE,
+                        help="Hub id or folder of the base model (env BASE_MODEL); tiny-starcoder2 builds a tiny one.")
+    parser.add_argument("--adapter", default=os.environ.get("ADAPTER", ""),
+                        help="Hub id or folder of the LoRA adapter (env ADAPTER); empty serves the base alone.")
+    parser.add_argument("--load_in_4bit", action="store_true",
+                        default=os.environ.get("LOAD_IN_4BIT", "").lower() in ("1", "true", "yes"),
+                        help="4-bit NF4 base for GPUs with little memory (env LOAD_IN_4BIT=1).")
+    return parser.parse_args(argv)
+
+
+# Flags only when run as a script; `import app` (tests, Spaces' reloader) reads the env vars alone.
+ARGS = parse_args(None if __name__ == "__main__" else [])
+ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+if ZERO_GPU:
+    # Merge the adapter on the CPU (no GPU is attached at start-up), then place the bf16 weights
+    # on CUDA as ZeroGPU asks; it lends a GPU only inside @spaces.GPU. bitsandbytes has no place here.
+    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, device="cpu")
+    MODEL = MODEL.to(torch.bfloat16).to("cuda")
+else:
+    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
+
+
+def gpu(duration: int):
+    """spaces.GPU (a no-op off ZeroGPU), or a no-op where `spaces` is not installed."""
+    return spaces.GPU(duration=duration) if spaces is not None else (lambda fn: fn)
+
+
+@gpu(duration=GPU_SECONDS)
+def generate(prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
+    yield from stream_sql(MODEL, TOKENIZER, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Example databases: a CREATE TABLE per table, as the model was trained on, plus a few rows so
+# that a valid query can be run and its result shown.
+
+CONCERT_DB = """\
+CREATE TABLE stadium (stadium_id INTEGER, name VARCHAR, location VARCHAR, capacity INTEGER);
+CREATE TABLE singer (singer_id INTEGER, name VARCHAR, country VARCHAR, age INTEGER, is_male VARCHAR);
+CREATE TABLE concert (concert_id INTEGER, concert_name VARCHAR, theme VARCHAR, stadium_id INTEGER, year INTEGER);
+CREATE TABLE singer_in_concert (concert_id INTEGER, singer_id INTEGER);
+INSERT INTO stadium VALUES (1, 'Stark''s Park', 'Raith Rovers', 10104), (2, 'Glebe Park', 'Brechin City', 3960), (3, 'Balmoor', 'Peterhead', 4000), (4, 'Hampden Park', 'Queen''s Park', 52500);
+INSERT INTO singer VALUES (1, 'Joe Sharp', 'Netherlands', 52, 'F'), (2, 'Timbaland', 'United States', 32, 'T'), (3, 'Justin Brown', 'France', 29, 'T'), (4, 'Rose White', 'France', 41, 'F'), (5, 'John Nizinik', 'France', 43, 'T'), (6, 'Tribal King', 'France', 25, 'T');
+INSERT INTO concert VALUES (1, 'Auditions', 'Free choice', 1, 2014), (2, 'Super bootcamp', 'Free choice 2', 2, 2014), (3, 'Home Visits', 'Bleeding Love', 2, 2015), (4, 'Week 1', 'Wide Awake', 3, 2014), (5, 'Week 2', 'Party All Night', 4, 2015);
+INSERT INTO singer_in_concert VALUES (1, 2), (1, 3), (1, 5), (2, 3), (2, 6), (3, 5), (4, 4), (5, 6), (5, 3);
+"""
+
+COMPANY_DB = """\
+CREATE TABLE department (department_id INTEGER, name VARCHAR, budget INTEGER);
+CREATE TABLE employee (employee_id INTEGER, name VARCHAR, department_id INTEGER, salary INTEGER, hire_year INTEGER);
+INSERT INTO department VALUES (1, 'Engineering', 900000), (2, 'Sales', 400000), (3, 'Support', 150000);
+INSERT INTO employee VALUES (1, 'Ada', 1, 120000, 2019), (2, 'Linus', 1, 105000, 2021), (3, 'Grace', 1, 130000, 2017), (4, 'Ken', 2, 70000, 2022), (5, 'Barbara', 2, 82000, 2020), (6, 'Dennis', 3, 52000, 2023);
+"""
+
+SHOP_DB = """\
+CREATE TABLE customer (customer_id INTEGER, name VARCHAR, city VARCHAR);
+CREATE TABLE product (product_id INTEGER, name VARCHAR, category VARCHAR, price REAL);
+CREATE TABLE orders (order_id INTEGER, customer_id INTEGER, product_id INTEGER, quantity INTEGER, order_date VARCHAR);
+INSERT INTO customer VALUES (1, 'Amélie', 'Paris'), (2, 'Bruno', 'Lyon'), (3, 'Chloé', 'Paris'), (4, 'Diego', 'Madrid');
+INSERT INTO product VALUES (1, 'Espresso machine', 'Kitchen', 249.0), (2, 'Grinder', 'Kitchen', 89.5), (3, 'Desk lamp', 'Office', 35.0), (4, 'Notebook', 'Office', 4.5);
+INSERT INTO orders VALUES (1, 1, 1, 1, '2024-01-12'), (2, 1, 4, 10, '2024-02-03'), (3, 2, 2, 2, '2023-11-20'), (4, 3, 3, 1, '2024-03-15'), (5, 4, 4, 25, '2024-03-20'), (6, 3, 2, 1, '2023-12-24');
+"""
+
+# (label, question, schema): from a simple count to joins, grouping, ordering and nested queries.
+EXAMPLES = [
+    ("Count", "How many singers do we have?", CONCERT_DB),
+    ("Filter and order", "List the name and age of every singer from France, oldest first.", CONCERT_DB),
+    ("Aggregates", "What is the average, minimum and maximum age of the singers from France?", CONCERT_DB),
+    ("Join and group", "How many concerts were held in each stadium? Show the stadium name and the count.", CONCERT_DB),
+    ("Top one", "Which year had the most concerts?", CONCERT_DB),
+    ("Nested query", "List the names of singers who did not perform in any concert.", CONCERT_DB),
+    ("Having", "Which departments have more than 2 employees? Show the name and the number of employees.", COMPANY_DB),
+    ("Subquery", "Who earns more than the average salary? List their names and salaries.", COMPANY_DB),
+    ("Revenue ranking", "What are the three products with the highest total revenue (price times quantity)?", SHOP_DB),
+    ("Join and filter", "Which customers from Paris ordered something in 2024?", SHOP_DB),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The work: plain functions the UI and the API call.
+
+def schema_for_prompt(schema: str) -> str:
+    """The CREATE statements only: the model was trained on schemas without rows."""
+    return "\n".join(s for s in split_statements(schema) if s.lstrip().upper().startswith("CREATE"))
+
+
+def input_problem(question: str, schema: str) -> str | None:
+    """What is wrong with the input, in words, or None if it is fine."""
+    if not (question or "").strip():
+        return "Please type a question about the database."
+    if len(question) > MAX_QUESTION_CHARS:
+        return f"The question is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,} are allowed."
+    if not (schema or "").strip():
+        return "Please put the database schema (CREATE TABLE statements) in the schema box."
+    if len(schema) > MAX_SCHEMA_CHARS:
+        return f"The schema is {len(schema):,} characters long; at most {MAX_SCHEMA_CHARS:,} are allowed."
+    try:
+        conn = load_schema(schema)
+    except SchemaError as error:
+        return f"The schema does not load. {error}"
+    try:
+        if not schema_tables(conn):
+            return "The schema has no tables: add CREATE TABLE statements."
+    finally:
+        conn.close()
+    return None
+
+
+def answer(question: str, schema: str, history: list[tuple[str, str]] | None = None,
+           max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0) -> Iterator[tuple[str, CheckResult | None]]:
+    """Stream (SQL so far, None) while the model writes, then (final SQL, its check).
+
+    Bad input or output ends in a CheckResult whose `error` says what went wrong."""
+    problem = input_problem(question, schema)
+    if problem:
+        yield "", CheckResult(sql="", error=problem)
+        return
+    prompt = build_prompt(schema_for_prompt(schema), question, history)
+    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
+    temperature = max(0.0, min(float(temperature), 2.0))
+    text = ""
+    for text in generate(prompt, max_new_tokens, temperature):
+        yield extract_sql(text), None
+    raw = extract_sql(text)
+    if not looks_like_sql(raw):
+        yield raw, CheckResult(sql=raw, error="The model did not produce SQL. Try rephrasing the question, "
+                                              "or name the tables and columns you mean.")
+        return
+    pretty = format_sql(raw)
+    check = check_sql(pretty, schema)
+    if not check.valid and pretty != raw:  # sqlglot's rewrite must never be what breaks it
+        check = check_sql(raw, schema)
+    yield check.sql, check
+
+
+def markdown_table(columns: list[str], rows: list[list], limit: int = SHOWN_ROWS) -> str:
+    def cell(value) -> str:
+        return "NULL" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows[:limit]]
+    return "\n".join(lines)
+
+
+def reply_markdown(sql: str, check: CheckResult | None) -> str:
+    """The assistant's message: the SQL in a ```sql block, then the verdict and any result."""
+    if check is None:  # still writing
+        return f"```sql\n{sql}\n```\n{WRITING}" if sql else WRITING
+    if not check.sql:  # bad input: nothing was generated
+        return f"⚠ {check.error}"
+    if not looks_like_sql(check.sql) and check.error:
+        shown = check.sql if len(check.sql) <= 300 else check.sql[:300] + "…"
+        return f"{check.error}\n\nIt wrote: `{shown.replace('`', '')}`"
+    parts = [f"```sql\n{check.sql}\n```"]
+    if check.writes_data and check.valid:
+        kind = statement_kind(check.sql) or "this statement"
+        parts.append(f"⚠ **Changes data ({kind}).** Valid for this schema, but not run. "
+                     "Review it before running it on a real database.")
+    elif not check.valid:
+        parts.append(f"✗ **Not valid for this schema:** {check.error}")
+    else:
+        parts.append("✓ **Valid for this schema.**")
+    if check.unknown_identifiers:
+        names = ", ".join(f"`{name}`" for name in check.unknown_identifiers)
+        parts.append(f"Not in the schema: {names}")
+    if check.valid and not check.writes_data:
+        if check.error:  # ran into the time limit
+            parts.append(check.error)
+        elif check.rows is not None:
+            count = f"{len(check.rows)}{'+' if check.truncated else ''} row{'s' if len(check.rows) != 1 else ''}"
+            parts.append(f"Result on the example rows ({count}):\n\n" + markdown_table(check.columns, check.rows))
+            if len(check.rows) > SHOWN_ROWS:
+                parts.append(f"_…first {SHOWN_ROWS} shown._")
+    return "\n\n".join(parts)
+
+
+def sql_api(question: str, schema: str = CONCERT_DB) -> dict:
+    """SQL for `question` on `schema`, greedy, checked: {sql, valid, error, unknown_identifiers,
+    rows, columns, writes_data, truncated}. `rows` holds the result on the schema's INSERT rows."""
+    *_, (_, check) = answer(question, schema)  # the last item holds the check
+    return check.to_dict()
+
+
+def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | None = None,
+             max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0) -> Iterator[str]:
+    """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql] pairs."""
+    history = history or []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+    ):
+        yield '⚠ `history` must be a list of [question, sql] pairs: [["How many singers?", "SELECT count(*) FROM singer"]].'
+        return
+    for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature):
+        yield reply_markdown(sql, check)
+
+
+_SQL_BLOCK = re.compile(r"```sql\n(.*?)\n```", re.DOTALL)
+
+
+def message_text(content) -> str:
+    """A chat message's text, whether Gradio hands over a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    return "\n".join(message_text(part) for part in content or [])
+
+
+def history_pairs(messages: list[dict]) -> list[tuple[str, str]]:
+    """Earlier (question, sql) turns of the chat, for a follow-up question's prompt."""
+    pairs, question = [], None
+    for message in messages or []:
+        text = message_text(message.get("content"))
+        if message.get("role") == "user":
+            question = text
+        elif question is not None and not text.endswith((WRITING, STOPPED)) and (block := _SQL_BLOCK.search(text)):
+            pairs.append((question, block.group(1)))
+            question = None
+    return pairs
+
+
+def respond(question: str, messages: list[dict], schema: str, max_new_tokens: int, decoding: str,
+            temperature: float) -> Iterator[list[dict]]:
+    """The chat: append the question, stream the answer into the last message."""
+    messages = list(messages or [])
+    if not (question or "").strip():  # nothing to answer: a notice, and the chat stays as it was
+        gr.Warning(input_problem(question, schema))
+        yield messages
+        return
+    temperature = float(temperature) if decoding == "Sample" else 0.0
+    history = history_pairs(messages)
+    messages.append({"role": "user", "content": question})
+    for sql, check in answer(question, schema, history, max_new_tokens, temperature):
+        yield messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
+
+
+def mark_stopped(messages: list[dict]) -> list[dict]:
+    """An answer cut short by Stop says so, instead of "Writing SQL…" for ever."""
+    if messages and messages[-1].get("role") == "assistant":
+        text = message_text(messages[-1].get("content"))
+        if text.endswith(WRITING):
+            messages[-1] = {**messages[-1], "content": text.removesuffix(WRITING) + STOPPED}
+    return messages
+
+
+def describe_schema(schema: str) -> str:
+    """One line under the schema box: what loaded, or which statement failed."""
+    if len(schema or "") > MAX_SCHEMA_CHARS:
+        return f"⚠ {len(schema):,} characters; at most {MAX_SCHEMA_CHARS:,} are allowed."
+    try:
+        conn = load_schema(schema or "")
+    except SchemaError as error:
+        return f"⚠ {error}"
+    try:
+        tables, counts = schema_tables(conn), row_counts(conn)
+    finally:
+        conn.close()
+    if not tables:
+        return "⚠ No tables yet: add CREATE TABLE statements."
+    rows = sum(counts.values())
+    names = ", ".join(f"`{name}`" for name in tables)
+    data = f"{rows} example rows: valid queries are run on them" if rows else "no rows: add INSERTs to see results"
+    return f"✓ {len(tables)} table{'s' if len(tables) != 1 else ''} ({names}); {data}."
+
+
+def about_markdown() -> str:
+    def link(name: str) -> str:
+        on_hub = "/" in name and not os.path.exists(name)
+        return f"[{name}](https://huggingface.co/{name})" if on_hub else f"`{name}`"
+
+    model = f"{link(ARGS.adapter)} (LoRA on {link(ARGS.base_model)})" if ARGS.adapter else link(ARGS.base_model)
+    return f"""\
+**Model:** {model}. It reads the CREATE TABLE statements and your question, and writes one SQLite statement.
+
+**Check:** the SQL is compiled against your schema in a throwaway in-memory SQLite database. If the schema
+box holds INSERT rows, a valid read-only query is run on them for 2 s at most, and the first {SHOWN_ROWS}
+result rows are shown. Statements that would change data are flagged and never run. Nothing touches any
+other database.
+
+**Limitations:** the model can be wrong, even when the SQL is valid: review the SQL before running it on
+real data. It knows only the schema you give it (no data, no other tables) and writes SQLite SQL.
+Questions up to {MAX_QUESTION_CHARS:,} characters, schemas up to {MAX_SCHEMA_CHARS:,}.
+
+**API:** `Client(url).predict(question, schema, api_name="/sql")` returns JSON;
+`/chat` streams the reply (see "Use via API" at the bottom of the page)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The UI, declared in one place.
+
+CSS = """
+#chat table th, #chat table td { padding: 4px 12px !important; font-size: 0.92em; }
+"""
+
+with gr.Blocks(title="StarSQL: English to SQL") as demo:
+    gr.Markdown("# ★ StarSQL · ask your database in English\n"
+                "Describe your tables on the right, ask a question, get SQLite SQL checked against the schema. "
+                "Follow-up questions build on the conversation.")
+    # Rendered in the right column below; created first so the examples under the chat can fill it.
+    schema = gr.Code(CONCERT_DB, language="sql", label="Database schema",
+                     lines=12, max_lines=20, interactive=True, wrap_lines=True, render=False)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=520, buttons=["copy_all"],
+                              placeholder="**Ask a question** below, or click an example.")
+            with gr.Row():
+                question = gr.Textbox(placeholder="e.g. Which singers are older than 40?", show_label=False,
+                                      scale=6, max_length=MAX_QUESTION_CHARS, autofocus=True, container=False)
+                ask = gr.Button("Ask", variant="primary", scale=1, min_width=80)
+                stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+                clear = gr.ClearButton([chat, question], value="Clear", scale=1, min_width=80)
+            examples = gr.Examples(
+                examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
+                example_labels=[f"{label}: {q}" for label, q, _ in EXAMPLES],
+                label="Examples: click one to try it (it loads its database too)", examples_per_page=len(EXAMPLES),
+            )
+        with gr.Column(scale=2):
+            schema.render()
+            schema_status = gr.Markdown(describe_schema(CONCERT_DB))
+            with gr.Accordion("Generation settings", open=False):
+                max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=16, label="Max new tokens")
+                decoding = gr.Radio(["Greedy", "Sample"], value="Greedy", label="Decoding",
+                                    info="Greedy gives the model's most likely SQL; sampling varies it.")
+                temperature = gr.Slider(0.1, 1.5, value=0.7, step=0.05, label="Temperature", interactive=False)
+            with gr.Accordion("About", open=False):
+                gr.Markdown(about_markdown())
+
+    pending = gr.State("")  # the question being answered, once the textbox is cleared
+    run = dict(fn=respond, inputs=[pending, chat, schema, max_new_tokens, decoding, temperature], outputs=chat,
+               concurrency_id="model", api_visibility="undocumented")
+
+    def take_question(text: str) -> tuple[str, str]:
+        return "", text
+
+    take = dict(fn=take_question, inputs=question, outputs=[question, pending], queue=False, api_visibility="undocumented")
+    submitted = question.submit(**take).then(**run)
+    clicked = ask.click(**take).then(**run)
+    # An example starts a new conversation: its database may not be the one the chat was about.
+    example_run = examples.load_input_event.then(lambda: [], None, chat, queue=False).then(**take).then(**run)
+    stop.click(mark_stopped, chat, chat, cancels=[submitted, clicked, example_run], queue=False,
+               api_visibility="undocumented")
+    decoding.change(lambda mode: gr.update(interactive=mode == "Sample"), decoding, temperature, queue=False,
+                    api_visibility="undocumented")
+    schema.change(describe_schema, schema, schema_status, queue=False, show_progress="hidden",
+                  api_visibility="undocumented")
+
+    gr.api(sql_api, api_name="sql", concurrency_id="model")
+    gr.api(chat_api, api_name="chat", concurrency_id="model")
+
+demo.queue(default_concurrency_limit=MODEL_CONCURRENCY, max_size=QUEUE_SIZE)
+
+if __name__ == "__main__":
+    # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).
+    demo.launch(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)

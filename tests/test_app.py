@@ -1,0 +1,288 @@
+"""The app: served over HTTP on a tiny model and called with the real gradio_client, its plain
+functions in-process, and the Space's file list (deploy) checked against what app.py imports."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = """CREATE TABLE singer (singer_id INTEGER, name VARCHAR, country VARCHAR, age INTEGER);
+INSERT INTO singer VALUES (1, 'Joe Sharp', 'Netherlands', 52), (2, 'Justin Brown', 'France', 29);"""
+KEYS = {"sql", "valid", "error", "unknown_identifiers", "rows"}
+
+
+def app_env(adapter) -> dict:
+    env = {**os.environ, "BASE_MODEL": "tiny-starcoder2", "ADAPTER": str(adapter),
+           "STARSQL_CACHE": os.environ["STARSQL_CACHE"],  # the tiny model the session built
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(adapter, log_path: Path, timeout: float = 120):
+    """`python app.py` on a free port (GRADIO_SERVER_PORT), until it answers; killed afterwards."""
+    port = free_port()
+    env = {**app_env(adapter), "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"app.py did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_run, tmp_path_factory):
+    with running_app(tiny_run, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+# --- over HTTP -------------------------------------------------------------------------------
+
+def test_api_endpoints_are_pinned(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/sql", "/chat"} <= set(endpoints)
+    assert [p["parameter_name"] for p in endpoints["/sql"]["parameters"]] == ["question", "schema"]
+
+
+def test_sql_returns_json(client):
+    result = client.predict("How many singers are from France?", SCHEMA, api_name="/sql")
+    assert KEYS <= set(result)
+    json.dumps(result)
+    assert isinstance(result["unknown_identifiers"], list)
+    # A tiny random model writes noise: either a checked statement or a clear reason why not.
+    assert result["valid"] or result["error"]
+    if result["rows"] is not None:
+        assert all(isinstance(row, list) for row in result["rows"])
+
+
+def test_chat_streams(client):
+    job = client.submit("How many singers are from France?", SCHEMA, api_name="/chat")
+    updates = list(job)
+    final = job.result()
+    assert len(job.outputs()) > 1 and updates  # partial replies before the last one
+    assert final == job.outputs()[-1]
+    assert "```sql" in final or "did not produce SQL" in final
+    assert "for this schema" in final or "did not produce SQL" in final
+    assert "Writing SQL" in job.outputs()[0]
+
+
+def test_chat_follow_up_takes_history(client):
+    history = [["How many singers are there?", "SELECT count(*) FROM singer"]]
+    reply = client.predict("Only the ones from France.", SCHEMA, history, 64, 0.0, api_name="/chat")
+    assert isinstance(reply, str) and reply
+
+
+def test_chat_rejects_malformed_history(client):
+    reply = client.predict("Only the ones from France.", SCHEMA, ["not", "pairs"], api_name="/chat")
+    assert "must be a list of [question, sql] pairs" in reply
+
+
+def test_twenty_concurrent_clients_all_answered(app_url):
+    from gradio_client import Client
+
+    def ask(i: int) -> dict:
+        return Client(app_url, verbose=False).predict(f"How many singers are older than {20 + i}?", SCHEMA,
+                                                      api_name="/sql")
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(ask, range(20)))
+    assert len(results) == 20 and all(KEYS <= set(r) for r in results)
+
+
+@pytest.mark.parametrize("question, schema, expected", [
+    ("", SCHEMA, "Please type a question"),
+    ("   ", SCHEMA, "Please type a question"),
+    ("x" * 1001, SCHEMA, "at most 1,000"),
+    ("How many?", "CREATE TABLE t (x INTEGER);\n" * 2000, "at most 20,000"),
+    ("How many?", "", "schema box"),
+    ("How many?", "CREATE TABLE a (x INTEGER);\nCREATE TABLE b (x,, y);", "statement 2"),
+], ids=["empty", "blank", "long-question", "long-schema", "no-schema", "bad-schema"])
+def test_bad_input_gets_a_message(client, question, schema, expected):
+    result = client.predict(question, schema, api_name="/sql")
+    assert result["sql"] == "" and not result["valid"] and expected in result["error"]
+    reply = client.predict(question, schema, api_name="/chat")
+    assert expected in reply and "Traceback" not in reply
+
+
+# --- in-process: the plain functions behind the UI -------------------------------------------
+
+@pytest.fixture(scope="module")
+def app(tiny_run):
+    saved = {k: os.environ.get(k) for k in ("BASE_MODEL", "ADAPTER")}
+    os.environ.update(BASE_MODEL="tiny-starcoder2", ADAPTER=str(tiny_run))
+    try:
+        import app
+
+        yield app
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def fake_generate(outputs: list[str], prompts: list[str]):
+    def generate(prompt, max_new_tokens, temperature):
+        prompts.append(prompt)
+        text = ""
+        for piece in outputs.pop(0).split(" "):
+            text += piece + " "
+            yield text
+
+    return generate
+
+
+def test_follow_up_question_sees_the_conversation(app, monkeypatch):
+    prompts = []
+    monkeypatch.setattr(app, "generate", fake_generate(
+        ["SELECT count(*) FROM singer;", "SELECT count(*) FROM singer WHERE country = 'France';"], prompts))
+    settings = dict(schema=SCHEMA, max_new_tokens=64, decoding="Greedy", temperature=0.7)
+
+    messages = list(app.respond("How many singers are there?", [], **settings))[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    reply = messages[-1]["content"]
+    assert "```sql\nSELECT\n  COUNT(*)\nFROM singer\n```" in reply
+    assert "Valid for this schema" in reply and "| 2 |" in reply  # run on the INSERT rows
+    assert "INSERT" not in prompts[0]  # the prompt gets the CREATE statements only
+
+    # Gradio hands the chat back as messages whose content is a list of parts.
+    as_gradio = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    messages = list(app.respond("Only the ones from France.", as_gradio, **settings))[-1]
+    assert len(messages) == 4
+    assert "-- Question: How many singers are there?\n-- SQL:\nSELECT COUNT(*) FROM singer;\n\n" \
+           "-- Question: Only the ones from France.\n-- SQL:\n" in prompts[1]
+    assert "| 1 |" in messages[-1]["content"]
+
+
+def test_replies_for_non_sql_and_writes(app, monkeypatch):
+    monkeypatch.setattr(app, "generate", fake_generate(["I am not sure what you mean.", "DELETE FROM singer;"], []))
+    reply = app.chat_api("Hello?", SCHEMA)
+    *_, final = reply
+    assert "did not produce SQL" in final
+    result = app.sql_api("Remove all singers.", SCHEMA)
+    assert result["writes_data"] and result["valid"] and result["rows"] is None
+    assert "changes data" in app.reply_markdown(result["sql"], app.CheckResult(**result)).lower()
+
+
+def test_history_pairs_skip_messages_without_sql(app):
+    messages = [
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "⚠ Please type a question."},
+        {"role": "user", "content": "How many?"}, {"role": "assistant", "content": "```sql\nSELECT\n  1\n```\n✓ ok"},
+    ]
+    assert app.history_pairs(messages) == [("How many?", "SELECT\n  1")]
+
+    # Stop: the cut-short answer says so, and is no turn for the next prompt.
+    messages += [{"role": "user", "content": "And now?"},
+                 {"role": "assistant", "content": [{"type": "text", "text": "```sql\nSELECT name\n```\n_Writing SQL…_"}]}]
+    stopped = app.mark_stopped(messages)
+    assert stopped[-1]["content"].endswith("_Stopped._")
+    assert app.history_pairs(stopped) == [("How many?", "SELECT\n  1")]
+
+
+# --- the Space: deploy uploads exactly what app.py needs --------------------------------------
+
+def test_space_files_are_exactly_what_app_needs(tiny_run, tmp_path):
+    from starsql.deploy import space_files
+
+    files = space_files()
+    assert "app.py" in files and "starsql/sqlcheck.py" in files and "starsql/__init__.py" in files
+    assert not [f for f in files if f.startswith("tests/") or "train" in f or f in ("starsql/deploy.py",
+                                                                                  "starsql/data.py")]
+    for path in files:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    script = ("import json, sys, app, starsql; "
+              "print(json.dumps([starsql.__file__, sorted(m for m in sys.modules if m.split('.')[0] == 'starsql'), "
+              "type(app.demo).__name__]))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=app_env(tiny_run),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    package_file, modules, demo_type = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(package_file).is_relative_to(tmp_path)  # the copy, not the repository
+    assert demo_type == "Blocks"
+    imported = {"starsql/__init__.py" if m == "starsql" else m.replace(".", "/") + ".py" for m in modules}
+    assert imported == set(files) - {"app.py"}
+
+
+def test_deploy_dry_run_and_upload(monkeypatch, capsys):
+    import huggingface_hub
+
+    from starsql import deploy
+
+    assert deploy.main(["--space_id", "me/starsql", "--adapter", "me/starcoder2-3b-sql", "--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in ("app.py", "starsql/sqlcheck.py", "README.md", "requirements.txt"))
+
+    plan = dict(deploy.upload_plan("me/starcoder2-3b-sql"))
+    card = plan["README.md"].decode()
+    assert "sdk_version: 6.31.0" in card and "app_file: app.py" in card
+    assert "  - me/starcoder2-3b-sql" in card and deploy.ADAPTER_PLACEHOLDER not in card
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/spaces/{repo_id}")
+
+        def add_space_variable(self, repo_id, key, value, **kwargs):
+            calls.append(("variable", key, value))
+
+        def list_repo_files(self, repo_id, **kwargs):
+            return [".gitattributes", "README.md", "old_module.py"]
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            calls.append(("commit", sorted((type(op).__name__, op.path_in_repo) for op in operations)))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert deploy.main(["--space_id", "me/starsql", "--adapter", "me/starcoder2-3b-sql", "--private"]) == 0
+    assert calls[0] == ("create_repo", "me/starsql",
+                        {"repo_type": "space", "space_sdk": "gradio", "private": True, "exist_ok": True})
+    assert ("variable", "ADAPTER", "me/starcoder2-3b-sql") in calls
+    assert ("variable", "BASE_MODEL", "bigcode/starcoder2-3b") in calls
+    (_, operations), = [c for c in calls if c[0] == "commit"]
+    assert ("CommitOperationDelete", "old_module.py") in operations
+    assert {p for kind, p in operations if kind == "CommitOperationAdd"} == set(plan)
