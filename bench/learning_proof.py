@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "proof")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps: checks the wiring on a CPU.")
     parser.add_argument("--pretrain_steps", type=int, default=1500)
+    parser.add_argument("--pretrain_batch_size", type=int, default=48, help="512-token rows per pretraining step.")
+    parser.add_argument("--renamed_copies", type=int, default=40, help="Renamed copies of each training database.")
     parser.add_argument("--sft_learning_rates", default="2e-4", help="Comma-separated; the recipe's is 2e-4.")
     args = parser.parse_args()
     spider = args.shared / "spider_dev"
@@ -130,12 +132,12 @@ def main() -> int:
     limit = ["--eval_limit", "12"] if args.smoke else []
 
     init = build_base(args.shared, args.out / "init", args.smoke)
-    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl")
+    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", args.renamed_copies)
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
         "--output_dir", str(args.out / "base"), "--max_steps", str(steps), "--learning_rate", "1e-3",
-        "--warmup_steps", str(steps // 20), "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+        "--warmup_steps", str(steps // 20), "--per_device_train_batch_size", str(args.pretrain_batch_size), "--gradient_accumulation_steps", "1",
         "--gradient_checkpointing", "false", "--eval_fraction", "0.02", "--eval_steps", str(max(steps // 5, 1)),
         "--save_steps", str(steps), "--logging_steps", str(max(steps // 50, 1)), "--weight_decay", "0.1",
         "--license", "cc-by-sa-4.0", "--auto_resume", "false",
@@ -160,6 +162,13 @@ def main() -> int:
         ])
         assert code == 0, f"fine-tuning with lr {lr} failed"
         reports = json.loads((out / "eval_results.json").read_text())
+        # The adapter was trained on the 4-bit base; also score it that way (the app's small-card mode).
+        from starsql.evaluate import evaluate_model
+
+        reports["adapter_on_4bit_base"] = evaluate_model(
+            str(args.out / "base"), str(out), spider_dir=spider, out_dir=out / "eval_spider_4bit", batch_size=64,
+            load_in_4bit=True, limit=12 if args.smoke else None,
+        )["adapter"]
         results["runs"][lr] = {"wall_s": time.time() - t0, **{k: {m: reports[k][m] for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label")} | {"by_hardness": {h: v["execution_accuracy"] for h, v in reports[k]["by_hardness"].items()}} for k in reports}}
     (args.out / "proof.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
