@@ -31,7 +31,7 @@ from starsql.schema import spider_create_tables  # noqa: E402
 from starsql.tiny import EOS  # noqa: E402
 
 
-def rename_identifiers(table: dict, queries: list[str], pool: list[str], rng: random.Random) -> tuple[dict, list[str]]:
+def rename_identifiers(table: dict, trees: list, pool: list[str], rng: random.Random) -> tuple[dict, list[str]]:
     """The same database with every table and column renamed (consistently in schema and queries).
 
     A small model trained on 146 schemas memorises them; renamed copies force it to read the
@@ -39,22 +39,18 @@ def rename_identifiers(table: dict, queries: list[str], pool: list[str], rng: ra
     from sqlglot import exp
 
     names = {n.lower() for n in table["table_names_original"]} | {c.lower() for _, c in table["column_names_original"][1:]}
-    fresh = rng.sample(pool, len(names))
-    mapping = {name: new for name, new in zip(sorted(names), fresh)}
+    mapping = dict(zip(sorted(names), rng.sample(pool, len(names))))
     renamed = dict(table)
     renamed["table_names_original"] = [mapping[n.lower()] for n in table["table_names_original"]]
     renamed["column_names_original"] = [[i, c if i < 0 else mapping[c.lower()]] for i, c in table["column_names_original"]]
-    out = []
-    for sql in queries:
-        try:
-            tree = sqlglot.parse_one(sql, read="sqlite")
-        except sqlglot.errors.ParseError:
-            continue
+    queries = []
+    for tree in trees:
+        tree = tree.copy()
         for node in list(tree.find_all(exp.Table, exp.Column)):
             if node.name.lower() in mapping:
                 node.set("this", exp.to_identifier(mapping[node.name.lower()]))
-        out.append(tree.sql(dialect="sqlite") + ";")
-    return renamed, out
+        queries.append(tree.sql(dialect="sqlite") + ";")
+    return renamed, queries
 
 
 def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 16, seed: int = 0) -> Path:
@@ -62,22 +58,27 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 16, seed: 
     Each database appears with its own names and in `renamed_copies` renamed copies."""
     dev_dbs = {e["db_id"] for e in json.loads((shared / "spider_dev" / "dev.json").read_text())}
     tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
-    queries = defaultdict(list)
-    for line in (shared / "spider_train_gold.sql").read_text().splitlines():
+    queries, trees = defaultdict(list), defaultdict(list)
+    for line in tqdm((shared / "spider_train_gold.sql").read_text().splitlines(), desc="Parsing training SQL"):
         sql, db_id = line.rsplit("\t", 1)
         if db_id not in dev_dbs:
             queries[db_id].append(" ".join(sql.split()) + ";")
+            try:
+                trees[db_id].append(sqlglot.parse_one(sql, read="sqlite"))
+            except sqlglot.errors.ParseError:
+                pass
+    keywords = {k.lower() for k in sqlglot.tokens.Tokenizer.KEYWORDS}
     pool = sorted({n for db_id in queries for n in tables[db_id]["table_names_original"]}
                   | {c for db_id in queries for _, c in tables[db_id]["column_names_original"][1:]})
-    keywords = {k.lower() for k in sqlglot.tokens.Tokenizer.KEYWORDS}
     pool = [n for n in pool if n.replace("_", "").isalnum() and not n[0].isdigit() and n.lower() not in keywords]
     rng = random.Random(seed)
     docs = []
-    for db_id, qs in tqdm(sorted(queries.items()), desc="Pretraining corpus"):
+    for db_id in tqdm(sorted(queries), desc="Pretraining corpus"):
         for copy in range(8 + renamed_copies):
-            table, sample = tables[db_id], rng.sample(qs, min(12, len(qs)))
-            if copy >= 8:
-                table, sample = rename_identifiers(table, sample, pool, rng)
+            if copy < 8:
+                table, sample = tables[db_id], rng.sample(queries[db_id], min(12, len(queries[db_id])))
+            else:
+                table, sample = rename_identifiers(tables[db_id], rng.sample(trees[db_id], min(12, len(trees[db_id]))), pool, rng)
             docs.append({"content": spider_create_tables(table) + "\n\n" + "\n".join(sample)})
     rng.shuffle(docs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,9 +122,9 @@ def main() -> int:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "proof")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps: checks the wiring on a CPU.")
-    parser.add_argument("--pretrain_steps", type=int, default=1500)
-    parser.add_argument("--pretrain_batch_size", type=int, default=48, help="512-token rows per pretraining step.")
-    parser.add_argument("--renamed_copies", type=int, default=40, help="Renamed copies of each training database.")
+    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--pretrain_batch_size", type=int, default=32, help="512-token rows per pretraining step.")
+    parser.add_argument("--renamed_copies", type=int, default=64, help="Renamed copies of each training database.")
     parser.add_argument("--sft_learning_rates", default="2e-4", help="Comma-separated; the recipe's is 2e-4.")
     args = parser.parse_args()
     spider = args.shared / "spider_dev"
@@ -136,6 +137,8 @@ def main() -> int:
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
+        # Pretraining packs the classic way: rows cut at 512 tokens, plain causal attention.
+        "--packing_strategy", "wrapped",
         "--output_dir", str(args.out / "base"), "--max_steps", str(steps), "--learning_rate", "1e-3",
         "--warmup_steps", str(steps // 20), "--per_device_train_batch_size", str(args.pretrain_batch_size), "--gradient_accumulation_steps", "1",
         "--gradient_checkpointing", "false", "--eval_fraction", "0.02", "--eval_steps", str(max(steps // 5, 1)),
