@@ -30,7 +30,7 @@ def segments(position_ids):
     return list(zip(starts[:-1], starts[1:]))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_logits_equal_each_example_alone(tmp_path, tiny_model_path, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn, dtype=torch.float32)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_path)))

@@ -1,0 +1,231 @@
+"""Generation speed of StarCoder2-3B (random weights) + a random LoRA adapter, loaded the way the app and the
+evaluation load it (starsql.generate.load_for_inference). One JSON line per configuration, then a table.
+
+    python3 bench/generate_speed.py --out $OUT/generate.jsonl     # GPU, about 3-4 min (most of it compiling)
+    python3 bench/generate_speed.py --smoke                       # CPU, tiny model, < 1 min
+
+Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greedy.
+- 4bit-unmerged: 4-bit NF4 base + unmerged LoRA, one stream (the baseline; the issue saw 20.5 tok/s on an H200).
+- bf16-merged: bf16 base with the adapter merged, one stream (the issue: 51.6 tok/s).
+- bf16-merged-batch16: 16 concurrent requests, left-padded, one generate call: aggregate tokens/s.
+- bf16-merged-static: static KV cache, compilation disabled (separates the cache's effect from the compiler's).
+- bf16-merged-static-compile: static cache + transformers' automatic torch.compile (mode reduce-overhead,
+  CUDA graphs), warmed up twice; its greedy tokens are compared with bf16-merged's on the same prompt.
+tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
+first new token (prefill + 1 token), taken in the same calls.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+from common import (
+    LORA_TARGETS, card, device, emit, ensure_model, examples, free_memory, peak_gib, peak_reserved_gib, ratio, sync,
+    table,
+)  # fmt: skip
+
+ISSUE_H200 = {"4bit-unmerged": 20.5, "bf16-merged": 51.6}  # tok/s the issue reports, for orientation only
+BASELINE = "4bit-unmerged"
+
+
+class FirstTokenClock:
+    """A logits processor: its first call comes right after the prefill forward, i.e. at the first token."""
+
+    def __init__(self):
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            sync()
+            self.at = time.perf_counter()
+        return scores
+
+
+def ensure_adapter(model_dir: Path, adapter_dir: Path) -> Path:
+    """A LoRA adapter with random A *and* B (init_lora_weights=False), so merging changes the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (adapter_dir / "adapter_config.json").is_file():
+        return adapter_dir
+    torch.manual_seed(1)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    on_gpu = {"": 0} if torch.cuda.is_available() else None
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=on_gpu)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(adapter_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)  # load_for_inference reads it there
+    del base
+    free_memory()
+    return adapter_dir
+
+
+def prompt_batch(tokenizer, batch: int, length: int):
+    """`batch` real prompts (the repo's, concatenated to `length` tokens, then shortened by 8 tokens per row so
+    that the batch needs left padding), left-padded: (input_ids, attention_mask)."""
+    ids = []
+    for e in examples():
+        ids += tokenizer(e["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length + 8 * batch:
+            break
+    rows = [ids[8 * i : 8 * i + length - 8 * i] for i in range(batch)]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids.to(device()), attention_mask.to(device())
+
+
+def measure(model, tokenizer, inputs, args, warmups: int) -> dict:
+    """Median of `args.repeats` timed generate calls after `warmups` untimed ones."""
+    from transformers import LogitsProcessorList
+
+    from starsql.generate import _generation_kwargs
+
+    input_ids, attention_mask = inputs
+    kwargs = _generation_kwargs(tokenizer, args.new_tokens)  # the app's greedy settings
+    times, ttfts = [], []
+    for run in range(warmups + args.repeats):
+        clock = FirstTokenClock()
+        sync()
+        start = time.perf_counter()
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, min_new_tokens=args.new_tokens,
+            logits_processor=LogitsProcessorList([clock]), **kwargs,
+        )  # fmt: skip
+        sync()
+        if run >= warmups:
+            times.append(time.perf_counter() - start)
+            ttfts.append(clock.at - start)
+    new = output[:, input_ids.shape[1] :]
+    assert new.shape[1] == args.new_tokens, f"generated {new.shape[1]} tokens, not {args.new_tokens}"
+    seconds = statistics.median(times)
+    return {
+        "tokens_per_s": round(new.numel() / seconds, 2),
+        "per_stream_tokens_per_s": round(args.new_tokens / seconds, 2),
+        "time_s": round(seconds, 3),
+        "ttft_s": round(statistics.median(ttfts), 4),
+        "times_s": [round(t, 3) for t in times],
+        "new_token_ids": new[0].tolist(),
+    }
+
+
+def dtype_name(model) -> str:
+    return str(model.dtype).replace("torch.", "")
+
+
+def first_mismatch(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def guarded(fn) -> dict:
+    """Run one measurement; OOM and errors become fields of its line, not the end of the run."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the model stays loaded: peak = weights + this config's cache
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError as error:
+        return {"oom": True, "error": str(error).splitlines()[0][:300]}
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {error}"[:1000]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="Also append the JSON lines to this file.")
+    parser.add_argument("--model_dir", default="/tmp/sc2-3b-random", help="The random model; built if missing.")
+    parser.add_argument("--adapter_dir", default=None, help="The random adapter (default: MODEL_DIR-lora).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model on CPU: a wiring check.")
+    parser.add_argument("--prompt_tokens", type=int, default=300)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="Concurrent requests of the batched config.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed generate calls per config (median).")
+    parser.add_argument("--compile_cpu", action="store_true", help="Compile on CPU too (slow; tests the wiring).")
+    parser.add_argument("--skip_compile", action="store_true", help="Leave out the torch.compile config.")
+    args = parser.parse_args(argv)
+    if args.smoke and args.model_dir == parser.get_default("model_dir"):
+        args.model_dir = "/tmp/sc2-smoke-random"
+    from starsql.generate import load_for_inference
+
+    started = time.perf_counter()
+    model_dir = ensure_model(args.model_dir, smoke=args.smoke)
+    adapter_dir = ensure_adapter(model_dir, Path(args.adapter_dir or f"{args.model_dir}-lora"))
+    gpu = card()
+    records = []
+
+    def record(name: str, batch: int, result: dict, **details):
+        line = {"card": gpu, "config": name, "batch": batch, "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens, **details, **result}  # fmt: skip
+        line.setdefault("peak_mem_gib", peak_gib())
+        line.setdefault("peak_reserved_gib", peak_reserved_gib())
+        baseline = next((r for r in records if r["config"] == BASELINE), {})
+        line["ratio_to_baseline"] = ratio(line.get("tokens_per_s"), baseline.get("tokens_per_s"))
+        line["baseline"] = BASELINE
+        if name in ISSUE_H200:
+            line["issue_h200_tokens_per_s"] = ISSUE_H200[name]
+        emit({k: v for k, v in line.items() if k != "new_token_ids"}, args.out)
+        records.append(line)
+        return line
+
+    # 1. The baseline: 4-bit base, LoRA kept as separate layers (what a QLoRA adapter on a 4-bit base runs as).
+    def four_bit() -> dict:
+        loaded = time.perf_counter()
+        model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir), load_in_4bit=True)
+        details = {"dtype": f"nf4/{dtype_name(model)}", "load_s": round(time.perf_counter() - loaded, 1)}
+        return {**details, **measure(model, tokenizer, prompt_batch(tokenizer, 1, args.prompt_tokens), args, warmups=1)}
+
+    record(BASELINE, 1, guarded(four_bit), merged=False)
+    free_memory()
+
+    # 2-5. bf16 with the adapter merged: the app's default on a GPU.
+    loaded = time.perf_counter()
+    model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir))
+    details = {"dtype": dtype_name(model), "merged": True, "load_s": round(time.perf_counter() - loaded, 1)}
+    single = prompt_batch(tokenizer, 1, args.prompt_tokens)
+    batched = prompt_batch(tokenizer, args.batch, args.prompt_tokens)
+    plain = record("bf16-merged", 1, guarded(lambda: measure(model, tokenizer, single, args, warmups=1)), **details)
+    concurrent = guarded(lambda: measure(model, tokenizer, batched, args, warmups=1))
+    record(f"bf16-merged-batch{args.batch}", args.batch, concurrent, left_padded=True, **details)
+
+    def static(compile_: bool) -> dict:
+        from transformers import CompileConfig
+
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.disable_compile = not compile_
+        # transformers compiles the decoding forward by itself when the cache is static (on CUDA); the
+        # default CompileConfig is mode="reduce-overhead" (CUDA graphs), fullgraph=False.
+        model.generation_config.compile_config = CompileConfig() if compile_ else None
+        if compile_ and args.compile_cpu:
+            model.generation_config.compile_config._compile_all_devices = True
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        result = measure(model, tokenizer, single, args, warmups=2 if compile_ else 1)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        mismatch = first_mismatch(result["new_token_ids"], plain.get("new_token_ids", []))
+        return {**result, "compiled": graphs > 0, "identical_to_bf16_merged": mismatch is None,
+                "first_mismatch": mismatch}  # fmt: skip
+
+    record("bf16-merged-static", 1, guarded(lambda: static(False)), cache="static", **details)
+    if args.skip_compile:
+        record("bf16-merged-static-compile", 1, {"skipped": "--skip_compile"})
+    elif torch.cuda.is_available() or args.compile_cpu:
+        record("bf16-merged-static-compile", 1, guarded(lambda: static(True)), cache="static", **details)
+    else:
+        record("bf16-merged-static-compile", 1, {"skipped": "transformers compiles generation only on accelerators"})
+
+    print()
+    print(table(records, ["config", "batch", "tokens_per_s", "per_stream_tokens_per_s", "ratio_to_baseline", "ttft_s",
+                          "peak_mem_gib", "issue_h200_tokens_per_s", "identical_to_bf16_merged"]))  # fmt: skip
+    for r in records:
+        if r.get("error") or r.get("skipped"):
+            print(f"  {r['config']}: {(r.get('error') or r.get('skipped')).splitlines()[0][:200]}")
+    print(f"Total {time.perf_counter() - started:.0f} s on {gpu}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""QLoRA training throughput of StarCoder2-3B (random weights): a plain hand-written loop vs the project's
+SFTTrainer path, and speed-ups on top of it. One JSON line per configuration, then a summary table.
+
+    python3 bench/train_throughput.py --out $OUT/train.jsonl          # GPU: stops starting configs after 450 s
+    python3 bench/train_throughput.py --smoke                         # CPU, tiny model, < 1 min
+    python3 bench/train_throughput.py --only sft-mb16-flex,sft-mb16-compile   # a subset (+ baseline, loss refs)
+    python3 bench/train_throughput.py --add "sft-mb24-ckpt:mb=24,ckpt=1"      # an extra config
+
+Configurations (CONFIGS below):
+- plain-*: baseline A, transformers + PEFT + bitsandbytes by hand: 4-bit NF4 base, LoRA r16 on the six
+  projections, SDPA, 16 fixed 512-token rows of real token ids, AdamW, bf16 autocast; with and without
+  gradient checkpointing.
+- sft-*: the project's path: starsql.modeling.load_model + starsql.train.TrainingConfig + trl.SFTTrainer
+  (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
+  Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
+  mb16's peak), Liger (if liger_kernel patches starcoder2), flex_attention (needs attention dropout 0, so
+  against SDPA with dropout 0), TrainingConfig(torch_compile=True) regional and whole-model; small-card-mb4-ckpt
+  is the profile for a 16 GB card.
+Step time: between optimizer steps after `--warmup` steps, CUDA synchronised. Every step's loss is kept; a config
+that computes the same thing on the same rows as its loss reference must match its losses within 1%.
+
+On a GPU each configuration runs in its own process: a crash, an OOM or a torch.compile that hangs cannot
+poison the next one, peak memory is per configuration, and a per-configuration timeout plus a total budget
+(--budget_s) bound the run. --mode inprocess runs them in this process instead (the --smoke default).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import (
+    DATA, LORA_TARGETS, bnb_4bit_config, card, device, emit, ensure_model, free_memory, max_rel_diff, peak_gib,
+    peak_reserved_gib, ratio, run_child, sync, table,
+)  # fmt: skip
+
+SEQ = 512
+BASELINE = "plain-ckpt"
+LOSS_REF = {"plain": "plain-ckpt", "sft": "sft-mb16-ckpt"}  # same data order and seed: losses must agree
+# heavy: compiles kernels (slow on CPU, skipped in --smoke unless named with --only); timeout: seconds on GPU.
+CONFIGS = [
+    dict(name="plain-ckpt", path="plain", mb=16, ckpt=True),
+    dict(name="plain-nockpt", path="plain", mb=16, ckpt=False),
+    dict(name="sft-mb16-ckpt", path="sft", mb=16, ckpt=True),
+    dict(name="sft-mb16", path="sft", mb=16, ckpt=False),
+    dict(name="sft-mb32", path="sft", mb=32, ckpt=False, fallback="sft-mb16"),  # on OOM: the largest mb that fits
+    dict(name="small-card-mb4-ckpt", path="sft", mb=4, ckpt=True, mem_limit_gib=15),  # must fit a 16 GB card
+    dict(name="sft-mb16-liger", path="sft", mb=16, ckpt=False, liger=True),
+    # flex_attention (block-sparse masks of the packed documents) refuses attention dropout, which StarCoder2-3B
+    # trains with (0.1): measured without it, against SDPA without it.
+    dict(name="sft-mb16-attndrop0", path="sft", mb=16, ckpt=False, **{"model.attention_dropout": 0.0}),
+    dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180,
+         loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
+    # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.
+    dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=240,
+         env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
+    dict(name="sft-mb16-compile", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300),
+]
+DEFAULT_TIMEOUT = 120
+
+
+def parse_add(spec: str) -> dict:
+    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, timeout,
+    loss_ref, args.FIELD for any TrainingConfig field and model.FIELD for a model config value (sft path),
+    e.g. args.packing_strategy=wrapped or model.attention_dropout=0."""
+    name, _, rest = spec.partition(":")
+    config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key in ("ckpt", "liger", "compile", "heavy") or value.lower() in ("true", "false"):
+            config[key] = value.lower() in ("1", "true")
+        else:
+            config[key] = int(value) if value.isdigit() else value
+    return config
+
+
+# ---------------------------------------------------------------- data
+
+
+def training_rows(tokenizer):
+    """The repo's sql-create-context rows through the project's data pipeline (prompt/completion pairs)."""
+    from starsql.data import DataArguments, prepare_datasets
+
+    train, _, _ = prepare_datasets(DataArguments(dataset_name=str(DATA), eval_fraction=0), tokenizer, SEQ)
+    return train
+
+
+def example_ids(tokenizer, rows) -> list[list[int]]:
+    texts = [p + c for p, c in zip(rows["prompt"], rows["completion"])]
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def sft_dataset(tokenizer, tokens_needed: int):
+    """Enough rows for the run: the 400 rows repeated (after dedup, so repeats survive), packing stays real."""
+    from datasets import concatenate_datasets
+
+    rows = training_rows(tokenizer)
+    per_pass = sum(map(len, example_ids(tokenizer, rows)))
+    return concatenate_datasets([rows] * math.ceil(1.3 * tokens_needed / per_pass))
+
+
+def plain_batches(tokenizer, mb: int, steps: int) -> torch.Tensor:
+    """[steps, mb, SEQ] token ids: tokenized examples concatenated and cut into SEQ-token rows."""
+    ids = [t for example in example_ids(tokenizer, training_rows(tokenizer)) for t in example]
+    need = steps * mb * SEQ
+    ids = ids * math.ceil(need / len(ids))
+    return torch.tensor(ids[:need]).view(steps, mb, SEQ)
+
+
+# ---------------------------------------------------------------- the two training paths
+
+
+def run_plain(cfg: dict, args) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from starsql.modeling import compute_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    steps = args.warmup + args.steps
+    batches = plain_batches(tokenizer, cfg["mb"], steps)
+    set_seed(0)
+    started = time.perf_counter()
+    dtype = compute_dtype()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, quantization_config=bnb_4bit_config(), dtype=dtype, attn_implementation="sdpa",
+        device_map={"": 0} if torch.cuda.is_available() else None,
+    )  # fmt: skip
+    model.config.use_cache = False
+    if cfg["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen 4-bit inputs: checkpointed blocks need a grad path
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    load_s = time.perf_counter() - started
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    losses, marks = [], []
+    sync()
+    marks.append(time.perf_counter())
+    for batch in batches:
+        batch = batch.to(device())
+        with torch.autocast(device().type, dtype=dtype, enabled=torch.cuda.is_available()):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())  # read after the loop: .item() here would add a second sync
+        sync()  # one sync per step, as the trainer's per-step logging does
+        marks.append(time.perf_counter())
+    elapsed = marks[-1] - marks[args.warmup]
+    tokens = args.steps * cfg["mb"] * SEQ
+    return dict(
+        tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / args.steps, 3), tokens_timed=tokens,
+        timed_steps=args.steps, losses=[round(float(x), 4) for x in losses], load_s=round(load_s, 1),
+        step_times_s=[round(b - a, 3) for a, b in zip(marks, marks[1:])], attn=model.config._attn_implementation,
+    )  # fmt: skip
+
+
+def run_sft(cfg: dict, args) -> dict:
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTTrainer
+
+    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train import TrainingConfig
+
+    class StepTimer(TrainerCallback):
+        """Time and tokens between the end of step `warmup` and the end of the last step."""
+
+        def __init__(self, warmup: int):
+            self.warmup, self.start, self.end, self.marks = warmup, None, None, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            mark = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+            self.marks.append(mark[0])
+            if state.global_step == self.warmup:
+                self.start = mark
+            elif state.global_step > self.warmup:
+                self.end = mark
+
+    model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"))
+    tokenizer = load_tokenizer(model_args)
+    steps = args.warmup + args.steps
+    dataset = sft_dataset(tokenizer, steps * cfg["mb"] * SEQ)
+    set_seed(0)
+    started = time.perf_counter()
+    model = load_model(model_args)
+    for key, value in cfg.items():  # model.FIELD: a config value, on the config and on the modules that copied it
+        if key.startswith("model."):
+            field = key.removeprefix("model.")
+            setattr(model.config, field, value)
+            for module in model.modules():
+                if hasattr(module, field):
+                    setattr(module, field, value)
+    training_args = TrainingConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-sft-"),
+        per_device_train_batch_size=cfg["mb"],
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=cfg["ckpt"],
+        max_steps=steps,
+        # Constant LR, as in the plain loop: the loss moves from step 2 on, so the loss check means something.
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        include_num_input_tokens_seen=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_liger_kernel=bool(cfg.get("liger")),
+        torch_compile=bool(cfg.get("compile")),
+        seed=0,
+        **{key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")},
+    )
+    timer = StepTimer(args.warmup)
+    set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora_config(model_args), callbacks=[timer],
+    )  # fmt: skip
+    load_s = time.perf_counter() - started
+    trainer.train()
+    if timer.start is None or timer.end is None:
+        raise RuntimeError(f"Training stopped before step {args.warmup + 1}: too few packed rows?")
+    elapsed, tokens = timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
+    timed = timer.end[2] - timer.start[2]
+    losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    return dict(
+        tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / timed, 3), tokens_timed=int(tokens),
+        timed_steps=timed, losses=losses, load_s=round(load_s, 1), attn=model.config._attn_implementation,
+        step_times_s=[round(b - a, 3) for a, b in zip(timer.marks, timer.marks[1:])],
+        packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
+    )  # fmt: skip
+
+
+def run_config(cfg: dict, args) -> dict:
+    """One configuration, OOM and errors turned into fields; memory freed afterwards."""
+    free_memory()
+    started = time.perf_counter()
+    result = {}
+    saved_env = {key: os.environ.get(key) for key in cfg.get("env", {})}
+    os.environ.update(cfg.get("env", {}))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's prints stay off the JSON lines
+            result = (run_plain if cfg["path"] == "plain" else run_sft)(cfg, args)
+    except torch.cuda.OutOfMemoryError as error:
+        result = {"oom": True, "error": str(error).splitlines()[0][:300]}
+    except Exception as error:  # noqa: BLE001 -- a failing candidate is a result, not the end of the run
+        result = {"error": f"{type(error).__name__}: {error}"[:1000]}
+        if "out of memory" in str(error).lower():  # some kernels raise a plain RuntimeError
+            result["oom"] = True
+    for key, value in saved_env.items():  # in-process mode: the next config sees the old environment
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+    if torch.cuda.is_available():
+        result["total_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    result.update(card=card(), peak_mem_gib=peak_gib(), peak_reserved_gib=peak_reserved_gib())
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    free_memory()
+    return result
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def static_status(cfg: dict, args) -> dict | None:
+    """A result known without running: unsupported Liger, or a compile-heavy config skipped on CPU."""
+    if cfg.get("liger"):
+        try:
+            import liger_kernel
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError as error:
+            return {"unsupported": f"liger_kernel not importable ({error})"}
+        if "starcoder2" not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            version = getattr(liger_kernel, "__version__", None) or _version("liger-kernel")
+            return {"unsupported": f"liger_kernel {version} has no starcoder2 patch (apply_liger_kernel_to_starcoder2)"}
+        if not torch.cuda.is_available():
+            return {"skipped": "Liger's Triton kernels need a GPU"}
+    if cfg.get("heavy") and args.smoke and cfg["name"] not in args.only_names:
+        return {"skipped": "compiles kernels: slow on CPU (name it with --only to run it)"}
+    return None
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def execute(cfg: dict, args, timeout: float) -> dict:
+    if args.mode == "inprocess":
+        return run_config(cfg, args)
+    result_file = Path(tempfile.mkstemp(prefix="bench-result-", suffix=".json")[1])
+    argv = [sys.executable, __file__, "--_child", json.dumps(cfg), "--_result", str(result_file)]
+    argv += ["--model_dir", args.model_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    argv += ["--smoke"] * args.smoke
+    code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout)
+    if result_file.stat().st_size:
+        return json.loads(result_file.read_text())
+    return {"error": f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}", "log_tail": tail}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="Also append the JSON lines to this file.")
+    parser.add_argument("--model_dir", default="/tmp/sc2-3b-random", help="The random model; built if missing.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model, few steps: a CPU wiring check.")
+    parser.add_argument("--only", default="", help="Comma-separated config names (+ the baseline and their loss refs).")
+    parser.add_argument("--add", action="append", default=[], help="Extra config 'NAME:key=value,...'.")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps (default 3, smoke 1).")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps (default 8, smoke 2).")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="Start no config after this many seconds (default 450; no limit in --smoke).")  # fmt: skip
+    parser.add_argument("--mode", choices=["subprocess", "inprocess"], default=None)
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    args.steps = args.steps if args.steps is not None else (2 if args.smoke else 8)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if args._child:  # one configuration, in its own process
+        Path(args._result).write_text(json.dumps(run_config(json.loads(args._child), args)))
+        return 0
+
+    if args.smoke and args.model_dir == parser.get_default("model_dir"):
+        args.model_dir = "/tmp/sc2-smoke-random"
+    args.mode = args.mode or ("inprocess" if args.smoke else "subprocess")
+    args.log_dir = Path((args.out + ".logs") if args.out else tempfile.mkdtemp(prefix="bench-train-logs-"))
+    added = [parse_add(spec) for spec in args.add]
+    configs = CONFIGS + added
+    args.only_names = set(filter(None, args.only.split(","))) | {c["name"] for c in added}
+    unknown = args.only_names - {c["name"] for c in configs}
+    if unknown:
+        parser.error(f"unknown config(s) {sorted(unknown)}; known: {[c['name'] for c in configs]}")
+    if args.only:  # the named configs, the baseline, and the loss references they are checked against
+        chosen = [c for c in configs if c["name"] in args.only_names]
+        wanted = args.only_names | {BASELINE} | {c.get("loss_ref", LOSS_REF[c["path"]]) for c in chosen}
+        wanted |= {c["fallback"] for c in chosen if c.get("fallback")}  # mb32's OOM fallback scales from mb16
+        configs = [c for c in configs if c["name"] in wanted]
+    if args.smoke:  # same shapes of run, a quarter of the rows per step
+        configs = [dict(c, mb=max(1, c["mb"] // 4)) for c in configs]
+
+    started = time.perf_counter()
+    if args.mode == "subprocess":  # built in a child too: this process never holds GPU memory
+        code, tail = run_child([sys.executable, str(Path(__file__).with_name("common.py")), args.model_dir]
+                               + ["--smoke"] * args.smoke, args.log_dir / "build.log", timeout=360)  # fmt: skip
+        if code != 0:
+            sys.exit(f"Building the model failed:\n{tail}")
+    else:
+        ensure_model(args.model_dir, smoke=args.smoke)
+    args.budget_s = args.budget_s or (math.inf if args.smoke else 450)
+    deadline = started + args.budget_s
+
+    packages = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel")
+    versions = {package: _version(package) for package in packages}
+    gpu = card() if args.mode == "inprocess" else _card_without_cuda_context()
+    records, by_name = [], {}
+    queue = list(configs)
+    while queue:
+        cfg = queue.pop(0)
+        remaining = deadline - time.perf_counter()
+        result = static_status(cfg, args)
+        if result is None and remaining < (120 if cfg.get("heavy") else 45):
+            result = {"skipped": f"time budget (--budget_s {args.budget_s:.0f}) spent; run it alone with --only"}
+        if result is None:
+            timeout = cfg.get("timeout", DEFAULT_TIMEOUT) * (3 if args.smoke else 1)
+            result = execute(cfg, args, timeout=min(timeout, remaining))
+        record = describe(cfg, result, by_name, gpu=gpu, warmup=args.warmup, versions=versions)
+        emit(record, args.out)
+        records.append(record)
+        by_name[cfg["name"]] = record
+        mb = fitting_micro_batch(cfg, record, by_name.get(cfg.get("fallback")))
+        if mb:
+            queue.insert(0, dict(cfg, name=f"{cfg['path']}-mb{mb}", mb=mb, fallback=None))
+
+    check = loss_check(records)
+    if check:
+        emit({"card": gpu, **check}, args.out)
+    print()
+    print(table(records, ["config", "micro_batch", "tokens_per_s", "ratio_to_baseline", "step_s", "peak_mem_gib",
+                          "loss_equivalent", "load_s", "wall_s"]))  # fmt: skip
+    for r in records:
+        note = r.get("error") or r.get("skipped") or r.get("unsupported")
+        if note:
+            print(f"  {r['config']}: {note.splitlines()[0][:200]}")
+    if check:
+        print(f"Loss check: {check['best']} vs {check['reference']}: max rel diff {check['max_rel_diff_first5']} "
+              f"over the first 5 steps -> equivalent={check['equivalent']}")  # fmt: skip
+    logs = f"; per-config logs in {args.log_dir}" if args.mode == "subprocess" else ""
+    print(f"Total {time.perf_counter() - started:.0f} s on {gpu}{logs}")
+    return 0
+
+
+def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
+    """The JSON line of one configuration: its settings, its result, the ratio to the baseline and, for a
+    config that trains on the same rows as its loss reference, how far its losses are from the reference's."""
+    record = {"card": extra["gpu"], "config": cfg["name"], "path": cfg["path"], "micro_batch": cfg["mb"],
+              "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
+              "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")), "env": cfg.get("env"),
+              "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model."))},
+              "warmup_steps": extra["warmup"], **result}  # fmt: skip
+    if cfg.get("mem_limit_gib") and record.get("peak_reserved_gib") is not None:
+        record["under_mem_limit"] = record["peak_reserved_gib"] <= cfg["mem_limit_gib"]
+    record["ratio_to_baseline"] = ratio(record.get("tokens_per_s"), by_name.get(BASELINE, {}).get("tokens_per_s"))
+    record["baseline"] = BASELINE
+    reference = by_name.get(cfg.get("loss_ref", LOSS_REF[cfg["path"]]))
+    if reference and reference.get("losses") and record.get("losses") and same_rows(record, reference):
+        diff = max_rel_diff(record["losses"], reference["losses"])
+        record.update(loss_ref=reference["config"], loss_max_rel_diff_first5=diff,
+                      loss_equivalent=diff is not None and diff <= 1e-2)  # fmt: skip
+    record["versions"] = extra["versions"]
+    return record
+
+
+def fitting_micro_batch(cfg: dict, record: dict, smaller: dict | None) -> int | None:
+    """After an OOM: the micro-batch that should fit in 90% of the card, scaled from a smaller run's peak
+    (all of that peak counted as per-row activations, so the estimate errs small), a multiple of 4."""
+    if not record.get("oom") or not smaller or not smaller.get("peak_mem_gib") or not record.get("total_mem_gib"):
+        return None
+    per_row = smaller["peak_mem_gib"] / smaller["micro_batch"]
+    mb = min(int(0.9 * record["total_mem_gib"] / per_row) // 4 * 4, cfg["mb"] - 4)
+    return mb if mb > smaller["micro_batch"] else None
+
+
+def same_rows(a: dict, b: dict) -> bool:
+    """Whether two configs compute the same thing on the same rows in the same order (so their losses agree)."""
+    return a["micro_batch"] == b["micro_batch"] and a.get("overrides") == b.get("overrides")
+
+
+def loss_check(records: list[dict]) -> dict | None:
+    """The fastest SFTTrainer candidate against its loss reference (mb16+checkpointing, or the SDPA run with the
+    same model overrides): same rows, same seed, so the same losses. A candidate of another micro-batch sees other
+    rows per step and has no reference; then the fastest one that has one is checked (and both are named)."""
+    ran = [r for r in records if r["path"] == "sft" and r.get("tokens_per_s")]
+    checked = [r for r in ran if r.get("loss_ref")]
+    if not checked:
+        return None
+    best = max(checked, key=lambda r: r["tokens_per_s"])
+    reference = next(r for r in records if r["config"] == best["loss_ref"])
+    return {
+        "config": "loss-check", "best": best["config"], "reference": reference["config"],
+        "fastest_overall": max(ran, key=lambda r: r["tokens_per_s"])["config"],
+        "best_losses": best["losses"][:5], "reference_losses": reference["losses"][:5],
+        "max_rel_diff_first5": best["loss_max_rel_diff_first5"], "equivalent": best["loss_equivalent"],
+        "tolerance": 1e-2,
+    }  # fmt: skip
+
+
+def _card_without_cuda_context() -> str:
+    """The GPU's name via nvidia-smi, so the parent process creates no CUDA context (children measure)."""
+    import subprocess
+
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")  # fmt: skip
+        return names[0].strip() or card()
+    except (OSError, subprocess.SubprocessError):
+        return card()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
