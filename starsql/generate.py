@@ -6,7 +6,7 @@ Used by the evaluation harness (batched, greedy) and the app (streamed). Both bu
 
 import sqlite3
 from collections.abc import Iterator
-from threading import Thread
+from threading import Event, Thread
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -109,23 +109,38 @@ def generate_sql(model, tokenizer, prompts: list[str], max_new_tokens: int = 256
     return results
 
 
+class StopWhenSet(StoppingCriteria):
+    """Stop every sequence once `event` is set: the user pressed Stop or the client went away."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
-    """Yield the generated text so far, token by token, until EOS or the end of the first statement."""
+    """Yield the generated text so far, token by token, until EOS or the end of the first statement.
+    Closing the generator (Gradio does on Stop) stops the generation too, not just the stream."""
     from transformers import TextIteratorStreamer
 
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    cancelled = Event()
     kwargs = dict(
         **inputs,
         **_generation_kwargs(tokenizer, max_new_tokens, temperature),
         streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([StopAtStatementEnd(tokenizer, prompt_length)]),
+        stopping_criteria=StoppingCriteriaList([StopAtStatementEnd(tokenizer, prompt_length), StopWhenSet(cancelled)]),
     )
-    thread = Thread(target=torch.inference_mode()(model.generate), kwargs=kwargs, daemon=True)
+    thread = Thread(target=torch.inference_mode()(model.generate), kwargs=kwargs, daemon=True, name="starsql-generate")
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        cancelled.set()
+        thread.join()

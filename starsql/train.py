@@ -236,7 +236,7 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
             torch.cuda.empty_cache()
         add_spider_evaluation(info, run_args, model_args, output_dir)
     card = write_model_card(output_dir, info)
-    print(f"Saved adapter, tokenizer, {card.name} and curves to {output_dir}")
+    print(f"Saved {'adapter' if model_args.use_peft else 'model'}, tokenizer, {card.name} and curves to {output_dir}")
     if repo_id:
         push_folder(output_dir, repo_id, token=training_args.hub_token)
         print(f"Pushed to https://huggingface.co/{repo_id}")

@@ -1,0 +1,39 @@
+"""Generation: batched greedy SQL in input order, streaming, and Stop really stopping the model."""
+
+import threading
+
+from starsql.generate import generate_sql, load_for_inference, statement_finished, stream_sql
+from starsql.prompt import build_prompt
+
+
+def test_statement_finished_knows_literals_and_comment_lines():
+    assert not statement_finished("SELECT 'a;b' FROM t")
+    assert statement_finished("SELECT 1;")
+    assert statement_finished("SELECT 1\n-- Question: next")
+
+
+def test_batched_generation_keeps_input_order(tiny_run):
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    prompts = [build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"),
+               build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR)", "Names of singers older than 30?")]
+    batched = generate_sql(model, tokenizer, prompts, max_new_tokens=24, batch_size=2, progress=False)
+    alone = [generate_sql(model, tokenizer, [p], max_new_tokens=24, progress=False)[0] for p in prompts]
+    assert batched == alone and all(isinstance(s, str) for s in batched)
+
+
+def test_closing_the_stream_stops_generation(tiny_model_path):
+    model, tokenizer = load_for_inference("tiny-starcoder2")  # the random base never ends its statement
+    lengths, generate = [], model.generate
+    model.generate = lambda **kwargs: lengths.append(generate(**kwargs).shape[1] - kwargs["input_ids"].shape[1])
+    stream = stream_sql(model, tokenizer, build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"), max_new_tokens=1500)
+    assert isinstance(next(stream), str)
+    stream.close()  # what Gradio does on Stop or a disconnect
+    assert not any(t.name == "starsql-generate" and t.is_alive() for t in threading.enumerate())
+    assert lengths and lengths[0] < 1500
+
+
+def test_an_unclosed_stream_runs_to_max_new_tokens(tiny_model_path):
+    # The control for the test above: left alone, this model uses every token it is given.
+    model, tokenizer = load_for_inference("tiny-starcoder2")
+    *_, text = stream_sql(model, tokenizer, build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"), max_new_tokens=200)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 150
