@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .hardness import LEVELS, hardness
 from .prompt import build_prompt
+from .sandbox import read_only_authorizer, time_limit
 from .schema import load_spider_schemas, split_statements
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -172,14 +173,6 @@ class Outcome:
     error: str | None = None
 
 
-_READ_ONLY_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-
-
-def _read_only_authorizer(action, *args) -> int:
-    # Predictions share one connection per database: no PRAGMA or temp table may change it for later ones.
-    return sqlite3.SQLITE_OK if action in _READ_ONLY_ACTIONS else sqlite3.SQLITE_DENY
-
-
 class Database:
     """One SQLite connection with a per-query deadline that interrupts the VM, not just the caller."""
 
@@ -191,9 +184,6 @@ class Database:
         connection.text_factory = lambda data: data.decode(errors="replace")
         connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)  # no randomblob(1e9) memory blowups
-        self._deadline = math.inf
-        # test-suite's asyncio timeout never fires while SQLite runs; a progress handler does.
-        connection.set_progress_handler(self._past_deadline, PROGRESS_STEPS)
 
     @classmethod
     def open_read_only(cls, path: str | Path) -> "Database":
@@ -211,7 +201,7 @@ class Database:
             )
         database = cls(connection, str(path))
         database.file_key = _file_key(path)  # gold results are cached per file version
-        connection.set_authorizer(_read_only_authorizer)
+        connection.set_authorizer(read_only_authorizer)
         return database
 
     @classmethod
@@ -221,11 +211,8 @@ class Database:
         for statement in split_statements(schema):
             connection.execute(statement)  # sqlite3.Error propagates: the caller counts the row as skipped
         database = cls(connection, ":memory:")
-        connection.set_authorizer(_read_only_authorizer)
+        connection.set_authorizer(read_only_authorizer)
         return database
-
-    def _past_deadline(self) -> bool:
-        return time.monotonic() > self._deadline
 
     def columns(self) -> set[str]:
         """Lower-cased column names of every table (tells `"text"` literals from quoted columns)."""
@@ -237,7 +224,7 @@ class Database:
                 names.update(row[1].lower() for row in self.connection.execute(f"PRAGMA table_info({quoted})"))
             return names
         finally:
-            self.connection.set_authorizer(_read_only_authorizer)
+            self.connection.set_authorizer(read_only_authorizer)
 
     def compiles(self, sql: str) -> str | None:
         """None when SQLite can compile `sql` (EXPLAIN succeeds), else the error message."""
@@ -246,18 +233,18 @@ class Database:
         return self.run("EXPLAIN " + sql, timeout=DEFAULT_TIMEOUT_S, max_rows=math.inf).error
 
     def run(self, sql: str, timeout: float = DEFAULT_TIMEOUT_S, max_rows: float = DEFAULT_MAX_ROWS) -> Outcome:
-        self._deadline = time.monotonic() + timeout
+        # test-suite's asyncio timeout never fires while SQLite runs; time_limit's progress handler does.
+        started = time.monotonic()
         try:
-            cursor = self.connection.execute(sql)
-            rows = cursor.fetchall() if max_rows == math.inf else cursor.fetchmany(int(max_rows) + 1)
-            cursor.close()
+            with time_limit(self.connection, timeout, PROGRESS_STEPS):
+                cursor = self.connection.execute(sql)
+                rows = cursor.fetchall() if max_rows == math.inf else cursor.fetchmany(int(max_rows) + 1)
+                cursor.close()
         except sqlite3.OperationalError as error:
-            timed_out = str(error) == "interrupted" and time.monotonic() > self._deadline
+            timed_out = str(error) == "interrupted" and time.monotonic() - started >= timeout
             return Outcome(error=f"timed out after {timeout:g} s" if timed_out else f"OperationalError: {error}")
         except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as error:
             return Outcome(error=f"{type(error).__name__}: {error}")
-        finally:
-            self._deadline = math.inf
         if len(rows) > max_rows:
             return Outcome(error=f"more than {max_rows:,} rows")
         return Outcome(rows=[tuple(_normal_value(value) for value in row) for row in rows])

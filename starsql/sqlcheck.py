@@ -11,13 +11,12 @@ anything but reads when a query runs (the second guard, in case sqlglot misreads
 
 import logging
 import sqlite3
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import sqlglot
 from sqlglot import exp
 
+from .sandbox import authorizer, is_read, read_only_authorizer, time_limit
 from .schema import split_statements
 
 # sqlglot warns when it falls back to a generic Command; here that only means "not a query".
@@ -28,8 +27,6 @@ MAX_ROWS = 50
 MAX_VALUE_BYTES = 1_000_000  # longest string or blob a query may build (SQLITE_LIMIT_LENGTH)
 ROWID_NAMES = {"rowid", "oid", "_rowid_"}
 
-# What a read-only query may do when it runs; everything else is refused.
-READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 # Never allowed, not even to compile or to load the schema: they touch files or process-wide settings.
 FORBIDDEN_ACTIONS = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
 SCHEMA_PRAGMAS = {"foreign_keys"}  # harmless and common at the top of schema dumps
@@ -60,40 +57,10 @@ class CheckResult:
         return asdict(self)
 
 
-@contextmanager
-def time_limit(conn: sqlite3.Connection, seconds: float):
-    """Abort whatever `conn` runs once `seconds` have passed (SQLite raises 'interrupted')."""
-    deadline = time.monotonic() + seconds
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
-    try:
-        yield
-    finally:
-        conn.set_progress_handler(None, 0)
-
-
-@contextmanager
-def authorizer(conn: sqlite3.Connection, callback):
-    conn.set_authorizer(callback)
-    try:
-        yield
-    finally:
-        conn.set_authorizer(None)
-
-
 def _schema_authorizer(action, arg1, arg2, db_name, trigger):
     if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() in SCHEMA_PRAGMAS:
         return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY if action in FORBIDDEN_ACTIONS else sqlite3.SQLITE_OK
-
-
-def _is_read(action, arg1) -> bool:
-    # Table-valued functions (json_each, pragma_table_info) register themselves with an internal
-    # UPDATE of sqlite_master when first used; user SQL cannot write sqlite_master.
-    return action in READ_ACTIONS or (action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master")
-
-
-def _read_only_authorizer(action, arg1, arg2, db_name, trigger):
-    return sqlite3.SQLITE_OK if _is_read(action, arg1) else sqlite3.SQLITE_DENY
 
 
 def _interrupted(error: sqlite3.Error) -> bool:
@@ -252,7 +219,7 @@ def _jsonable(value):
 
 
 def _run(conn: sqlite3.Connection, sql: str, seconds: float, max_rows: int) -> tuple[list[str], list[list], bool]:
-    with authorizer(conn, _read_only_authorizer), time_limit(conn, seconds):
+    with authorizer(conn, read_only_authorizer), time_limit(conn, seconds):
         cursor = conn.execute(sql)
         columns = [d[0] for d in cursor.description or []]
         rows = cursor.fetchmany(max_rows + 1)
@@ -285,7 +252,7 @@ def check_sql(sql: str, schema: str, seconds: float = TIME_LIMIT_S, max_rows: in
         denied: list[int] = []
 
         def compile_authorizer(action, arg1, *args):
-            if not _is_read(action, arg1):
+            if not is_read(action, arg1):
                 denied.append(action)
             return sqlite3.SQLITE_DENY if action in FORBIDDEN_ACTIONS else sqlite3.SQLITE_OK
 
