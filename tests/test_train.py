@@ -94,3 +94,17 @@ def test_eval_spider_puts_execution_accuracy_in_the_card(tmp_path, tiny_model_pa
     assert set(reports) == {"base", "adapter"} and reports["adapter"]["total"] == 6
     assert metrics["execution_accuracy"] == reports["adapter"]["execution_accuracy"]
     assert "![accuracy_by_hardness](accuracy_by_hardness.png)" in card and "### Spider dev, by hardness" in card
+
+
+def test_every_recipe_parses_with_no_unknown_key():
+    from trl import TrlParser
+
+    from starsql.data import DataArguments
+    from starsql.modeling import ModelArguments
+    from starsql.train import RunArguments, TrainingConfig
+
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        parser = TrlParser((RunArguments, TrainingConfig, ModelArguments, DataArguments))
+        _, training, model, data = parser.parse_args_and_config(["--config", str(config)])
+        assert training.max_length == 512 and training.packing, config.name
+        assert model.use_peft and model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"], config.name
