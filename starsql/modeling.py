@@ -41,21 +41,18 @@ def compute_dtype() -> torch.dtype:
 
 
 def attention_implementation(requested: str | None) -> str:
-    """flash_attention_2 when installed; else flex_attention on Ampere+ GPUs; else SDPA.
+    """flash_attention_2 when installed on a GPU, else SDPA; all keep packed examples apart.
 
-    Packed, padding-free batches are one long row with a block-diagonal mask. SDPA computes every
-    block of it; flex_attention skips the blocks between examples (2.2x the tokens/s of SDPA for
-    StarCoder2-3B QLoRA on an H200, same loss: BENCHMARKS.md). All three keep examples apart."""
+    Packed, padding-free batches are one long row with a block-diagonal mask: SDPA computes every
+    block of it, while `flex_attention` skips the blocks between examples (2.1x the tokens/s of
+    SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H200, same loss: BENCHMARKS.md). It is
+    set explicitly in configs/starcoder2-3b-sql-fast.yaml, where it was measured; with gradient
+    checkpointing and small cards it has not been, so it is not the automatic choice."""
     if requested:
         return requested
     from transformers.utils import is_flash_attn_2_available
 
-    if torch.cuda.is_available():
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-        if torch.cuda.get_device_capability()[0] >= 8:
-            return "flex_attention"
-    return "sdpa"
+    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
 
 
 def resolve_model_path(name: str) -> str:
