@@ -4,7 +4,6 @@ Used by the evaluation harness (batched, greedy) and the app (streamed). Both bu
 `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
-import sqlite3
 from collections.abc import Iterator
 from threading import Event, Thread
 
@@ -12,19 +11,12 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .modeling import resolve_model_path
-from .prompt import extract_sql
+from .prompt import extract_sql, first_statement_end
 
 
 def statement_finished(text: str) -> bool:
     """True once `text` holds a complete SQL statement, or the model moved on to a new comment line."""
-    if "\n--" in text.lstrip():
-        return True
-    position = text.find(";")
-    while position != -1:
-        if sqlite3.complete_statement(text[: position + 1]):
-            return True
-        position = text.find(";", position + 1)
-    return False
+    return "\n--" in text.lstrip() or first_statement_end(text) is not None
 
 
 class StopAtStatementEnd(StoppingCriteria):

@@ -55,8 +55,16 @@ def extract_sql(generated: str) -> str:
             continue
         kept.append(line)
     text = "\n".join(kept)
-    for end, char in enumerate(text):
-        if char == ";" and sqlite3.complete_statement(text[: end + 1]):
-            text = text[: end + 1]
-            break
-    return text.strip().rstrip(";").strip()
+    end = first_statement_end(text)
+    return (text if end is None else text[:end]).strip().rstrip(";").strip()
+
+
+def first_statement_end(text: str) -> int | None:
+    """Index just past the ';' that ends the first complete statement (string literals may hold
+    ';', and sqlite3 knows where a statement really ends), or None while it is unfinished."""
+    position = text.find(";")
+    while position != -1:
+        if sqlite3.complete_statement(text[: position + 1]):
+            return position + 1
+        position = text.find(";", position + 1)
+    return None
