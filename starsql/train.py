@@ -200,7 +200,6 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return 0
-    tokenizer.save_pretrained(str(output_dir))
     eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     curves = plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
