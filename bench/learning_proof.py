@@ -15,6 +15,7 @@ adapter. A bug in masking, packing, EOS, the prompt or SQL extraction shows up a
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from collections import defaultdict
@@ -31,11 +32,14 @@ from starsql.schema import spider_create_tables  # noqa: E402
 from starsql.tiny import EOS  # noqa: E402
 
 
-def rename_identifiers(table: dict, trees: list, pool: list[str], rng: random.Random) -> tuple[dict, list[str]]:
-    """The same database with every table and column renamed (consistently in schema and queries).
+def rename_database(table: dict, items: list[tuple[str | None, "sqlglot.exp.Expression"]], pool: list[str],
+                    rng: random.Random) -> tuple[dict, list[tuple[str | None, str]]]:
+    """The same database with every table and column renamed, consistently in the schema, the queries
+    and the questions' words for them ("singers" -> "vehicles" when `singer` becomes `vehicle`).
 
-    A small model trained on 146 schemas memorises them; renamed copies force it to read the
-    identifiers from the schema in front of it, which is what unseen Spider dev databases need."""
+    A small model trained on 140 schemas memorises them; renamed copies force it to read the
+    identifiers from the schema in front of it and copy the ones the question names, which is
+    what unseen Spider dev databases need."""
     from sqlglot import exp
 
     names = {n.lower() for n in table["table_names_original"]} | {c.lower() for _, c in table["column_names_original"][1:]}
@@ -43,28 +47,45 @@ def rename_identifiers(table: dict, trees: list, pool: list[str], rng: random.Ra
     renamed = dict(table)
     renamed["table_names_original"] = [mapping[n.lower()] for n in table["table_names_original"]]
     renamed["column_names_original"] = [[i, c if i < 0 else mapping[c.lower()]] for i, c in table["column_names_original"]]
-    queries = []
-    for tree in trees:
+    # Words of the question that spell an identifier ("born state" for born_state), with a plural s.
+    spelled = {n.replace("_", " "): mapping[n].replace("_", " ") for n in mapping if len(n) > 2}
+    words = re.compile(r"\b(" + "|".join(map(re.escape, sorted(spelled, key=len, reverse=True))) + r")(e?s)?\b", re.IGNORECASE)
+    renamed_items = []
+    for question, tree in items:
         tree = tree.copy()
         for node in list(tree.find_all(exp.Table, exp.Column)):
             if node.name.lower() in mapping:
                 node.set("this", exp.to_identifier(mapping[node.name.lower()]))
-        queries.append(tree.sql(dialect="sqlite") + ";")
-    return renamed, queries
+        if question is not None and spelled:
+            question = words.sub(lambda m: spelled[m.group(1).lower()] + (m.group(2) or ""), question)
+        renamed_items.append((question, tree.sql(dialect="sqlite") + ";"))
+    return renamed, renamed_items
 
 
-def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 16, seed: int = 0) -> Path:
-    """SQL files of Spider's training databases: the schema, then queries on it. No questions.
-    Each database appears with its own names and in `renamed_copies` renamed copies."""
+def render_items(items: list[tuple[str | None, str]]) -> str:
+    """Queries as a SQL file has them; a question becomes a block comment above its query. (Not the
+    prompt template's `-- Question:` lines: teaching that format is the fine-tuning's job.)"""
+    return "\n".join(sql if question is None else f"/* {question} */\n{sql}" for question, sql in items)
+
+
+def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0) -> Path:
+    """Documents of Spider's training databases: the schema, then queries on it, some with the
+    question they answer as a comment. Each database appears with its own names (queries only) and
+    in `renamed_copies` renamed copies (queries and questions). Nothing from Spider dev."""
     dev_dbs = {e["db_id"] for e in json.loads((shared / "spider_dev" / "dev.json").read_text())}
     tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
-    queries, trees = defaultdict(list), defaultdict(list)
+    queries, questions = defaultdict(list), defaultdict(list)
     for line in tqdm((shared / "spider_train_gold.sql").read_text().splitlines(), desc="Parsing training SQL"):
         sql, db_id = line.rsplit("\t", 1)
         if db_id not in dev_dbs:
-            queries[db_id].append(" ".join(sql.split()) + ";")
             try:
-                trees[db_id].append(sqlglot.parse_one(sql, read="sqlite"))
+                queries[db_id].append((None, sqlglot.parse_one(sql, read="sqlite")))
+            except sqlglot.errors.ParseError:
+                pass
+    for row in json.loads((shared / "sql_create_context_spider" / "train.json").read_text()):
+        if row["db_id"] not in dev_dbs:
+            try:
+                questions[row["db_id"]].append((" ".join(row["question"].split()), sqlglot.parse_one(row["answer"], read="sqlite")))
             except sqlglot.errors.ParseError:
                 pass
     keywords = {k.lower() for k in sqlglot.tokens.Tokenizer.KEYWORDS}
@@ -76,10 +97,14 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 16, seed: 
     for db_id in tqdm(sorted(queries), desc="Pretraining corpus"):
         for copy in range(8 + renamed_copies):
             if copy < 8:
-                table, sample = tables[db_id], rng.sample(queries[db_id], min(12, len(queries[db_id])))
+                sample = rng.sample(queries[db_id], min(12, len(queries[db_id])))
+                table, items = tables[db_id], [(None, tree.sql(dialect="sqlite") + ";") for _, tree in sample]
             else:
-                table, sample = rename_identifiers(tables[db_id], rng.sample(trees[db_id], min(12, len(trees[db_id]))), pool, rng)
-            docs.append({"content": spider_create_tables(table) + "\n\n" + "\n".join(sample)})
+                sample = rng.sample(queries[db_id], min(4, len(queries[db_id])))
+                sample += rng.sample(questions[db_id], min(8, len(questions[db_id])))
+                rng.shuffle(sample)
+                table, items = rename_database(tables[db_id], sample, pool, rng)
+            docs.append({"content": spider_create_tables(table) + "\n\n" + render_items(items)})
     rng.shuffle(docs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -124,8 +149,12 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps: checks the wiring on a CPU.")
     parser.add_argument("--pretrain_steps", type=int, default=3000)
     parser.add_argument("--pretrain_batch_size", type=int, default=32, help="512-token rows per pretraining step.")
-    parser.add_argument("--renamed_copies", type=int, default=64, help="Renamed copies of each training database.")
-    parser.add_argument("--sft_learning_rates", default="2e-4", help="Comma-separated; the recipe's is 2e-4.")
+    parser.add_argument("--renamed_copies", type=int, default=96, help="Renamed copies of each training database.")
+    parser.add_argument("--sft_formats", default="sql-create-context,spider",
+                        help="Schemas the fine-tuning rows carry: sql-create-context's (the tables the answer uses) "
+                             "and/or spider (the full schema from tables.json, as Spider dev is scored).")
+    parser.add_argument("--learning_rate", default="2e-4", help="Fine-tuning learning rate; the recipe's is 2e-4.")
+    parser.add_argument("--eval_4bit", action="store_true", help="Also score each adapter on the 4-bit base it was trained on.")
     args = parser.parse_args()
     spider = args.shared / "spider_dev"
     started = time.time()
@@ -133,7 +162,7 @@ def main() -> int:
     limit = ["--eval_limit", "12"] if args.smoke else []
 
     init = build_base(args.shared, args.out / "init", args.smoke)
-    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", args.renamed_copies)
+    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies)
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
@@ -146,16 +175,17 @@ def main() -> int:
         "--license", "cc-by-sa-4.0", "--auto_resume", "false",
     ])
     assert code == 0, "pretraining failed"
-    pretrain_s = time.time() - started
+    results = {"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started), "runs": {}}
 
-    results = {"pretrain_steps": steps, "pretrain_wall_s": pretrain_s, "runs": {}}
-    for lr in args.sft_learning_rates.split(","):
-        out = args.out / f"sft-lr{lr}"
+    for schema_format in args.sft_formats.split(","):
+        out = args.out / f"sft-{schema_format}"
+        data = ["--dataset_format", "spider", "--sql_column", "answer", "--spider_tables", str(spider / "tables.json")] \
+            if schema_format == "spider" else ["--dataset_format", "sql-create-context"]
         t0 = time.time()
         code = train_sft.main([
             "--config", str(ROOT / "configs" / "starcoder2-3b-sql.yaml"), "--model_name_or_path", str(args.out / "base"),
-            "--dataset_name", str(args.shared / "sql_create_context_spider" / "train.json"),
-            "--contamination_eval", str(spider / "dev.json"), "--output_dir", str(out), "--learning_rate", lr,
+            "--dataset_name", str(args.shared / "sql_create_context_spider" / "train.json"), *data,
+            "--contamination_eval", str(spider / "dev.json"), "--output_dir", str(out), "--learning_rate", args.learning_rate,
             "--eval_spider", str(spider), "--eval_generation_batch_size", "64", "--license", "cc-by-sa-4.0",
             # The recipe's 4 x 512 tokens per optimizer step, as one micro-batch of 4 (the same
             # update, 4x fewer kernel launches for so small a model).
@@ -163,16 +193,21 @@ def main() -> int:
             "--auto_resume", "false", *(SMOKE_SFT if args.smoke else []),
             *limit,
         ])
-        assert code == 0, f"fine-tuning with lr {lr} failed"
+        assert code == 0, f"fine-tuning ({schema_format} schemas) failed"
         reports = json.loads((out / "eval_results.json").read_text())
-        # The adapter was trained on the 4-bit base; also score it that way (the app's small-card mode).
-        from starsql.evaluate import evaluate_model
+        if args.eval_4bit:  # the adapter on the 4-bit base it was trained on (the app's small-card mode)
+            from starsql.evaluate import evaluate_model
 
-        reports["adapter_on_4bit_base"] = evaluate_model(
-            str(args.out / "base"), str(out), spider_dir=spider, out_dir=out / "eval_spider_4bit", batch_size=64,
-            load_in_4bit=True, limit=12 if args.smoke else None,
-        )["adapter"]
-        results["runs"][lr] = {"wall_s": time.time() - t0, **{k: {m: reports[k][m] for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label")} | {"by_hardness": {h: v["execution_accuracy"] for h, v in reports[k]["by_hardness"].items()}} for k in reports}}
+            reports["adapter_on_4bit_base"] = evaluate_model(
+                str(args.out / "base"), str(out), spider_dir=spider, out_dir=out / "eval_spider_4bit", batch_size=64,
+                load_in_4bit=True, limit=12 if args.smoke else None,
+            )["adapter"]
+        summary = {"wall_s": round(time.time() - t0)}
+        for label, report in reports.items():
+            summary[label] = {m: report[m] for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label")}
+            summary[label]["by_hardness"] = {h: v["execution_accuracy"] for h, v in report["by_hardness"].items()}
+        results["runs"][schema_format] = summary
+    results["total_wall_s"] = round(time.time() - started)
     (args.out / "proof.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
