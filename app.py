@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import gradio as gr
 import torch
 
-from starsql.generate import load_for_inference, stream_sql
+from starsql.generate import GreedyDecoder, load_for_inference, stream_sql
 from starsql.prompt import build_prompt, extract_sql
 from starsql.schema import split_statements
 from starsql.sqlcheck import (
@@ -51,6 +51,7 @@ MODEL_CONCURRENCY = 2  # generations at once; the queue holds the rest
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
+DECODER_TOKENS = 4096  # prompt + answer the CUDA-graph decoder holds; longer ones use generate()
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -76,6 +77,13 @@ if ZERO_GPU:
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
+# On a dedicated GPU, greedy answers replay a captured CUDA graph (3x plain generate, BENCHMARKS.md).
+# Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
+DECODER = None
+if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
+        and os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")):
+    DECODER = GreedyDecoder(MODEL, max_length=DECODER_TOKENS)
+    DECODER.warm_up(TOKENIZER)
 
 
 def gpu(duration: int):
@@ -85,7 +93,8 @@ def gpu(duration: int):
 
 @gpu(duration=GPU_SECONDS)
 def generate(prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
-    yield from stream_sql(MODEL, TOKENIZER, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    yield from stream_sql(MODEL, TOKENIZER, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                          decoder=DECODER)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - bf16-merged-static: static KV cache, compilation disabled (separates the cache's effect from the compiler's).
 - bf16-merged-static-compile: static cache + transformers' automatic torch.compile (mode reduce-overhead,
   CUDA graphs), warmed up twice; its greedy tokens are compared with bf16-merged's on the same prompt.
+- bf16-merged-graph: the app's decoder (starsql.generate.GreedyDecoder): static cache, the one-token step
+  compiled and captured as one CUDA graph, argmax inside it. Its tokens are compared with plain generate on
+  the timed prompt and on --identity_prompts more prompts, in bf16 and (fp32-identity) with fp32 weights,
+  where kernel rounding differences are ~2^16 times smaller: a logic bug would show there too, a rounding
+  tie would not.
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
 first new token (prefill + 1 token), taken in the same calls.
 """
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="Timed generate calls per config (median).")
     parser.add_argument("--compile_cpu", action="store_true", help="Compile on CPU too (slow; tests the wiring).")
     parser.add_argument("--skip_compile", action="store_true", help="Leave out the torch.compile config.")
+    parser.add_argument("--identity_prompts", type=int, default=8, help="Prompts whose greedy tokens are compared.")
+    parser.add_argument("--skip_fp32", action="store_true", help="Leave out the fp32 token-identity check.")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
         args.model_dir = "/tmp/sc2-smoke-random"
@@ -217,9 +224,74 @@ def main(argv=None) -> int:
     else:
         record("bf16-merged-static-compile", 1, {"skipped": "transformers compiles generation only on accelerators"})
 
+    def plain_tokens(model_, prompts) -> list[list[int]]:
+        """Plain generate (dynamic cache, eager), greedy, stopping at EOS like the decoder (no min_new_tokens)."""
+        from starsql.generate import _generation_kwargs
+
+        model_.generation_config.cache_implementation = None
+        model_.generation_config.disable_compile = True
+        outputs = []
+        for input_ids, attention_mask in prompts:
+            out = model_.generate(input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(tokenizer, args.new_tokens))
+            new = out[0, input_ids.shape[1] :].tolist()
+            outputs.append(new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new)
+        return outputs
+
+    def decode_all(decoder, prompts) -> list[list[int]]:
+        return [list(decoder.tokens(ids, args.new_tokens, tokenizer.eos_token_id)) for ids, _ in prompts]
+
+    identity = [prompt_batch(tokenizer, 1, args.prompt_tokens - 24 * i) for i in range(1, args.identity_prompts + 1)]
+
+    def graphed() -> dict:
+        from starsql.generate import GreedyDecoder
+
+        decoder = GreedyDecoder(model, max_length=args.prompt_tokens + args.new_tokens + 8)
+        compiled = time.perf_counter()
+        list(decoder.tokens(single[0], 4))  # compiles and captures
+        compile_s = time.perf_counter() - compiled
+        times, ttfts = [], []
+        for _ in range(args.repeats + 1):
+            sync()
+            start = time.perf_counter()
+            new, first = [], None
+            for token in decoder.tokens(single[0], args.new_tokens):  # no EOS: exactly new_tokens, like min_new_tokens
+                first = first or time.perf_counter()
+                new.append(token)
+            times.append(time.perf_counter() - start)
+            ttfts.append(first - start)
+        times, ttfts = times[1:], ttfts[1:]  # the first run after capture is a warm-up
+        seconds = statistics.median(times)
+        mismatches = [first_mismatch(a, b) for a, b in zip(decode_all(decoder, identity), plain_tokens(model, identity))]
+        mismatch = first_mismatch(new, plain.get("new_token_ids", []))
+        return {"tokens_per_s": round(len(new) / seconds, 2), "per_stream_tokens_per_s": round(len(new) / seconds, 2),
+                "time_s": round(seconds, 3), "ttft_s": round(statistics.median(ttfts), 4), "times_s": [round(t, 3) for t in times],
+                "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new,
+                "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
+                "identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
+                "identity_first_mismatches": mismatches}  # fmt: skip
+
+    record("bf16-merged-graph", 1, guarded(graphed), cache="static", cuda_graph=torch.cuda.is_available(), **details)
+    del model
+    free_memory()
+
+    def fp32_identity() -> dict:
+        from transformers import AutoModelForCausalLM
+
+        from starsql.generate import GreedyDecoder
+
+        model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
+        decoder = GreedyDecoder(model32, max_length=args.prompt_tokens + args.new_tokens + 8)
+        mismatches = [first_mismatch(a, b) for a, b in zip(decode_all(decoder, identity), plain_tokens(model32, identity))]
+        return {"dtype": "float32", "identity_prompts_identical": sum(m is None for m in mismatches),
+                "identity_prompts": len(mismatches), "identity_first_mismatches": mismatches}  # fmt: skip
+
+    if not args.skip_fp32:
+        record("fp32-identity", 1, guarded(fp32_identity), cache="static", cuda_graph=torch.cuda.is_available())
+
     print()
     print(table(records, ["config", "batch", "tokens_per_s", "per_stream_tokens_per_s", "ratio_to_baseline", "ttft_s",
-                          "peak_mem_gib", "issue_h200_tokens_per_s", "identical_to_bf16_merged"]))  # fmt: skip
+                          "peak_mem_gib", "issue_h200_tokens_per_s", "identical_to_bf16_merged",
+                          "identity_prompts_identical"]))  # fmt: skip
     for r in records:
         if r.get("error") or r.get("skipped"):
             print(f"  {r['config']}: {(r.get('error') or r.get('skipped')).splitlines()[0][:200]}")

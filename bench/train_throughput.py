@@ -62,12 +62,21 @@ CONFIGS = [
     dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=240,
          env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
     dict(name="sft-mb16-compile", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300),
+    # flex_attention on top of the other levers: checkpointing (small cards), bigger micro-batches (its cost grows
+    # linearly with packed rows, SDPA's quadratically), torch.compile of the whole model.
+    *[dict(cfg, attn="flex_attention", heavy=True, loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0})
+      for cfg in (dict(name="sft-mb16-flex-ckpt", path="sft", mb=16, ckpt=True, timeout=240),
+                  dict(name="sft-mb32-flex", path="sft", mb=32, ckpt=False, timeout=240),
+                  dict(name="small-card-mb4-flex-ckpt", path="sft", mb=4, ckpt=True, timeout=240, mem_limit_gib=15),
+                  dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420),
+                  # DDP, one 4-bit copy per GPU, micro-batch 16 on each: against sft-mb16-flex on one GPU.
+                  dict(name="sft-mb16-flex-2gpu", path="sft", mb=16, ckpt=False, procs=2, timeout=300))],
 ]
 DEFAULT_TIMEOUT = 120
 
 
 def parse_add(spec: str) -> dict:
-    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, timeout,
+    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, timeout, procs,
     loss_ref, args.FIELD for any TrainingConfig field and model.FIELD for a model config value (sft path),
     e.g. args.packing_strategy=wrapped or model.attention_dropout=0."""
     name, _, rest = spec.partition(":")
@@ -77,7 +86,10 @@ def parse_add(spec: str) -> dict:
         if key in ("ckpt", "liger", "compile", "heavy") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
-            config[key] = int(value) if value.isdigit() else value
+            try:
+                config[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                config[key] = value
     return config
 
 
@@ -193,7 +205,7 @@ def run_sft(cfg: dict, args) -> dict:
     model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"))
     tokenizer = load_tokenizer(model_args)
     steps = args.warmup + args.steps
-    dataset = sft_dataset(tokenizer, steps * cfg["mb"] * SEQ)
+    dataset = sft_dataset(tokenizer, steps * cfg["mb"] * SEQ * cfg.get("procs", 1))
     set_seed(0)
     started = time.perf_counter()
     model = load_model(model_args)
@@ -291,6 +303,8 @@ def static_status(cfg: dict, args) -> dict | None:
             return {"unsupported": f"liger_kernel {version} has no starcoder2 patch (apply_liger_kernel_to_starcoder2)"}
         if not torch.cuda.is_available():
             return {"skipped": "Liger's Triton kernels need a GPU"}
+    if cfg.get("procs", 1) > max(_gpu_count(), 1 if args.smoke else 0):
+        return {"skipped": f"needs {cfg['procs']} GPUs, this machine has {_gpu_count()}"}
     if cfg.get("heavy") and args.smoke and cfg["name"] not in args.only_names:
         return {"skipped": "compiles kernels: slow on CPU (name it with --only to run it)"}
     return None
@@ -310,6 +324,9 @@ def execute(cfg: dict, args, timeout: float) -> dict:
         return run_config(cfg, args)
     result_file = Path(tempfile.mkstemp(prefix="bench-result-", suffix=".json")[1])
     argv = [sys.executable, __file__, "--_child", json.dumps(cfg), "--_result", str(result_file)]
+    if cfg.get("procs", 1) > 1:  # DDP over GPUs, the way users run train_sft.py on several
+        argv[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(cfg["procs"]), "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     argv += ["--model_dir", args.model_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     argv += ["--smoke"] * args.smoke
     code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout)
@@ -337,8 +354,12 @@ def main(argv=None) -> int:
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 8)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    if args._child:  # one configuration, in its own process
-        Path(args._result).write_text(json.dumps(run_config(json.loads(args._child), args)))
+    if args._child:  # one configuration, in its own process (or one per GPU, under accelerate launch)
+        from accelerate import PartialState
+
+        result = run_config(json.loads(args._child), args)
+        if PartialState().is_main_process:
+            Path(args._result).write_text(json.dumps(result))
         return 0
 
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -416,6 +437,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
     record = {"card": extra["gpu"], "config": cfg["name"], "path": cfg["path"], "micro_batch": cfg["mb"],
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")), "env": cfg.get("env"),
+              "gpus": cfg.get("procs", 1),
               "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model."))},
               "warmup_steps": extra["warmup"], **result}  # fmt: skip
     if cfg.get("mem_limit_gib") and record.get("peak_reserved_gib") is not None:
@@ -443,7 +465,7 @@ def fitting_micro_batch(cfg: dict, record: dict, smaller: dict | None) -> int | 
 
 def same_rows(a: dict, b: dict) -> bool:
     """Whether two configs compute the same thing on the same rows in the same order (so their losses agree)."""
-    return a["micro_batch"] == b["micro_batch"] and a.get("overrides") == b.get("overrides")
+    return (a["micro_batch"], a.get("overrides"), a.get("gpus", 1)) == (b["micro_batch"], b.get("overrides"), b.get("gpus", 1))
 
 
 def loss_check(records: list[dict]) -> dict | None:
@@ -463,6 +485,17 @@ def loss_check(records: list[dict]) -> dict | None:
         "max_rel_diff_first5": best["loss_max_rel_diff_first5"], "equivalent": best["loss_equivalent"],
         "tolerance": 1e-2,
     }  # fmt: skip
+
+
+def _gpu_count() -> int:
+    """GPUs on this machine, via nvidia-smi (no CUDA context in the parent)."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def _card_without_cuda_context() -> str:

@@ -5,7 +5,7 @@ Used by the evaluation harness (batched, greedy) and the app (streamed). Both bu
 """
 
 from collections.abc import Iterator
-from threading import Event, Thread
+from threading import Event, Lock, Thread
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -111,12 +111,106 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
+class GreedyDecoder:
+    """Greedy decoding of one stream with a static KV cache; on a GPU the one-token step is compiled
+    and replayed as one CUDA graph.
+
+    For a 3B model on a fast GPU, `generate()` spends most of each token launching ~900 small
+    kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md: 3x plain
+    generate on an H200). Greedy only, one stream at a time: callers hold `lock`. The graph is
+    captured by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph
+    trees are per thread, and Gradio calls from a different worker thread each time."""
+
+    def __init__(self, model, max_length: int = 1024, compile: bool | None = None):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = model.device
+        self.max_length = max_length
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.lock = Lock()
+        self.use_graph = self.device.type == "cuda"
+        compile = self.use_graph if compile is None else compile
+        self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False) if compile else self._forward_step
+        # The graph's fixed inputs and output: each step copies into these, then replays.
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._position = torch.zeros((1,), dtype=torch.long, device=self.device)
+        self._next = None
+        self._graph = None
+
+    def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # Positions given explicitly: no cache-length lookup in the graph (transformers < 5.20 also
+        # places the new K/V by cache_position; later versions by the cache's own counter).
+        out = self.model(input_ids=token, position_ids=position.view(1, 1), cache_position=position,
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
+
+    def _capture(self):
+        # Compile and warm up off the graph (on a side stream, as CUDA graphs ask), then capture.
+        # The warm-up computes the very step that comes next, so the KV cache it writes is right.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(self._token, self._position)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._next = self._step(self._token, self._position)
+
+    def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self._token.copy_(token)
+        self._position.fill_(position)
+        if not self.use_graph:
+            return self._step(self._token, self._position)
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._next
+
+    @torch.inference_mode()
+    def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
+        """Yield greedy token ids one by one, up to and including EOS, at most `max_new_tokens`."""
+        length = input_ids.shape[-1]
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
+                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
+            )
+        self.cache.reset()
+        positions = torch.arange(length, device=self.device)
+        out = self.model(input_ids=input_ids.to(self.device).view(1, -1), position_ids=positions.view(1, -1),
+                         cache_position=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for index in range(max_new_tokens):
+            value = int(token)
+            yield value
+            if value == eos_token_id or index == max_new_tokens - 1:
+                return
+            token = self._decode(token, length + index)
+
+    def warm_up(self, tokenizer):
+        """Compile and capture now (tens of seconds on a GPU), not during the first user's request."""
+        with self.lock:
+            for _ in self.tokens(tokenizer("SELECT", return_tensors="pt")["input_ids"], max_new_tokens=4):
+                pass
+
+
+def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
+               decoder: GreedyDecoder | None = None) -> Iterator[str]:
     """Yield the generated text so far, token by token, until EOS or the end of the first statement.
-    Closing the generator (Gradio does on Stop) stops the generation too, not just the stream."""
+    Closing the generator (Gradio does on Stop) stops the generation too, not just the stream.
+    Greedy requests go through `decoder` when one is given and free; others use `generate()`."""
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    fits = decoder is not None and inputs["input_ids"].shape[-1] + max_new_tokens <= decoder.max_length
+    if fits and temperature == 0 and decoder.lock.acquire(blocking=False):
+        try:
+            yield from _stream_with_decoder(decoder, tokenizer, inputs["input_ids"], max_new_tokens)
+        finally:
+            decoder.lock.release()
+        return
     from transformers import TextIteratorStreamer
 
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     cancelled = Event()
@@ -136,3 +230,15 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
     finally:
         cancelled.set()
         thread.join()
+
+
+def _stream_with_decoder(decoder: GreedyDecoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[str]:
+    generated: list[int] = []
+    for token in decoder.tokens(input_ids, max_new_tokens, tokenizer.eos_token_id):
+        if token == tokenizer.eos_token_id:
+            return
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        yield text
+        if statement_finished(text):
+            return

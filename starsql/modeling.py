@@ -74,6 +74,7 @@ def load_tokenizer(model_args: ModelArguments):
 
 def load_model(model_args: ModelArguments):
     """The base model, quantized if asked; the LoRA adapter is added by the trainer (peft_config)."""
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
     if model_args.load_in_4bit and model_args.load_in_8bit:
@@ -92,7 +93,8 @@ def load_model(model_args: ModelArguments):
         dtype=dtype,
         quantization_config=quantization,
         attn_implementation=attention,
-        device_map={"": torch.cuda.current_device()} if quantization and torch.cuda.is_available() else None,
+        # One whole 4-bit copy per process, on that process's GPU (`accelerate launch`: DDP).
+        device_map={"": PartialState().local_process_index} if quantization and torch.cuda.is_available() else None,
         **overrides,
     )
     if quantization is not None and not torch.cuda.is_available():

@@ -50,6 +50,9 @@ class TrainingConfig(SFTConfig):
     save_steps: float = field(default=100)
     save_total_limit: int | None = field(default=2)
     report_to: None | str | list[str] = field(default="none")
+    # DDP (`accelerate launch`): every LoRA weight gets a gradient at every step, so skip DDP's
+    # per-step search for unused parameters.
+    ddp_find_unused_parameters: bool | None = field(default=False)
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:

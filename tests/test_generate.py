@@ -2,7 +2,9 @@
 
 import threading
 
-from starsql.generate import generate_sql, load_for_inference, statement_finished, stream_sql
+import pytest
+
+from starsql.generate import GreedyDecoder, generate_sql, load_for_inference, statement_finished, stream_sql
 from starsql.prompt import build_prompt
 
 
@@ -37,3 +39,98 @@ def test_an_unclosed_stream_runs_to_max_new_tokens(tiny_model_path):
     model, tokenizer = load_for_inference("tiny-starcoder2")
     *_, text = stream_sql(model, tokenizer, build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"), max_new_tokens=200)
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 150
+
+
+# --- GreedyDecoder: the app's static-cache, CUDA-graph decoding (on CPU: same loop, no graph) ---
+
+PROMPTS = [
+    build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR)", "Names of singers older than 30?"),
+    build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"),
+    build_prompt("CREATE TABLE employee (name VARCHAR, salary INTEGER)", "Who earns the most?",
+                 history=[("How many employees?", "SELECT count(*) FROM employee")]),
+]
+
+
+def plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_run):
+    return load_for_inference("tiny-starcoder2", str(tiny_run))
+
+
+@pytest.fixture(scope="module")
+def chaotic(tiny_model_path):
+    """The tiny model with large random weights: its output depends on every prompt token and
+    position (the trained tiny model answers everything alike), and its logits are far from ties."""
+    import torch
+
+    model, tokenizer = load_for_inference("tiny-starcoder2")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_decoder_tokens_identical_to_plain_generate(chaotic, compiled):
+    model, tokenizer = chaotic
+    decoder = GreedyDecoder(model, max_length=512, compile=compiled)
+    seen = set()
+    for prompt in PROMPTS * 2:  # twice: the cache is reset between requests
+        expected = plain_greedy(model, tokenizer, prompt, 48)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        got = list(decoder.tokens(ids, 48, tokenizer.eos_token_id))
+        assert got == expected
+        seen.add(tuple(got))
+    assert len(seen) == len(PROMPTS)  # the prompts lead to different outputs: a stale cache would show
+
+
+def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
+    # The control for the test above: feeding each step one position late must be caught by it.
+    model, tokenizer = chaotic
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    decode = decoder._decode
+    decoder._decode = lambda token, position: decode(token, position + 1)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert list(decoder.tokens(ids, 48, tokenizer.eos_token_id)) != plain_greedy(model, tokenizer, PROMPTS[0], 48)
+
+
+def test_stream_with_decoder_matches_stream_without(tuned):
+    model, tokenizer = tuned
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    for prompt in PROMPTS:
+        *_, fast = stream_sql(model, tokenizer, prompt, max_new_tokens=64, decoder=decoder)
+        *_, plain = stream_sql(model, tokenizer, prompt, max_new_tokens=64)
+        assert fast == plain
+    assert not decoder.lock.locked()
+
+
+def test_stream_falls_back_when_the_decoder_is_busy_or_too_short(tuned):
+    model, tokenizer = tuned
+    calls = []
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    tokens = decoder.tokens
+    decoder.tokens = lambda *a, **k: (calls.append(1), (yield from tokens(*a, **k)))[1]
+    *_, expected = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32)
+    with decoder.lock:  # another request holds it: this one uses generate()
+        *_, busy = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=decoder)
+    short = GreedyDecoder(model, max_length=16, compile=False)  # prompt + answer do not fit
+    *_, long_prompt = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=short)
+    assert busy == long_prompt == expected and not calls
+    *_, free = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=decoder)
+    assert free == expected and calls
+
+
+def test_decoder_rejects_a_prompt_longer_than_its_cache(tuned):
+    model, tokenizer = tuned
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="max_length"):
+        next(GreedyDecoder(model, max_length=16, compile=False).tokens(ids, 8))
