@@ -10,6 +10,7 @@ Configurations (CONFIGS below):
 - plain-*: baseline A, transformers + PEFT + bitsandbytes by hand: 4-bit NF4 base, LoRA r16 on the six
   projections, SDPA, 16 fixed 512-token rows of real token ids, AdamW, bf16 autocast; with and without
   gradient checkpointing.
+- profile=True configs also report their top GPU kernels (torch.profiler, last 2 warm-up steps).
 - sft-*: the project's path: starsql.modeling.load_model + starsql.train.TrainingConfig + trl.SFTTrainer
   (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
   Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
@@ -56,7 +57,7 @@ CONFIGS = [
     # flex_attention (block-sparse masks of the packed documents) refuses attention dropout, which StarCoder2-3B
     # trains with (0.1): measured without it, against SDPA without it.
     dict(name="sft-mb16-attndrop0", path="sft", mb=16, ckpt=False, **{"model.attention_dropout": 0.0}),
-    dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180,
+    dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
     # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.
     dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=240,
@@ -83,7 +84,7 @@ def parse_add(spec: str) -> dict:
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("ckpt", "liger", "compile", "heavy") or value.lower() in ("true", "false"):
+        if key in ("ckpt", "liger", "compile", "heavy", "profile") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
             try:
@@ -202,6 +203,32 @@ def run_sft(cfg: dict, args) -> dict:
             elif state.global_step > self.warmup:
                 self.end = mark
 
+    class KernelProfile(TrainerCallback):
+        """Where a step's GPU time goes: torch.profiler over the last 2 warm-up steps (so the timed steps run
+        unprofiled), the top kernels by GPU time."""
+
+        def __init__(self, warmup: int, steps: int = 2, top: int = 25):
+            self.warmup, self.steps, self.n, self.profiler, self.top = warmup, steps, top, None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.warmup - self.steps and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * torch.cuda.is_available()
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and self.top is None and state.global_step == self.warmup:
+                sync()
+                self.profiler.__exit__(None, None, None)
+                events = self.profiler.key_averages()
+                cuda = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+                key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+                chosen = sorted(cuda or events, key=key, reverse=True)
+                total = sum(key(e) for e in chosen) or 1
+                self.top = [{"kernel": e.key[:120], "ms_per_step": round(key(e) / 1e3 / self.steps, 2),
+                             "share": round(key(e) / total, 4), "calls_per_step": e.count // self.steps}
+                            for e in chosen[: self.n]]  # fmt: skip
+
     model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"))
     tokenizer = load_tokenizer(model_args)
     steps = args.warmup + args.steps
@@ -238,10 +265,12 @@ def run_sft(cfg: dict, args) -> dict:
         **{key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")},
     )
     timer = StepTimer(args.warmup)
+    # The profiler stops before the timer's first mark (callbacks run in order).
+    callbacks = ([KernelProfile(args.warmup)] if cfg.get("profile") else []) + [timer]
     set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora_config(model_args), callbacks=[timer],
+        peft_config=lora_config(model_args), callbacks=callbacks,
     )  # fmt: skip
     load_s = time.perf_counter() - started
     trainer.train()
@@ -255,6 +284,7 @@ def run_sft(cfg: dict, args) -> dict:
         timed_steps=timed, losses=losses, load_s=round(load_s, 1), attn=model.config._attn_implementation,
         step_times_s=[round(b - a, 3) for a, b in zip(timer.marks, timer.marks[1:])],
         packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
+        **({"top_kernels": callbacks[0].top} if cfg.get("profile") else {}),
     )  # fmt: skip
 
 
