@@ -32,6 +32,17 @@ from starsql.schema import spider_create_tables  # noqa: E402
 from starsql.tiny import EOS  # noqa: E402
 
 
+def made_up_names(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct pronounceable non-words ("dobeka", "rilo_vantu"): names the model cannot have
+    memorised, so the only way to predict them is to copy them from the schema and the question."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    names: set[str] = set()
+    while len(names) < count:
+        word = lambda: "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(2, 3)))  # noqa: E731
+        names.add(word() if rng.random() < 0.6 else word() + "_" + word())
+    return sorted(names)
+
+
 def rename_database(table: dict, items: list[tuple[str | None, "sqlglot.exp.Expression"]], pool: list[str],
                     rng: random.Random) -> tuple[dict, list[tuple[str | None, str]]]:
     """The same database with every table and column renamed, consistently in the schema, the queries
@@ -39,11 +50,14 @@ def rename_database(table: dict, items: list[tuple[str | None, "sqlglot.exp.Expr
 
     A small model trained on 140 schemas memorises them; renamed copies force it to read the
     identifiers from the schema in front of it and copy the ones the question names, which is
-    what unseen Spider dev databases need."""
+    what unseen Spider dev databases need. (With real identifiers alone, a 27M model learned to
+    guess identifiers of other training databases instead: 0.9% execution accuracy.)"""
     from sqlglot import exp
 
     names = {n.lower() for n in table["table_names_original"]} | {c.lower() for _, c in table["column_names_original"][1:]}
-    mapping = dict(zip(sorted(names), rng.sample(pool, len(names))))
+    # Half the copies take real identifiers of other databases, half made-up words.
+    new_names = rng.sample(pool, len(names)) if rng.random() < 0.5 else made_up_names(len(names), rng)
+    mapping = dict(zip(sorted(names), new_names))
     renamed = dict(table)
     renamed["table_names_original"] = [mapping[n.lower()] for n in table["table_names_original"]]
     renamed["column_names_original"] = [[i, c if i < 0 else mapping[c.lower()]] for i, c in table["column_names_original"]]
@@ -147,7 +161,7 @@ def main() -> int:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "proof")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps: checks the wiring on a CPU.")
-    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--pretrain_steps", type=int, default=4000)
     parser.add_argument("--pretrain_batch_size", type=int, default=32, help="512-token rows per pretraining step.")
     parser.add_argument("--renamed_copies", type=int, default=96, help="Renamed copies of each training database.")
     parser.add_argument("--sft_formats", default="sql-create-context,spider",
