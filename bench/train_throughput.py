@@ -64,14 +64,14 @@ CONFIGS = [
          env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
     dict(name="sft-mb16-compile", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300),
     # flex_attention on top of the other levers: checkpointing (small cards), bigger micro-batches (its cost grows
-    # linearly with packed rows, SDPA's quadratically), torch.compile of the whole model.
-    *[dict(cfg, attn="flex_attention", heavy=True, loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0})
+    # linearly with packed rows, SDPA's quadratically), DDP over 2 GPUs (one 4-bit copy per GPU, micro-batch 16 on
+    # each: against sft-mb16-flex on one), torch.compile of the whole model. Loss reference: sft-mb16-flex.
+    *[dict(cfg, attn="flex_attention", heavy=True, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0})
       for cfg in (dict(name="sft-mb16-flex-ckpt", path="sft", mb=16, ckpt=True, timeout=240),
+                  dict(name="sft-mb16-flex-2gpu", path="sft", mb=16, ckpt=False, procs=2, timeout=300),
                   dict(name="sft-mb32-flex", path="sft", mb=32, ckpt=False, timeout=240),
                   dict(name="small-card-mb4-flex-ckpt", path="sft", mb=4, ckpt=True, timeout=240, mem_limit_gib=15),
-                  dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420),
-                  # DDP, one 4-bit copy per GPU, micro-batch 16 on each: against sft-mb16-flex on one GPU.
-                  dict(name="sft-mb16-flex-2gpu", path="sft", mb=16, ckpt=False, procs=2, timeout=300))],
+                  dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420))],
 ]
 DEFAULT_TIMEOUT = 120
 
