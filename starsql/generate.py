@@ -137,34 +137,48 @@ class GreedyDecoder:
         self._position = torch.zeros((1,), dtype=torch.long, device=self.device)
         self._next = None
         self._graph = None
+        self._prepared = False
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        # Positions given explicitly: no cache-length lookup in the graph (transformers < 5.20 also
-        # places the new K/V by cache_position; later versions by the cache's own counter).
+        # Positions given explicitly: no cache-length lookup in the graph. The cache places the new
+        # K/V by its own on-device counter, which each call advances (also inside a replayed graph).
         out = self.model(input_ids=token, position_ids=position.view(1, 1), cache_position=position,
                          past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
-    def _capture(self):
-        # Compile and warm up off the graph (on a side stream, as CUDA graphs ask), then capture.
-        # The warm-up computes the very step that comes next, so the KV cache it writes is right.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        positions = torch.arange(input_ids.shape[-1], device=self.device)
+        out = self.model(input_ids=input_ids.to(self.device).view(1, -1), position_ids=positions.view(1, -1),
+                         cache_position=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _prepare(self):
+        """Compile and warm up the step (and capture it on a GPU) on a throwaway one-token prompt, then
+        empty the cache: warm-up steps write K/V and advance the cache's counter."""
+        self._token.copy_(self._prefill(torch.zeros((1, 1), dtype=torch.long)))
+        self._position.fill_(1)
+        if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step(self._token, self._position)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._next = self._step(self._token, self._position)
+        else:
             for _ in range(3):
                 self._step(self._token, self._position)
-        torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._next = self._step(self._token, self._position)
+        self.cache.reset()  # in place: the captured graph keeps pointing at the same memory
+        self._prepared = True
 
     def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self._token.copy_(token)
         self._position.fill_(position)
         if not self.use_graph:
             return self._step(self._token, self._position)
-        if self._graph is None:
-            self._capture()
         self._graph.replay()
         return self._next
 
@@ -177,11 +191,9 @@ class GreedyDecoder:
                 f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
                 f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
             )
-        self.cache.reset()
-        positions = torch.arange(length, device=self.device)
-        out = self.model(input_ids=input_ids.to(self.device).view(1, -1), position_ids=positions.view(1, -1),
-                         cache_position=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        if not self._prepared:
+            self._prepare()
+        token = self._prefill(input_ids)
         for index in range(max_new_tokens):
             value = int(token)
             yield value
