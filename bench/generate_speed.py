@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_compile", action="store_true", help="Leave out the torch.compile config.")
     parser.add_argument("--identity_prompts", type=int, default=8, help="Prompts whose greedy tokens are compared.")
     parser.add_argument("--skip_fp32", action="store_true", help="Leave out the fp32 token-identity check.")
+    parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
         args.model_dir = "/tmp/sc2-smoke-random"
@@ -196,8 +197,10 @@ def main(argv=None) -> int:
     single = prompt_batch(tokenizer, 1, args.prompt_tokens)
     batched = prompt_batch(tokenizer, args.batch, args.prompt_tokens)
     plain = record("bf16-merged", 1, guarded(lambda: measure(model, tokenizer, single, args, warmups=1)), **details)
-    concurrent = guarded(lambda: measure(model, tokenizer, batched, args, warmups=1))
-    record(f"bf16-merged-batch{args.batch}", args.batch, concurrent, left_padded=True, **details)
+    wanted = lambda name: not args.only or name in args.only.split(",")  # noqa: E731
+    if wanted(f"bf16-merged-batch{args.batch}"):
+        concurrent = guarded(lambda: measure(model, tokenizer, batched, args, warmups=1))
+        record(f"bf16-merged-batch{args.batch}", args.batch, concurrent, left_padded=True, **details)
 
     def static(compile_: bool) -> dict:
         from transformers import CompileConfig
@@ -216,9 +219,10 @@ def main(argv=None) -> int:
         return {**result, "compiled": graphs > 0, "identical_to_bf16_merged": mismatch is None,
                 "first_mismatch": mismatch}  # fmt: skip
 
-    record("bf16-merged-static", 1, guarded(lambda: static(False)), cache="static", **details)
-    if args.skip_compile:
-        record("bf16-merged-static-compile", 1, {"skipped": "--skip_compile"})
+    if wanted("bf16-merged-static"):
+        record("bf16-merged-static", 1, guarded(lambda: static(False)), cache="static", **details)
+    if args.skip_compile or not wanted("bf16-merged-static-compile"):
+        record("bf16-merged-static-compile", 1, {"skipped": "--skip_compile or not in --only"})
     elif torch.cuda.is_available() or args.compile_cpu:
         record("bf16-merged-static-compile", 1, guarded(lambda: static(True)), cache="static", **details)
     else:
@@ -265,12 +269,13 @@ def main(argv=None) -> int:
         mismatch = first_mismatch(new, plain.get("new_token_ids", []))
         return {"tokens_per_s": round(len(new) / seconds, 2), "per_stream_tokens_per_s": round(len(new) / seconds, 2),
                 "time_s": round(seconds, 3), "ttft_s": round(statistics.median(ttfts), 4), "times_s": [round(t, 3) for t in times],
-                "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new,
+                "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new, "cuda_graph": decoder._graph is not None,
                 "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
                 "identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
-    record("bf16-merged-graph", 1, guarded(graphed), cache="static", cuda_graph=torch.cuda.is_available(), **details)
+    if wanted("bf16-merged-graph"):
+        record("bf16-merged-graph", 1, guarded(graphed), cache="static", **details)
     del model
     free_memory()
 
@@ -282,11 +287,11 @@ def main(argv=None) -> int:
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
         decoder = GreedyDecoder(model32, max_length=args.prompt_tokens + args.new_tokens + 8)
         mismatches = [first_mismatch(a, b) for a, b in zip(decode_all(decoder, identity), plain_tokens(model32, identity))]
-        return {"dtype": "float32", "identity_prompts_identical": sum(m is None for m in mismatches),
+        return {"dtype": "float32", "cuda_graph": decoder._graph is not None, "identity_prompts_identical": sum(m is None for m in mismatches),
                 "identity_prompts": len(mismatches), "identity_first_mismatches": mismatches}  # fmt: skip
 
-    if not args.skip_fp32:
-        record("fp32-identity", 1, guarded(fp32_identity), cache="static", cuda_graph=torch.cuda.is_available())
+    if not args.skip_fp32 and wanted("fp32-identity"):
+        record("fp32-identity", 1, guarded(fp32_identity), cache="static")
 
     print()
     print(table(records, ["config", "batch", "tokens_per_s", "per_stream_tokens_per_s", "ratio_to_baseline", "ttft_s",

@@ -4,6 +4,7 @@ Used by the evaluation harness (batched, greedy) and the app (streamed). Both bu
 `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
+import warnings
 from collections.abc import Iterator
 from threading import Event, Lock, Thread
 
@@ -158,16 +159,22 @@ class GreedyDecoder:
         empty the cache: warm-up steps write K/V and advance the cache's counter."""
         self._token.copy_(self._prefill(torch.zeros((1, 1), dtype=torch.long)))
         self._position.fill_(1)
-        if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture
+        if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
                     self._step(self._token, self._position)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    self._next = self._step(self._token, self._position)
+                self._graph = graph
+            except RuntimeError as error:
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {str(error).splitlines()[0]}")
+                self.use_graph = False
             torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._next = self._step(self._token, self._position)
         else:
             for _ in range(3):
                 self._step(self._token, self._position)
