@@ -57,6 +57,9 @@ CONFIGS = [
     # flex_attention (block-sparse masks of the packed documents) refuses attention dropout, which StarCoder2-3B
     # trains with (0.1): measured without it, against SDPA without it.
     dict(name="sft-mb16-attndrop0", path="sft", mb=16, ckpt=False, **{"model.attention_dropout": 0.0}),
+    # DDP over 2 GPUs with SDPA (no compile step): against sft-mb16-attndrop0 on one GPU.
+    dict(name="sft-mb16-attndrop0-2gpu", path="sft", mb=16, ckpt=False, procs=2, loss_ref="sft-mb16-attndrop0",
+         timeout=240, **{"model.attention_dropout": 0.0}),
     dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
     # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.

@@ -125,6 +125,9 @@ class GreedyDecoder:
     def __init__(self, model, max_length: int = 1024, compile: bool | None = None):
         from transformers import StaticCache
 
+        window = getattr(model.config, "sliding_window", None)
+        if window and max_length > window:
+            raise ValueError(f"max_length {max_length} exceeds the model's sliding window ({window}); use at most {window}.")
         self.model = model
         self.device = model.device
         self.max_length = max_length
@@ -141,10 +144,13 @@ class GreedyDecoder:
         self._prepared = False
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        # Positions given explicitly: no cache-length lookup in the graph. The cache places the new
-        # K/V by its own on-device counter, which each call advances (also inside a replayed graph).
-        out = self.model(input_ids=token, position_ids=position.view(1, 1), cache_position=position,
-                         past_key_values=self.cache, use_cache=True)
+        # Position and mask are computed here from the `position` tensor: transformers would derive
+        # the mask from a Python-int copy of the cache length, which torch.compile then specialises
+        # on (a recompile every token). The cache places the new K/V by its own on-device counter.
+        visible = torch.arange(self.max_length, device=position.device) <= position
+        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype).view(1, 1, 1, -1)
+        out = self.model(input_ids=token, attention_mask=mask, position_ids=position.view(1, 1),
+                         cache_position=position, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,11 @@ def chaotic(tiny_model_path):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
 def test_decoder_tokens_identical_to_plain_generate(chaotic, compiled):
+    import torch._dynamo
+
     model, tokenizer = chaotic
     decoder = GreedyDecoder(model, max_length=512, compile=compiled)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     seen = set()
     for prompt in PROMPTS * 2:  # twice: the cache is reset between requests
         expected = plain_greedy(model, tokenizer, prompt, 48)
@@ -91,6 +94,8 @@ def test_decoder_tokens_identical_to_plain_generate(chaotic, compiled):
         assert got == expected
         seen.add(tuple(got))
     assert len(seen) == len(PROMPTS)  # the prompts lead to different outputs: a stale cache would show
+    # One compiled graph for every step of every request: a recompile per position would be unusable.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == (1 if compiled else 0)
 
 
 def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
