@@ -145,11 +145,12 @@ def emit(record: dict, out: str | None):
             f.write(line + "\n")
 
 
-def run_child(argv: list[str], log_path: Path, timeout: float) -> tuple[int | None, str]:
+def run_child(argv: list[str], log_path: Path, timeout: float, env: dict | None = None) -> tuple[int | None, str]:
     """Run a command with its output in `log_path`; (exit code or None on timeout, last lines of the log)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                   env={**os.environ, **(env or {})})
         try:
             code = process.wait(timeout=max(1, timeout))
         except subprocess.TimeoutExpired:

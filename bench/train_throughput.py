@@ -362,7 +362,10 @@ def execute(cfg: dict, args, timeout: float) -> dict:
                      "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     argv += ["--model_dir", args.model_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     argv += ["--smoke"] * args.smoke
-    code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout)
+    # Exactly the GPUs the config uses: one process that sees two would be wrapped in nn.DataParallel.
+    visible = {} if "CUDA_VISIBLE_DEVICES" in os.environ or args.smoke else \
+        {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(cfg.get("procs", 1))))}
+    code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout, env=visible)
     if result_file.stat().st_size:
         return json.loads(result_file.read_text())
     return {"error": f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}", "log_tail": tail}
