@@ -44,19 +44,20 @@ def made_up_names(count: int, rng: random.Random) -> list[str]:
 
 
 def rename_database(table: dict, items: list[tuple[str | None, "sqlglot.exp.Expression"]], pool: list[str],
-                    rng: random.Random) -> tuple[dict, list[tuple[str | None, str]]]:
+                    rng: random.Random, made_up_fraction: float = 0.0) -> tuple[dict, list[tuple[str | None, str]]]:
     """The same database with every table and column renamed, consistently in the schema, the queries
     and the questions' words for them ("singers" -> "vehicles" when `singer` becomes `vehicle`).
 
     A small model trained on 140 schemas memorises them; renamed copies force it to read the
     identifiers from the schema in front of it and copy the ones the question names, which is
-    what unseen Spider dev databases need. (With real identifiers alone, a 27M model learned to
-    guess identifiers of other training databases instead: 0.9% execution accuracy.)"""
+    what unseen Spider dev databases need. (Made-up names, meant to leave copying as the only way
+    to predict them, did worse than real ones: BENCHMARKS.md.)"""
     from sqlglot import exp
 
     names = {n.lower() for n in table["table_names_original"]} | {c.lower() for _, c in table["column_names_original"][1:]}
-    # Half the copies take real identifiers of other databases, half made-up words.
-    new_names = rng.sample(pool, len(names)) if rng.random() < 0.5 else made_up_names(len(names), rng)
+    # Real identifiers of other databases, or (a `made_up_fraction` of the copies) made-up words.
+    made_up = made_up_fraction > 0 and rng.random() < made_up_fraction  # no draw at 0: same corpus as before
+    new_names = made_up_names(len(names), rng) if made_up else rng.sample(pool, len(names))
     mapping = dict(zip(sorted(names), new_names))
     renamed = dict(table)
     renamed["table_names_original"] = [mapping[n.lower()] for n in table["table_names_original"]]
@@ -82,7 +83,7 @@ def render_items(items: list[tuple[str | None, str]]) -> str:
     return "\n".join(sql if question is None else f"/* {question} */\n{sql}" for question, sql in items)
 
 
-def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0) -> Path:
+def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0, made_up_fraction: float = 0.0) -> Path:
     """Documents of Spider's training databases: the schema, then queries on it, some with the
     question they answer as a comment. Each database appears with its own names (queries only) and
     in `renamed_copies` renamed copies (queries and questions). Nothing from Spider dev."""
@@ -117,7 +118,7 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: 
                 sample = rng.sample(queries[db_id], min(4, len(queries[db_id])))
                 sample += rng.sample(questions[db_id], min(8, len(questions[db_id])))
                 rng.shuffle(sample)
-                table, items = rename_database(tables[db_id], sample, pool, rng)
+                table, items = rename_database(tables[db_id], sample, pool, rng, made_up_fraction)
             docs.append({"content": spider_create_tables(table) + "\n\n" + render_items(items)})
     rng.shuffle(docs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +162,11 @@ def main() -> int:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "proof")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps: checks the wiring on a CPU.")
-    parser.add_argument("--pretrain_steps", type=int, default=4000)
+    parser.add_argument("--pretrain_steps", type=int, default=3000)
     parser.add_argument("--pretrain_batch_size", type=int, default=32, help="512-token rows per pretraining step.")
     parser.add_argument("--renamed_copies", type=int, default=96, help="Renamed copies of each training database.")
+    parser.add_argument("--made_up_fraction", type=float, default=0.0,
+                        help="Share of renamed copies that use made-up words instead of real identifiers.")
     parser.add_argument("--sft_formats", default="sql-create-context,spider",
                         help="Schemas the fine-tuning rows carry: sql-create-context's (the tables the answer uses) "
                              "and/or spider (the full schema from tables.json, as Spider dev is scored).")
@@ -176,7 +179,8 @@ def main() -> int:
     limit = ["--eval_limit", "12"] if args.smoke else []
 
     init = build_base(args.shared, args.out / "init", args.smoke)
-    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies)
+    corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies,
+                                made_up_fraction=args.made_up_fraction)
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
