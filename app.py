@@ -77,13 +77,17 @@ if ZERO_GPU:
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# On a dedicated GPU, greedy answers replay a captured CUDA graph (3x plain generate, BENCHMARKS.md).
+# On a dedicated GPU, greedy answers replay a captured CUDA graph (7.6x plain generate on an H200, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
 if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
         and os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")):
-    DECODER = GreedyDecoder(MODEL, max_length=DECODER_TOKENS)
-    DECODER.warm_up(TOKENIZER)
+    try:
+        DECODER = GreedyDecoder(MODEL, max_length=min(DECODER_TOKENS, getattr(MODEL.config, "sliding_window", None) or DECODER_TOKENS))
+        DECODER.warm_up(TOKENIZER)
+    except Exception as error:  # noqa: BLE001 -- a model torch.compile cannot take still serves, via generate()
+        print(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", flush=True)
+        DECODER = None
 
 
 def gpu(duration: int):

@@ -117,7 +117,7 @@ class GreedyDecoder:
     and replayed as one CUDA graph.
 
     For a 3B model on a fast GPU, `generate()` spends most of each token launching ~900 small
-    kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md: 3x plain
+    kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md: 7.6x plain
     generate on an H200). Greedy only, one stream at a time: callers hold `lock`. The graph is
     captured by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph
     trees are per thread, and Gradio calls from a different worker thread each time."""
