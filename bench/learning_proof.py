@@ -36,10 +36,13 @@ def made_up_names(count: int, rng: random.Random) -> list[str]:
     """`count` distinct pronounceable non-words ("dobeka", "rilo_vantu"): names the model cannot have
     memorised, so the only way to predict them is to copy them from the schema and the question."""
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    keywords = {k.lower() for k in sqlglot.tokens.Tokenizer.KEYWORDS}
     names: set[str] = set()
     while len(names) < count:
         word = lambda: "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(2, 3)))  # noqa: E731
-        names.add(word() if rng.random() < 0.6 else word() + "_" + word())
+        name = word() if rng.random() < 0.6 else word() + "_" + word()
+        if name not in keywords:  # an unquoted identifier must not be SQL
+            names.add(name)
     return sorted(names)
 
 

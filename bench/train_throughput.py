@@ -336,8 +336,8 @@ def static_status(cfg: dict, args) -> dict | None:
             return {"unsupported": f"liger_kernel {version} has no starcoder2 patch (apply_liger_kernel_to_starcoder2)"}
         if not torch.cuda.is_available():
             return {"skipped": "Liger's Triton kernels need a GPU"}
-    if cfg.get("procs", 1) > max(_gpu_count(), 1 if args.smoke else 0):
-        return {"skipped": f"needs {cfg['procs']} GPUs, this machine has {_gpu_count()}"}
+    if cfg.get("procs", 1) > max(len(_visible_gpus()), 1 if args.smoke else 0):
+        return {"skipped": f"needs {cfg['procs']} GPUs, {len(_visible_gpus())} visible"}
     if cfg.get("heavy") and args.smoke and cfg["name"] not in args.only_names:
         return {"skipped": "compiles kernels: slow on CPU (name it with --only to run it)"}
     return None
@@ -363,8 +363,7 @@ def execute(cfg: dict, args, timeout: float) -> dict:
     argv += ["--model_dir", args.model_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     argv += ["--smoke"] * args.smoke
     # Exactly the GPUs the config uses: one process that sees two would be wrapped in nn.DataParallel.
-    visible = {} if "CUDA_VISIBLE_DEVICES" in os.environ or args.smoke else \
-        {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(cfg.get("procs", 1))))}
+    visible = {} if args.smoke else {"CUDA_VISIBLE_DEVICES": ",".join(_visible_gpus()[: cfg.get("procs", 1)])}
     code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout, env=visible)
     if result_file.stat().st_size:
         return json.loads(result_file.read_text())
@@ -532,6 +531,14 @@ def _gpu_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this run may use: CUDA_VISIBLE_DEVICES when set, else all of them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device for device in listed.split(",") if device.strip()]
+    return [str(index) for index in range(_gpu_count())]
 
 
 def _card_without_cuda_context() -> str:

@@ -79,11 +79,13 @@ def chaotic(tiny_model_path):
     return model, tokenizer
 
 
+@pytest.mark.parametrize("window", [None, 4096], ids=["full-attention", "sliding-window"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
-def test_decoder_tokens_identical_to_plain_generate(chaotic, compiled):
+def test_decoder_tokens_identical_to_plain_generate(chaotic, compiled, window, monkeypatch):
     import torch._dynamo
 
     model, tokenizer = chaotic
+    monkeypatch.setattr(model.config, "sliding_window", window)  # StarCoder2-3B's is 4096
     decoder = GreedyDecoder(model, max_length=512, compile=compiled)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     seen = set()
@@ -129,9 +131,27 @@ def test_stream_falls_back_when_the_decoder_is_busy_or_too_short(tuned):
         *_, busy = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=decoder)
     short = GreedyDecoder(model, max_length=16, compile=False)  # prompt + answer do not fit
     *_, long_prompt = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=short)
-    assert busy == long_prompt == expected and not calls
+    assert not calls  # both went to generate(): a busy decoder and a prompt that does not fit it
+    assert busy == long_prompt == expected
     *_, free = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=32, decoder=decoder)
     assert free == expected and calls
+
+
+def test_closing_a_decoder_stream_early_frees_the_decoder(tuned):
+    # Gradio closes the generator on Stop or a disconnect: the next request must get the decoder.
+    model, tokenizer = tuned
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    stream = stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=64, decoder=decoder)
+    next(stream)
+    assert decoder.lock.locked()
+    stream.close()
+    assert not decoder.lock.locked()
+
+
+def test_decoder_yields_nothing_for_zero_new_tokens(tuned):
+    model, tokenizer = tuned
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert list(GreedyDecoder(model, max_length=512, compile=False).tokens(ids, 0)) == []
 
 
 def test_decoder_rejects_a_prompt_longer_than_its_cache(tuned):
