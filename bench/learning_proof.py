@@ -129,7 +129,7 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: 
     return out
 
 
-def build_base(shared: Path, out: Path, smoke: bool) -> Path:
+def build_base(shared: Path, out: Path, smoke: bool, hidden: int = 512, layers: int = 8) -> Path:
     """A fresh StarCoder2 (random init) and a BPE tokenizer trained on the SQL, schemas and questions."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -145,7 +145,7 @@ def build_base(shared: Path, out: Path, smoke: bool) -> Path:
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4) if smoke else \
-        dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8)
+        dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64)
     torch.manual_seed(0)
     config = Starcoder2Config(vocab_size=len(fast), num_key_value_heads=size["num_attention_heads"] // 2,
                               max_position_embeddings=2048, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id,
@@ -168,6 +168,8 @@ def main() -> int:
     parser.add_argument("--pretrain_steps", type=int, default=3000)
     parser.add_argument("--pretrain_batch_size", type=int, default=32, help="512-token rows per pretraining step.")
     parser.add_argument("--renamed_copies", type=int, default=96, help="Renamed copies of each training database.")
+    parser.add_argument("--hidden_size", type=int, default=512, help="Base model width (heads of 64); 768 is ~85M parameters.")
+    parser.add_argument("--num_layers", type=int, default=8, help="Base model depth.")
     parser.add_argument("--made_up_fraction", type=float, default=0.0,
                         help="Share of renamed copies that use made-up words instead of real identifiers.")
     parser.add_argument("--sft_formats", default="sql-create-context,spider",
@@ -181,7 +183,7 @@ def main() -> int:
     steps = 20 if args.smoke else args.pretrain_steps
     limit = ["--eval_limit", "12"] if args.smoke else []
 
-    init = build_base(args.shared, args.out / "init", args.smoke)
+    init = build_base(args.shared, args.out / "init", args.smoke, args.hidden_size, args.num_layers)
     corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies,
                                 made_up_fraction=args.made_up_fraction)
     code = train_sft.main([
