@@ -233,6 +233,8 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
     """Yield the generated text so far, token by token, until EOS or the end of the first statement.
     Closing the generator (Gradio does on Stop) stops the generation too, not just the stream.
     Greedy requests go through `decoder` when one is given and free; others use `generate()`."""
+    if max_new_tokens <= 0:
+        return
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     fits = decoder is not None and inputs["input_ids"].shape[-1] + max_new_tokens <= decoder.max_length
     if fits and temperature == 0 and decoder.lock.acquire(blocking=False):

@@ -60,6 +60,9 @@ class TrainingConfig(SFTConfig):
             has_cuda = torch.cuda.is_available()
             self.bf16 = has_cuda and torch.cuda.is_bf16_supported()
             self.fp16 = has_cuda and not self.bf16
+        if self.ddp_backend is None and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Several processes on CPUs: without a backend each would train alone and all would write.
+            self.ddp_backend = "gloo"
         super().__post_init__()
 
 

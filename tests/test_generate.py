@@ -148,10 +148,11 @@ def test_closing_a_decoder_stream_early_frees_the_decoder(tuned):
     assert not decoder.lock.locked()
 
 
-def test_decoder_yields_nothing_for_zero_new_tokens(tuned):
+def test_zero_new_tokens_yield_nothing_at_once(tuned):
     model, tokenizer = tuned
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert list(GreedyDecoder(model, max_length=512, compile=False).tokens(ids, 0)) == []
+    assert list(stream_sql(model, tokenizer, PROMPTS[0], max_new_tokens=0)) == []  # generate() would wait 300 s
 
 
 def test_decoder_rejects_a_prompt_longer_than_its_cache(tuned):
