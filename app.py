@@ -51,7 +51,7 @@ MODEL_CONCURRENCY = 2  # generations at once; the queue holds the rest
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
-DECODER_TOKENS = 4096  # prompt + answer the CUDA-graph decoder holds; longer ones use generate()
+DECODER_TOKENS = 4096  # prompt + answer the CUDA-graph decoder holds (at most the model's window); longer use generate()
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -83,8 +83,8 @@ DECODER = None
 if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
         and os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")):
     try:
-        DECODER = GreedyDecoder(MODEL, max_length=min(DECODER_TOKENS, getattr(MODEL.config, "sliding_window", None) or DECODER_TOKENS))
-        DECODER.warm_up(TOKENIZER)
+        DECODER = GreedyDecoder(MODEL, max_length=DECODER_TOKENS)
+        DECODER.warm_up()
     except Exception as error:  # noqa: BLE001 -- a model torch.compile cannot take still serves, via generate()
         print(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", flush=True)
         DECODER = None

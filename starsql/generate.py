@@ -126,16 +126,14 @@ class GreedyDecoder:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
-        window = getattr(model.config, "sliding_window", None)
-        if window and max_length > window:
-            raise ValueError(f"max_length {max_length} exceeds the model's sliding window ({window}); use at most {window}.")
+        # At most the model's sliding window (StarCoder2's 4096): longer requests use generate().
+        max_length = min(max_length, getattr(model.config, "sliding_window", None) or max_length)
         self.model = model
         self.device = model.device
         self.max_length = max_length
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        # Sliding-window layers (StarCoder2's 4096) branch on a Python-int length, which torch.compile
-        # specialises on: a recompile every token. The window is never reached (checked above), so
-        # plain static layers compute the same.
+        # Sliding-window layers branch on a Python-int length, which torch.compile specialises on: a
+        # recompile every token. The window is never reached here, so plain static layers compute the same.
         self.cache.layers = [StaticLayer(max_cache_len=max_length) for _ in self.cache.layers]
         self.lock = Lock()
         self.use_graph = self.device.type == "cuda"
@@ -221,11 +219,12 @@ class GreedyDecoder:
                 return
             token = self._decode(token, length + index)
 
-    def warm_up(self, tokenizer):
+    @torch.inference_mode()
+    def warm_up(self):
         """Compile and capture now (tens of seconds on a GPU), not during the first user's request."""
         with self.lock:
-            for _ in self.tokens(tokenizer("SELECT", return_tensors="pt")["input_ids"], max_new_tokens=4):
-                pass
+            if not self._prepared:
+                self._prepare()
 
 
 def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,

@@ -160,3 +160,14 @@ def test_decoder_rejects_a_prompt_longer_than_its_cache(tuned):
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="max_length"):
         next(GreedyDecoder(model, max_length=16, compile=False).tokens(ids, 8))
+
+
+def test_warm_up_prepares_once_and_the_next_request_is_unchanged(chaotic, monkeypatch):
+    model, tokenizer = chaotic
+    monkeypatch.setattr(model.config, "sliding_window", 4096)
+    decoder = GreedyDecoder(model, max_length=8192, compile=False)
+    assert decoder.max_length == 4096  # never past the model's window: longer requests use generate()
+    decoder.warm_up()
+    assert decoder._prepared and not decoder.lock.locked()
+    ids = tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert list(decoder.tokens(ids, 32, tokenizer.eos_token_id)) == plain_greedy(model, tokenizer, PROMPTS[1], 32)
