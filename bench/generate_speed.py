@@ -15,7 +15,13 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
   compiled and captured as one CUDA graph, argmax inside it. Its tokens are compared with plain generate on
   the timed prompt and on --identity_prompts more prompts, in bf16 and (fp32-identity) with fp32 weights,
   where kernel rounding differences are ~2^16 times smaller: a logic bug would show there too, a rounding
-  tie would not.
+  tie would not. It runs with the app's settings (--app_decoder_tokens 4096: caches of 512, 1024, 2048 and
+  4096 positions, the shortest that holds the request is used).
+- bf16-merged-graph-4096: the same decoder with one 4,096-position cache (the app before cache lengths).
+- bf16-merged-graph-cdt / -autotune: one cache that just fits, compiled with Inductor's coordinate-descent
+  tuning, and with max-autotune matmul templates as well.
+- app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
+  --app_concurrency (app.py's MODEL_CONCURRENCY) running: aggregate tokens/s and request latency.
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
 first new token (prefill + 1 token), taken in the same calls.
 """
@@ -154,6 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_compile", action="store_true", help="Leave out the torch.compile config.")
     parser.add_argument("--identity_prompts", type=int, default=8, help="Prompts whose greedy tokens are compared.")
     parser.add_argument("--skip_fp32", action="store_true", help="Leave out the fp32 token-identity check.")
+    parser.add_argument("--app_decoder_tokens", type=int, default=4096, help="app.py's DECODER_TOKENS.")
+    parser.add_argument("--concurrent", type=int, default=16, help="Requests sent at once to the app's streaming path.")
+    parser.add_argument("--app_concurrency", type=int, default=2, help="app.py's MODEL_CONCURRENCY.")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -250,12 +259,12 @@ def main(argv=None) -> int:
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
-    def graphed() -> dict:
+    def graphed(max_length: int, lengths=(512, 1024, 2048), compile_options=None, check_identity=True) -> dict:
         from starsql.generate import GreedyDecoder
 
-        decoder = GreedyDecoder(model, max_length=args.prompt_tokens + args.new_tokens + 8)
+        decoder = GreedyDecoder(model, max_length=max_length, lengths=lengths, compile_options=compile_options)
         compiled = time.perf_counter()
-        decoder.warm_up()  # compiles and captures, as the app does at start-up
+        decoder.warm_up()  # compiles and captures every cache length, as the app does at start-up
         compile_s = time.perf_counter() - compiled
         times, ttfts = [], []
         for _ in range(args.repeats + 1):
@@ -270,14 +279,71 @@ def main(argv=None) -> int:
         times, ttfts = times[1:], ttfts[1:]  # the first run after capture is a warm-up
         seconds = statistics.median(times)
         mismatch = first_mismatch(new, plain.get("new_token_ids", []))
+        used = next(s.length for s in decoder.caches if single[0].shape[1] + args.new_tokens <= s.length)
         return {"tokens_per_s": round(len(new) / seconds, 2), "per_stream_tokens_per_s": round(len(new) / seconds, 2),
                 "time_s": round(seconds, 3), "ttft_s": round(statistics.median(ttfts), 4), "times_s": [round(t, 3) for t in times],
-                "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new, "cuda_graph": decoder._graph is not None,
-                "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
-                **identity_report(decoder, model)}  # fmt: skip
+                "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new,
+                "cuda_graph": all(s.graph is not None for s in decoder.caches) and decoder.use_graph,
+                "cache_lengths": [s.length for s in decoder.caches], "cache_length_used": used,
+                "compile_options": compile_options, "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
+                **(identity_report(decoder, model) if check_identity else {})}  # fmt: skip
 
-    if wanted("bf16-merged-graph"):
-        record("bf16-merged-graph", 1, guarded(graphed), cache="static", **details)
+    short = args.prompt_tokens + args.new_tokens + 8
+    graph_configs = {
+        # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
+        "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
+        # The app before cache lengths: every token attends over a 4,096-position cache.
+        "bf16-merged-graph-4096": lambda: graphed(args.app_decoder_tokens, lengths=(), check_identity=False),
+        # Inductor tuning on a cache that just fits: coordinate descent over the Triton kernels' block
+        # sizes, and also autotuned matmul templates (M=1 GEMVs) against cuBLAS.
+        "bf16-merged-graph-cdt": lambda: graphed(short, lengths=(), compile_options={"coordinate_descent_tuning": True},
+                                                 check_identity=False),
+        "bf16-merged-graph-autotune": lambda: graphed(short, lengths=(), check_identity=False,
+                                                      compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),
+    }
+    for name, run in graph_configs.items():
+        if wanted(name):
+            record(name, 1, guarded(run), cache="static", **details)
+
+    def app_concurrent() -> dict:
+        """`--concurrent` requests at once through the app's streaming path (stream_sql with the
+        decoder), at most `--app_concurrency` running (app.py's MODEL_CONCURRENCY): one holds the
+        decoder, the others use generate(). Each runs to exactly new_tokens (statement ends ignored)."""
+        from concurrent.futures import ThreadPoolExecutor
+        from threading import Semaphore
+
+        import starsql.generate as gen
+
+        decoder = gen.GreedyDecoder(model, max_length=args.app_decoder_tokens)
+        decoder.warm_up()
+        gate = Semaphore(args.app_concurrency)
+        prompt = tokenizer.decode(single[0][0])
+        finished = gen.statement_finished
+        gen.statement_finished = lambda text: False  # random weights: run every request to new_tokens
+
+        def request(_):
+            with gate:
+                start = time.perf_counter()
+                chunks = sum(1 for _ in gen.stream_sql(model, tokenizer, prompt, max_new_tokens=args.new_tokens, decoder=decoder))
+                return time.perf_counter() - start, chunks
+
+        try:
+            request(0)  # warm-up of both paths' first call
+            sync()
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrent) as pool:
+                results = list(pool.map(request, range(args.concurrent)))
+            wall = time.perf_counter() - start
+        finally:
+            gen.statement_finished = finished
+        latencies = sorted(t for t, _ in results)
+        return {"tokens_per_s": round(args.concurrent * args.new_tokens / wall, 2), "wall_s": round(wall, 2),
+                "per_stream_tokens_per_s": round(args.new_tokens / statistics.median(latencies), 2),
+                "request_latency_median_s": round(statistics.median(latencies), 2), "request_latency_max_s": round(latencies[-1], 2),
+                "app_concurrency": args.app_concurrency, "chunks_streamed": sum(c for _, c in results)}  # fmt: skip
+
+    if wanted(f"app-concurrent{args.concurrent}"):
+        record(f"app-concurrent{args.concurrent}", args.concurrent, guarded(app_concurrent), **details)
     del model
     free_memory()
 
@@ -288,7 +354,8 @@ def main(argv=None) -> int:
 
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
         decoder = GreedyDecoder(model32, max_length=args.prompt_tokens + args.new_tokens + 8)
-        return {"dtype": "float32", "cuda_graph": decoder._graph is not None, **identity_report(decoder, model32)}
+        report = identity_report(decoder, model32)
+        return {"dtype": "float32", "cuda_graph": decoder.caches[0].graph is not None and decoder.use_graph, **report}
 
     if not args.skip_fp32 and wanted("fp32-identity"):
         record("fp32-identity", 1, guarded(fp32_identity), cache="static")

@@ -112,91 +112,104 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _CacheGraph:
+    """One static KV cache of `length` positions, with the fixed inputs, output and CUDA graph of the
+    one-token step over it."""
+
+    def __init__(self, model, length: int):
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        self.length = length
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        # Sliding-window layers branch on a Python-int length, which torch.compile specialises on: a
+        # recompile every token. The window is never reached here, so plain static layers compute the same.
+        self.cache.layers = [StaticLayer(max_cache_len=length) for _ in self.cache.layers]
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        self.position = torch.zeros((1,), dtype=torch.long, device=model.device)
+        self.next = None
+        self.graph = None
+        self.prepared = False
+
+
 class GreedyDecoder:
     """Greedy decoding of one stream with a static KV cache; on a GPU the one-token step is compiled
     and replayed as one CUDA graph.
 
     For a 3B model on a fast GPU, `generate()` spends most of each token launching ~900 small
-    kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md: 265
-    tokens/s for StarCoder2-3B on an H200, 5-8x plain generate). Greedy only, one stream at a time: callers hold `lock`. The graph is
-    captured by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph
-    trees are per thread, and Gradio calls from a different worker thread each time."""
+    kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md). Each token
+    attends over the whole static cache, so the decoder keeps caches of several `lengths` and uses
+    the shortest that holds the request. Greedy only, one stream at a time: callers hold `lock`.
+    The graphs are captured by hand rather than with torch.compile's "reduce-overhead" mode, whose
+    CUDA graph trees are per thread, and Gradio calls from a different worker thread each time."""
 
-    def __init__(self, model, max_length: int = 1024, compile: bool | None = None):
-        from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
-
+    def __init__(self, model, max_length: int = 1024, compile: bool | None = None,
+                 lengths: tuple[int, ...] = (512, 1024, 2048), compile_options: dict | None = None):
         # At most the model's sliding window (StarCoder2's 4096): longer requests use generate().
         max_length = min(max_length, getattr(model.config, "sliding_window", None) or max_length)
         self.model = model
         self.device = model.device
         self.max_length = max_length
-        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        # Sliding-window layers branch on a Python-int length, which torch.compile specialises on: a
-        # recompile every token. The window is never reached here, so plain static layers compute the same.
-        self.cache.layers = [StaticLayer(max_cache_len=max_length) for _ in self.cache.layers]
+        self.caches = [_CacheGraph(model, n) for n in sorted({n for n in lengths if n < max_length} | {max_length})]
         self.lock = Lock()
         self.use_graph = self.device.type == "cuda"
         compile = self.use_graph if compile is None else compile
-        self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False) if compile else self._forward_step
-        # The graph's fixed inputs and output: each step copies into these, then replays.
-        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self._position = torch.zeros((1,), dtype=torch.long, device=self.device)
-        self._next = None
-        self._graph = None
-        self._prepared = False
+        # One compiled graph per cache length (dynamic=False): shapes fixed, nothing recompiles per token.
+        self._step = (torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=compile_options)
+                      if compile else self._forward_step)
 
-    def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _forward_step(self, token: torch.Tensor, position: torch.Tensor, cache, length: int) -> torch.Tensor:
         # Position and mask are computed here from the `position` tensor: transformers would derive
         # the mask from a Python-int copy of the cache length, which torch.compile then specialises
         # on (a recompile every token). The cache places the new K/V by its own on-device counter.
-        visible = torch.arange(self.max_length, device=position.device) <= position
+        visible = torch.arange(length, device=position.device) <= position
         mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype).view(1, 1, 1, -1)
         out = self.model(input_ids=token, attention_mask=mask, position_ids=position.view(1, 1),
-                         cache_position=position, past_key_values=self.cache, use_cache=True)
+                         cache_position=position, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
-    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.cache.reset()
+    def _prefill(self, slot: _CacheGraph, input_ids: torch.Tensor) -> torch.Tensor:
+        slot.cache.reset()
         positions = torch.arange(input_ids.shape[-1], device=self.device)
         out = self.model(input_ids=input_ids.to(self.device).view(1, -1), position_ids=positions.view(1, -1),
-                         cache_position=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         cache_position=positions, past_key_values=slot.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def _prepare(self):
+    def _prepare(self, slot: _CacheGraph):
         """Compile and warm up the step (and capture it on a GPU) on a throwaway one-token prompt, then
         empty the cache: warm-up steps write K/V and advance the cache's counter."""
-        self._token.copy_(self._prefill(torch.zeros((1, 1), dtype=torch.long)))
-        self._position.fill_(1)
+        slot.token.copy_(self._prefill(slot, torch.zeros((1, 1), dtype=torch.long)))
+        slot.position.fill_(1)
+        step = lambda: self._step(slot.token, slot.position, slot.cache, slot.length)  # noqa: E731
         if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._step(self._token, self._position)
+                    step()
             graph = torch.cuda.CUDAGraph()
             try:
                 # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
                 with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    self._next = self._step(self._token, self._position)
-                self._graph = graph
+                    slot.next = step()
+                slot.graph = graph
             except RuntimeError as error:
                 warnings.warn(f"CUDA graph capture failed, decoding without it: {str(error).splitlines()[0]}")
                 self.use_graph = False
             torch.cuda.current_stream().wait_stream(side)
         else:
             for _ in range(3):
-                self._step(self._token, self._position)
-        self.cache.reset()  # in place: the captured graph keeps pointing at the same memory
-        self._prepared = True
+                step()
+        slot.cache.reset()  # in place: the captured graph keeps pointing at the same memory
+        slot.prepared = True
 
-    def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        self._token.copy_(token)
-        self._position.fill_(position)
-        if not self.use_graph:
-            return self._step(self._token, self._position)
-        self._graph.replay()
-        return self._next
+    def _decode(self, slot: _CacheGraph, token: torch.Tensor, position: int) -> torch.Tensor:
+        slot.token.copy_(token)
+        slot.position.fill_(position)
+        if slot.graph is None or not self.use_graph:
+            return self._step(slot.token, slot.position, slot.cache, slot.length)
+        slot.graph.replay()
+        return slot.next
 
     @torch.inference_mode()
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
@@ -209,22 +222,25 @@ class GreedyDecoder:
             )
         if max_new_tokens <= 0:
             return
-        if not self._prepared:
-            self._prepare()
-        token = self._prefill(input_ids)
+        slot = next(s for s in self.caches if length + max_new_tokens <= s.length)
+        if not slot.prepared:
+            self._prepare(slot)
+        token = self._prefill(slot, input_ids)
         for index in range(max_new_tokens):
             value = int(token)
             yield value
             if value == eos_token_id or index == max_new_tokens - 1:
                 return
-            token = self._decode(token, length + index)
+            token = self._decode(slot, token, length + index)
 
     @torch.inference_mode()
     def warm_up(self):
-        """Compile and capture now (tens of seconds on a GPU), not during the first user's request."""
+        """Compile and capture every cache length now (tens of seconds each on a GPU), not during
+        users' requests."""
         with self.lock:
-            if not self._prepared:
-                self._prepare()
+            for slot in self.caches:
+                if not slot.prepared:
+                    self._prepare(slot)
 
 
 def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,

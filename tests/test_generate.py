@@ -105,7 +105,7 @@ def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
     model, tokenizer = chaotic
     decoder = GreedyDecoder(model, max_length=512, compile=False)
     decode = decoder._decode
-    decoder._decode = lambda token, position: decode(token, position + 1)
+    decoder._decode = lambda slot, token, position: decode(slot, token, position + 1)
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert list(decoder.tokens(ids, 48, tokenizer.eos_token_id)) != plain_greedy(model, tokenizer, PROMPTS[0], 48)
 
@@ -168,6 +168,28 @@ def test_warm_up_prepares_once_and_the_next_request_is_unchanged(chaotic, monkey
     decoder = GreedyDecoder(model, max_length=8192, compile=False)
     assert decoder.max_length == 4096  # never past the model's window: longer requests use generate()
     decoder.warm_up()
-    assert decoder._prepared and not decoder.lock.locked()
+    assert [slot.length for slot in decoder.caches] == [512, 1024, 2048, 4096]
+    assert all(slot.prepared for slot in decoder.caches) and not decoder.lock.locked()
     ids = tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert list(decoder.tokens(ids, 32, tokenizer.eos_token_id)) == plain_greedy(model, tokenizer, PROMPTS[1], 32)
+
+
+def test_short_requests_use_the_short_cache_and_all_match_plain_generate(chaotic):
+    # Every token attends over the whole static cache: a 300-token request must not pay for 4,096.
+    import torch._dynamo
+
+    model, tokenizer = chaotic
+    decoder = GreedyDecoder(model, max_length=200, compile=True, lengths=(48,))
+    assert [slot.length for slot in decoder.caches] == [48, 200]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ids = tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    fits = 48 - ids.shape[1]
+    assert 0 < fits < 40, "the test needs a prompt that leaves room in the short cache"
+    short = list(decoder.tokens(ids, fits, tokenizer.eos_token_id))
+    assert decoder.caches[0].prepared and not decoder.caches[1].prepared
+    long = list(decoder.tokens(ids, 40, tokenizer.eos_token_id))  # does not fit 48 positions: the 200 cache
+    assert decoder.caches[1].prepared
+    expected = plain_greedy(model, tokenizer, PROMPTS[1], 40)
+    assert long == expected and short == expected[:fits]
+    assert list(decoder.tokens(ids, fits, tokenizer.eos_token_id)) == short  # back to the short one
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # one per length, no more
