@@ -74,7 +74,11 @@ CONFIGS = [
                   dict(name="sft-mb16-flex-2gpu", path="sft", mb=16, ckpt=False, procs=2, timeout=300),
                   dict(name="sft-mb32-flex", path="sft", mb=32, ckpt=False, timeout=240),
                   dict(name="small-card-mb4-flex-ckpt", path="sft", mb=4, ckpt=True, timeout=240, mem_limit_gib=15),
-                  dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420))],
+                  dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420),
+                  # No autocast: the 4-bit base computes in bf16 and TRL keeps QLoRA's LoRA weights in bf16, yet
+                  # bf16=True autocasts LayerNorm to fp32, so the residual stream, dropouts and adds ran in fp32
+                  # and every linear cast its input back (the profile of sft-mb16-flex).
+                  dict(name="sft-mb16-flex-pure-bf16", path="sft", mb=16, ckpt=False, timeout=240, **{"args.bf16": False}))],
 ]
 DEFAULT_TIMEOUT = 120
 
