@@ -7,6 +7,8 @@ Spider's *training* SQL and schemas. Then `train_sft.py --config configs/starcod
 (QLoRA, packed 512, completion-only loss) on the 3,961 sql-create-context rows from Spider's
 training databases, contamination-filtered against Spider dev, and `--eval_spider` scores base vs
 adapter. A bug in masking, packing, EOS, the prompt or SQL extraction shows up as no gain.
+`--heldout` rows of sql-create-context (new questions on the training databases) stay out of both
+pretraining and fine-tuning and are scored schema-only (exact match, SQL that compiles), base vs adapter.
 
     python bench/learning_proof.py --shared ../shared --out runs/proof            # GPU, ~8 min on an H100
     python bench/learning_proof.py --shared ../shared --out runs/proof-smoke --smoke   # CPU, wiring only
@@ -86,10 +88,19 @@ def render_items(items: list[tuple[str | None, str]]) -> str:
     return "\n".join(sql if question is None else f"/* {question} */\n{sql}" for question, sql in items)
 
 
-def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0, made_up_fraction: float = 0.0) -> Path:
+def sql_key(tree) -> str:
+    """One spelling per query (quotes, case, spaces), to find a held-out answer among the training SQL."""
+    return " ".join(tree.sql(dialect="sqlite").lower().split())
+
+
+def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0, made_up_fraction: float = 0.0,
+                       heldout: list[dict] = ()) -> Path:
     """Documents of Spider's training databases: the schema, then queries on it, some with the
     question they answer as a comment. Each database appears with its own names (queries only) and
-    in `renamed_copies` renamed copies (queries and questions). Nothing from Spider dev."""
+    in `renamed_copies` renamed copies (queries and questions). Nothing from Spider dev, and neither
+    the questions nor the SQL of the `heldout` rows."""
+    held_questions = {(row["db_id"], row["question"]) for row in heldout}
+    held_sql = {sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) for row in heldout}
     dev_dbs = {e["db_id"] for e in json.loads((shared / "spider_dev" / "dev.json").read_text())}
     tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
     queries, questions = defaultdict(list), defaultdict(list)
@@ -97,15 +108,19 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: 
         sql, db_id = line.rsplit("\t", 1)
         if db_id not in dev_dbs:
             try:
-                queries[db_id].append((None, sqlglot.parse_one(sql, read="sqlite")))
+                tree = sqlglot.parse_one(sql, read="sqlite")
             except sqlglot.errors.ParseError:
-                pass
+                continue
+            if sql_key(tree) not in held_sql:
+                queries[db_id].append((None, tree))
     for row in json.loads((shared / "sql_create_context_spider" / "train.json").read_text()):
-        if row["db_id"] not in dev_dbs:
+        if row["db_id"] not in dev_dbs and (row["db_id"], row["question"]) not in held_questions:
             try:
-                questions[row["db_id"]].append((" ".join(row["question"].split()), sqlglot.parse_one(row["answer"], read="sqlite")))
+                tree = sqlglot.parse_one(row["answer"], read="sqlite")
             except sqlglot.errors.ParseError:
-                pass
+                continue
+            if sql_key(tree) not in held_sql:
+                questions[row["db_id"]].append((" ".join(row["question"].split()), tree))
     keywords = {k.lower() for k in sqlglot.tokens.Tokenizer.KEYWORDS}
     pool = sorted({n for db_id in queries for n in tables[db_id]["table_names_original"]}
                   | {c for db_id in queries for _, c in tables[db_id]["column_names_original"][1:]})
@@ -127,6 +142,31 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return out
+
+
+def split_heldout(shared: Path, out: Path, count: int, seed: int = 0) -> tuple[Path, Path, list[dict]]:
+    """Hold out `count` sql-create-context rows: new questions on the training databases. Fine-tuning
+    and pretraining never see them (nor their SQL); the schema-only harness scores them by exact match
+    and by whether the SQL compiles against the schema. Unlike Spider dev, the databases are familiar,
+    so a pipeline that learns shows it here even when a small model cannot yet generalise to new ones.
+    Returns (training rows file, held-out file with the full schemas Spider dev is prompted with, held-out rows)."""
+    rows = json.loads((shared / "sql_create_context_spider" / "train.json").read_text())
+    tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
+    picked = set(random.Random(seed).sample(range(len(rows)), count)) if count else set()
+    heldout = [rows[i] for i in sorted(picked)]
+    held_sql = {sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) for row in heldout}
+    # Paraphrases of a held-out question share its SQL: they leave the training rows too.
+    train = [row for i, row in enumerate(rows) if i not in picked
+             and sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) not in held_sql]
+    out.mkdir(parents=True, exist_ok=True)
+    train_file, heldout_file = out / "sft_train.json", out / "heldout_full_schema.jsonl"
+    train_file.write_text(json.dumps(train))
+    heldout_file.write_text("".join(json.dumps({"question": row["question"], "answer": row["answer"],
+                                                "context": spider_create_tables(tables[row["db_id"]])}) + "\n"
+                                    for row in heldout))  # fmt: skip
+    print(f"Held out {len(heldout)} rows (and {len(rows) - len(heldout) - len(train)} paraphrases of them); "
+          f"fine-tuning on {len(train)}")
+    return train_file, heldout_file, heldout
 
 
 def build_base(shared: Path, out: Path, smoke: bool, hidden: int = 512, layers: int = 8) -> Path:
@@ -176,6 +216,8 @@ def main() -> int:
                         help="Schemas the fine-tuning rows carry: sql-create-context's (the tables the answer uses) "
                              "and/or spider (the full schema from tables.json, as Spider dev is scored).")
     parser.add_argument("--learning_rate", default="2e-4", help="Fine-tuning learning rate; the recipe's is 2e-4.")
+    parser.add_argument("--heldout", type=int, default=300,
+                        help="sql-create-context rows held out of pretraining and fine-tuning, scored schema-only.")
     parser.add_argument("--eval_4bit", action="store_true", help="Also score each adapter on the 4-bit base it was trained on.")
     args = parser.parse_args()
     spider = args.shared / "spider_dev"
@@ -184,8 +226,9 @@ def main() -> int:
     limit = ["--eval_limit", "12"] if args.smoke else []
 
     init = build_base(args.shared, args.out / "init", args.smoke, args.hidden_size, args.num_layers)
+    sft_rows, heldout_file, heldout = split_heldout(args.shared, args.out, 12 if args.smoke else args.heldout)
     corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies,
-                                made_up_fraction=args.made_up_fraction)
+                                made_up_fraction=args.made_up_fraction, heldout=heldout)
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
@@ -198,7 +241,7 @@ def main() -> int:
         "--license", "cc-by-sa-4.0", "--auto_resume", "false",
     ])
     assert code == 0, "pretraining failed"
-    results = {"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started), "runs": {}}
+    results = {"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started), "heldout_rows": len(heldout), "runs": {}}
 
     for schema_format in args.sft_formats.split(","):
         out = args.out / f"sft-{schema_format}"
@@ -207,7 +250,7 @@ def main() -> int:
         t0 = time.time()
         code = train_sft.main([
             "--config", str(ROOT / "configs" / "starcoder2-3b-sql.yaml"), "--model_name_or_path", str(args.out / "base"),
-            "--dataset_name", str(args.shared / "sql_create_context_spider" / "train.json"), *data,
+            "--dataset_name", str(sft_rows), *data,
             "--contamination_eval", str(spider / "dev.json"), "--output_dir", str(out), "--learning_rate", args.learning_rate,
             "--eval_spider", str(spider), "--eval_generation_batch_size", "64", "--license", "cc-by-sa-4.0",
             # The recipe's 4 x 512 tokens per optimizer step, as one micro-batch of 4 (the same
@@ -225,10 +268,16 @@ def main() -> int:
                 str(args.out / "base"), str(out), spider_dir=spider, out_dir=out / "eval_spider_4bit", batch_size=64,
                 load_in_4bit=True, limit=12 if args.smoke else None,
             )["adapter"]
+        if heldout:  # new questions on the training databases, prompted with full schemas as Spider dev is
+            from starsql.evaluate import evaluate_model
+
+            held = evaluate_model(str(args.out / "base"), str(out), schema_only=heldout_file, out_dir=out / "eval_heldout",
+                                  batch_size=64, compare=True)
+            reports.update({f"heldout_{label}": report for label, report in held.items()})
         summary = {"wall_s": round(time.time() - t0)}
         for label, report in reports.items():
-            summary[label] = {m: report[m] for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label")}
-            summary[label]["by_hardness"] = {h: v["execution_accuracy"] for h, v in report["by_hardness"].items()}
+            summary[label] = {m: report.get(m) for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label", "scored")}
+            summary[label]["by_hardness"] = {h: v["execution_accuracy"] for h, v in (report.get("by_hardness") or {}).items()}
         results["runs"][schema_format] = summary
     results["total_wall_s"] = round(time.time() - started)
     (args.out / "proof.json").write_text(json.dumps(results, indent=2))

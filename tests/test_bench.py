@@ -15,9 +15,18 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, spider_dir, tiny_cache):
     assert done.returncode == 0, done.stderr[-3000:]
     proof = json.loads((out / "proof.json").read_text())
     assert set(proof["runs"]) == {"sql-create-context", "spider"}
+    assert proof["heldout_rows"] == 12
     for run in proof["runs"].values():
-        assert {"base", "adapter"} <= set(run)
+        assert {"base", "adapter", "heldout_base", "heldout_adapter"} <= set(run)
         assert run["adapter"]["label"] == "EX on 12/12"
+        assert run["heldout_adapter"]["scored"] == 12 and run["heldout_adapter"]["execution_accuracy"] is None
+    # Held-out rows stay out of fine-tuning and pretraining, SQL and questions alike.
+    heldout = [json.loads(line) for line in (out / "heldout_full_schema.jsonl").read_text().splitlines()]
+    trained = json.loads((out / "sft_train.json").read_text())
+    corpus = (out / "pretrain_corpus.jsonl").read_text()
+    assert not {h["question"] for h in heldout} & {t["question"] for t in trained}
+    assert not {h["answer"] for h in heldout} & {t["answer"] for t in trained}
+    assert not any(json.dumps(h["question"])[1:-1] in corpus for h in heldout)
 
 
 def test_renamed_copies_rename_schema_queries_and_question_alike():
@@ -35,3 +44,19 @@ def test_renamed_copies_rename_schema_queries_and_question_alike():
         assert "singer" not in sql and new["singer"] in sql and new["name"] in sql and new["age"] in sql
         spelled = {old: name.replace("_", " ") for old, name in new.items()}  # born_state is "born state" in words
         assert f"{spelled['singer']}s" in question and f"{spelled['name']}s" in question  # plural kept
+
+
+def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_proof import split_heldout, sql_key
+
+    import sqlglot
+
+    rows = json.loads((SHARED / "sql_create_context_spider" / "train.json").read_text())
+    train_file, heldout_file, heldout = split_heldout(SHARED, tmp_path, 50)
+    train = json.loads(train_file.read_text())
+    key = lambda row: sql_key(sqlglot.parse_one(row["answer"], read="sqlite"))  # noqa: E731
+    held = {key(r) for r in heldout}
+    assert len(heldout) == 50 and not held & {key(r) for r in train}
+    assert len(train) == sum(key(r) not in held for r in rows)  # only held-out SQL left the training rows
+    assert all(line.startswith('{"question"') and "CREATE TABLE" in line for line in heldout_file.read_text().splitlines())
