@@ -47,7 +47,7 @@ MAX_SCHEMA_CHARS = 20_000
 DEFAULT_NEW_TOKENS = 256
 MAX_NEW_TOKENS = 512
 SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to sqlcheck.MAX_ROWS
-MODEL_CONCURRENCY = 2  # generations at once; the queue holds the rest
+MODEL_CONCURRENCY = 2  # generations at once on generate(); the queue holds the rest
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
@@ -77,7 +77,7 @@ if ZERO_GPU:
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# On a dedicated GPU, greedy answers replay a captured CUDA graph (265 tokens/s on an H200, BENCHMARKS.md).
+# On a dedicated GPU, greedy answers replay a captured CUDA graph (271 tokens/s on an H200, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
 if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
@@ -88,6 +88,13 @@ if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
     except Exception as error:  # noqa: BLE001 -- a model torch.compile cannot take still serves, via generate()
         print(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", flush=True)
         DECODER = None
+
+
+def generation_concurrency(decoder: GreedyDecoder | None) -> int:
+    """Answers generated at once. The decoder serves one stream, ~5x faster than generate(); a second
+    answer on generate() beside it slowed both (16 concurrent requests: 159 tokens/s in all against
+    271 for one stream, BENCHMARKS.md), so with the decoder requests wait in the queue for it."""
+    return 1 if decoder is not None else MODEL_CONCURRENCY
 
 
 def gpu(duration: int):
@@ -418,7 +425,7 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
     gr.api(sql_api, api_name="sql", concurrency_id="model")
     gr.api(chat_api, api_name="chat", concurrency_id="model")
 
-demo.queue(default_concurrency_limit=MODEL_CONCURRENCY, max_size=QUEUE_SIZE)
+demo.queue(default_concurrency_limit=generation_concurrency(DECODER), max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
     # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).

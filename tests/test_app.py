@@ -286,3 +286,10 @@ def test_deploy_dry_run_and_upload(monkeypatch, capsys):
     (_, operations), = [c for c in calls if c[0] == "commit"]
     assert ("CommitOperationDelete", "old_module.py") in operations
     assert {p for kind, p in operations if kind == "CommitOperationAdd"} == set(plan)
+
+
+def test_with_the_fast_decoder_answers_queue_for_it(app):
+    # One stream on the CUDA-graph decoder beats it plus a slower generate() stream beside it.
+    assert app.generation_concurrency(None) == app.MODEL_CONCURRENCY == 2
+    assert app.generation_concurrency(object()) == 1
+    assert app.DECODER is None and app.demo._queue.default_concurrency_limit == 2  # the queue follows it (CPU: no decoder)
