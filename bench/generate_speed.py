@@ -21,7 +21,7 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - bf16-merged-graph-cdt / -autotune: one cache that just fits, compiled with Inductor's coordinate-descent
   tuning, and with max-autotune matmul templates as well.
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
-  --app_concurrency (app.py's MODEL_CONCURRENCY) running: aggregate tokens/s and request latency.
+  --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
 first new token (prefill + 1 token), taken in the same calls.
 """
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_fp32", action="store_true", help="Leave out the fp32 token-identity check.")
     parser.add_argument("--app_decoder_tokens", type=int, default=4096, help="app.py's DECODER_TOKENS.")
     parser.add_argument("--concurrent", type=int, default=16, help="Requests sent at once to the app's streaming path.")
-    parser.add_argument("--app_concurrency", type=int, default=2, help="app.py's MODEL_CONCURRENCY.")
+    parser.add_argument("--app_concurrency", type=int, default=1, help="Answers at once: app.py's generation_concurrency (1 with the decoder; 2 before).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -307,8 +307,8 @@ def main(argv=None) -> int:
 
     def app_concurrent() -> dict:
         """`--concurrent` requests at once through the app's streaming path (stream_sql with the
-        decoder), at most `--app_concurrency` running (app.py's MODEL_CONCURRENCY): one holds the
-        decoder, the others use generate(). Each runs to exactly new_tokens (statement ends ignored)."""
+        decoder), at most `--app_concurrency` running (app.py's generation_concurrency): one holds the
+        decoder, any other uses generate(). Each runs to exactly new_tokens (statement ends ignored)."""
         from concurrent.futures import ThreadPoolExecutor
         from threading import Semaphore
 
