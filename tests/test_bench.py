@@ -60,3 +60,19 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
     assert len(heldout) == 50 and not held & {key(r) for r in train}
     assert len(train) == sum(key(r) not in held for r in rows)  # only held-out SQL left the training rows
     assert all(line.startswith('{"question"') and "CREATE TABLE" in line for line in heldout_file.read_text().splitlines())
+
+
+def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
+    out = tmp_path / "generate.jsonl"
+    done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,app-concurrent16,fp32-identity",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
+    graph, concurrent = lines["bf16-merged-graph"], lines["app-concurrent16"]
+    assert not any("error" in r for r in lines.values()), lines
+    # The app's cache lengths, the shortest that holds 300 + 64 tokens; tokens as plain generate's.
+    assert graph["cache_lengths"][0] == 512 and graph["cache_length_used"] == 512
+    assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
+    assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
+    assert lines["fp32-identity"]["identity_prompts_identical"] == 1
