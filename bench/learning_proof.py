@@ -197,6 +197,34 @@ def build_base(shared: Path, out: Path, smoke: bool, hidden: int = 512, layers: 
     return out
 
 
+def paired_gains(eval_dir: Path, spider: Path) -> dict:
+    """Base against adapter on the same Spider dev questions: gained, lost, the exact McNemar p, and how
+    many gains have a gold result that is empty or a count of 0, which any query of the right shape on
+    that database matches (in a small model's gains, most of them)."""
+    import sqlite3
+    from contextlib import closing
+    from math import comb
+
+    from starsql.evaluate import database_path
+
+    def read(label: str) -> list[dict]:
+        return [json.loads(line) for line in (eval_dir / label / "per_example.jsonl").read_text().splitlines()]
+
+    def trivial(row: dict) -> bool:
+        uri = f"file:{database_path(spider, row['db_id'])}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            rows = connection.execute(row["gold"]).fetchall()
+        return not rows or rows == [(0,)]
+
+    base, adapter = read("base"), read("adapter")
+    gained = [a for a, b in zip(adapter, base) if a.get("execution_match") and not b.get("execution_match")]
+    lost = sum(1 for a, b in zip(adapter, base) if b.get("execution_match") and not a.get("execution_match"))
+    changed, fewer = len(gained) + lost, min(len(gained), lost)
+    p = min(1.0, 2 * sum(comb(changed, i) for i in range(fewer + 1)) / 2**changed) if changed else 1.0
+    return {"gained": len(gained), "lost": lost, "mcnemar_p": p,
+            "gained_with_empty_or_zero_gold": sum(map(trivial, gained))}  # fmt: skip
+
+
 SMOKE_SFT = ["--max_steps", "10", "--eval_steps", "5", "--save_steps", "10"]
 
 
@@ -274,7 +302,7 @@ def main() -> int:
             held = evaluate_model(str(args.out / "base"), str(out), schema_only=heldout_file, out_dir=out / "eval_heldout",
                                   batch_size=64, compare=True)
             reports.update({f"heldout_{label}": report for label, report in held.items()})
-        summary = {"wall_s": round(time.time() - t0)}
+        summary = {"wall_s": round(time.time() - t0), "paired": paired_gains(out / "eval_spider", spider)}
         for label, report in reports.items():
             summary[label] = {m: report.get(m) for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label", "scored")}
             summary[label]["by_hardness"] = {h: v["execution_accuracy"] for h, v in (report.get("by_hardness") or {}).items()}

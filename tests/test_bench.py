@@ -20,6 +20,7 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, spider_dir, tiny_cache):
         assert {"base", "adapter", "heldout_base", "heldout_adapter"} <= set(run)
         assert run["adapter"]["label"] == "EX on 12/12"
         assert run["heldout_adapter"]["scored"] == 12 and run["heldout_adapter"]["execution_accuracy"] is None
+        assert {"gained", "lost", "mcnemar_p", "gained_with_empty_or_zero_gold"} <= set(run["paired"])
     # Held-out rows stay out of fine-tuning and pretraining, SQL and questions alike.
     heldout = [json.loads(line) for line in (out / "heldout_full_schema.jsonl").read_text().splitlines()]
     trained = json.loads((out / "sft_train.json").read_text())
@@ -76,3 +77,26 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
+
+
+def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_proof import paired_gains
+
+    def row(gold, match):
+        return {"db_id": "concert_singer", "gold": gold, "execution_match": match}
+
+    rows = {  # (base, adapter) per question
+        "SELECT count(*) FROM singer": (False, True),  # a real gain
+        "SELECT count(*) FROM singer WHERE age > 1000": (False, True),  # gold counts 0: any count of 0 matches
+        "SELECT name FROM singer WHERE age > 1000": (False, True),  # gold is empty
+        "SELECT name FROM singer": (True, False),  # lost
+        "SELECT name FROM stadium": (True, True),  # right both times: no change
+    }
+    for index, label in enumerate(("base", "adapter")):
+        (tmp_path / label).mkdir()
+        lines = [json.dumps(row(gold, pair[index])) for gold, pair in rows.items()]
+        (tmp_path / label / "per_example.jsonl").write_text("\n".join(lines + [json.dumps({"db_id": "wta_1", "skipped": True})]))
+    paired = paired_gains(tmp_path, spider_dir)
+    assert (paired["gained"], paired["lost"], paired["gained_with_empty_or_zero_gold"]) == (3, 1, 2)
+    assert paired["mcnemar_p"] == 2 * (1 + 4) / 16  # exact two-sided binomial, 4 changes, 1 the other way
