@@ -157,6 +157,11 @@ class GreedyDecoder:
         # One compiled graph per cache length (dynamic=False): shapes fixed, nothing recompiles per token.
         self._step = (torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=compile_options)
                       if compile else self._forward_step)
+        if compile:  # all decoders share _forward_step's compile budget; past it, fullgraph raises
+            import torch._dynamo as dynamo
+
+            dynamo.config.recompile_limit += len(self.caches)
+        self.last_cache_length = None  # the cache the latest request used
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor, cache, length: int) -> torch.Tensor:
         # Position and mask are computed here from the `position` tensor: transformers would derive
@@ -223,6 +228,7 @@ class GreedyDecoder:
         if max_new_tokens <= 0:
             return
         slot = next(s for s in self.caches if length + max_new_tokens <= s.length)
+        self.last_cache_length = slot.length
         if not slot.prepared:
             self._prepare(slot)
         token = self._prefill(slot, input_ids)

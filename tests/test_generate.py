@@ -191,5 +191,19 @@ def test_short_requests_use_the_short_cache_and_all_match_plain_generate(chaotic
     assert decoder.caches[1].prepared
     expected = plain_greedy(model, tokenizer, PROMPTS[1], 40)
     assert long == expected and short == expected[:fits]
-    assert list(decoder.tokens(ids, fits, tokenizer.eos_token_id)) == short  # back to the short one
+    assert decoder.last_cache_length == 200
+    assert list(decoder.tokens(ids, fits, tokenizer.eos_token_id)) == short and decoder.last_cache_length == 48
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # one per length, no more
+
+
+def test_more_cache_lengths_than_the_compile_limit_still_compile(chaotic, monkeypatch):
+    # Each length is one more compile of the shared step; with fullgraph, going past the limit raises.
+    import torch._dynamo
+
+    model, tokenizer = chaotic
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # PyTorch's default
+    lengths = tuple(range(40, 136, 12))  # 8 lengths + max_length: 9 compiles
+    decoder = GreedyDecoder(model, max_length=136, compile=True, lengths=lengths)
+    decoder.warm_up()
+    ids = tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert list(decoder.tokens(ids, 100 - ids.shape[1], tokenizer.eos_token_id)) == plain_greedy(model, tokenizer, PROMPTS[1], 100 - ids.shape[1])
