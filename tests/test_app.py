@@ -290,6 +290,9 @@ def test_deploy_dry_run_and_upload(monkeypatch, capsys):
 
 def test_with_the_fast_decoder_answers_queue_for_it(app):
     # One stream on the CUDA-graph decoder beats it plus a slower generate() stream beside it.
+    from types import SimpleNamespace
+
     assert app.generation_concurrency(None) == app.MODEL_CONCURRENCY == 2
-    assert app.generation_concurrency(object()) == 1
+    assert app.generation_concurrency(SimpleNamespace(use_graph=True)) == 1
+    assert app.generation_concurrency(SimpleNamespace(use_graph=False)) == 2  # capture failed: not faster
     assert app.DECODER is None and app.demo._queue.default_concurrency_limit == 2  # the queue follows it (CPU: no decoder)

@@ -28,6 +28,13 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, spider_dir, tiny_cache):
     assert not {h["question"] for h in heldout} & {t["question"] for t in trained}
     assert not {h["answer"] for h in heldout} & {t["answer"] for t in trained}
     assert not any(json.dumps(h["question"])[1:-1] in corpus for h in heldout)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sqlglot
+    from learning_proof import sql_key
+
+    corpus_sql = {sql_key(sqlglot.parse_one(line, read="sqlite")) for doc in corpus.splitlines()
+                  for line in json.loads(doc)["content"].splitlines() if line.startswith("SELECT")}
+    assert not corpus_sql & {sql_key(sqlglot.parse_one(h["answer"], read="sqlite")) for h in heldout}
 
 
 def test_renamed_copies_rename_schema_queries_and_question_alike():
@@ -54,12 +61,13 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
     import sqlglot
 
     rows = json.loads((SHARED / "sql_create_context_spider" / "train.json").read_text())
-    train_file, heldout_file, heldout = split_heldout(SHARED, tmp_path, 50)
+    train_file, heldout_file, heldout = split_heldout(SHARED, tmp_path, 300)
     train = json.loads(train_file.read_text())
     key = lambda row: sql_key(sqlglot.parse_one(row["answer"], read="sqlite"))  # noqa: E731
     held = {key(r) for r in heldout}
-    assert len(heldout) == 50 and not held & {key(r) for r in train}
-    assert len(train) == sum(key(r) not in held for r in rows)  # only held-out SQL left the training rows
+    assert len(heldout) == 300 and not held & {key(r) for r in train}
+    assert len(train) < len(rows) - 300  # paraphrases (same SQL) of held-out rows left too (5 with seed 0)
+    assert len(train) == sum(key(r) not in held for r in rows)  # and nothing else did
     assert all(line.startswith('{"question"') and "CREATE TABLE" in line for line in heldout_file.read_text().splitlines())
 
 
