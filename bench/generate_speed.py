@@ -17,6 +17,8 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
   where kernel rounding differences are ~2^16 times smaller: a logic bug would show there too, a rounding
   tie would not. It runs with the app's settings (--app_decoder_tokens 4096: caches of 512, 1024, 2048 and
   4096 positions, the shortest that holds the request is used).
+- bf16-merged-graph-app-default: the same, with room for the app's default 256 new tokens (the 1,024 cache);
+  the first new_tokens of them timed.
 - bf16-merged-graph-4096: the same decoder with one 4,096-position cache (the app before cache lengths).
 - bf16-merged-graph-cdt / -autotune: one cache that just fits, compiled with Inductor's coordinate-descent
   tuning, and with max-autotune matmul templates as well.
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--identity_prompts", type=int, default=8, help="Prompts whose greedy tokens are compared.")
     parser.add_argument("--skip_fp32", action="store_true", help="Leave out the fp32 token-identity check.")
     parser.add_argument("--app_decoder_tokens", type=int, default=4096, help="app.py's DECODER_TOKENS.")
+    parser.add_argument("--app_max_new_tokens", type=int, default=256, help="app.py's DEFAULT_NEW_TOKENS.")
     parser.add_argument("--concurrent", type=int, default=16, help="Requests sent at once to the app's streaming path.")
     parser.add_argument("--app_concurrency", type=int, default=1, help="Answers at once: app.py's generation_concurrency (1 with the decoder; 2 before).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
@@ -259,7 +262,9 @@ def main(argv=None) -> int:
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
-    def graphed(max_length: int, lengths=(512, 1024, 2048), compile_options=None, check_identity=True) -> dict:
+    def graphed(max_length: int, lengths=(512, 1024, 2048), compile_options=None, check_identity=True,
+                reserve: int | None = None) -> dict:
+        """`reserve`: max_new_tokens as the request asks (it picks the cache); new_tokens of them are timed."""
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=max_length, lengths=lengths, compile_options=compile_options)
@@ -271,9 +276,13 @@ def main(argv=None) -> int:
             sync()
             start = time.perf_counter()
             new, first = [], None
-            for token in decoder.tokens(single[0], args.new_tokens):  # no EOS: exactly new_tokens, like min_new_tokens
+            stream = decoder.tokens(single[0], reserve or args.new_tokens)  # no EOS: runs to max_new_tokens
+            for token in stream:
                 first = first or time.perf_counter()
                 new.append(token)
+                if len(new) == args.new_tokens:
+                    break
+            stream.close()
             times.append(time.perf_counter() - start)
             ttfts.append(first - start)
         times, ttfts = times[1:], ttfts[1:]  # the first run after capture is a warm-up
@@ -292,6 +301,9 @@ def main(argv=None) -> int:
     graph_configs = {
         # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
         "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
+        # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.
+        "bf16-merged-graph-app-default": lambda: graphed(args.app_decoder_tokens, check_identity=False,
+                                                         reserve=args.app_max_new_tokens),
         # The app before cache lengths: every token attends over a 4,096-position cache.
         "bf16-merged-graph-4096": lambda: graphed(args.app_decoder_tokens, lengths=(), check_identity=False),
         # Inductor tuning on a cache that just fits: coordinate descent over the Triton kernels' block

@@ -74,7 +74,7 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
     done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
-                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,app-concurrent16,fp32-identity",
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,app-concurrent16,fp32-identity",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -83,6 +83,8 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # The app's cache lengths, the shortest that holds 300 + 64 tokens; tokens as plain generate's.
     assert graph["cache_lengths"][0] == 512 and graph["cache_length_used"] == 512
     assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
+    app_default = lines["bf16-merged-graph-app-default"]  # room for 256 new tokens: the 1,024 cache, same tokens
+    assert app_default["cache_length_used"] == 1024 and app_default["identical_to_bf16_merged"]
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
 
