@@ -154,10 +154,10 @@ def split_heldout(shared: Path, out: Path, count: int, seed: int = 0) -> tuple[P
     tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
     picked = set(random.Random(seed).sample(range(len(rows)), count)) if count else set()
     heldout = [rows[i] for i in sorted(picked)]
-    held_sql = {sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) for row in heldout}
+    keys = [sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) for row in rows]
+    held_sql = {keys[i] for i in picked}
     # Paraphrases of a held-out question share its SQL: they leave the training rows too.
-    train = [row for i, row in enumerate(rows) if i not in picked
-             and sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) not in held_sql]
+    train = [row for row, key in zip(rows, keys) if key not in held_sql]
     out.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file = out / "sft_train.json", out / "heldout_full_schema.jsonl"
     train_file.write_text(json.dumps(train))
@@ -201,19 +201,19 @@ def paired_gains(eval_dir: Path, spider: Path) -> dict:
     """Base against adapter on the same Spider dev questions: gained, lost, the exact McNemar p, and how
     many gains have a gold result that is empty or a count of 0, which any query of the right shape on
     that database matches (in a small model's gains, most of them)."""
-    import sqlite3
-    from contextlib import closing
     from math import comb
 
-    from starsql.evaluate import database_path
+    from starsql.evaluate import Database, database_path
 
     def read(label: str) -> list[dict]:
         return [json.loads(line) for line in (eval_dir / label / "per_example.jsonl").read_text().splitlines()]
 
-    def trivial(row: dict) -> bool:
-        uri = f"file:{database_path(spider, row['db_id'])}?mode=ro"
-        with closing(sqlite3.connect(uri, uri=True)) as connection:
-            rows = connection.execute(row["gold"]).fetchall()
+    def trivial(row: dict) -> bool:  # the gold query run as the harness runs it: read-only, time-limited
+        database = Database.open_read_only(database_path(spider, row["db_id"]))
+        try:
+            rows = database.run(row["gold"]).rows
+        finally:
+            database.connection.close()
         return not rows or rows == [(0,)]
 
     base, adapter = read("base"), read("adapter")

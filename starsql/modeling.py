@@ -46,9 +46,9 @@ def attention_implementation(requested: str | None) -> str:
     Packed, padding-free batches are one long row with a block-diagonal mask: SDPA computes every
     block of it, while `flex_attention` skips the blocks between examples (2.1x the tokens/s of
     SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H200, same loss: BENCHMARKS.md). It is set
-    explicitly in configs/starcoder2-3b-sql-fast.yaml. It is
-    not the automatic choice: its first step compiles for a minute or more, and at the recipe's
-    micro-batch of 1-4 rows there is little between packed examples to skip."""
+    explicitly in configs/starcoder2-3b-sql-fast.yaml. It is not the automatic choice: its first step
+    compiles for a minute or more, and at the recipe's micro-batch of 1-4 rows there is little between
+    packed examples to skip."""
     if requested:
         return requested
     from transformers.utils import is_flash_attn_2_available
