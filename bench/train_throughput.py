@@ -10,13 +10,15 @@ Configurations (CONFIGS below):
 - plain-*: baseline A, transformers + PEFT + bitsandbytes by hand: 4-bit NF4 base, LoRA r16 on the six
   projections, SDPA, 16 fixed 512-token rows of real token ids, AdamW, bf16 autocast; with and without
   gradient checkpointing.
-- profile=True configs also report their top GPU kernels (torch.profiler, last 2 warm-up steps).
+- profile=True configs also report their top GPU kernels (torch.profiler, last 2 warm-up steps: with --warmup 6
+  these come after torch.compile's recompiles for the first new sequence lengths).
 - sft-*: the project's path: starsql.modeling.load_model + starsql.train.TrainingConfig + trl.SFTTrainer
   (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
   Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
   mb16's peak), Liger (if liger_kernel patches starcoder2), flex_attention (needs attention dropout 0, so
   against SDPA with dropout 0), TrainingConfig(torch_compile=True) regional and whole-model; small-card-mb4-ckpt
-  is the profile for a 16 GB card.
+  is the profile for a 16 GB card. sft-* load as train_sft.py does (ModelArguments defaults: weights outside the 4-bit
+  layers in the compute dtype, LayerNorm returning bf16 under autocast); half_ln=0 and dtype=float32 give the path before.
 Step time: between optimizer steps after `--warmup` steps, CUDA synchronised. Every step's loss is kept; a config
 that computes the same thing on the same rows as its loss reference must match its losses within 1%.
 
@@ -75,10 +77,13 @@ CONFIGS = [
                   dict(name="sft-mb32-flex", path="sft", mb=32, ckpt=False, timeout=240),
                   dict(name="small-card-mb4-flex-ckpt", path="sft", mb=4, ckpt=True, timeout=240, mem_limit_gib=15),
                   dict(name="sft-mb16-flex-compile", path="sft", mb=16, ckpt=False, compile=True, timeout=420),
-                  # No autocast: the 4-bit base computes in bf16 and TRL keeps QLoRA's LoRA weights in bf16, yet
-                  # bf16=True autocasts LayerNorm to fp32, so the residual stream, dropouts and adds ran in fp32
-                  # and every linear cast its input back (the profile of sft-mb16-flex).
-                  dict(name="sft-mb16-flex-pure-bf16", path="sft", mb=16, ckpt=False, timeout=240, **{"args.bf16": False}))],
+                  # No autocast (bf16: false): every weight outside the LoRA layers in bf16 (TRL casts LoRA to bf16).
+                  dict(name="sft-mb16-flex-pure-bf16", path="sft", mb=16, ckpt=False, timeout=240, **{"args.bf16": False}),
+                  # The path before ModelArguments.dtype defaulted to the compute dtype: TRL's float32 default kept
+                  # embeddings, norms, biases and the 4-bit compute dtype in fp32, and autocast's LayerNorm returned
+                  # fp32, so the residual stream, dropouts, adds and flex_attention's inputs were fp32.
+                  dict(name="sft-mb16-flex-fp32-params", path="sft", mb=16, ckpt=False, timeout=240, profile=True,
+                       dtype="float32", half_ln=False))],
 ]
 DEFAULT_TIMEOUT = 120
 
@@ -91,7 +96,7 @@ def parse_add(spec: str) -> dict:
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("ckpt", "liger", "compile", "heavy", "profile") or value.lower() in ("true", "false"):
+        if key in ("ckpt", "liger", "compile", "heavy", "profile", "half_ln") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
             try:
@@ -236,7 +241,8 @@ def run_sft(cfg: dict, args) -> dict:
                              "share": round(key(e) / total, 4), "calls_per_step": e.count // self.steps}
                             for e in chosen[: self.n]]  # fmt: skip
 
-    model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"))
+    model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"), dtype=cfg.get("dtype"),
+                                half_precision_layer_norm=cfg.get("half_ln", True))
     tokenizer = load_tokenizer(model_args)
     steps = args.warmup + args.steps
     dataset = sft_dataset(tokenizer, steps * cfg["mb"] * SEQ * cfg.get("procs", 1))
@@ -476,6 +482,8 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
     record = {"card": extra["gpu"], "config": cfg["name"], "path": cfg["path"], "micro_batch": cfg["mb"],
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")), "env": cfg.get("env"),
+              "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
+              "dtype": cfg.get("dtype"),
               "gpus": cfg.get("procs", 1),
               "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model."))},
               "warmup_steps": extra["warmup"], **result}  # fmt: skip

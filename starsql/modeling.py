@@ -7,6 +7,7 @@ with double quantization, LoRA on all six linear projections of StarCoder2.
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .tiny import TINY_MODEL, build_tiny_model
@@ -31,6 +32,20 @@ class ModelArguments(ModelConfig):
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(STARCODER2_LINEAR), metadata={"help": "Module names LoRA adapts."}
     )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights outside the 4-bit layers, and the 4-bit compute dtype: bfloat16, float16 or float32. "
+            "Default: bf16 on GPUs that have it, else fp16, fp32 on CPU; fp32 master weights for full fine-tuning."
+        },
+    )
+    half_precision_layer_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "Under bf16/fp16 mixed precision, LayerNorm returns bf16/fp16 (it still computes in fp32 "
+            "inside) instead of autocast's fp32, so the residual stream, dropouts and attention stay in half precision."
+        },
+    )
 
 
 def compute_dtype() -> torch.dtype:
@@ -40,20 +55,56 @@ def compute_dtype() -> torch.dtype:
     return torch.float32
 
 
+def load_dtype(model_args: ModelArguments) -> torch.dtype:
+    """The dtype the model is loaded in. TRL's ModelConfig defaults to float32, which left the
+    embeddings, norms, biases and the 4-bit compute dtype of a frozen base in fp32, and with them
+    every activation outside autocast's matmuls (BENCHMARKS.md: with HalfPrecisionLayerNorm, 1.30x
+    the tokens/s)."""
+    if model_args.dtype not in (None, "auto"):
+        return getattr(torch, model_args.dtype)
+    # A frozen base computes in half precision; fully fine-tuned weights stay fp32 (autocast does the rest).
+    return compute_dtype() if model_args.use_peft else torch.float32
+
+
 def attention_implementation(requested: str | None) -> str:
     """flash_attention_2 when installed on a GPU, else SDPA; all keep packed examples apart.
 
     Packed, padding-free batches are one long row with a block-diagonal mask: SDPA computes every
-    block of it, while `flex_attention` skips the blocks between examples (2.1x the tokens/s of
-    SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H200, same loss: BENCHMARKS.md). It is set
-    explicitly in configs/starcoder2-3b-sql-fast.yaml. It is not the automatic choice: its first step
-    compiles for a minute or more, and at the recipe's micro-batch of 1-4 rows there is little between
-    packed examples to skip."""
+    block of it, while `flex_attention` skips the blocks between examples (about 2x the tokens/s of
+    SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H100 or H200, same loss: BENCHMARKS.md). It
+    is set explicitly in configs/starcoder2-3b-sql-fast.yaml. It is not the automatic choice: its first
+    step compiles for a minute or more, and at the recipe's micro-batch of 1-4 rows there is little
+    between packed examples to skip."""
     if requested:
         return requested
     from transformers.utils import is_flash_attn_2_available
 
     return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+
+
+class HalfPrecisionLayerNorm(nn.LayerNorm):
+    """A LayerNorm that returns its input's dtype under autocast.
+
+    Autocast runs layer_norm in fp32 and returns fp32. In StarCoder2 that output feeds the 4-bit
+    projections, which return their input's dtype, so q/k/v, the MLP, PEFT's dropouts and, from the
+    first MLP on, the residual stream would run in fp32 even with bf16 weights. The kernel
+    accumulates in fp32 on bf16 input anyway, and every linear layer casts its input to bf16 under
+    autocast, so the matmuls see the same values (BENCHMARKS.md, H100 training section)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return nn.functional.layer_norm(hidden_states, self.normalized_shape, weight, bias, self.eps)
+
+
+def use_half_precision_layer_norms(model) -> int:
+    """Turn every plain nn.LayerNorm of `model` into a HalfPrecisionLayerNorm (same weights); returns how many."""
+    norms = [module for module in model.modules() if type(module) is nn.LayerNorm]
+    for module in norms:
+        module.__class__ = HalfPrecisionLayerNorm
+    return len(norms)
 
 
 def resolve_model_path(name: str) -> str:
@@ -82,7 +133,7 @@ def load_model(model_args: ModelArguments):
         raise ValueError("Choose one of load_in_4bit and load_in_8bit.")
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
         raise ValueError("A quantized base cannot be fully fine-tuned: set use_peft true, or load_in_4bit false.")
-    dtype = compute_dtype() if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    dtype = load_dtype(model_args)
     model_args.dtype = dtype  # get_quantization_config uses it as the 4-bit compute dtype
     quantization = get_quantization_config(model_args)
     attention = attention_implementation(model_args.attn_implementation)
@@ -104,6 +155,8 @@ def load_model(model_args: ModelArguments):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    if model_args.half_precision_layer_norm:
+        use_half_precision_layer_norms(model)
     return model
 
 

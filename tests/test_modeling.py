@@ -1,0 +1,51 @@
+"""Model loading: the dtype a frozen base is loaded in, and LayerNorm's output dtype under autocast."""
+
+import pytest
+import torch
+
+import starsql.modeling as modeling
+from starsql.modeling import HalfPrecisionLayerNorm, ModelArguments, load_model
+
+
+@pytest.fixture
+def gpu_dtype(monkeypatch, tiny_model_path):
+    """What compute_dtype() returns on a bf16 GPU (this machine has none)."""
+    monkeypatch.setattr(modeling, "compute_dtype", lambda: torch.bfloat16)
+
+
+def test_a_4bit_base_loads_in_the_compute_dtype_not_trls_float32(gpu_dtype):
+    # TRL's ModelConfig defaults to float32: embeddings, norms, biases and the 4-bit compute dtype
+    # were fp32, and so was every activation outside autocast's matmuls.
+    args = ModelArguments(model_name_or_path="tiny-starcoder2")
+    model = load_model(args)
+    assert args.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16  # bitsandbytes Linear4bit
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_and_an_explicit_dtype_wins(gpu_dtype):
+    full = load_model(ModelArguments(model_name_or_path="tiny-starcoder2", use_peft=False, load_in_4bit=False))
+    assert full.get_input_embeddings().weight.dtype == torch.float32
+    explicit = load_model(ModelArguments(model_name_or_path="tiny-starcoder2", dtype="float32"))
+    assert explicit.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_layer_norms_return_half_precision_under_autocast(tiny_model_path):
+    model = load_model(ModelArguments(model_name_or_path="tiny-starcoder2", load_in_4bit=False))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is HalfPrecisionLayerNorm for m in norms)
+    norm = norms[0]
+    x = torch.randn(4, norm.normalized_shape[0], dtype=torch.bfloat16) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    reference = torch.nn.functional.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    assert torch.allclose(out.float(), reference, atol=2e-2, rtol=1e-2)
+    # Same weights and names: adapters and checkpoints are unaffected.
+    assert all(key.endswith(("weight", "bias")) for key in norm.state_dict())
+
+
+def test_half_precision_layer_norm_can_be_turned_off(tiny_model_path):
+    model = load_model(ModelArguments(model_name_or_path="tiny-starcoder2", half_precision_layer_norm=False))
+    assert not any(type(m) is HalfPrecisionLayerNorm for m in model.modules())
