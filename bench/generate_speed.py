@@ -11,7 +11,7 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - bf16-merged-static: static KV cache, compilation disabled (separates the cache's effect from the compiler's).
 - bf16-merged-static-compile: static cache + transformers' automatic torch.compile (mode reduce-overhead,
   CUDA graphs), warmed up twice; its greedy tokens are compared with bf16-merged's on the same prompt.
-- bf16-merged-graph: the app's decoder (starsql.generate.GreedyDecoder): static cache, the one-token step
+- bf16-merged-graph (run after the fusion below): the app's decoder (starsql.generate.GreedyDecoder): static cache, the one-token step
   compiled and captured as one CUDA graph, argmax inside it. Its tokens are compared with plain generate on
   the timed prompt and on --identity_prompts more prompts, in bf16 and (fp32-identity) with fp32 weights,
   where kernel rounding differences are ~2^16 times smaller: a logic bug would show there too, a rounding
@@ -22,6 +22,15 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - bf16-merged-graph-4096: the same decoder with one 4,096-position cache (the app before cache lengths).
 - bf16-merged-graph-cdt / -autotune: one cache that just fits, compiled with Inductor's coordinate-descent
   tuning, and with max-autotune matmul templates as well.
+- bf16-merged-graph-short, -freezing, -gqa, -gqa-freezing: one cache that just fits; Inductor's freezing (weights
+  as constants: q/k/v fold into one matmul), attention as matmuls on the shared K/V heads (attn_implementation
+  "starsql_gqa"), and both.
+- decode-profile(-gqa): the compiled step without its CUDA graph, under torch.profiler: kernel time and launches
+  per token, and the top kernels.
+Then q/k/v are fused into one projection (starsql.generate.fuse_qkv_projections, as load_for_inference does for
+the app), and: bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / -fused-gqa / decode-profile-fused
+against their unfused runs above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16).
+fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
   --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
@@ -128,6 +137,37 @@ def measure(model, tokenizer, inputs, args, warmups: int) -> dict:
     }
 
 
+def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention as two matmuls and a softmax, each query head group against its shared K/V head
+    without copying K/V per query head (transformers' SDPA path repeats them under torch.compile).
+    For decoding: Inductor fuses the softmax and the mask, the matmuls are small batched GEMVs.
+    Registered as attn_implementation "starsql_gqa"; returns (batch, q_len, heads, head_dim).
+    Measured, not adopted by the app (BENCHMARKS.md)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    query = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads are ordered kv_head-major
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
+    scores = scores.view(batch, kv_heads, groups, q_len, -1)
+    if attention_mask is not None:  # (batch, 1, q_len, kv_len), additive or boolean
+        mask = attention_mask[:, :, None, :, : key.shape[-2]]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training) if dropout else probs
+    out = torch.matmul(probs.view(batch, kv_heads, groups * q_len, -1), value)
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+def register_attention():
+    """attn_implementation="starsql_gqa": grouped_query_attention, with transformers' eager masks
+    (always a 4-D additive mask, never None)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("starsql_gqa", grouped_query_attention)
+    AttentionMaskInterface.register("starsql_gqa", eager_mask)
+
+
 def dtype_name(model) -> str:
     return str(model.dtype).replace("torch.", "")
 
@@ -204,7 +244,7 @@ def main(argv=None) -> int:
 
     # 2-5. bf16 with the adapter merged: the app's default on a GPU.
     loaded = time.perf_counter()
-    model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir))
+    model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir), fuse_qkv=False)  # fused below
     details = {"dtype": dtype_name(model), "merged": True, "load_s": round(time.perf_counter() - loaded, 1)}
     single = prompt_batch(tokenizer, 1, args.prompt_tokens)
     batched = prompt_batch(tokenizer, args.batch, args.prompt_tokens)
@@ -255,10 +295,10 @@ def main(argv=None) -> int:
 
     identity = [prompt_batch(tokenizer, 1, args.prompt_tokens - 24 * i) for i in range(1, args.identity_prompts + 1)]
 
-    def identity_report(decoder, model_) -> dict:
-        """The decoder's greedy tokens against plain generate's on the identity prompts."""
+    def identity_report(decoder, model_, reference=None) -> dict:
+        """The decoder's greedy tokens against plain generate's (or `reference`) on the identity prompts."""
         decoded = [list(decoder.tokens(ids, args.new_tokens, tokenizer.eos_token_id)) for ids, _ in identity]
-        mismatches = [first_mismatch(a, b) for a, b in zip(decoded, plain_tokens(model_, identity))]
+        mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference or plain_tokens(model_, identity))]
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
@@ -299,11 +339,6 @@ def main(argv=None) -> int:
 
     short = args.prompt_tokens + args.new_tokens + 8
     graph_configs = {
-        # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
-        "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
-        # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.
-        "bf16-merged-graph-app-default": lambda: graphed(args.app_decoder_tokens, check_identity=False,
-                                                         reserve=args.app_max_new_tokens),
         # The app before cache lengths: every token attends over a 4,096-position cache.
         "bf16-merged-graph-4096": lambda: graphed(args.app_decoder_tokens, lengths=(), check_identity=False),
         # Inductor tuning on a cache that just fits: coordinate descent over the Triton kernels' block
@@ -312,8 +347,83 @@ def main(argv=None) -> int:
                                                  check_identity=False),
         "bf16-merged-graph-autotune": lambda: graphed(short, lengths=(), check_identity=False,
                                                       compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),
+        # Same cache (one that just fits) for the levers below and their baseline.
+        "bf16-merged-graph-short": lambda: graphed(short, lengths=(), check_identity=False),
+        # Inductor's freezing: weights become constants, and q/k/v (one input) fold into one matmul.
+        "bf16-merged-graph-freezing": lambda: graphed(short, lengths=(), compile_options={"freezing": True}),
+        # Attention as matmuls on the shared K/V heads (grouped_query_attention below), not SDPA over K/V
+        # repeated to all 24 query heads.
+        "bf16-merged-graph-gqa": lambda: with_attention("starsql_gqa", lambda: graphed(short, lengths=())),
+        "bf16-merged-graph-gqa-freezing": lambda: with_attention(
+            "starsql_gqa", lambda: graphed(short, lengths=(), compile_options={"freezing": True})),
+        # Where a token's GPU time goes: the compiled step run without its CUDA graph, under torch.profiler.
+        "decode-profile": lambda: decode_profile(None),
+        "decode-profile-gqa": lambda: with_attention("starsql_gqa", lambda: decode_profile(None)),
     }
+
+    def with_attention(name: str, run):
+        register_attention()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(name)
+        try:
+            return {**run(), "attn_implementation": name}
+        finally:
+            model.set_attn_implementation(previous)
+
+    def decode_profile(compile_options, steps: int = 32, top: int = 15) -> dict:
+        """GPU kernels of `steps` decode steps (prefill excluded): time and launches per token, top kernels."""
+        from starsql.generate import GreedyDecoder
+
+        decoder = GreedyDecoder(model, max_length=short, lengths=(), compile_options=compile_options)
+        decoder.use_graph = False  # the compiled step's kernels one by one (the graph hides them from the profiler)
+        decoder.warm_up()
+        slot = decoder.caches[0]
+        with torch.inference_mode():
+            for attempt in ("warm", "profiled"):
+                token = decoder._prefill(slot, single[0])
+                length = single[0].shape[-1]
+                sync()
+                start = time.perf_counter()
+                if attempt == "profiled":
+                    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    profiler = torch.profiler.profile(activities=activities)
+                    profiler.__enter__()
+                for index in range(steps):
+                    token = decoder._decode(slot, token, length + index)
+                sync()
+                wall = time.perf_counter() - start
+                if attempt == "profiled":
+                    profiler.__exit__(None, None, None)
+                else:
+                    unprofiled = wall
+        events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events)
+        return {"kernel_us_per_token": round(total / steps, 1), "kernels_per_token": round(sum(e.count for e in events) / steps, 1),
+                "no_graph_ms_per_token": round(1e3 * unprofiled / steps, 3),
+                "top_kernels": [{"kernel": e.key[:100], "us_per_token": round(e.self_device_time_total / steps, 1),
+                                 "calls_per_token": round(e.count / steps, 1)} for e in events[:top]]}  # fmt: skip
+
     for name, run in graph_configs.items():
+        if wanted(name):
+            record(name, 1, guarded(run), cache="static", **details)
+
+    # The app's model: q/k/v fused into one projection (load_for_inference's default), then the app's settings.
+    from starsql.generate import fuse_qkv_projections
+
+    details["fused_qkv_layers"] = fuse_qkv_projections(model)
+    fused_configs = {
+        "bf16-merged-fused": lambda: measure(model, tokenizer, single, args, warmups=1),  # plain generate
+        "bf16-merged-graph-fused-short": lambda: graphed(short, lengths=()),
+        "bf16-merged-graph-fused-gqa": lambda: with_attention("starsql_gqa", lambda: graphed(short, lengths=())),
+        "decode-profile-fused": lambda: decode_profile(None),
+        # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
+        "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
+        # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.
+        "bf16-merged-graph-app-default": lambda: graphed(args.app_decoder_tokens, check_identity=False,
+                                                         reserve=args.app_max_new_tokens),
+    }
+    for name, run in fused_configs.items():
         if wanted(name):
             record(name, 1, guarded(run), cache="static", **details)
 
@@ -365,9 +475,11 @@ def main(argv=None) -> int:
         from starsql.generate import GreedyDecoder
 
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
+        reference = plain_tokens(model32, identity)  # transformers' own attention, q/k/v unfused
+        fuse_qkv_projections(model32)
         decoder = GreedyDecoder(model32, max_length=args.prompt_tokens + args.new_tokens + 8)
-        report = identity_report(decoder, model32)
-        return {"dtype": "float32", "cuda_graph": decoder.caches[0].graph is not None and decoder.use_graph, **report}
+        report = identity_report(decoder, model32, reference)
+        return {"dtype": "float32", "fused_qkv": True, "cuda_graph": decoder.caches[0].graph is not None and decoder.use_graph, **report}
 
     if not args.skip_fp32 and wanted("fp32-identity"):
         record("fp32-identity", 1, guarded(fp32_identity), cache="static")

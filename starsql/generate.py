@@ -10,6 +10,7 @@ from threading import Event, Lock, Thread
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.models.starcoder2 import modeling_starcoder2 as starcoder2
 
 from .modeling import resolve_model_path
 from .prompt import extract_sql, first_statement_end
@@ -36,9 +37,11 @@ def inference_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit: bool = False, device: str | None = None):
+def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit: bool = False, device: str | None = None,
+                       fuse_qkv: bool = True):
     """(model, tokenizer) ready to generate. The adapter is merged into bf16 weights for speed,
-    except on a 4-bit base, where it stays a separate LoRA layer."""
+    except on a 4-bit base, where it stays a separate LoRA layer. `fuse_qkv`: one q/k/v matmul per
+    StarCoder2 attention (fuse_qkv_projections; same results, faster decoding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or inference_device()
@@ -59,10 +62,65 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
         model = PeftModel.from_pretrained(model, adapter)
         if not load_in_4bit:
             model = model.merge_and_unload()
+    if fuse_qkv:
+        fuse_qkv_projections(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+class FusedQKVAttention(starcoder2.Starcoder2Attention):
+    """StarCoder2 attention with q, k and v as one projection (`qkv_proj`, their weights stacked).
+
+    Decoding one token is a matrix-vector product per projection; k and v (256 outputs each, for 2
+    KV heads) are too small to use the GPU's memory bandwidth, and each costs a launch and a
+    split-K reduction. One matmul for all three: BENCHMARKS.md. The forward is transformers'
+    Starcoder2Attention.forward with the three projections replaced by one."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states, key_states, value_states = (
+            states.view(hidden_shape).transpose(1, 2) for states in self.qkv_proj(hidden_states).split(self.qkv_sizes, -1)
+        )
+        cos, sin = position_embeddings
+        query_states, key_states = starcoder2.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attention_interface = starcoder2.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, starcoder2.eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=getattr(self.config, "sliding_window", None), **kwargs,
+        )  # fmt: skip
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return torch.nn.functional.dropout(attn_output, p=self.residual_dropout, training=self.training), attn_weights
+
+
+def fuse_qkv_projections(model) -> int:
+    """Give every StarCoder2 attention of `model` one q/k/v projection (FusedQKVAttention), in place.
+    Plain linear layers only: a 4-bit base or an unmerged LoRA adapter is left as it is. Returns the
+    number of attention layers fused."""
+    fused = 0
+    for module in model.modules():
+        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if type(module) is not starcoder2.Starcoder2Attention or any(type(p) is not torch.nn.Linear for p in projections):
+            continue
+        weight = projections[0].weight
+        qkv = torch.nn.Linear(weight.shape[1], sum(p.out_features for p in projections),
+                              bias=projections[0].bias is not None, device=weight.device, dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([p.weight for p in projections]))
+            if qkv.bias is not None:
+                qkv.bias.copy_(torch.cat([p.bias for p in projections]))
+        module.qkv_proj, module.qkv_sizes = qkv, [p.out_features for p in projections]
+        del module.q_proj, module.k_proj, module.v_proj
+        module.__class__ = FusedQKVAttention
+        fused += 1
+    return fused
 
 
 def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0) -> dict:

@@ -68,14 +68,18 @@ def tuned(tiny_run):
 @pytest.fixture(scope="module")
 def chaotic(tiny_model_path):
     """The tiny model with large random weights: its output depends on every prompt token and
-    position (the trained tiny model answers everything alike), and its logits are far from ties."""
+    position (the trained tiny model answers everything alike), and its logits are far from ties.
+    Randomised before q/k/v are fused, so the draws (and the chaos) do not depend on the fusion."""
     import torch
 
-    model, tokenizer = load_for_inference("tiny-starcoder2")
+    from starsql.generate import fuse_qkv_projections
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
+    fuse_qkv_projections(model)  # as load_for_inference gives it to the app
     return model, tokenizer
 
 
@@ -207,3 +211,66 @@ def test_more_cache_lengths_than_the_compile_limit_still_compile(chaotic, monkey
     decoder.warm_up()
     ids = tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert list(decoder.tokens(ids, 100 - ids.shape[1], tokenizer.eos_token_id)) == plain_greedy(model, tokenizer, PROMPTS[1], 100 - ids.shape[1])
+
+
+# --- q/k/v fused into one projection (load_for_inference's default) ---
+
+
+def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
+    import torch
+
+    from starsql.generate import FusedQKVAttention, fuse_qkv_projections
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)  # far from ties, every weight matters (the chaotic model)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = [plain_greedy(model, tokenizer, prompt, 32) for prompt in PROMPTS]
+    parameters = sum(p.numel() for p in model.parameters())
+
+    assert fuse_qkv_projections(model) == model.config.num_hidden_layers
+    attention = model.model.layers[0].self_attn
+    assert type(attention) is FusedQKVAttention and not hasattr(attention, "q_proj")
+    assert sum(p.numel() for p in model.parameters()) == parameters  # moved, not copied
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, logits, atol=1e-5)
+    assert [plain_greedy(model, tokenizer, prompt, 32) for prompt in PROMPTS] == expected
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    for prompt, tokens in zip(PROMPTS, expected):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        assert list(decoder.tokens(ids, 32, tokenizer.eos_token_id)) == tokens
+    assert fuse_qkv_projections(model) == 0  # already fused
+
+
+def test_fused_qkv_control_swapped_key_and_value_weights_change_the_output(tiny_model_path):
+    # The control for the test above: a fused weight stacked in the wrong order must be caught by it.
+    import torch
+
+    from starsql.generate import fuse_qkv_projections
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+        fuse_qkv_projections(model)
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            q, k, v = attention.qkv_proj.weight.split(attention.qkv_sizes)
+            attention.qkv_proj.weight.copy_(torch.cat([q, v, k]))
+        assert not torch.allclose(model(ids).logits, logits, atol=1e-3)
+
+
+def test_a_4bit_model_keeps_its_projections(tiny_model_path):
+    from starsql.generate import FusedQKVAttention
+
+    model, _ = load_for_inference("tiny-starcoder2", load_in_4bit=True)
+    assert not any(isinstance(module, FusedQKVAttention) for module in model.modules())
+    assert hasattr(model.model.layers[0].self_attn, "q_proj")
