@@ -91,10 +91,10 @@ if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
 
 
 def generation_concurrency(decoder: GreedyDecoder | None) -> int:
-    """Answers generated at once. The decoder serves one stream, ~5x faster than generate(); a second
-    answer on generate() beside it slowed both (16 concurrent requests: 159 tokens/s in all against
-    271 for one stream, BENCHMARKS.md), so with the decoder's CUDA graphs on, requests wait in the
-    queue for it (not yet measured that way)."""
+    """Answers generated at once. The decoder serves one stream, ~4-5x faster than generate(); a
+    second answer on generate() beside it slowed both (16 concurrent requests, H200: 159 tokens/s in
+    all against 271 for one stream), so with the decoder's CUDA graphs on, requests wait in the queue
+    for it (H100: 191 tokens/s in all against 257 for one stream; BENCHMARKS.md)."""
     return 1 if decoder is not None and decoder.use_graph else MODEL_CONCURRENCY
 
 

@@ -23,7 +23,7 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - bf16-merged-graph-cdt / -autotune: one cache that just fits, compiled with Inductor's coordinate-descent
   tuning, and with max-autotune matmul templates as well.
 - bf16-merged-graph-short, -freezing, -gqa, -gqa-freezing: one cache that just fits; Inductor's freezing (weights
-  as constants: q/k/v fold into one matmul), attention as matmuls on the shared K/V heads (attn_implementation
+  as constants; meant to fold q/k/v into one matmul, which did not happen on the H100), attention as matmuls on the shared K/V heads (attn_implementation
   "starsql_gqa"), and both.
 - decode-profile(-gqa): the compiled step without its CUDA graph, under torch.profiler: kernel time and launches
   per token, and the top kernels.
@@ -349,7 +349,8 @@ def main(argv=None) -> int:
                                                       compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),
         # Same cache (one that just fits) for the levers below and their baseline.
         "bf16-merged-graph-short": lambda: graphed(short, lengths=(), check_identity=False),
-        # Inductor's freezing: weights become constants, and q/k/v (one input) fold into one matmul.
+        # Inductor's freezing: weights become constants; its pass that concatenates linears sharing an input
+        # (q/k/v) did not fire on the H100 run (no faster).
         "bf16-merged-graph-freezing": lambda: graphed(short, lengths=(), compile_options={"freezing": True}),
         # Attention as matmuls on the shared K/V heads (grouped_query_attention below), not SDPA over K/V
         # repeated to all 24 query heads.

@@ -41,7 +41,8 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
                        fuse_qkv: bool = True):
     """(model, tokenizer) ready to generate. The adapter is merged into bf16 weights for speed,
     except on a 4-bit base, where it stays a separate LoRA layer. `fuse_qkv`: one q/k/v matmul per
-    StarCoder2 attention (fuse_qkv_projections; same results, faster decoding)."""
+    StarCoder2 attention (fuse_qkv_projections: the same model up to bf16 rounding, faster decoding;
+    pass False for a model that will be saved or get another adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or inference_device()
@@ -102,10 +103,11 @@ class FusedQKVAttention(starcoder2.Starcoder2Attention):
 
 def fuse_qkv_projections(model) -> int:
     """Give every StarCoder2 attention of `model` one q/k/v projection (FusedQKVAttention), in place.
-    Plain linear layers only: a 4-bit base or an unmerged LoRA adapter is left as it is. Returns the
-    number of attention layers fused."""
+    Plain linear layers only: a 4-bit base or an unmerged LoRA adapter is left as it is. For
+    inference: the state dict then holds `qkv_proj`, which `from_pretrained` and PEFT adapters do not
+    know. Returns the number of attention layers fused."""
     fused = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: the loop replaces child modules
         projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
         if type(module) is not starcoder2.Starcoder2Attention or any(type(p) is not torch.nn.Linear for p in projections):
             continue

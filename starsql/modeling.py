@@ -35,8 +35,9 @@ class ModelArguments(ModelConfig):
     dtype: str | None = field(
         default=None,
         metadata={
-            "help": "Weights outside the 4-bit layers, and the 4-bit compute dtype: bfloat16, float16 or float32. "
-            "Default: bf16 on GPUs that have it, else fp16, fp32 on CPU; fp32 master weights for full fine-tuning."
+            "help": "Weights outside the 4-bit layers, and the 4-bit compute dtype. Default (or auto): bfloat16 for "
+            "a frozen base on GPUs that have it; float32 otherwise (full fine-tuning, fp16 GPUs, CPU).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
     half_precision_layer_norm: bool = field(
@@ -57,21 +58,23 @@ def compute_dtype() -> torch.dtype:
 
 def load_dtype(model_args: ModelArguments) -> torch.dtype:
     """The dtype the model is loaded in. TRL's ModelConfig defaults to float32, which left the
-    embeddings, norms, biases and the 4-bit compute dtype of a frozen base in fp32, and with them
-    every activation outside autocast's matmuls (BENCHMARKS.md: with HalfPrecisionLayerNorm, 1.30x
-    the tokens/s)."""
+    embeddings, norms, biases and the 4-bit compute dtype of a frozen base in fp32 on bf16 GPUs too,
+    and with them every activation outside autocast's matmuls (BENCHMARKS.md: bf16 weights with
+    HalfPrecisionLayerNorm, 1.30x the tokens/s)."""
     if model_args.dtype not in (None, "auto"):
         return getattr(torch, model_args.dtype)
-    # A frozen base computes in half precision; fully fine-tuned weights stay fp32 (autocast does the rest).
-    return compute_dtype() if model_args.use_peft else torch.float32
+    # A frozen base computes in bf16. Fully fine-tuned weights stay fp32 (autocast does the rest), and so
+    # do a base's on fp16 GPUs (T4, V100): StarCoder2's activations are bf16-sized, fp16 could overflow.
+    dtype = compute_dtype()
+    return dtype if model_args.use_peft and dtype == torch.bfloat16 else torch.float32
 
 
 def attention_implementation(requested: str | None) -> str:
     """flash_attention_2 when installed on a GPU, else SDPA; all keep packed examples apart.
 
     Packed, padding-free batches are one long row with a block-diagonal mask: SDPA computes every
-    block of it, while `flex_attention` skips the blocks between examples (about 2x the tokens/s of
-    SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H100 or H200, same loss: BENCHMARKS.md). It
+    block of it, while `flex_attention` skips the blocks between examples (1.7x to 2.1x the tokens/s
+    of SDPA for StarCoder2-3B QLoRA at micro-batch 16 on an H100 or H200, same loss: BENCHMARKS.md). It
     is set explicitly in configs/starcoder2-3b-sql-fast.yaml. It is not the automatic choice: its first
     step compiles for a minute or more, and at the recipe's micro-batch of 1-4 rows there is little
     between packed examples to skip."""

@@ -268,6 +268,14 @@ def test_fused_qkv_control_swapped_key_and_value_weights_change_the_output(tiny_
         assert not torch.allclose(model(ids).logits, logits, atol=1e-3)
 
 
+def test_the_apps_loader_fuses_after_merging_the_adapter(tuned):
+    from starsql.generate import FusedQKVAttention
+
+    model, _ = tuned  # load_for_inference(base, trained adapter): merged, then fused
+    attentions = [m for m in model.modules() if "Attention" in type(m).__name__]
+    assert attentions and all(type(m) is FusedQKVAttention for m in attentions)
+
+
 def test_a_4bit_model_keeps_its_projections(tiny_model_path):
     from starsql.generate import FusedQKVAttention
 
