@@ -77,7 +77,7 @@ if ZERO_GPU:
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# On a dedicated GPU, greedy answers replay a captured CUDA graph (271 tokens/s on an H200, BENCHMARKS.md).
+# On a dedicated GPU, greedy answers replay a captured CUDA graph (257 tokens/s on an H100, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
 if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
