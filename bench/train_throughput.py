@@ -88,15 +88,19 @@ CONFIGS = [
                   # What the H100 run measured before load_model changed: fp32 load, weights then cast to bf16
                   # (bitsandbytes' compute dtype stays fp32; autocast's matmuls are bf16 either way).
                   dict(name="sft-mb16-flex-castparams", path="sft", mb=16, ckpt=False, timeout=240,
-                       dtype="float32", cast_params=True))],
+                       dtype="float32", cast_params=True),
+                  # PEFT drops out each adapted projection's input on its own: three dropouts of the same
+                  # activations for q, k and v, six a layer. Without LoRA dropout (a recipe change: no loss check).
+                  dict(name="sft-mb16-flex-loradrop0", path="sft", mb=16, ckpt=False, timeout=240,
+                       **{"margs.lora_dropout": 0.0}))],
 ]
 DEFAULT_TIMEOUT = 120
 
 
 def parse_add(spec: str) -> dict:
     """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, timeout, procs,
-    loss_ref, args.FIELD for any TrainingConfig field and model.FIELD for a model config value (sft path),
-    e.g. args.packing_strategy=wrapped or model.attention_dropout=0."""
+    loss_ref, args.FIELD for any TrainingConfig field, margs.FIELD for any ModelArguments field and model.FIELD
+    for a model config value (sft path), e.g. args.packing_strategy=wrapped, margs.lora_r=8 or model.attention_dropout=0."""
     name, _, rest = spec.partition(":")
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
@@ -247,7 +251,8 @@ def run_sft(cfg: dict, args) -> dict:
                             for e in chosen[: self.n]]  # fmt: skip
 
     model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"), dtype=cfg.get("dtype"),
-                                half_precision_layer_norm=cfg.get("half_ln", True))
+                                half_precision_layer_norm=cfg.get("half_ln", True),
+                                **{k.removeprefix("margs."): v for k, v in cfg.items() if k.startswith("margs.")})
     tokenizer = load_tokenizer(model_args)
     steps = args.warmup + args.steps
     dataset = sft_dataset(tokenizer, steps * cfg["mb"] * SEQ * cfg.get("procs", 1))
@@ -494,7 +499,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),
-              "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model."))},
+              "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model.", "margs."))},
               "warmup_steps": extra["warmup"], **result}  # fmt: skip
     if cfg.get("mem_limit_gib") and record.get("peak_reserved_gib") is not None:
         record["under_mem_limit"] = record["peak_reserved_gib"] <= cfg["mem_limit_gib"]

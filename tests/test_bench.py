@@ -83,6 +83,7 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # The app's cache lengths, the shortest that holds 300 + 64 tokens; tokens as plain generate's.
     assert graph["cache_lengths"][0] == 512 and graph["cache_length_used"] == 512
     assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
+    assert graph["fused_qkv_layers"] == 2  # the app's loader fuses q/k/v of every layer
     app_default = lines["bf16-merged-graph-app-default"]  # room for 256 new tokens: the 1,024 cache, same tokens
     assert app_default["cache_length_used"] == 1024 and app_default["identical_to_bf16_merged"]
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
@@ -110,3 +111,19 @@ def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path,
     paired = paired_gains(tmp_path, spider_dir)
     assert (paired["gained"], paired["lost"], paired["gained_with_empty_or_zero_gold"]) == (3, 1, 2)
     assert paired["mcnemar_p"] == 2 * (1 + 4) / 16  # exact two-sided binomial, 4 changes, 1 the other way
+
+
+def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, tiny_cache):
+    out = tmp_path / "train.jsonl"
+    done = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--model_dir", str(tmp_path / "model"),
+                           "--only", "sft-mb16-attndrop0", "--add", "fp32-weights:dtype=float32,half_ln=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0",
+                           "--add", "no-lora-dropout:margs.lora_dropout=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all(lines[name]["tokens_per_s"] > 0 for name in ("plain-ckpt", "sft-mb16-attndrop0", "fp32-weights", "no-lora-dropout"))
+    # CPU: fp32 either way, so the same rows give the same losses; a changed recipe gets no loss check.
+    assert lines["fp32-weights"]["dtype"] == "float32" and not lines["fp32-weights"]["half_precision_layer_norm"]
+    assert lines["fp32-weights"]["loss_equivalent"] is True
+    assert lines["no-lora-dropout"]["overrides"]["margs.lora_dropout"] == 0 and "loss_equivalent" not in lines["no-lora-dropout"]
+    assert lines["no-lora-dropout"]["losses"] != lines["sft-mb16-attndrop0"]["losses"]  # the override reached the model
