@@ -125,3 +125,19 @@ def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path):
     assert summary["global_step"] == 4
     assert done.stdout.count("Saved adapter") == 1
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_bf16_weights_and_layer_norms_train_as_on_a_bf16_gpu(tmp_path, tiny_model_path):
+    # What a bf16 GPU now runs by default: 4-bit base with bf16 weights and compute dtype, bf16 autocast,
+    # LayerNorm returning bf16. The CPU's autocast stands in for CUDA's.
+    import math
+
+    out = tmp_path / "bf16"
+    proc = run_tiny(out, "--dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true", "--max_steps", "6",
+                    "--eval_steps", "3", "--save_steps", "6", "--logging_steps", "1")
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["hyperparameters"]["dtype"] == "bfloat16" and summary["hyperparameters"]["bf16"] is True
+    assert math.isfinite(summary["train_loss_final"]) and math.isfinite(summary["eval_loss_final"])
+    assert (out / "adapter_model.safetensors").is_file()
