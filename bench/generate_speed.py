@@ -338,6 +338,46 @@ def main(argv=None) -> int:
                 **(identity_report(decoder, model) if check_identity else {})}  # fmt: skip
 
     short = args.prompt_tokens + args.new_tokens + 8
+
+    def with_attention(name: str, run):
+        register_attention()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(name)
+        try:
+            return {**run(), "attn_implementation": name}
+        finally:
+            model.set_attn_implementation(previous)
+
+    def decode_profile(steps: int = 32, top: int = 15) -> dict:
+        """GPU kernels of `steps` decode steps (prefill excluded): time and launches per token, top kernels."""
+        from contextlib import nullcontext
+
+        from starsql.generate import GreedyDecoder
+
+        decoder = GreedyDecoder(model, max_length=short, lengths=())
+        decoder.use_graph = False  # the compiled step's kernels one by one (the graph hides them from the profiler)
+        decoder.warm_up()
+        slot, length = decoder.caches[0], single[0].shape[-1]
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.inference_mode():
+            for profiled in (False, True):  # a warm pass timed without the profiler, then the profiled one
+                token = decoder._prefill(slot, single[0])
+                sync()
+                start = time.perf_counter()
+                with torch.profiler.profile(activities=activities) if profiled else nullcontext() as profiler:
+                    for index in range(steps):
+                        token = decoder._decode(slot, token, length + index)
+                    sync()
+                if not profiled:
+                    unprofiled = time.perf_counter() - start
+        events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events)
+        return {"kernel_us_per_token": round(total / steps, 1), "kernels_per_token": round(sum(e.count for e in events) / steps, 1),
+                "no_graph_ms_per_token": round(1e3 * unprofiled / steps, 3),
+                "top_kernels": [{"kernel": e.key[:100], "us_per_token": round(e.self_device_time_total / steps, 1),
+                                 "calls_per_token": round(e.count / steps, 1)} for e in events[:top]]}  # fmt: skip
+
     graph_configs = {
         # The app before cache lengths: every token attends over a 4,096-position cache.
         "bf16-merged-graph-4096": lambda: graphed(args.app_decoder_tokens, lengths=(), check_identity=False),
@@ -358,52 +398,9 @@ def main(argv=None) -> int:
         "bf16-merged-graph-gqa-freezing": lambda: with_attention(
             "starsql_gqa", lambda: graphed(short, lengths=(), compile_options={"freezing": True})),
         # Where a token's GPU time goes: the compiled step run without its CUDA graph, under torch.profiler.
-        "decode-profile": lambda: decode_profile(None),
-        "decode-profile-gqa": lambda: with_attention("starsql_gqa", lambda: decode_profile(None)),
+        "decode-profile": lambda: decode_profile(),
+        "decode-profile-gqa": lambda: with_attention("starsql_gqa", decode_profile),
     }
-
-    def with_attention(name: str, run):
-        register_attention()
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(name)
-        try:
-            return {**run(), "attn_implementation": name}
-        finally:
-            model.set_attn_implementation(previous)
-
-    def decode_profile(compile_options, steps: int = 32, top: int = 15) -> dict:
-        """GPU kernels of `steps` decode steps (prefill excluded): time and launches per token, top kernels."""
-        from starsql.generate import GreedyDecoder
-
-        decoder = GreedyDecoder(model, max_length=short, lengths=(), compile_options=compile_options)
-        decoder.use_graph = False  # the compiled step's kernels one by one (the graph hides them from the profiler)
-        decoder.warm_up()
-        slot = decoder.caches[0]
-        with torch.inference_mode():
-            for attempt in ("warm", "profiled"):
-                token = decoder._prefill(slot, single[0])
-                length = single[0].shape[-1]
-                sync()
-                start = time.perf_counter()
-                if attempt == "profiled":
-                    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                    profiler = torch.profiler.profile(activities=activities)
-                    profiler.__enter__()
-                for index in range(steps):
-                    token = decoder._decode(slot, token, length + index)
-                sync()
-                wall = time.perf_counter() - start
-                if attempt == "profiled":
-                    profiler.__exit__(None, None, None)
-                else:
-                    unprofiled = wall
-        events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in events)
-        return {"kernel_us_per_token": round(total / steps, 1), "kernels_per_token": round(sum(e.count for e in events) / steps, 1),
-                "no_graph_ms_per_token": round(1e3 * unprofiled / steps, 3),
-                "top_kernels": [{"kernel": e.key[:100], "us_per_token": round(e.self_device_time_total / steps, 1),
-                                 "calls_per_token": round(e.count / steps, 1)} for e in events[:top]]}  # fmt: skip
 
     for name, run in graph_configs.items():
         if wanted(name):
@@ -417,7 +414,7 @@ def main(argv=None) -> int:
         "bf16-merged-fused": lambda: measure(model, tokenizer, single, args, warmups=1),  # plain generate
         "bf16-merged-graph-fused-short": lambda: graphed(short, lengths=()),
         "bf16-merged-graph-fused-gqa": lambda: with_attention("starsql_gqa", lambda: graphed(short, lengths=())),
-        "decode-profile-fused": lambda: decode_profile(None),
+        "decode-profile-fused": lambda: decode_profile(),
         # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
         "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
         # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.

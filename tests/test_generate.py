@@ -65,20 +65,26 @@ def tuned(tiny_run):
     return load_for_inference("tiny-starcoder2", str(tiny_run))
 
 
-@pytest.fixture(scope="module")
-def chaotic(tiny_model_path):
-    """The tiny model with large random weights: its output depends on every prompt token and
-    position (the trained tiny model answers everything alike), and its logits are far from ties.
-    Randomised before q/k/v are fused, so the draws (and the chaos) do not depend on the fusion."""
+def chaotic_unfused():
+    """The tiny model, q/k/v unfused, with large random weights (seed 0): far from ties, every weight matters."""
     import torch
-
-    from starsql.generate import fuse_qkv_projections
 
     model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def chaotic(tiny_model_path):
+    """The tiny model with large random weights: its output depends on every prompt token and
+    position (the trained tiny model answers everything alike), and its logits are far from ties.
+    Randomised before q/k/v are fused, so the draws (and the chaos) do not depend on the fusion."""
+    from starsql.generate import fuse_qkv_projections
+
+    model, tokenizer = chaotic_unfused()
     fuse_qkv_projections(model)  # as load_for_inference gives it to the app
     return model, tokenizer
 
@@ -221,11 +227,7 @@ def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
 
     from starsql.generate import FusedQKVAttention, fuse_qkv_projections
 
-    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)  # far from ties, every weight matters (the chaotic model)
+    model, tokenizer = chaotic_unfused()
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits
@@ -252,11 +254,7 @@ def test_fused_qkv_control_swapped_key_and_value_weights_change_the_output(tiny_
 
     from starsql.generate import fuse_qkv_projections
 
-    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
+    model, tokenizer = chaotic_unfused()
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits
