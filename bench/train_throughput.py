@@ -47,6 +47,7 @@ from common import (
 SEQ = 512
 BASELINE = "plain-ckpt"
 LOSS_REF = {"plain": "plain-ckpt", "sft": "sft-mb16-ckpt"}  # same data order and seed: losses must agree
+NO_DROPOUT = {"model.residual_dropout": 0.0, "model.embedding_dropout": 0.0, "margs.lora_dropout": 0.0}
 # heavy: compiles kernels (slow on CPU, skipped in --smoke unless named with --only); timeout: seconds on GPU.
 CONFIGS = [
     dict(name="plain-ckpt", path="plain", mb=16, ckpt=True),
@@ -68,10 +69,15 @@ CONFIGS = [
     dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=240,
          env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
     dict(name="sft-mb16-compile", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300),
+    # Compiled SDPA without any dropout, against eager flex without any dropout (eager SDPA and flex agree to 5e-5):
+    # tells whether a compiled run's loss difference comes from compiling flex_attention or from compiling at all.
+    dict(name="sft-mb16-compile-regional-nodrop", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300,
+         env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}, loss_ref="sft-mb16-flex-nodrop",
+         **{"model.attention_dropout": 0.0}, **NO_DROPOUT),
     # flex_attention on top of the other levers: checkpointing (small cards), bigger micro-batches (its cost grows
     # linearly with packed rows, SDPA's quadratically), DDP over 2 GPUs (one 4-bit copy per GPU, micro-batch 16 on
     # each: against sft-mb16-flex on one), torch.compile of the whole model. Loss reference: sft-mb16-flex.
-    *[dict(cfg, attn="flex_attention", heavy=True, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0})
+    *[dict({"loss_ref": "sft-mb16-flex"}, **cfg, attn="flex_attention", heavy=True, **{"model.attention_dropout": 0.0})
       for cfg in (dict(name="sft-mb16-flex-ckpt", path="sft", mb=16, ckpt=True, timeout=240),
                   dict(name="sft-mb16-flex-2gpu", path="sft", mb=16, ckpt=False, procs=2, timeout=300),
                   dict(name="sft-mb32-flex", path="sft", mb=32, ckpt=False, timeout=240),
@@ -96,7 +102,15 @@ CONFIGS = [
                   # One decoder layer compiled and reused for all 30 (whole-model compile timed out at 401 s):
                   # Inductor fuses the elementwise work around the matmuls (dropouts, LoRA adds, casts, GELU).
                   dict(name="sft-mb16-flex-compile-regional", path="sft", mb=16, ckpt=False, compile=True, timeout=360,
-                       env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}))],
+                       env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
+                  dict(name="sft-mb16-flex-compile-regional-loradrop0", path="sft", mb=16, ckpt=False, compile=True,
+                       timeout=360, env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}, **{"margs.lora_dropout": 0.0}),
+                  # Compiled dropouts draw other random masks than eager ones, so compile's loss check runs with
+                  # every dropout off (model and LoRA): same computation, only the kernels differ.
+                  dict(name="sft-mb16-flex-nodrop", path="sft", mb=16, ckpt=False, timeout=240, **NO_DROPOUT),
+                  dict(name="sft-mb16-flex-compile-regional-nodrop", path="sft", mb=16, ckpt=False, compile=True,
+                       timeout=360, env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"},
+                       loss_ref="sft-mb16-flex-nodrop", **NO_DROPOUT))],
 ]
 DEFAULT_TIMEOUT = 120
 

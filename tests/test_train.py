@@ -141,3 +141,29 @@ def test_bf16_weights_and_layer_norms_train_as_on_a_bf16_gpu(tmp_path, tiny_mode
     assert summary["hyperparameters"]["dtype"] == "bfloat16" and summary["hyperparameters"]["bf16"] is True
     assert math.isfinite(summary["train_loss_final"]) and math.isfinite(summary["eval_loss_final"])
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_model_path):
+    # --compile_regions: accelerate compiles one decoder layer and reuses it for all of them. Same losses as
+    # the eager run on CPU, graphs really compiled, and the saved adapter has PEFT's own key names.
+    from safetensors import safe_open
+
+    def train(out, *extra):
+        code = ("import sys, train_sft, torch._dynamo.utils as dynamo; code = train_sft.main(sys.argv[1:]); "
+                "print('COMPILED_GRAPHS', dynamo.counters['stats']['unique_graphs']); sys.exit(code)")
+        done = subprocess.run([sys.executable, "-c", code, *TINY, "--output_dir", str(out), "--max_steps", "4",
+                               "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        graphs = int(done.stdout.split("COMPILED_GRAPHS")[-1].split()[0])
+        return [e["loss"] for e in history if "loss" in e], graphs
+
+    eager_losses, eager_graphs = train(tmp_path / "eager")
+    losses, graphs = train(tmp_path / "compiled", "--compile_regions", "true")
+    assert eager_graphs == 0 and graphs > 0
+    assert len(losses) == 4 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, eager_losses)), (losses, eager_losses)
+    summary = json.loads((tmp_path / "compiled" / "run_summary.json").read_text())
+    assert summary["hyperparameters"]["compile_regions"] is True
+    with safe_open(str(tmp_path / "compiled" / "adapter_model.safetensors"), "pt") as adapter:
+        assert not [key for key in adapter.keys() if "_orig_mod" in key]
