@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +57,9 @@ class TrainingConfig(SFTConfig):
     compile_regions: bool = field(
         default=False,
         metadata={"help": "torch.compile one decoder layer and reuse it for every layer (accelerate's regional "
-                          "compilation): Inductor fuses the elementwise work around the matmuls. 1.21x the "
-                          "flex_attention recipe on an H100, ~1 min of compiling (BENCHMARKS.md)."},
+                          "compilation; implies torch_compile): Inductor fuses the elementwise work around the "
+                          "matmuls. 1.21x the flex_attention recipe's steps on an H100 after ~50 s of compiling; "
+                          "its second step's loss differs from eager by ~1.5%%, unexplained (BENCHMARKS.md)."},
     )  # fmt: skip
 
     def __post_init__(self):
@@ -71,8 +73,6 @@ class TrainingConfig(SFTConfig):
             self.ddp_backend = "gloo"
         if self.compile_regions:
             self.torch_compile = True
-            # The Trainer's TorchDynamoPlugin has no argument for it; accelerate reads this variable.
-            os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
         super().__post_init__()
 
 
@@ -114,6 +114,24 @@ class StopOnSignal(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def regional_compilation(enabled: bool):
+    """Regional compilation for the Trainer built inside: TrainingArguments has no field for it, and
+    accelerate reads it from the environment when the Trainer creates its TorchDynamoPlugin. Set only
+    for that, so no later Trainer in the process inherits it."""
+    key = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+    saved = os.environ.get(key)
+    if enabled:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 def hardware() -> str:
@@ -190,15 +208,16 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
 
     model = load_model(model_args)
     stop = StopOnSignal()
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args),
-        callbacks=[stop],
-    )
+    with regional_compilation(training_args.compile_regions):
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args),
+            callbacks=[stop],
+        )
     resume = resume_checkpoint(training_args, run_args)
     if resume:
         print(f"Resuming from {resume}")

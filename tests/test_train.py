@@ -145,23 +145,31 @@ def test_bf16_weights_and_layer_norms_train_as_on_a_bf16_gpu(tmp_path, tiny_mode
 
 def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_model_path):
     # --compile_regions: accelerate compiles one decoder layer and reuses it for all of them. Same losses as
-    # the eager run on CPU, graphs really compiled, and the saved adapter has PEFT's own key names.
+    # the eager run on CPU, graphs really compiled, by accelerate's regional path (a whole-model compile
+    # would pass the rest), the setting not left in the environment, PEFT's own key names in the adapter.
     from safetensors import safe_open
 
+    probe = ("import os, sys, train_sft, torch._dynamo.utils as dynamo, accelerate.accelerator as acc\n"
+             "regions, real = [], acc.compile_regions\n"
+             "acc.compile_regions = lambda model, **kw: regions.append(1) or real(model, **kw)\n"
+             "code = train_sft.main(sys.argv[1:])\n"
+             "print('PROBE', dynamo.counters['stats']['unique_graphs'], len(regions),\n"
+             "      os.environ.get('ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION'))\n"
+             "sys.exit(code)")
+
     def train(out, *extra):
-        code = ("import sys, train_sft, torch._dynamo.utils as dynamo; code = train_sft.main(sys.argv[1:]); "
-                "print('COMPILED_GRAPHS', dynamo.counters['stats']['unique_graphs']); sys.exit(code)")
-        done = subprocess.run([sys.executable, "-c", code, *TINY, "--output_dir", str(out), "--max_steps", "4",
+        done = subprocess.run([sys.executable, "-c", probe, *TINY, "--output_dir", str(out), "--max_steps", "4",
                                "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1", *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-        graphs = int(done.stdout.split("COMPILED_GRAPHS")[-1].split()[0])
-        return [e["loss"] for e in history if "loss" in e], graphs
+        graphs, regions, env = done.stdout.split("PROBE")[-1].split()[:3]
+        return [e["loss"] for e in history if "loss" in e], int(graphs), int(regions), env
 
-    eager_losses, eager_graphs = train(tmp_path / "eager")
-    losses, graphs = train(tmp_path / "compiled", "--compile_regions", "true")
-    assert eager_graphs == 0 and graphs > 0
+    eager_losses, eager_graphs, eager_regions, _ = train(tmp_path / "eager")
+    losses, graphs, regions, env = train(tmp_path / "compiled", "--compile_regions", "true")
+    assert (eager_graphs, eager_regions) == (0, 0) and graphs > 0 and regions == 1
+    assert env == "None"
     assert len(losses) == 4 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, eager_losses)), (losses, eager_losses)
     summary = json.loads((tmp_path / "compiled" / "run_summary.json").read_text())
     assert summary["hyperparameters"]["compile_regions"] is True
