@@ -16,7 +16,7 @@ Configurations (CONFIGS below):
   (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
   Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
   mb16's peak), Liger (if liger_kernel patches starcoder2), flex_attention (needs attention dropout 0, so
-  against SDPA with dropout 0), TrainingConfig(torch_compile=True) regional and whole-model; small-card-mb4-ckpt
+  against SDPA with dropout 0), TrainingConfig(compile_regions=True) (train_sft.py's --compile_regions) and torch_compile of the whole model; small-card-mb4-ckpt
   is the profile for a 16 GB card. sft-* load as train_sft.py does (ModelArguments defaults: weights outside the 4-bit
   layers in the compute dtype, LayerNorm returning bf16 under autocast); half_ln=0 and dtype=float32 give the path before.
 Step time: between optimizer steps after `--warmup` steps, CUDA synchronised. Every step's loss is kept; a config
@@ -66,13 +66,13 @@ CONFIGS = [
     dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
     # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.
-    dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=240,
-         env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
+    dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, regional=True, heavy=True,
+         timeout=240),
     dict(name="sft-mb16-compile", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300),
     # Compiled SDPA without any dropout, against eager flex without any dropout (eager SDPA and flex agree to 5e-5):
     # tells whether a compiled run's loss difference comes from compiling flex_attention or from compiling at all.
     dict(name="sft-mb16-compile-regional-nodrop", path="sft", mb=16, ckpt=False, compile=True, heavy=True, timeout=300,
-         env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}, loss_ref="sft-mb16-flex-nodrop",
+         regional=True, loss_ref="sft-mb16-flex-nodrop",
          **{"model.attention_dropout": 0.0}, **NO_DROPOUT),
     # flex_attention on top of the other levers: checkpointing (small cards), bigger micro-batches (its cost grows
     # linearly with packed rows, SDPA's quadratically), DDP over 2 GPUs (one 4-bit copy per GPU, micro-batch 16 on
@@ -101,29 +101,29 @@ CONFIGS = [
                        **{"margs.lora_dropout": 0.0}),
                   # One decoder layer compiled and reused for all 30 (whole-model compile timed out at 401 s):
                   # Inductor fuses the elementwise work around the matmuls (dropouts, LoRA adds, casts, GELU).
-                  dict(name="sft-mb16-flex-compile-regional", path="sft", mb=16, ckpt=False, compile=True, timeout=360,
-                       env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}),
+                  dict(name="sft-mb16-flex-compile-regional", path="sft", mb=16, ckpt=False, compile=True,
+                       regional=True, timeout=360),
                   dict(name="sft-mb16-flex-compile-regional-loradrop0", path="sft", mb=16, ckpt=False, compile=True,
-                       timeout=360, env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}, **{"margs.lora_dropout": 0.0}),
+                       timeout=360, regional=True, **{"margs.lora_dropout": 0.0}),
                   # Compiled dropouts draw other random masks than eager ones, so compile's loss check runs with
                   # every dropout off (model and LoRA): same computation, only the kernels differ.
                   dict(name="sft-mb16-flex-nodrop", path="sft", mb=16, ckpt=False, timeout=240, **NO_DROPOUT),
                   dict(name="sft-mb16-flex-compile-regional-nodrop", path="sft", mb=16, ckpt=False, compile=True,
-                       timeout=360, env={"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"},
+                       timeout=360, regional=True,
                        loss_ref="sft-mb16-flex-nodrop", **NO_DROPOUT))],
 ]
 DEFAULT_TIMEOUT = 120
 
 
 def parse_add(spec: str) -> dict:
-    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, timeout, procs,
+    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, regional, timeout, procs,
     loss_ref, args.FIELD for any TrainingConfig field, margs.FIELD for any ModelArguments field and model.FIELD
     for a model config value (sft path), e.g. args.packing_strategy=wrapped, margs.lora_r=8 or model.attention_dropout=0."""
     name, _, rest = spec.partition(":")
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("ckpt", "liger", "compile", "heavy", "profile", "half_ln", "cast_params") or value.lower() in ("true", "false"):
+        if key in ("ckpt", "liger", "compile", "regional", "heavy", "profile", "half_ln", "cast_params") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
             try:
@@ -221,7 +221,7 @@ def run_sft(cfg: dict, args) -> dict:
     from trl import SFTTrainer
 
     from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import TrainingConfig
+    from starsql.train import TrainingConfig, regional_compilation
 
     class StepTimer(TrainerCallback):
         """Time and tokens between the end of step `warmup` and the end of the last step."""
@@ -306,6 +306,7 @@ def run_sft(cfg: dict, args) -> dict:
         dataloader_num_workers=0,
         use_liger_kernel=bool(cfg.get("liger")),
         torch_compile=bool(cfg.get("compile")),
+        compile_regions=bool(cfg.get("regional")),  # train_sft.py's --compile_regions
         seed=0,
         **{key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")},
     )
@@ -313,10 +314,11 @@ def run_sft(cfg: dict, args) -> dict:
     # The profiler stops before the timer's first mark (callbacks run in order).
     callbacks = ([KernelProfile(args.warmup)] if cfg.get("profile") else []) + [timer]
     set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
-    trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora_config(model_args), callbacks=callbacks,
-    )  # fmt: skip
+    with regional_compilation(training_args.compile_regions):  # as starsql.train.run builds its trainer
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+            peft_config=lora_config(model_args), callbacks=callbacks,
+        )  # fmt: skip
     load_s = time.perf_counter() - started
     trainer.train()
     if timer.start is None or timer.end is None:
@@ -338,8 +340,6 @@ def run_config(cfg: dict, args) -> dict:
     free_memory()
     started = time.perf_counter()
     result = {}
-    saved_env = {key: os.environ.get(key) for key in cfg.get("env", {})}
-    os.environ.update(cfg.get("env", {}))
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's prints stay off the JSON lines
             result = (run_plain if cfg["path"] == "plain" else run_sft)(cfg, args)
@@ -349,11 +349,6 @@ def run_config(cfg: dict, args) -> dict:
         result = {"error": f"{type(error).__name__}: {error}"[:1000]}
         if "out of memory" in str(error).lower():  # some kernels raise a plain RuntimeError
             result["oom"] = True
-    for key, value in saved_env.items():  # in-process mode: the next config sees the old environment
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
     if torch.cuda.is_available():
         result["total_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     result.update(card=card(), peak_mem_gib=peak_gib(), peak_reserved_gib=peak_reserved_gib())
@@ -513,7 +508,8 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
     config that trains on the same rows as its loss reference, how far its losses are from the reference's."""
     record = {"card": extra["gpu"], "config": cfg["name"], "path": cfg["path"], "micro_batch": cfg["mb"],
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
-              "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")), "env": cfg.get("env"),
+              "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")),
+              "compile_regions": bool(cfg.get("regional")),
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),
