@@ -38,6 +38,7 @@ first new token (prefill + 1 token), taken in the same calls.
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -158,14 +159,78 @@ def grouped_query_attention(module, query, key, value, attention_mask, scaling=N
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
+def _decode_only(decode):
+    """An attention function that runs `decode` for one new token (the decoder's step; its mask is the
+    decoder's own additive (1, 1, 1, cache) row) and transformers' SDPA for anything longer (the prefill)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[2] != 1 or module.training:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = decode(query, key, value, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def flex_decode(query, key, value, attention_mask, scaling):
+    """PyTorch's flex_attention for one query token: under torch.compile its flash-decoding kernel (K/V
+    split along the cache, read once per shared K/V head: enable_gqa), the mask row as a score_mod."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    row = attention_mask.view(-1)[: key.shape[-2]]  # 0 or the dtype's min, per cache position
+
+    def add_mask(score, batch, head, q_index, kv_index):
+        return score + row[kv_index]
+
+    return flex_attention(query, key, value, score_mod=add_mask, scale=scaling, enable_gqa=True)
+
+
+def reduction_decode(query, key, value, attention_mask, scaling):
+    """Attention for one query token as products and sums, not matmuls: Inductor turns each into one
+    reduction kernel (scores, softmax, weighted values) that reads a shared K/V head once per group."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.view(batch, kv_heads, heads // kv_heads, 1, dim).float()
+    scores = (q * key[:, :, None].float()).sum(-1) * scaling  # (batch, kv_heads, groups, cache)
+    scores = scores + attention_mask.view(batch, 1, 1, -1)[..., : key.shape[-2]].float()
+    probs = scores.softmax(-1)
+    out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # (batch, kv_heads, groups, dim)
+    return out.view(batch, heads, 1, dim).to(value.dtype)
+
+
 def register_attention():
-    """attn_implementation="starsql_gqa": grouped_query_attention, with transformers' eager masks
-    (always a 4-D additive mask, never None)."""
+    """attn_implementation "starsql_gqa" (grouped_query_attention, with transformers' eager masks: always
+    a 4-D additive mask, never None), "starsql_flexdecode" and "starsql_reduce" (the decoder's step only,
+    SDPA and its masks for the prefill)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register("starsql_gqa", grouped_query_attention)
     AttentionMaskInterface.register("starsql_gqa", eager_mask)
+    for name, decode in (("starsql_flexdecode", flex_decode), ("starsql_reduce", reduction_decode)):
+        AttentionInterface.register(name, _decode_only(decode))
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+@contextlib.contextmanager
+def linear_as_reduction():
+    """nn.Linear on one row as a product and a sum (not a cuBLAS GEMV): Inductor makes it one reduction
+    kernel with the bias, the GELU or the residual add fused in, and no split-K reduction kernel after it.
+    For the decoder's compiled step (traced while this is on); longer inputs keep F.linear."""
+    original = torch.nn.Linear.forward
+
+    def forward(self, x):
+        if x.shape[:-1].numel() != 1:
+            return original(self, x)
+        out = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
+        return (out if self.bias is None else out + self.bias.float()).to(x.dtype)
+
+    torch.nn.Linear.forward = forward
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward = original
 
 
 def dtype_name(model) -> str:
@@ -295,28 +360,43 @@ def main(argv=None) -> int:
 
     identity = [prompt_batch(tokenizer, 1, args.prompt_tokens - 24 * i) for i in range(1, args.identity_prompts + 1)]
 
+    references = {}
+
+    def plain_reference(model_) -> list[list[int]]:
+        """Plain generate's tokens on the identity prompts, once per model and q/k/v fusion, with the
+        attention the model was loaded with (with_attention takes it before switching)."""
+        key = (id(model_), sum(hasattr(m, "qkv_proj") for m in model_.modules()))
+        if key not in references:
+            references[key] = plain_tokens(model_, identity)
+        return references[key]
+
     def identity_report(decoder, model_, reference=None) -> dict:
         """The decoder's greedy tokens against plain generate's (or `reference`) on the identity prompts."""
         decoded = [list(decoder.tokens(ids, args.new_tokens, tokenizer.eos_token_id)) for ids, _ in identity]
-        mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference or plain_tokens(model_, identity))]
+        reference = reference or plain_reference(model_)
+        mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference)]
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
     def graphed(max_length: int, lengths=(512, 1024, 2048), compile_options=None, check_identity=True,
-                reserve: int | None = None) -> dict:
-        """`reserve`: max_new_tokens as the request asks (it picks the cache); new_tokens of them are timed."""
+                reserve: int | None = None, synced: bool = False, trace=contextlib.nullcontext) -> dict:
+        """`reserve`: max_new_tokens as the request asks (it picks the cache); new_tokens of them are timed.
+        `synced`: the host reads each token before the next step is queued (the decoder's loop before
+        it queued ahead). `trace`: a context the step is compiled and captured in."""
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=max_length, lengths=lengths, compile_options=compile_options)
         compiled = time.perf_counter()
-        decoder.warm_up()  # compiles and captures every cache length, as the app does at start-up
+        with trace():
+            decoder.warm_up()  # compiles and captures every cache length, as the app does at start-up
         compile_s = time.perf_counter() - compiled
         times, ttfts = [], []
         for _ in range(args.repeats + 1):
             sync()
             start = time.perf_counter()
             new, first = [], None
-            stream = decoder.tokens(single[0], reserve or args.new_tokens)  # no EOS: runs to max_new_tokens
+            request = (decoder, single[0], reserve or args.new_tokens)
+            stream = synced_tokens(*request) if synced else decoder.tokens(*request[1:])  # no EOS: runs to max_new_tokens
             for token in stream:
                 first = first or time.perf_counter()
                 new.append(token)
@@ -339,7 +419,31 @@ def main(argv=None) -> int:
 
     short = args.prompt_tokens + args.new_tokens + 8
 
+    @torch.inference_mode()
+    def synced_tokens(decoder, input_ids, max_new_tokens):
+        """The decoder's loop before it queued ahead: the host reads each token (a sync), then replays the
+        graph for the next one."""
+        slot = next(s for s in decoder.caches if input_ids.shape[-1] + max_new_tokens <= s.length)
+        token = decoder._prefill(slot, input_ids)
+        decoder._start(slot, token, input_ids.shape[-1])
+        for index in range(max_new_tokens):
+            yield int(token)
+            if index + 1 < max_new_tokens:
+                if slot.graph is None:  # CPU: no graph
+                    token = decoder._advance(slot)
+                else:
+                    slot.graph.replay()
+                    token = slot.next
+
+    def lever(run):
+        """A lever that changes what the step traces: forget earlier compiles first (their guards may not
+        see a patched nn.Linear), so it compiles anew."""
+        torch._dynamo.reset()
+        return run()
+
     def with_attention(name: str, run):
+        if args.identity_prompts:
+            plain_reference(model)  # with the model's own attention
         register_attention()
         previous = model.config._attn_implementation
         model.set_attn_implementation(name)
@@ -365,8 +469,9 @@ def main(argv=None) -> int:
                 sync()
                 start = time.perf_counter()
                 with torch.profiler.profile(activities=activities) if profiled else nullcontext() as profiler:
+                    decoder._start(slot, token, length)
                     for index in range(steps):
-                        token = decoder._decode(slot, token, length + index)
+                        token = decoder._advance(slot)
                     sync()
                 if not profiled:
                     unprofiled = time.perf_counter() - start
@@ -420,6 +525,21 @@ def main(argv=None) -> int:
         # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.
         "bf16-merged-graph-app-default": lambda: graphed(args.app_decoder_tokens, check_identity=False,
                                                          reserve=args.app_max_new_tokens),
+        # Levers on the app's decoder for this request (its 512 cache), one at a time. The loop before it
+        # queued the next step ahead of reading a token:
+        "bf16-merged-graph-512-synced": lambda: graphed(512, lengths=(), check_identity=False, synced=True),
+        # Attention for the one-token step: matmuls on the shared K/V heads, flex_attention's decoding kernel,
+        # products and sums that Inductor fuses (SDPA for the prefill in the last two).
+        "bf16-merged-graph-512-gqa": lambda: with_attention("starsql_gqa", lambda: lever(lambda: graphed(512, lengths=()))),
+        "bf16-merged-graph-512-flexdecode": lambda: with_attention(
+            "starsql_flexdecode", lambda: lever(lambda: graphed(512, lengths=()))),
+        "bf16-merged-graph-512-reduce": lambda: with_attention(
+            "starsql_reduce", lambda: lever(lambda: graphed(512, lengths=()))),
+        # Every linear layer of the step as an Inductor reduction (no cuBLAS GEMV, no split-K), without and
+        # with Inductor's coordinate-descent tuning of its block sizes.
+        "bf16-merged-graph-512-linreduce": lambda: lever(lambda: graphed(512, lengths=(), trace=linear_as_reduction)),
+        "bf16-merged-graph-512-linreduce-cdt": lambda: lever(lambda: graphed(
+            512, lengths=(), trace=linear_as_reduction, compile_options={"coordinate_descent_tuning": True})),
     }
     for name, run in fused_configs.items():
         if wanted(name):

@@ -185,11 +185,15 @@ class _CacheGraph:
         # Sliding-window layers branch on a Python-int length, which torch.compile specialises on: a
         # recompile every token. The window is never reached here, so plain static layers compute the same.
         self.cache.layers = [StaticLayer(max_cache_len=length) for _ in self.cache.layers]
+        # The step's input token and its position; each step overwrites both with the next ones.
         self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         self.position = torch.zeros((1,), dtype=torch.long, device=model.device)
         self.next = None
         self.graph = None
         self.prepared = False
+        # Where each new token lands on the host (pinned: the copy runs beside the GPU's next step).
+        self.host = torch.zeros(length, dtype=torch.long, pin_memory=model.device.type == "cuda")
+        self.copied = [torch.cuda.Event() for _ in range(2)] if model.device.type == "cuda" else None
 
 
 class GreedyDecoder:
@@ -200,8 +204,11 @@ class GreedyDecoder:
     kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md). Each token
     attends over the whole static cache, so the decoder keeps caches of several `lengths` and uses
     the shortest that holds the request. Greedy only, one stream at a time: callers hold `lock`.
-    The graphs are captured by hand rather than with torch.compile's "reduce-overhead" mode, whose
-    CUDA graph trees are per thread, and Gradio calls from a different worker thread each time."""
+    Each step feeds its token and position to the next on the device, so the next step is queued
+    before the host reads the current token: the GPU does not wait for Python between tokens (the
+    price: a request that stops early computes one step it does not use). The graphs are captured
+    by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph trees are per
+    thread, and Gradio calls from a different worker thread each time."""
 
     def __init__(self, model, max_length: int = 1024, compile: bool | None = None,
                  lengths: tuple[int, ...] = (512, 1024, 2048), compile_options: dict | None = None):
@@ -240,23 +247,29 @@ class GreedyDecoder:
                          cache_position=positions, past_key_values=slot.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
+    def _advance(self, slot: _CacheGraph) -> torch.Tensor:
+        """One step: the token after `slot.token` at `slot.position`, which then become that token and
+        the next position, on the device (captured into the graph with the step)."""
+        next_token = self._step(slot.token, slot.position, slot.cache, slot.length)
+        slot.token.copy_(next_token)
+        slot.position.add_(1)
+        return next_token
+
     def _prepare(self, slot: _CacheGraph):
         """Compile and warm up the step (and capture it on a GPU) on a throwaway one-token prompt, then
         empty the cache: warm-up steps write K/V and advance the cache's counter."""
-        slot.token.copy_(self._prefill(slot, torch.zeros((1, 1), dtype=torch.long)))
-        slot.position.fill_(1)
-        step = lambda: self._step(slot.token, slot.position, slot.cache, slot.length)  # noqa: E731
+        self._start(slot, self._prefill(slot, torch.zeros((1, 1), dtype=torch.long)), 1)
         if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    step()
+                    self._advance(slot)
             graph = torch.cuda.CUDAGraph()
             try:
                 # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
                 with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    slot.next = step()
+                    slot.next = self._advance(slot)
                 slot.graph = graph
             except RuntimeError as error:
                 warnings.warn(f"CUDA graph capture failed, decoding without it: {str(error).splitlines()[0]}")
@@ -264,17 +277,25 @@ class GreedyDecoder:
             torch.cuda.current_stream().wait_stream(side)
         else:
             for _ in range(3):
-                step()
+                self._advance(slot)
         slot.cache.reset()  # in place: the captured graph keeps pointing at the same memory
         slot.prepared = True
 
-    def _decode(self, slot: _CacheGraph, token: torch.Tensor, position: int) -> torch.Tensor:
+    def _start(self, slot: _CacheGraph, token: torch.Tensor, position: int):
+        """The first step's input: the prefill's token, at the position after the prompt."""
         slot.token.copy_(token)
         slot.position.fill_(position)
-        if slot.graph is None or not self.use_graph:
-            return self._step(slot.token, slot.position, slot.cache, slot.length)
-        slot.graph.replay()
-        return slot.next
+
+    def _queue(self, slot: _CacheGraph, token: torch.Tensor, index: int):
+        """Copy new token number `index` to the host without waiting for it (read with `_read`)."""
+        slot.host[index : index + 1].copy_(token.view(-1), non_blocking=True)
+        if slot.copied is not None:
+            slot.copied[index % 2].record()
+
+    def _read(self, slot: _CacheGraph, index: int) -> int:
+        if slot.copied is not None:
+            slot.copied[index % 2].synchronize()
+        return int(slot.host[index])
 
     @torch.inference_mode()
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
@@ -292,12 +313,19 @@ class GreedyDecoder:
         if not slot.prepared:
             self._prepare(slot)
         token = self._prefill(slot, input_ids)
+        self._start(slot, token, length)
+        self._queue(slot, token, 0)
         for index in range(max_new_tokens):
-            value = int(token)
+            if index + 1 < max_new_tokens:  # queue the step for token index + 1 before reading token index
+                if self.use_graph and slot.graph is not None:
+                    slot.graph.replay()
+                    self._queue(slot, slot.next, index + 1)
+                else:
+                    self._queue(slot, self._advance(slot), index + 1)
+            value = self._read(slot, index)
             yield value
-            if value == eos_token_id or index == max_new_tokens - 1:
+            if value == eos_token_id:
                 return
-            token = self._decode(slot, token, length + index)
 
     @torch.inference_mode()
     def warm_up(self):

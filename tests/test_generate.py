@@ -114,10 +114,27 @@ def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
     # The control for the test above: feeding each step one position late must be caught by it.
     model, tokenizer = chaotic
     decoder = GreedyDecoder(model, max_length=512, compile=False)
-    decode = decoder._decode
-    decoder._decode = lambda slot, token, position: decode(slot, token, position + 1)
+    start = decoder._start
+    decoder._start = lambda slot, token, position: start(slot, token, position + 1)
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert list(decoder.tokens(ids, 48, tokenizer.eos_token_id)) != plain_greedy(model, tokenizer, PROMPTS[0], 48)
+
+
+def test_decoder_queues_the_next_step_before_the_host_reads_a_token(chaotic):
+    # The GPU must not wait for Python between tokens: when token i reaches the caller, the step for
+    # token i + 1 is already queued; and none is queued past max_new_tokens (the cache's last position).
+    model, tokenizer = chaotic
+    decoder = GreedyDecoder(model, max_length=512, compile=False)
+    decoder.warm_up()  # its warm-up steps are not the request's
+    steps = []
+    advance = decoder._advance
+    decoder._advance = lambda slot: (steps.append(1), advance(slot))[1]
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    queued_when_read = [len(steps) for _ in decoder.tokens(ids, 20, eos_token_id=None)]
+    assert queued_when_read == [i + 1 for i in range(19)] + [19]
+    # A request that fills its cache exactly: no step may run past the last position.
+    exact = GreedyDecoder(model, max_length=ids.shape[1] + 20, compile=False, lengths=())
+    assert list(exact.tokens(ids, 20)) == plain_greedy(model, tokenizer, PROMPTS[0], 20)
 
 
 def test_stream_with_decoder_matches_stream_without(tuned):
