@@ -28,9 +28,12 @@ Configurations: ~300-token prompt, exactly 64 new tokens (min_new_tokens), greed
 - decode-profile(-gqa): the compiled step without its CUDA graph, under torch.profiler: kernel time and launches
   per token, and the top kernels.
 Then q/k/v are fused into one projection (starsql.generate.fuse_qkv_projections, as load_for_inference does for
-the app), and: bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / -fused-gqa / decode-profile-fused
-against their unfused runs above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16).
-fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
+the app; the fused attention also decodes through starsql.generate.grouped_query_attention), and:
+bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / decode-profile-fused against their unfused runs
+above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16) and levers on the app's decoder
+for this request (its 512 cache): -512-synced (the host reads each token before the next step is queued: the loop
+before it queued ahead), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
+coordinate-descent tuning). fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
   --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
@@ -138,79 +141,23 @@ def measure(model, tokenizer, inputs, args, warmups: int) -> dict:
     }
 
 
-def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention as two matmuls and a softmax, each query head group against its shared K/V head
-    without copying K/V per query head (transformers' SDPA path repeats them under torch.compile).
-    For decoding: Inductor fuses the softmax and the mask, the matmuls are small batched GEMVs.
-    Registered as attn_implementation "starsql_gqa"; returns (batch, q_len, heads, head_dim).
-    Measured, not adopted by the app (BENCHMARKS.md)."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    query = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads are ordered kv_head-major
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
-    scores = scores.view(batch, kv_heads, groups, q_len, -1)
-    if attention_mask is not None:  # (batch, 1, q_len, kv_len), additive or boolean
-        mask = attention_mask[:, :, None, :, : key.shape[-2]]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training) if dropout else probs
-    out = torch.matmul(probs.view(batch, kv_heads, groups * q_len, -1), value)
-    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
-
-
-def _decode_only(decode):
-    """An attention function that runs `decode` for one new token (the decoder's step; its mask is the
-    decoder's own additive (1, 1, 1, cache) row) and transformers' SDPA for anything longer (the prefill)."""
+def register_attention():
+    """attn_implementation "starsql_gqa" for the unfused model: its one-token steps through
+    starsql.generate.grouped_query_attention (what the fused model, the app's, always uses), with
+    transformers' eager masks (always a 4-D additive mask, never None); SDPA for the prefill."""
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    from starsql.generate import grouped_query_attention
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if query.shape[2] != 1 or module.training:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        out = decode(query, key, value, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return grouped_query_attention(query, key, value, attention_mask, module.scaling if scaling is None else scaling), None
 
-    return attention
-
-
-def flex_decode(query, key, value, attention_mask, scaling):
-    """PyTorch's flex_attention for one query token: under torch.compile its flash-decoding kernel (K/V
-    split along the cache, read once per shared K/V head: enable_gqa), the mask row as a score_mod."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    row = attention_mask.view(-1)[: key.shape[-2]]  # 0 or the dtype's min, per cache position
-
-    def add_mask(score, batch, head, q_index, kv_index):
-        return score + row[kv_index]
-
-    return flex_attention(query, key, value, score_mod=add_mask, scale=scaling, enable_gqa=True)
-
-
-def reduction_decode(query, key, value, attention_mask, scaling):
-    """Attention for one query token as products and sums, not matmuls: Inductor turns each into one
-    reduction kernel (scores, softmax, weighted values) that reads a shared K/V head once per group."""
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.view(batch, kv_heads, heads // kv_heads, 1, dim).float()
-    scores = (q * key[:, :, None].float()).sum(-1) * scaling  # (batch, kv_heads, groups, cache)
-    scores = scores + attention_mask.view(batch, 1, 1, -1)[..., : key.shape[-2]].float()
-    probs = scores.softmax(-1)
-    out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # (batch, kv_heads, groups, dim)
-    return out.view(batch, heads, 1, dim).to(value.dtype)
-
-
-def register_attention():
-    """attn_implementation "starsql_gqa" (grouped_query_attention, with transformers' eager masks: always
-    a 4-D additive mask, never None), "starsql_flexdecode" and "starsql_reduce" (the decoder's step only,
-    SDPA and its masks for the prefill)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-    AttentionInterface.register("starsql_gqa", grouped_query_attention)
+    AttentionInterface.register("starsql_gqa", attention)
     AttentionMaskInterface.register("starsql_gqa", eager_mask)
-    for name, decode in (("starsql_flexdecode", flex_decode), ("starsql_reduce", reduction_decode)):
-        AttentionInterface.register(name, _decode_only(decode))
-        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 @contextlib.contextmanager
@@ -518,7 +465,6 @@ def main(argv=None) -> int:
     fused_configs = {
         "bf16-merged-fused": lambda: measure(model, tokenizer, single, args, warmups=1),  # plain generate
         "bf16-merged-graph-fused-short": lambda: graphed(short, lengths=()),
-        "bf16-merged-graph-fused-gqa": lambda: with_attention("starsql_gqa", lambda: graphed(short, lengths=())),
         "decode-profile-fused": lambda: decode_profile(),
         # What the app runs: caches of 512..4096 positions, the shortest that holds the request.
         "bf16-merged-graph": lambda: graphed(args.app_decoder_tokens),
@@ -528,13 +474,6 @@ def main(argv=None) -> int:
         # Levers on the app's decoder for this request (its 512 cache), one at a time. The loop before it
         # queued the next step ahead of reading a token:
         "bf16-merged-graph-512-synced": lambda: graphed(512, lengths=(), check_identity=False, synced=True),
-        # Attention for the one-token step: matmuls on the shared K/V heads, flex_attention's decoding kernel,
-        # products and sums that Inductor fuses (SDPA for the prefill in the last two).
-        "bf16-merged-graph-512-gqa": lambda: with_attention("starsql_gqa", lambda: lever(lambda: graphed(512, lengths=()))),
-        "bf16-merged-graph-512-flexdecode": lambda: with_attention(
-            "starsql_flexdecode", lambda: lever(lambda: graphed(512, lengths=()))),
-        "bf16-merged-graph-512-reduce": lambda: with_attention(
-            "starsql_reduce", lambda: lever(lambda: graphed(512, lengths=()))),
         # Every linear layer of the step as an Inductor reduction (no cuBLAS GEMV, no split-K), without and
         # with Inductor's coordinate-descent tuning of its block sizes.
         "bf16-merged-graph-512-linreduce": lambda: lever(lambda: graphed(512, lengths=(), trace=linear_as_reduction)),

@@ -116,14 +116,15 @@ DEFAULT_TIMEOUT = 120
 
 
 def parse_add(spec: str) -> dict:
-    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, regional, timeout, procs,
+    """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, regional, dynamic
+    (accelerate's dynamic shapes from the first step), timeout, procs,
     loss_ref, args.FIELD for any TrainingConfig field, margs.FIELD for any ModelArguments field and model.FIELD
     for a model config value (sft path), e.g. args.packing_strategy=wrapped, margs.lora_r=8 or model.attention_dropout=0."""
     name, _, rest = spec.partition(":")
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("ckpt", "liger", "compile", "regional", "heavy", "profile", "half_ln", "cast_params") or value.lower() in ("true", "false"):
+        if key in ("ckpt", "liger", "compile", "regional", "dynamic", "heavy", "profile", "half_ln", "cast_params") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
             try:
@@ -314,7 +315,7 @@ def run_sft(cfg: dict, args) -> dict:
     # The profiler stops before the timer's first mark (callbacks run in order).
     callbacks = ([KernelProfile(args.warmup)] if cfg.get("profile") else []) + [timer]
     set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
-    with regional_compilation(training_args.compile_regions):  # as starsql.train.run builds its trainer
+    with regional_compilation(training_args.compile_regions, dynamic=cfg.get("dynamic")):  # as starsql.train.run builds its trainer
         trainer = SFTTrainer(
             model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
             peft_config=lora_config(model_args), callbacks=callbacks,
@@ -509,7 +510,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
     record = {"card": extra["gpu"], "config": cfg["name"], "path": cfg["path"], "micro_batch": cfg["mb"],
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")),
-              "compile_regions": bool(cfg.get("regional")),
+              "compile_regions": bool(cfg.get("regional")), "dynamic": cfg.get("dynamic"),
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),

@@ -71,13 +71,33 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
     return model, tokenizer
 
 
+def grouped_query_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """Attention of few query tokens (decoding) as two matmuls and a softmax, each group of query heads
+    against the K/V head it shares, without copying K/V to all query heads (transformers' SDPA path
+    does under torch.compile, and cuDNN's kernel is built for long queries). `attention_mask`: None
+    (all visible), boolean or additive, (batch, 1, q_len, >= kv_len). Returns (batch, q_len, heads, dim)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    query = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads are ordered kv_head-major
+    scores = torch.matmul(query, key.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, -1) * scaling
+    if attention_mask is not None:
+        mask = attention_mask[:, :, None, :, : key.shape[-2]]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, groups * q_len, -1), value)
+    return out.view(batch, heads, q_len, dim).transpose(1, 2)
+
+
 class FusedQKVAttention(starcoder2.Starcoder2Attention):
-    """StarCoder2 attention with q, k and v as one projection (`qkv_proj`, their weights stacked).
+    """StarCoder2 attention for inference, with q, k and v as one projection (`qkv_proj`, their
+    weights stacked), and one new token attending through `grouped_query_attention`.
 
     Decoding one token is a matrix-vector product per projection; k and v (256 outputs each, for 2
     KV heads) are too small to use the GPU's memory bandwidth, and each costs a launch and a
-    split-K reduction. One matmul for all three: BENCHMARKS.md. The forward is transformers'
-    Starcoder2Attention.forward with the three projections replaced by one."""
+    split-K reduction. One matmul for all three, and the decoding attention on the 2 shared K/V
+    heads: BENCHMARKS.md. The forward is transformers' Starcoder2Attention.forward with the three
+    projections replaced by one."""
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -89,6 +109,10 @@ class FusedQKVAttention(starcoder2.Starcoder2Attention):
         query_states, key_states = starcoder2.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if query_states.shape[2] == 1 and not self.training:  # one new token (decoding)
+            attn_output = grouped_query_attention(query_states, key_states, value_states, attention_mask, self.scaling)
+            attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+            return attn_output, None
         attention_interface = starcoder2.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, starcoder2.eager_attention_forward
         )

@@ -58,8 +58,9 @@ class TrainingConfig(SFTConfig):
         default=False,
         metadata={"help": "torch.compile one decoder layer and reuse it for every layer (accelerate's regional "
                           "compilation; implies torch_compile): Inductor fuses the elementwise work around the "
-                          "matmuls. 1.21x the flex_attention recipe's steps on an H100 after ~50 s of compiling; "
-                          "its second step's loss differs from eager by ~1.5%%, unexplained (BENCHMARKS.md)."},
+                          "matmuls. 1.21-1.29x the flex_attention recipe's steps on an H100 after ~50 s of "
+                          "compiling. With the same weights it computes eager's losses; after the first "
+                          "optimizer step its second step's loss is ~1.5%% lower, not yet explained (BENCHMARKS.md)."},
     )  # fmt: skip
 
     def __post_init__(self):
@@ -117,21 +118,23 @@ class StopOnSignal(TrainerCallback):
 
 
 @contextmanager
-def regional_compilation(enabled: bool):
+def regional_compilation(enabled: bool, dynamic: bool | None = None):
     """Regional compilation for the Trainer built inside: TrainingArguments has no field for it, and
     accelerate reads it from the environment when the Trainer creates its TorchDynamoPlugin. Set only
-    for that, so no later Trainer in the process inherits it."""
-    key = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
-    saved = os.environ.get(key)
-    if enabled:
-        os.environ[key] = "1"
+    for that, so no later Trainer in the process inherits it. `dynamic`: accelerate's dynamic-shape
+    setting as well (None: leave it to torch.compile, which recompiles once lengths vary)."""
+    settings = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1" if enabled else None,
+                "ACCELERATE_DYNAMO_USE_DYNAMIC": None if dynamic is None else str(int(dynamic))}  # fmt: skip
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update({key: value for key, value in settings.items() if value is not None})
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def hardware() -> str:

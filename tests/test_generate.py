@@ -265,6 +265,30 @@ def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
     assert fuse_qkv_projections(model) == 0  # already fused
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "boolean", "additive"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_grouped_query_attention_is_sdpa_over_repeated_heads(mask_kind, q_len):
+    # The decoding attention of the fused model: each query head h attends with K/V head h // groups,
+    # as transformers' repeat_kv orders them, under every mask form transformers passes.
+    import torch
+
+    from starsql.generate import grouped_query_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 6, q_len, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    visible = torch.rand(2, 1, q_len, 12) > 0.4  # longer than K/V, as a static cache's mask may be
+    visible[..., 9] = True  # every query sees at least one key
+    mask = {"none": None, "boolean": visible,
+            "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min)}[mask_kind]  # fmt: skip
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+        attn_mask=None if mask is None else mask[..., :10], scale=0.3,
+    ).transpose(1, 2)  # fmt: skip
+    got = grouped_query_attention(query, key, value, mask, scaling=0.3)
+    assert got.shape == (2, q_len, 6, 8)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_fused_qkv_control_swapped_key_and_value_weights_change_the_output(tiny_model_path):
     # The control for the test above: a fused weight stacked in the wrong order must be caught by it.
     import torch

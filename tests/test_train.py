@@ -175,3 +175,17 @@ def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_
     assert summary["hyperparameters"]["compile_regions"] is True
     with safe_open(str(tmp_path / "compiled" / "adapter_model.safetensors"), "pt") as adapter:
         assert not [key for key in adapter.keys() if "_orig_mod" in key]
+
+
+def test_regional_compilation_sets_accelerates_settings_only_inside():
+    import os
+
+    from starsql.train import regional_compilation
+
+    keys = ("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "ACCELERATE_DYNAMO_USE_DYNAMIC")
+    before = {key: os.environ.get(key) for key in keys}
+    with regional_compilation(True, dynamic=False):
+        assert [os.environ.get(key) for key in keys] == ["1", "0"]
+    with regional_compilation(False):
+        assert [os.environ.get(key) for key in keys] == [before[key] for key in keys]
+    assert {key: os.environ.get(key) for key in keys} == before
