@@ -109,7 +109,9 @@ class FusedQKVAttention(starcoder2.Starcoder2Attention):
         query_states, key_states = starcoder2.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-        if query_states.shape[2] == 1 and not self.training:  # one new token (decoding)
+        plain_mask = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4)
+        if query_states.shape[2] == 1 and not self.training and plain_mask and self.config._attn_implementation == "sdpa":
+            # One new token (decoding), with SDPA's masks; flash/flex attention's masks take their own path.
             attn_output = grouped_query_attention(query_states, key_states, value_states, attention_mask, self.scaling)
             attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
             return attn_output, None
@@ -230,7 +232,8 @@ class GreedyDecoder:
     the shortest that holds the request. Greedy only, one stream at a time: callers hold `lock`.
     Each step feeds its token and position to the next on the device, so the next step is queued
     before the host reads the current token: the GPU does not wait for Python between tokens (the
-    price: a request that stops early computes one step it does not use). The graphs are captured
+    price: a request that stops early computes one step it does not use; on a CPU, where nothing runs
+    beside Python, steps are not queued ahead). The graphs are captured
     by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph trees are per
     thread, and Gradio calls from a different worker thread each time."""
 
@@ -244,6 +247,7 @@ class GreedyDecoder:
         self.caches = [_CacheGraph(model, n) for n in sorted({n for n in lengths if n < max_length} | {max_length})]
         self.lock = Lock()
         self.use_graph = self.device.type == "cuda"
+        self.queue_ahead = self.device.type == "cuda"
         compile = self.use_graph if compile is None else compile
         # One compiled graph per cache length (dynamic=False): shapes fixed, nothing recompiles per token.
         self._step = (torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=compile_options)
@@ -313,8 +317,8 @@ class GreedyDecoder:
     def _queue(self, slot: _CacheGraph, token: torch.Tensor, index: int):
         """Copy new token number `index` to the host without waiting for it (read with `_read`)."""
         slot.host[index : index + 1].copy_(token.view(-1), non_blocking=True)
-        if slot.copied is not None:
-            slot.copied[index % 2].record()
+        if slot.copied is not None:  # on the stream the copy ran on (the model's device may not be the current one)
+            slot.copied[index % 2].record(torch.cuda.current_stream(token.device))
 
     def _read(self, slot: _CacheGraph, index: int) -> int:
         if slot.copied is not None:
@@ -340,16 +344,23 @@ class GreedyDecoder:
         self._start(slot, token, length)
         self._queue(slot, token, 0)
         for index in range(max_new_tokens):
-            if index + 1 < max_new_tokens:  # queue the step for token index + 1 before reading token index
-                if self.use_graph and slot.graph is not None:
-                    slot.graph.replay()
-                    self._queue(slot, slot.next, index + 1)
-                else:
-                    self._queue(slot, self._advance(slot), index + 1)
+            more = index + 1 < max_new_tokens
+            if more and self.queue_ahead:  # the step for token index + 1 before reading token index
+                self._queue_step(slot, index + 1)
             value = self._read(slot, index)
             yield value
             if value == eos_token_id:
                 return
+            if more and not self.queue_ahead:
+                self._queue_step(slot, index + 1)
+
+    def _queue_step(self, slot: _CacheGraph, index: int):
+        """Queue the step that makes new token number `index`, and its copy to the host."""
+        if self.use_graph and slot.graph is not None:
+            slot.graph.replay()
+            self._queue(slot, slot.next, index)
+        else:
+            self._queue(slot, self._advance(slot), index)
 
     @torch.inference_mode()
     def warm_up(self):

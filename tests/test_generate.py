@@ -123,18 +123,22 @@ def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
 def test_decoder_queues_the_next_step_before_the_host_reads_a_token(chaotic):
     # The GPU must not wait for Python between tokens: when token i reaches the caller, the step for
     # token i + 1 is already queued; and none is queued past max_new_tokens (the cache's last position).
+    # (On a CPU nothing runs beside Python, so the decoder queues ahead only on a GPU; here it is made to.)
     model, tokenizer = chaotic
-    decoder = GreedyDecoder(model, max_length=512, compile=False)
-    decoder.warm_up()  # its warm-up steps are not the request's
-    steps = []
-    advance = decoder._advance
-    decoder._advance = lambda slot: (steps.append(1), advance(slot))[1]
     ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
-    queued_when_read = [len(steps) for _ in decoder.tokens(ids, 20, eos_token_id=None)]
-    assert queued_when_read == [i + 1 for i in range(19)] + [19]
-    # A request that fills its cache exactly: no step may run past the last position.
-    exact = GreedyDecoder(model, max_length=ids.shape[1] + 20, compile=False, lengths=())
-    assert list(exact.tokens(ids, 20)) == plain_greedy(model, tokenizer, PROMPTS[0], 20)
+    for ahead in (True, False):
+        decoder = GreedyDecoder(model, max_length=512, compile=False)
+        assert decoder.queue_ahead is False  # the CPU default
+        decoder.queue_ahead = ahead
+        decoder.warm_up()  # its warm-up steps are not the request's
+        steps = []
+        advance = decoder._advance
+        decoder._advance = lambda slot: (steps.append(1), advance(slot))[1]
+        queued_when_read = [len(steps) for _ in decoder.tokens(ids, 20, eos_token_id=None)]
+        assert queued_when_read == ([i + 1 for i in range(19)] + [19] if ahead else list(range(20)))
+        assert len(steps) == 19  # 19 steps after the prefill's token; none past max_new_tokens
+        assert int(decoder.caches[0].position) == ids.shape[1] + 19  # the position after the last step
+        assert list(decoder.tokens(ids, 20)) == plain_greedy(model, tokenizer, PROMPTS[0], 20)
 
 
 def test_stream_with_decoder_matches_stream_without(tuned):
@@ -239,7 +243,7 @@ def test_more_cache_lengths_than_the_compile_limit_still_compile(chaotic, monkey
 # --- q/k/v fused into one projection (load_for_inference's default) ---
 
 
-def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
+def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path, monkeypatch):
     import torch
 
     from starsql.generate import FusedQKVAttention, fuse_qkv_projections
@@ -252,6 +256,11 @@ def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
     parameters = sum(p.numel() for p in model.parameters())
 
     assert fuse_qkv_projections(model) == model.config.num_hidden_layers
+    import starsql.generate as generate
+
+    grouped = generate.grouped_query_attention
+    calls = []
+    monkeypatch.setattr(generate, "grouped_query_attention", lambda *a, **k: (calls.append(1), grouped(*a, **k))[1])
     attention = model.model.layers[0].self_attn
     assert type(attention) is FusedQKVAttention and not hasattr(attention, "q_proj")
     assert sum(p.numel() for p in model.parameters()) == parameters  # moved, not copied
@@ -262,6 +271,8 @@ def test_fused_qkv_computes_what_the_three_projections_did(tiny_model_path):
     for prompt, tokens in zip(PROMPTS, expected):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         assert list(decoder.tokens(ids, 32, tokenizer.eos_token_id)) == tokens
+    # The fused model decoded every new token (generate() and the decoder) through grouped_query_attention.
+    assert len(calls) >= 2 * len(PROMPTS) * model.config.num_hidden_layers  # each layer, each prompt, both paths
     assert fuse_qkv_projections(model) == 0  # already fused
 
 
