@@ -329,10 +329,11 @@ def main(argv=None) -> int:
                 reserve: int | None = None, synced: bool = False, trace=contextlib.nullcontext) -> dict:
         """`reserve`: max_new_tokens as the request asks (it picks the cache); new_tokens of them are timed.
         `synced`: the host reads each token before the next step is queued (the decoder's loop before
-        it queued ahead). `trace`: a context the step is compiled and captured in."""
+        it queued ahead, as it still runs on a CPU). `trace`: a context the step is compiled and captured in."""
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=max_length, lengths=lengths, compile_options=compile_options)
+        decoder.queue_ahead = decoder.queue_ahead and not synced
         compiled = time.perf_counter()
         with trace():
             decoder.warm_up()  # compiles and captures every cache length, as the app does at start-up
@@ -342,8 +343,7 @@ def main(argv=None) -> int:
             sync()
             start = time.perf_counter()
             new, first = [], None
-            request = (decoder, single[0], reserve or args.new_tokens)
-            stream = synced_tokens(*request) if synced else decoder.tokens(*request[1:])  # no EOS: runs to max_new_tokens
+            stream = decoder.tokens(single[0], reserve or args.new_tokens)  # no EOS: runs to max_new_tokens
             for token in stream:
                 first = first or time.perf_counter()
                 new.append(token)
@@ -366,22 +366,6 @@ def main(argv=None) -> int:
 
     short = args.prompt_tokens + args.new_tokens + 8
 
-    @torch.inference_mode()
-    def synced_tokens(decoder, input_ids, max_new_tokens):
-        """The decoder's loop before it queued ahead: the host reads each token (a sync), then replays the
-        graph for the next one."""
-        slot = next(s for s in decoder.caches if input_ids.shape[-1] + max_new_tokens <= s.length)
-        token = decoder._prefill(slot, input_ids)
-        decoder._start(slot, token, input_ids.shape[-1])
-        for index in range(max_new_tokens):
-            yield int(token)
-            if index + 1 < max_new_tokens:
-                if slot.graph is None:  # CPU: no graph
-                    token = decoder._advance(slot)
-                else:
-                    slot.graph.replay()
-                    token = slot.next
-
     def lever(run):
         """A lever that changes what the step traces: forget earlier compiles first (their guards may not
         see a patched nn.Linear), so it compiles anew."""
@@ -401,8 +385,6 @@ def main(argv=None) -> int:
 
     def decode_profile(steps: int = 32, top: int = 15) -> dict:
         """GPU kernels of `steps` decode steps (prefill excluded): time and launches per token, top kernels."""
-        from contextlib import nullcontext
-
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=short, lengths=())
@@ -415,7 +397,7 @@ def main(argv=None) -> int:
                 token = decoder._prefill(slot, single[0])
                 sync()
                 start = time.perf_counter()
-                with torch.profiler.profile(activities=activities) if profiled else nullcontext() as profiler:
+                with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as profiler:
                     decoder._start(slot, token, length)
                     for index in range(steps):
                         token = decoder._advance(slot)

@@ -113,16 +113,16 @@ class FusedQKVAttention(starcoder2.Starcoder2Attention):
         if query_states.shape[2] == 1 and not self.training and plain_mask and self.config._attn_implementation == "sdpa":
             # One new token (decoding), with SDPA's masks; flash/flex attention's masks take their own path.
             attn_output = grouped_query_attention(query_states, key_states, value_states, attention_mask, self.scaling)
-            attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-            return attn_output, None
-        attention_interface = starcoder2.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, starcoder2.eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self, query_states, key_states, value_states, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-            sliding_window=getattr(self.config, "sliding_window", None), **kwargs,
-        )  # fmt: skip
+            attn_weights = None
+        else:
+            attention_interface = starcoder2.ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, starcoder2.eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self, query_states, key_states, value_states, attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                sliding_window=getattr(self.config, "sliding_window", None), **kwargs,
+            )  # fmt: skip
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return torch.nn.functional.dropout(attn_output, p=self.residual_dropout, training=self.training), attn_weights
 
@@ -233,9 +233,9 @@ class GreedyDecoder:
     Each step feeds its token and position to the next on the device, so the next step is queued
     before the host reads the current token: the GPU does not wait for Python between tokens (the
     price: a request that stops early computes one step it does not use; on a CPU, where nothing runs
-    beside Python, steps are not queued ahead). The graphs are captured
-    by hand rather than with torch.compile's "reduce-overhead" mode, whose CUDA graph trees are per
-    thread, and Gradio calls from a different worker thread each time."""
+    beside Python, steps are not queued ahead). The graphs are captured by hand rather than with
+    torch.compile's "reduce-overhead" mode, whose CUDA graph trees are per thread, and Gradio calls
+    from a different worker thread each time."""
 
     def __init__(self, model, max_length: int = 1024, compile: bool | None = None,
                  lengths: tuple[int, ...] = (512, 1024, 2048), compile_options: dict | None = None):
