@@ -77,7 +77,7 @@ if ZERO_GPU:
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# On a dedicated GPU, greedy answers replay a captured CUDA graph (280 tokens/s on an H100, BENCHMARKS.md).
+# On a dedicated GPU, greedy answers replay captured CUDA graphs (290 tokens/s on an H100, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
 if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
@@ -94,7 +94,7 @@ def generation_concurrency(decoder: GreedyDecoder | None) -> int:
     """Answers generated at once. The decoder serves one stream, ~5x faster than generate(); a
     second answer on generate() beside it slowed both (16 concurrent requests, H200: 159 tokens/s in
     all against 271 for one stream), so with the decoder's CUDA graphs on, requests wait in the queue
-    for it (H100: 206 tokens/s in all against 280 for one stream; BENCHMARKS.md)."""
+    for it (H100: 289 tokens/s in all for 16 requests, 290 for one stream; BENCHMARKS.md)."""
     return 1 if decoder is not None and decoder.use_graph else MODEL_CONCURRENCY
 
 

@@ -31,11 +31,13 @@ Then q/k/v are fused into one projection (starsql.generate.fuse_qkv_projections,
 the app; the fused attention also decodes through starsql.generate.grouped_query_attention), and:
 bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / decode-profile-fused against their unfused runs
 above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16) and levers on the app's decoder
-for this request (its 512 cache): -512-synced (the host reads each token before the next step is queued: the loop
-before it queued ahead), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
+for this request (its 512 cache): -512-eager-prefill (the prompt's forward eager and unpadded: the decoder before
+prefill graphs), -512-cublaslt (cuBLASLt's matrix-vector kernels), -512-synced (the host reads each token before
+the next step is queued: the loop before it queued ahead), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
 coordinate-descent tuning). fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
   --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
+  app-concurrent16-eager-prefill: the same with the prompt's forward eager (the decoder before prefill graphs).
 tokens_per_s = new tokens / wall time of the whole generate call (prefill included); ttft_s = time to the
 first new token (prefill + 1 token), taken in the same calls.
 """
@@ -178,6 +180,17 @@ def linear_as_reduction():
         yield
     finally:
         torch.nn.Linear.forward = original
+
+
+@contextlib.contextmanager
+def blas_library(name: str):
+    """PyTorch's preferred BLAS library ("cublas", "cublaslt") while the step is compiled and captured."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def dtype_name(model) -> str:
@@ -326,14 +339,18 @@ def main(argv=None) -> int:
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
     def graphed(max_length: int, lengths=(512, 1024, 2048), compile_options=None, check_identity=True,
-                reserve: int | None = None, synced: bool = False, trace=contextlib.nullcontext) -> dict:
+                reserve: int | None = None, synced: bool = False, trace=contextlib.nullcontext,
+                eager_prefill: bool = False) -> dict:
         """`reserve`: max_new_tokens as the request asks (it picks the cache); new_tokens of them are timed.
         `synced`: the host reads each token before the next step is queued (the decoder's loop before
-        it queued ahead, as it still runs on a CPU). `trace`: a context the step is compiled and captured in."""
+        it queued ahead, as it still runs on a CPU). `trace`: a context the step is compiled and captured in.
+        `eager_prefill`: the prompt's forward runs eagerly, unpadded (the decoder before prefill graphs)."""
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=max_length, lengths=lengths, compile_options=compile_options)
         decoder.queue_ahead = decoder.queue_ahead and not synced
+        if eager_prefill:
+            decoder.graph_prefill = decoder.pad_prefill = False
         compiled = time.perf_counter()
         with trace():
             decoder.warm_up()  # compiles and captures every cache length, as the app does at start-up
@@ -360,6 +377,7 @@ def main(argv=None) -> int:
                 "time_s": round(seconds, 3), "ttft_s": round(statistics.median(ttfts), 4), "times_s": [round(t, 3) for t in times],
                 "compile_and_capture_s": round(compile_s, 1), "new_token_ids": new,
                 "cuda_graph": all(s.graph is not None for s in decoder.caches) and decoder.use_graph,
+                "prefill_graph_widths": sorted(w for s in decoder.caches for w in s.prefill_graphs),
                 "cache_lengths": [s.length for s in decoder.caches], "cache_length_used": used,
                 "compile_options": compile_options, "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
                 **(identity_report(decoder, model) if check_identity else {})}  # fmt: skip
@@ -388,17 +406,16 @@ def main(argv=None) -> int:
         from starsql.generate import GreedyDecoder
 
         decoder = GreedyDecoder(model, max_length=short, lengths=())
-        decoder.use_graph = False  # the compiled step's kernels one by one (the graph hides them from the profiler)
+        decoder.use_graph = decoder.graph_prefill = False  # the compiled step's kernels one by one (the graph hides them)
         decoder.warm_up()
-        slot, length = decoder.caches[0], single[0].shape[-1]
+        slot = decoder.caches[0]
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.inference_mode():
             for profiled in (False, True):  # a warm pass timed without the profiler, then the profiled one
-                token = decoder._prefill(slot, single[0])
+                decoder._prefill(slot, single[0])
                 sync()
                 start = time.perf_counter()
                 with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as profiler:
-                    decoder._start(slot, token, length)
                     for index in range(steps):
                         token = decoder._advance(slot)
                     sync()
@@ -453,8 +470,13 @@ def main(argv=None) -> int:
         # The app's default request: room for 256 new tokens, so a 300-token prompt takes the 1,024 cache.
         "bf16-merged-graph-app-default": lambda: graphed(args.app_decoder_tokens, check_identity=False,
                                                          reserve=args.app_max_new_tokens),
-        # Levers on the app's decoder for this request (its 512 cache), one at a time. The loop before it
-        # queued the next step ahead of reading a token:
+        # Levers on the app's decoder for this request (its 512 cache), one at a time. The prompt's forward
+        # eager and unpadded (before prefill graphs):
+        "bf16-merged-graph-512-eager-prefill": lambda: graphed(512, lengths=(), check_identity=False, eager_prefill=True),
+        # cuBLASLt's kernels for the step's matrix-vector products instead of cuBLAS's (PyTorch's default).
+        "bf16-merged-graph-512-cublaslt": lambda: graphed(512, lengths=(), check_identity=False,
+                                                          trace=lambda: blas_library("cublaslt")),
+        # The loop before it queued the next step ahead of reading a token:
         "bf16-merged-graph-512-synced": lambda: graphed(512, lengths=(), check_identity=False, synced=True),
         # Every linear layer of the step as an Inductor reduction (no cuBLAS GEMV, no split-K), without and
         # with Inductor's coordinate-descent tuning of its block sizes.
@@ -466,7 +488,7 @@ def main(argv=None) -> int:
         if wanted(name):
             record(name, 1, guarded(run), cache="static", **details)
 
-    def app_concurrent() -> dict:
+    def app_concurrent(eager_prefill: bool = False) -> dict:
         """`--concurrent` requests at once through the app's streaming path (stream_sql with the
         decoder), at most `--app_concurrency` running (app.py's generation_concurrency): one holds the
         decoder, any other uses generate(). Each runs to exactly new_tokens (statement ends ignored)."""
@@ -476,6 +498,8 @@ def main(argv=None) -> int:
         import starsql.generate as gen
 
         decoder = gen.GreedyDecoder(model, max_length=args.app_decoder_tokens)
+        if eager_prefill:  # the decoder before prefill graphs
+            decoder.graph_prefill = decoder.pad_prefill = False
         decoder.warm_up()
         gate = Semaphore(args.app_concurrency)
         prompt = tokenizer.decode(single[0][0])
@@ -505,6 +529,9 @@ def main(argv=None) -> int:
 
     if wanted(f"app-concurrent{args.concurrent}"):
         record(f"app-concurrent{args.concurrent}", args.concurrent, guarded(app_concurrent), **details)
+    if wanted(f"app-concurrent{args.concurrent}-eager-prefill"):
+        record(f"app-concurrent{args.concurrent}-eager-prefill", args.concurrent,
+               guarded(lambda: app_concurrent(eager_prefill=True)), **details)
     del model
     free_memory()
 

@@ -16,7 +16,9 @@ Configurations (CONFIGS below):
   (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
   Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
   mb16's peak), Liger (if liger_kernel patches starcoder2), flex_attention (needs attention dropout 0, so
-  against SDPA with dropout 0), TrainingConfig(compile_regions=True) (train_sft.py's --compile_regions) and torch_compile of the whole model; small-card-mb4-ckpt
+  against SDPA with dropout 0), TrainingConfig(compile_regions=True) (train_sft.py's --compile_regions; compiled
+  configs train under starsql.train.eager_numerics as train_sft.py does: inductor.emulate_precision_casts=false,
+  inductor.fallback_random=false give the compiled runs before it) and torch_compile of the whole model; small-card-mb4-ckpt
   is the profile for a 16 GB card. sft-* load as train_sft.py does (ModelArguments defaults: weights outside the 4-bit
   layers in the compute dtype, LayerNorm returning bf16 under autocast); half_ln=0 and dtype=float32 give the path before.
 Step time: between optimizer steps after `--warmup` steps, CUDA synchronised. Every step's loss is kept; a config
@@ -117,14 +119,16 @@ DEFAULT_TIMEOUT = 120
 
 def parse_add(spec: str) -> dict:
     """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, regional, dynamic
-    (accelerate's dynamic shapes from the first step), timeout, procs,
+    (accelerate's dynamic shapes from the first step), timeout, procs, step1 (keep the first optimizer step's
+    gradients and weight changes), step1_ref (compare them with that config's: it must have step1 too),
+    lora_init (false: LoRA's B random as well as A), inductor.FIELD (a torch._inductor.config value),
     loss_ref, args.FIELD for any TrainingConfig field, margs.FIELD for any ModelArguments field and model.FIELD
     for a model config value (sft path), e.g. args.packing_strategy=wrapped, margs.lora_r=8 or model.attention_dropout=0."""
     name, _, rest = spec.partition(":")
     config = {"name": name, "path": "sft", "mb": 16, "ckpt": False}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("ckpt", "liger", "compile", "regional", "dynamic", "heavy", "profile", "half_ln", "cast_params") or value.lower() in ("true", "false"):
+        if key in ("ckpt", "liger", "compile", "regional", "dynamic", "heavy", "profile", "half_ln", "cast_params", "step1") or value.lower() in ("true", "false"):
             config[key] = value.lower() in ("1", "true")
         else:
             try:
@@ -222,7 +226,7 @@ def run_sft(cfg: dict, args) -> dict:
     from trl import SFTTrainer
 
     from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import TrainingConfig, regional_compilation
+    from starsql.train import TrainingConfig, eager_numerics, regional_compilation
 
     class StepTimer(TrainerCallback):
         """Time and tokens between the end of step `warmup` and the end of the last step."""
@@ -269,6 +273,28 @@ def run_sft(cfg: dict, args) -> dict:
                              "share": round(key(e) / total, 4), "calls_per_step": e.count // self.steps}
                             for e in chosen[: self.n]]  # fmt: skip
 
+    class FirstStepRecord(TrainerCallback):
+        """The first optimizer step's gradients (after clipping: what AdamW sees) and the change it makes to each
+        trainable weight, saved to `path` for step1_comparison."""
+
+        def __init__(self, path: str):
+            self.path, self.grads, self.before = path, None, None
+
+        def trainable(self, model):
+            # Regional compilation wraps modules (_orig_mod): names as eager has them, so runs compare.
+            return {n.replace("._orig_mod", ""): p for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                params = self.trainable(model)
+                self.grads = {n: p.grad.detach().float().cpu() for n, p in params.items() if p.grad is not None}
+                self.before = {n: p.detach().float().cpu() for n, p in params.items()}
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                updates = {n: p.detach().float().cpu() - self.before[n] for n, p in self.trainable(model).items()}
+                torch.save({"grads": self.grads, "updates": updates, "lr": args.learning_rate}, self.path)
+
     model_args = ModelArguments(model_name_or_path=args.model_dir, attn_implementation=cfg.get("attn"), dtype=cfg.get("dtype"),
                                 half_precision_layer_norm=cfg.get("half_ln", True),
                                 **{k.removeprefix("margs."): v for k, v in cfg.items() if k.startswith("margs.")})
@@ -314,22 +340,35 @@ def run_sft(cfg: dict, args) -> dict:
     timer = StepTimer(args.warmup)
     # The profiler stops before the timer's first mark (callbacks run in order).
     callbacks = ([KernelProfile(args.warmup)] if cfg.get("profile") else []) + [timer]
+    callbacks += [FirstStepRecord(cfg["step1_file"])] if cfg.get("step1_file") else []
+    peft_config = lora_config(model_args)
+    if "lora_init" in cfg:  # false: B random too (PEFT's init_lora_weights), so the adapter acts from the first step
+        peft_config.init_lora_weights = cfg["lora_init"]
     set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
     with regional_compilation(training_args.compile_regions, dynamic=cfg.get("dynamic")):  # as starsql.train.run builds its trainer
         trainer = SFTTrainer(
             model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=lora_config(model_args), callbacks=callbacks,
+            peft_config=peft_config, callbacks=callbacks,
         )  # fmt: skip
     load_s = time.perf_counter() - started
-    trainer.train()
+    import torch._inductor.config as inductor_config
+
+    # As starsql.train.run trains: compiled layers round and drop out as eager ones (eager_numerics), unless
+    # the config's inductor.FIELD values say otherwise (they apply on top, for this run's compiles).
+    inductor = {k.removeprefix("inductor."): v for k, v in cfg.items() if k.startswith("inductor.")}
+    with eager_numerics(training_args.torch_compile), inductor_config.patch(**inductor):
+        trainer.train()
     if timer.start is None or timer.end is None:
         raise RuntimeError(f"Training stopped before step {args.warmup + 1}: too few packed rows?")
     elapsed, tokens = timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
     timed = timer.end[2] - timer.start[2]
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    grad_norms = [round(float(e["grad_norm"]), 4) for e in trainer.state.log_history if "grad_norm" in e]
+    seen = [0] + [e["num_input_tokens_seen"] for e in trainer.state.log_history if "loss" in e]
+    step_tokens = [int(b - a) for a, b in zip(seen, seen[1:])]  # tokens of each step's packed rows
     return dict(
         tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / timed, 3), tokens_timed=int(tokens),
-        timed_steps=timed, losses=losses, load_s=round(load_s, 1), attn=model.config._attn_implementation,
+        timed_steps=timed, losses=losses, grad_norms=grad_norms, step_tokens=step_tokens, load_s=round(load_s, 1), attn=model.config._attn_implementation,
         step_times_s=[round(b - a, 3) for a, b in zip(timer.marks, timer.marks[1:])],
         packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
         **({"top_kernels": callbacks[0].top} if cfg.get("profile") else {}),
@@ -439,6 +478,7 @@ def main(argv=None) -> int:
         args.model_dir = "/tmp/sc2-smoke-random"
     args.mode = args.mode or ("inprocess" if args.smoke else "subprocess")
     args.log_dir = Path((args.out + ".logs") if args.out else tempfile.mkdtemp(prefix="bench-train-logs-"))
+    args.log_dir.mkdir(parents=True, exist_ok=True)
     added = [parse_add(spec) for spec in args.add]
     configs = CONFIGS + added
     args.only_names = set(filter(None, args.only.split(","))) | {c["name"] for c in added}
@@ -477,7 +517,14 @@ def main(argv=None) -> int:
             result = {"skipped": f"time budget (--budget_s {args.budget_s:.0f}) spent; run it alone with --only"}
         if result is None:
             timeout = cfg.get("timeout", DEFAULT_TIMEOUT) * (3 if args.smoke else 1)
+            if cfg.get("step1"):
+                cfg = dict(cfg, step1_file=str(args.log_dir / f"{cfg['name']}-step1.pt"))
             result = execute(cfg, args, timeout=min(timeout, remaining))
+            reference = by_name.get(cfg.get("step1_ref"), {}).get("step1_file")
+            if cfg.get("step1_file") and reference and Path(cfg["step1_file"]).is_file() and Path(reference).is_file():
+                result["step1_vs_ref"] = step1_comparison(reference, cfg["step1_file"])
+            if cfg.get("step1_file"):
+                result["step1_file"] = cfg["step1_file"]
         record = describe(cfg, result, by_name, gpu=gpu, warmup=args.warmup, versions=versions)
         emit(record, args.out)
         records.append(record)
@@ -515,6 +562,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),
               "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model.", "margs."))},
+              "inductor": {k: v for k, v in cfg.items() if k.startswith("inductor.")},
               "warmup_steps": extra["warmup"], **result}  # fmt: skip
     if cfg.get("mem_limit_gib") and record.get("peak_reserved_gib") is not None:
         record["under_mem_limit"] = record["peak_reserved_gib"] <= cfg["mem_limit_gib"]
@@ -527,6 +575,39 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
                       loss_equivalent=diff is not None and diff <= 1e-2)  # fmt: skip
     record["versions"] = extra["versions"]
     return record
+
+
+def step1_comparison(reference_file: str, candidate_file: str) -> dict:
+    """How two runs' first optimizer steps differ, for LoRA's A and B matrices apart: gradients (relative L2
+    distance, entries zero in one run only, entries of opposite sign and how small those are) and the weight
+    changes AdamW made of them (its first step moves each weight by about the learning rate times the sign of
+    the gradient: how many weights moved differently by more than half the learning rate)."""
+    ref, cand = torch.load(reference_file), torch.load(candidate_file)
+    lr = ref["lr"]
+    report = {}
+    for kind in ("lora_A", "lora_B"):
+        names = sorted(n for n in ref["grads"] if f".{kind}." in n and n in cand["grads"])
+        if not names:
+            continue
+        g_ref = torch.cat([ref["grads"][n].flatten() for n in names])
+        g_cand = torch.cat([cand["grads"][n].flatten() for n in names])
+        u_ref = torch.cat([ref["updates"][n].flatten() for n in names])
+        u_cand = torch.cat([cand["updates"][n].flatten() for n in names])
+        both = (g_ref != 0) & (g_cand != 0)
+        flipped = both & (g_ref.sign() != g_cand.sign())
+        scale = g_ref.abs().median().item()
+        report[kind] = {
+            "tensors": len(names), "entries": g_ref.numel(),
+            "grad_nonzero": [int((g_ref != 0).sum()), int((g_cand != 0).sum())],
+            "grad_rel_l2_diff": round(((g_cand - g_ref).norm() / g_ref.norm().clamp_min(1e-30)).item(), 6),
+            "grad_zero_in_one_only": int(((g_ref == 0) != (g_cand == 0)).sum()),
+            "grad_sign_flipped": int(flipped.sum()),
+            "flipped_abs_grad_over_median": round((g_ref[flipped].abs().max().item() / scale) if flipped.any() and scale else 0.0, 6),
+            "update_mean_abs_over_lr": [round(u_ref.abs().mean().item() / lr, 4), round(u_cand.abs().mean().item() / lr, 4)],
+            "update_differs_by_half_lr": int(((u_cand - u_ref).abs() > lr / 2).sum()),
+            "update_rel_l2_diff": round(((u_cand - u_ref).norm() / u_ref.norm().clamp_min(1e-30)).item(), 6),
+        }
+    return report
 
 
 def fitting_micro_batch(cfg: dict, record: dict, smaller: dict | None) -> int | None:

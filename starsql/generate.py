@@ -4,6 +4,7 @@ Used by the evaluation harness (batched, greedy) and the app (streamed). Both bu
 `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
+import math
 import warnings
 from collections.abc import Iterator
 from threading import Event, Lock, Thread
@@ -217,6 +218,11 @@ class _CacheGraph:
         self.next = None
         self.graph = None
         self.prepared = False
+        # The prompt, right-padded, and its real length: the fixed inputs of the prefill graphs, one
+        # graph per padded width.
+        self.prompt = torch.zeros((1, length), dtype=torch.long, device=model.device)
+        self.prompt_length = torch.ones((), dtype=torch.long, device=model.device)
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Where each new token lands on the host (pinned: the copy runs beside the GPU's next step).
         self.host = torch.zeros(length, dtype=torch.long, pin_memory=model.device.type == "cuda")
         self.copied = [torch.cuda.Event() for _ in range(2)] if model.device.type == "cuda" else None
@@ -230,6 +236,9 @@ class GreedyDecoder:
     kernels and running Python; the graph replays the whole step at once (BENCHMARKS.md). Each token
     attends over the whole static cache, so the decoder keeps caches of several `lengths` and uses
     the shortest that holds the request. Greedy only, one stream at a time: callers hold `lock`.
+    On a GPU the prompt's forward (the prefill) is a CUDA graph too, one per width: the prompt is
+    right-padded to a multiple of `prefill_bucket` tokens, the padding's K/V land past the prompt, where
+    the mask hides them until the decoding steps overwrite them.
     Each step feeds its token and position to the next on the device, so the next step is queued
     before the host reads the current token: the GPU does not wait for Python between tokens (the
     price: a request that stops early computes one step it does not use; on a CPU, where nothing runs
@@ -238,7 +247,8 @@ class GreedyDecoder:
     from a different worker thread each time."""
 
     def __init__(self, model, max_length: int = 1024, compile: bool | None = None,
-                 lengths: tuple[int, ...] = (512, 1024, 2048), compile_options: dict | None = None):
+                 lengths: tuple[int, ...] = (512, 1024, 2048), compile_options: dict | None = None,
+                 prefill_bucket: int = 64):
         # At most the model's sliding window (StarCoder2's 4096): longer requests use generate().
         max_length = min(max_length, getattr(model.config, "sliding_window", None) or max_length)
         self.model = model
@@ -248,6 +258,14 @@ class GreedyDecoder:
         self.lock = Lock()
         self.use_graph = self.device.type == "cuda"
         self.queue_ahead = self.device.type == "cuda"
+        # Eager, a prefill launches ~600 kernels from Python (19 ms for 300 tokens of a 3B model on an
+        # H100); a graph per padded width replays them at once (8 ms, BENCHMARKS.md).
+        self.graph_prefill = self.use_graph
+        self.pad_prefill = self.use_graph  # fewer widths, fewer graphs (a CPU pads only where tests ask it to)
+        if prefill_bucket < 1:
+            raise ValueError(f"prefill_bucket must be a positive number of tokens, not {prefill_bucket}")
+        self.prefill_bucket = prefill_bucket
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # one run at a time
         compile = self.use_graph if compile is None else compile
         # One compiled graph per cache length (dynamic=False): shapes fixed, nothing recompiles per token.
         self._step = (torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=compile_options)
@@ -268,12 +286,54 @@ class GreedyDecoder:
                          cache_position=position, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
-    def _prefill(self, slot: _CacheGraph, input_ids: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, slot: _CacheGraph, input_ids: torch.Tensor):
+        """The prompt's forward into the empty cache; leaves the first new token and its position as the
+        first step's input (`slot.token`, `slot.position`). On a GPU it replays the graph of the padded
+        width, captured on first use."""
+        length = input_ids.shape[-1]
+        width = min(slot.length, math.ceil(length / self.prefill_bucket) * self.prefill_bucket) if self.pad_prefill else length
+        slot.prompt[:, :length].copy_(input_ids.view(1, -1))
+        slot.prompt_length.fill_(length)
+        if self.graph_prefill and width not in slot.prefill_graphs:
+            graph = self._capture_prefill(slot, width)
+            if graph is not None:
+                slot.prefill_graphs[width] = graph
+        if self.graph_prefill:
+            slot.prefill_graphs[width].replay()
+        else:
+            self._prefill_forward(slot, width)
+
+    def _prefill_forward(self, slot: _CacheGraph, width: int):
+        """The forward of `slot.prompt[:, :width]`, the first `slot.prompt_length` tokens real. Causal
+        mask over the cache: no real token sees the padding after it."""
         slot.cache.reset()
-        positions = torch.arange(input_ids.shape[-1], device=self.device)
-        out = self.model(input_ids=input_ids.to(self.device).view(1, -1), position_ids=positions.view(1, -1),
-                         cache_position=positions, past_key_values=slot.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+        positions = torch.arange(width, device=self.device)
+        visible = torch.arange(slot.length, device=self.device) <= positions[:, None]
+        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[None, None]
+        out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
+                         cache_position=positions, past_key_values=slot.cache, use_cache=True,
+                         logits_to_keep=(slot.prompt_length - 1).view(1))  # the last real token's logits only
+        for layer in slot.cache.layers:  # the cache counts the padding too: the first step goes right after the prompt
+            layer.cumulative_length.copy_(slot.prompt_length)
+        self._start(slot, out.logits[:, -1].argmax(-1, keepdim=True), slot.prompt_length)
+
+    def _capture_prefill(self, slot: _CacheGraph, width: int) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph of the prefill at `width`. All widths share one memory pool: they never run at
+        once, and nothing they allocate is read after they run (their results are copied to the slot)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuBLAS picks and allocates its workspaces outside the capture
+                self._prefill_forward(slot, width)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._prefill_pool, stream=side, capture_error_mode="thread_local"):
+                self._prefill_forward(slot, width)
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture of the prefill failed, running it eagerly: {str(error).splitlines()[0]}")
+            self.graph_prefill, graph = False, None
+        torch.cuda.current_stream().wait_stream(side)
+        return graph
 
     def _advance(self, slot: _CacheGraph) -> torch.Tensor:
         """One step: the token after `slot.token` at `slot.position`, which then become that token and
@@ -286,7 +346,8 @@ class GreedyDecoder:
     def _prepare(self, slot: _CacheGraph):
         """Compile and warm up the step (and capture it on a GPU) on a throwaway one-token prompt, then
         empty the cache: warm-up steps write K/V and advance the cache's counter."""
-        self._start(slot, self._prefill(slot, torch.zeros((1, 1), dtype=torch.long)), 1)
+        slot.prompt_length.fill_(1)
+        self._prefill_forward(slot, 1)  # a throwaway one-token prompt (eager: no prefill graph for it)
         if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -309,10 +370,10 @@ class GreedyDecoder:
         slot.cache.reset()  # in place: the captured graph keeps pointing at the same memory
         slot.prepared = True
 
-    def _start(self, slot: _CacheGraph, token: torch.Tensor, position: int):
+    def _start(self, slot: _CacheGraph, token: torch.Tensor, position: torch.Tensor):
         """The first step's input: the prefill's token, at the position after the prompt."""
         slot.token.copy_(token)
-        slot.position.fill_(position)
+        slot.position.copy_(position)
 
     def _queue(self, slot: _CacheGraph, token: torch.Tensor, index: int):
         """Copy new token number `index` to the host without waiting for it (read with `_read`)."""
@@ -340,9 +401,8 @@ class GreedyDecoder:
         self.last_cache_length = slot.length
         if not slot.prepared:
             self._prepare(slot)
-        token = self._prefill(slot, input_ids)
-        self._start(slot, token, length)
-        self._queue(slot, token, 0)
+        self._prefill(slot, input_ids)
+        self._queue(slot, slot.token, 0)  # copied before the first step overwrites it: same stream
         for index in range(max_new_tokens):
             more = index + 1 < max_new_tokens
             if more and self.queue_ahead:  # the step for token index + 1 before reading token index

@@ -116,8 +116,9 @@ def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path,
 def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, tiny_cache):
     out = tmp_path / "train.jsonl"
     done = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--model_dir", str(tmp_path / "model"),
-                           "--only", "sft-mb16-attndrop0", "--add", "fp32-weights:dtype=float32,half_ln=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0",
-                           "--add", "no-lora-dropout:margs.lora_dropout=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0", "--out", str(out)],
+                           "--only", "sft-mb16-attndrop0", "--add", "fp32-weights:dtype=float32,half_ln=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0,step1=1",
+                           "--add", "no-lora-dropout:margs.lora_dropout=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0,step1=1,step1_ref=fp32-weights",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -127,3 +128,28 @@ def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, ti
     assert lines["fp32-weights"]["loss_equivalent"] is True
     assert lines["no-lora-dropout"]["overrides"]["margs.lora_dropout"] == 0 and "loss_equivalent" not in lines["no-lora-dropout"]
     assert lines["no-lora-dropout"]["losses"] != lines["sft-mb16-attndrop0"]["losses"]  # the override reached the model
+    # The first optimizer step, compared (how the compiled step-2 loss was traced): LoRA's B starts at zero,
+    # so A gets no gradient at step 1, and AdamW's first step moves every B weight by about the learning rate.
+    step1 = lines["no-lora-dropout"]["step1_vs_ref"]
+    assert step1["lora_A"]["grad_nonzero"] == [0, 0] and step1["lora_B"]["grad_nonzero"][0] == step1["lora_B"]["entries"]
+    assert all(abs(mean - 1) < 0.05 for mean in step1["lora_B"]["update_mean_abs_over_lr"])
+    assert step1["lora_B"]["grad_rel_l2_diff"] > 0  # LoRA dropout on (the reference) and off: other gradients
+
+
+def test_step1_comparison_counts_flipped_signs_and_the_updates_they_change(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import step1_comparison
+
+    grads = {"l.lora_A.w": torch.zeros(4), "l.lora_B.w": torch.tensor([1.0, -2.0, 1e-6, 3.0])}
+    flipped = dict(grads, **{"l.lora_B.w": torch.tensor([1.0, -2.0, -1e-6, 0.0])})
+    for name, g in (("ref", grads), ("cand", flipped)):
+        torch.save({"grads": g, "updates": {n: -1e-3 * t.sign() for n, t in g.items()}, "lr": 1e-3}, tmp_path / f"{name}.pt")
+    report = step1_comparison(str(tmp_path / "ref.pt"), str(tmp_path / "cand.pt"))
+    b = report["lora_B"]
+    assert b["grad_sign_flipped"] == 1 and b["grad_zero_in_one_only"] == 1 and b["grad_nonzero"] == [4, 3]
+    assert b["update_differs_by_half_lr"] == 2  # the flipped entry moved the other way; the zeroed one did not move
+    assert b["flipped_abs_grad_over_median"] < 1e-5  # the flipped entry was tiny next to the others
+    assert report["lora_A"]["grad_rel_l2_diff"] == 0
+

@@ -120,6 +120,30 @@ def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
     assert list(decoder.tokens(ids, 48, tokenizer.eos_token_id)) != plain_greedy(model, tokenizer, PROMPTS[0], 48)
 
 
+@pytest.mark.parametrize("bucket", [16, 64])
+def test_a_prompt_padded_to_its_prefill_width_decodes_as_plain_generate(chaotic, bucket):
+    # On a GPU the prompt is right-padded to a multiple of prefill_bucket, so that one CUDA graph serves
+    # every prompt of that width; the padding (its K/V past the prompt, the cache's counter) must change
+    # nothing. Bucket 64 is wider than the short cache: the prompt is padded to the cache's end.
+    model, tokenizer = chaotic
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    decoder = GreedyDecoder(model, max_length=512, compile=False, lengths=(ids[1].shape[1] + 24,), prefill_bucket=bucket)
+    decoder.pad_prefill = True  # the GPU default
+    widths = []
+    forward = decoder._prefill_forward
+    decoder._prefill_forward = lambda slot, width: (widths.append((width, slot.length)), forward(slot, width))[1]
+    for prompt, prompt_ids in zip(PROMPTS, ids):
+        for new_tokens in (24, 48):  # the short cache, then the 512 one
+            decoder.warm_up()
+            widths.clear()
+            got = list(decoder.tokens(prompt_ids, new_tokens, tokenizer.eos_token_id))
+            assert got == plain_greedy(model, tokenizer, prompt, new_tokens)
+            (width, cache_length), = widths
+            assert width == min(cache_length, -(-prompt_ids.shape[1] // bucket) * bucket)
+            if new_tokens == 24 and prompt is PROMPTS[1]:
+                assert width > prompt_ids.shape[1]  # padded: the check above saw padding
+
+
 def test_decoder_queues_the_next_step_before_the_host_reads_a_token(chaotic):
     # The GPU must not wait for Python between tokens: when token i reaches the caller, the step for
     # token i + 1 is already queued; and none is queued past max_new_tokens (the cache's last position).

@@ -150,11 +150,16 @@ def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_
     from safetensors import safe_open
 
     probe = ("import os, sys, train_sft, torch._dynamo.utils as dynamo, accelerate.accelerator as acc\n"
+             "import transformers, torch._inductor.config as inductor\n"
              "regions, real = [], acc.compile_regions\n"
              "acc.compile_regions = lambda model, **kw: regions.append(1) or real(model, **kw)\n"
+             "numerics, train = [], transformers.Trainer.train\n"  # Inductor's settings while the layers compile
+             "transformers.Trainer.train = lambda self, *a, **k: numerics.append(\n"
+             "    int(inductor.emulate_precision_casts and inductor.fallback_random)) or train(self, *a, **k)\n"
              "code = train_sft.main(sys.argv[1:])\n"
              "print('PROBE', dynamo.counters['stats']['unique_graphs'], len(regions),\n"
-             "      os.environ.get('ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION'))\n"
+             "      os.environ.get('ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION'), numerics[0],\n"
+             "      int(inductor.emulate_precision_casts or inductor.fallback_random))\n"
              "sys.exit(code)")
 
     def train(out, *extra):
@@ -163,18 +168,33 @@ def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_
                               cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-        graphs, regions, env = done.stdout.split("PROBE")[-1].split()[:3]
-        return [e["loss"] for e in history if "loss" in e], int(graphs), int(regions), env
+        graphs, regions, env, numerics, left = done.stdout.split("PROBE")[-1].split()[:5]
+        return [e["loss"] for e in history if "loss" in e], int(graphs), int(regions), env, (numerics, left)
 
-    eager_losses, eager_graphs, eager_regions, _ = train(tmp_path / "eager")
-    losses, graphs, regions, env = train(tmp_path / "compiled", "--compile_regions", "true")
+    eager_losses, eager_graphs, eager_regions, _, eager_numerics = train(tmp_path / "eager")
+    losses, graphs, regions, env, numerics = train(tmp_path / "compiled", "--compile_regions", "true")
     assert (eager_graphs, eager_regions) == (0, 0) and graphs > 0 and regions == 1
     assert env == "None"
+    # Compiled layers round and draw dropout masks as eager ones do while training, and only then.
+    assert numerics == ("1", "0") and eager_numerics == ("0", "0")
     assert len(losses) == 4 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, eager_losses)), (losses, eager_losses)
     summary = json.loads((tmp_path / "compiled" / "run_summary.json").read_text())
     assert summary["hyperparameters"]["compile_regions"] is True
     with safe_open(str(tmp_path / "compiled" / "adapter_model.safetensors"), "pt") as adapter:
         assert not [key for key in adapter.keys() if "_orig_mod" in key]
+
+
+def test_eager_numerics_sets_inductors_settings_only_inside():
+    import torch._inductor.config as inductor
+
+    from starsql.train import eager_numerics
+
+    before = (inductor.emulate_precision_casts, inductor.fallback_random)
+    with eager_numerics(True):
+        assert (inductor.emulate_precision_casts, inductor.fallback_random) == (True, True)
+    with eager_numerics(False):
+        assert (inductor.emulate_precision_casts, inductor.fallback_random) == before
+    assert (inductor.emulate_precision_casts, inductor.fallback_random) == before
 
 
 def test_regional_compilation_sets_accelerates_settings_only_inside():
