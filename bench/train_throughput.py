@@ -291,7 +291,7 @@ def run_sft(cfg: dict, args) -> dict:
                 self.before = {n: p.detach().float().cpu() for n, p in params.items()}
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0:
+            if state.global_step == 0 and state.is_world_process_zero:  # one file, however many processes
                 updates = {n: p.detach().float().cpu() - self.before[n] for n, p in self.trainable(model).items()}
                 torch.save({"grads": self.grads, "updates": updates, "lr": args.learning_rate}, self.path)
 
@@ -562,7 +562,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),
               "overrides": {k: v for k, v in cfg.items() if k.startswith(("args.", "model.", "margs."))},
-              "inductor": {k: v for k, v in cfg.items() if k.startswith("inductor.")},
+              "inductor": {k: v for k, v in cfg.items() if k.startswith("inductor.")}, "lora_init": cfg.get("lora_init"),
               "warmup_steps": extra["warmup"], **result}  # fmt: skip
     if cfg.get("mem_limit_gib") and record.get("peak_reserved_gib") is not None:
         record["under_mem_limit"] = record["peak_reserved_gib"] <= cfg["mem_limit_gib"]

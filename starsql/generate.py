@@ -258,14 +258,20 @@ class GreedyDecoder:
         self.lock = Lock()
         self.use_graph = self.device.type == "cuda"
         self.queue_ahead = self.device.type == "cuda"
-        # Eager, a prefill launches ~600 kernels from Python (19 ms for 300 tokens of a 3B model on an
-        # H100); a graph per padded width replays them at once (8 ms, BENCHMARKS.md).
+        # Eager, a prefill launches every layer's kernels from Python (19 ms for 300 tokens of a 3B model on
+        # an H100); a graph per padded width replays them at once (8 ms, BENCHMARKS.md).
         self.graph_prefill = self.use_graph
         self.pad_prefill = self.use_graph  # fewer widths, fewer graphs (a CPU pads only where tests ask it to)
         if prefill_bucket < 1:
             raise ValueError(f"prefill_bucket must be a positive number of tokens, not {prefill_bucket}")
         self.prefill_bucket = prefill_bucket
         self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # one run at a time
+        # Padding needs the cache's own counter of written positions (transformers 5's StaticLayer) to set back.
+        if not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                   for slot in self.caches for layer in slot.cache.layers):  # fmt: skip
+            self.pad_prefill = self.graph_prefill = False
+        # Warm-ups and captures run on one side stream of the model's GPU, as CUDA graphs ask.
+        self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
         compile = self.use_graph if compile is None else compile
         # One compiled graph per cache length (dynamic=False): shapes fixed, nothing recompiles per token.
         self._step = (torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=compile_options)
@@ -308,6 +314,8 @@ class GreedyDecoder:
         mask over the cache: no real token sees the padding after it."""
         slot.cache.reset()
         positions = torch.arange(width, device=self.device)
+        # Our own mask, as the step has: transformers' mask building may read tensors on the host (a sync,
+        # which breaks a capture); this one is causal over the whole cache.
         visible = torch.arange(slot.length, device=self.device) <= positions[:, None]
         mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[None, None]
         out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
@@ -320,8 +328,8 @@ class GreedyDecoder:
     def _capture_prefill(self, slot: _CacheGraph, width: int) -> torch.cuda.CUDAGraph | None:
         """The CUDA graph of the prefill at `width`. All widths share one memory pool: they never run at
         once, and nothing they allocate is read after they run (their results are copied to the slot)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = self._side
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: cuBLAS picks and allocates its workspaces outside the capture
                 self._prefill_forward(slot, width)
@@ -331,8 +339,9 @@ class GreedyDecoder:
                 self._prefill_forward(slot, width)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture of the prefill failed, running it eagerly: {str(error).splitlines()[0]}")
-            self.graph_prefill, graph = False, None
-        torch.cuda.current_stream().wait_stream(side)
+            self.graph_prefill = self.pad_prefill = False
+            graph = None
+        torch.cuda.current_stream(self.device).wait_stream(side)
         return graph
 
     def _advance(self, slot: _CacheGraph) -> torch.Tensor:
@@ -349,8 +358,8 @@ class GreedyDecoder:
         slot.prompt_length.fill_(1)
         self._prefill_forward(slot, 1)  # a throwaway one-token prompt (eager: no prefill graph for it)
         if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side = self._side
+            side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(3):
                     self._advance(slot)
@@ -363,7 +372,7 @@ class GreedyDecoder:
             except RuntimeError as error:
                 warnings.warn(f"CUDA graph capture failed, decoding without it: {str(error).splitlines()[0]}")
                 self.use_graph = False
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(side)
         else:
             for _ in range(3):
                 self._advance(slot)

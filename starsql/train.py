@@ -143,7 +143,7 @@ def eager_numerics(enabled: bool):
     """While a compiled model trains: Inductor's kernels compute what eager ones do. Intermediates are
     rounded to bf16 where eager rounds them (emulate_precision_casts): without it a fused add keeps the
     LoRA output in fp32, and the first optimizer step's update, smaller than bf16's spacing, survives
-    where eager rounds it away (1.6% lower loss at step 2 on an H100). Dropout masks come from eager's
+    where eager rounds it away (1.7% lower loss at step 2 on an H100). Dropout masks come from eager's
     random generator (fallback_random), not Inductor's: ~5% of the compiled step's speed. The losses
     then match eager's within 2e-4 (BENCHMARKS.md)."""
     if not enabled:
@@ -243,7 +243,7 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
     if resume:
         print(f"Resuming from {resume}")
     started = time.time()
-    with eager_numerics(training_args.torch_compile):  # layers compile during the first steps
+    with eager_numerics(training_args.torch_compile):  # compiling happens in the first steps, not at build time
         result = trainer.train(resume_from_checkpoint=resume)
     wall_time = time.time() - started
     if stop.received is not None:
@@ -257,7 +257,8 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return 0
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    with eager_numerics(training_args.torch_compile):  # evaluation may compile its own graphs too
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     curves = plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {

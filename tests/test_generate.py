@@ -120,12 +120,14 @@ def test_decoder_control_a_wrong_position_changes_the_output(chaotic):
     assert list(decoder.tokens(ids, 48, tokenizer.eos_token_id)) != plain_greedy(model, tokenizer, PROMPTS[0], 48)
 
 
+@pytest.mark.parametrize("window", [None, 4096], ids=["full-attention", "sliding-window"])
 @pytest.mark.parametrize("bucket", [16, 64])
-def test_a_prompt_padded_to_its_prefill_width_decodes_as_plain_generate(chaotic, bucket):
+def test_a_prompt_padded_to_its_prefill_width_decodes_as_plain_generate(chaotic, bucket, window, monkeypatch):
     # On a GPU the prompt is right-padded to a multiple of prefill_bucket, so that one CUDA graph serves
     # every prompt of that width; the padding (its K/V past the prompt, the cache's counter) must change
     # nothing. Bucket 64 is wider than the short cache: the prompt is padded to the cache's end.
     model, tokenizer = chaotic
+    monkeypatch.setattr(model.config, "sliding_window", window)  # StarCoder2-3B's is 4096
     ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in PROMPTS]
     decoder = GreedyDecoder(model, max_length=512, compile=False, lengths=(ids[1].shape[1] + 24,), prefill_bucket=bucket)
     decoder.pad_prefill = True  # the GPU default
@@ -142,6 +144,25 @@ def test_a_prompt_padded_to_its_prefill_width_decodes_as_plain_generate(chaotic,
             assert width == min(cache_length, -(-prompt_ids.shape[1] // bucket) * bucket)
             if new_tokens == 24 and prompt is PROMPTS[1]:
                 assert width > prompt_ids.shape[1]  # padded: the check above saw padding
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_prefill_graphs_replay_the_eager_prefill_on_a_gpu(chaotic):
+    # On a GPU: one prefill graph per padded width, captured on first use and replayed after, across
+    # cache lengths and requests; the tokens those give are the eager prefill's.
+    import copy
+
+    model, tokenizer = chaotic
+    model = copy.deepcopy(model).to("cuda")
+    graphed = GreedyDecoder(model, max_length=512, compile=False, lengths=(64,), prefill_bucket=16)
+    eager = GreedyDecoder(model, max_length=512, compile=False, lengths=(64,), prefill_bucket=16)
+    eager.graph_prefill = False
+    for prompt in PROMPTS * 2:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].cuda()
+        for new_tokens in (8, 40):
+            assert list(graphed.tokens(ids, new_tokens)) == list(eager.tokens(ids, new_tokens))
+    assert graphed.graph_prefill and all(slot.prefill_graphs for slot in graphed.caches)
+    assert not any(slot.prefill_graphs for slot in eager.caches)
 
 
 def test_decoder_queues_the_next_step_before_the_host_reads_a_token(chaotic):
