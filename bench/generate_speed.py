@@ -33,7 +33,8 @@ bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / decode-profi
 above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16) and levers on the app's decoder
 for this request (its 512 cache): -512-eager-prefill (the prompt's forward eager and unpadded: the decoder before
 prefill graphs), -512-cublaslt (cuBLASLt's matrix-vector kernels), -512-synced (the host reads each token before
-the next step is queued: the loop before it queued ahead), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
+the next step is queued: the loop before it queued ahead), -512 / -384 (one cache of that length),
+-512/-384-linreduce3072 (o_proj and c_proj as Inductor reductions), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
 coordinate-descent tuning). fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
   --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
@@ -163,14 +164,15 @@ def register_attention():
 
 
 @contextlib.contextmanager
-def linear_as_reduction():
+def linear_as_reduction(out_features: int | None = None):
     """nn.Linear on one row as a product and a sum (not a cuBLAS GEMV): Inductor makes it one reduction
     kernel with the bias, the GELU or the residual add fused in, and no split-K reduction kernel after it.
-    For the decoder's compiled step (traced while this is on); longer inputs keep F.linear."""
+    For the decoder's compiled step (traced while this is on); longer inputs keep F.linear. `out_features`:
+    only the layers with that many outputs (3072: o_proj and c_proj, where cuBLAS splits K)."""
     original = torch.nn.Linear.forward
 
     def forward(self, x):
-        if x.shape[:-1].numel() != 1:
+        if x.shape[:-1].numel() != 1 or out_features not in (None, self.out_features):
             return original(self, x)
         out = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
         return (out if self.bias is None else out + self.bias.float()).to(x.dtype)
@@ -476,6 +478,15 @@ def main(argv=None) -> int:
         # cuBLASLt's kernels for the step's matrix-vector products instead of cuBLAS's (PyTorch's default).
         "bf16-merged-graph-512-cublaslt": lambda: graphed(512, lengths=(), check_identity=False,
                                                           trace=lambda: blas_library("cublaslt")),
+        # The app's decoder for this request with one 512 cache (the baseline of the levers below), with one
+        # 384 cache (fewer positions to attend over), and o_proj/c_proj (where cuBLAS splits K) as Inductor
+        # reductions, alone and with the 384 cache.
+        "bf16-merged-graph-512": lambda: graphed(512, lengths=(), check_identity=False),
+        "bf16-merged-graph-384": lambda: graphed(384, lengths=(), check_identity=False),
+        "bf16-merged-graph-512-linreduce3072": lambda: lever(lambda: graphed(
+            512, lengths=(), check_identity=False, trace=lambda: linear_as_reduction(3072))),
+        "bf16-merged-graph-384-linreduce3072": lambda: lever(lambda: graphed(
+            384, lengths=(), check_identity=False, trace=lambda: linear_as_reduction(3072))),
         # The loop before it queued the next step ahead of reading a token:
         "bf16-merged-graph-512-synced": lambda: graphed(512, lengths=(), check_identity=False, synced=True),
         # Every linear layer of the step as an Inductor reduction (no cuBLAS GEMV, no split-K), without and
