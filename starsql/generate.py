@@ -282,13 +282,16 @@ class GreedyDecoder:
             dynamo.config.recompile_limit += len(self.caches)
         self.last_cache_length = None  # the cache the latest request used
 
+    def _causal_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Additive mask (1, 1, len(positions), length): each query position sees the cache up to itself."""
+        visible = torch.arange(length, device=positions.device) <= positions[:, None]
+        return torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[None, None]
+
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor, cache, length: int) -> torch.Tensor:
         # Position and mask are computed here from the `position` tensor: transformers would derive
         # the mask from a Python-int copy of the cache length, which torch.compile then specialises
         # on (a recompile every token). The cache places the new K/V by its own on-device counter.
-        visible = torch.arange(length, device=position.device) <= position
-        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype).view(1, 1, 1, -1)
-        out = self.model(input_ids=token, attention_mask=mask, position_ids=position.view(1, 1),
+        out = self.model(input_ids=token, attention_mask=self._causal_mask(position, length), position_ids=position.view(1, 1),
                          cache_position=position, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
@@ -315,9 +318,8 @@ class GreedyDecoder:
         slot.cache.reset()
         positions = torch.arange(width, device=self.device)
         # Our own mask, as the step has: transformers' mask building may read tensors on the host (a sync,
-        # which breaks a capture); this one is causal over the whole cache.
-        visible = torch.arange(slot.length, device=self.device) <= positions[:, None]
-        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[None, None]
+        # which breaks a capture).
+        mask = self._causal_mask(positions, slot.length)
         out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
                          cache_position=positions, past_key_values=slot.cache, use_cache=True,
                          logits_to_keep=(slot.prompt_length - 1).view(1))  # the last real token's logits only
@@ -328,21 +330,31 @@ class GreedyDecoder:
     def _capture_prefill(self, slot: _CacheGraph, width: int) -> torch.cuda.CUDAGraph | None:
         """The CUDA graph of the prefill at `width`. All widths share one memory pool: they never run at
         once, and nothing they allocate is read after they run (their results are copied to the slot)."""
+        graph, _ = self._capture(lambda: self._prefill_forward(slot, width), warmups=2, pool=self._prefill_pool,
+                                 what="the prefill")  # fmt: skip
+        if graph is None:
+            self.graph_prefill = self.pad_prefill = False
+        return graph
+
+    def _capture(self, run, warmups: int, what: str, pool=None):
+        """`run` warmed up on the side stream (cuBLAS picks and allocates its workspaces outside the capture),
+        then one call of it captured: (graph, what that call returned), or (None, None) with a warning if
+        the capture fails."""
         side = self._side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: cuBLAS picks and allocates its workspaces outside the capture
-                self._prefill_forward(slot, width)
+            for _ in range(warmups):
+                run()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._prefill_pool, stream=side, capture_error_mode="thread_local"):
-                self._prefill_forward(slot, width)
+            # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                output = run()
         except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture of the prefill failed, running it eagerly: {str(error).splitlines()[0]}")
-            self.graph_prefill = self.pad_prefill = False
-            graph = None
+            warnings.warn(f"CUDA graph capture of {what} failed, running it eagerly: {str(error).splitlines()[0]}")
+            graph = output = None
         torch.cuda.current_stream(self.device).wait_stream(side)
-        return graph
+        return graph, output
 
     def _advance(self, slot: _CacheGraph) -> torch.Tensor:
         """One step: the token after `slot.token` at `slot.position`, which then become that token and
@@ -357,22 +369,9 @@ class GreedyDecoder:
         empty the cache: warm-up steps write K/V and advance the cache's counter."""
         slot.prompt_length.fill_(1)
         self._prefill_forward(slot, 1)  # a throwaway one-token prompt (eager: no prefill graph for it)
-        if self.use_graph:  # warm up on a side stream, as CUDA graphs ask, then capture on it
-            side = self._side
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._advance(slot)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    slot.next = self._advance(slot)
-                slot.graph = graph
-            except RuntimeError as error:
-                warnings.warn(f"CUDA graph capture failed, decoding without it: {str(error).splitlines()[0]}")
-                self.use_graph = False
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.use_graph:
+            slot.graph, slot.next = self._capture(lambda: self._advance(slot), warmups=3, what="the decoding step")
+            self.use_graph = slot.graph is not None
         else:
             for _ in range(3):
                 self._advance(slot)
