@@ -32,10 +32,13 @@ the app; the fused attention also decodes through starsql.generate.grouped_query
 bf16-merged-fused (plain generate), bf16-merged-graph-fused-short / decode-profile-fused against their unfused runs
 above, then the app's settings (bf16-merged-graph, -app-default, app-concurrent16) and levers on the app's decoder
 for this request (its 512 cache): -512-eager-prefill (the prompt's forward eager and unpadded: the decoder before
-prefill graphs), -512-cublaslt (cuBLASLt's matrix-vector kernels), -512-synced (the host reads each token before
+prefill graphs), -512-cublas (one-token linear layers on cuBLAS, not starsql.gemv's Triton kernel: the decoder
+before it), -512-cublaslt (cuBLASLt's matrix-vector kernels), -512-synced (the host reads each token before
 the next step is queued: the loop before it queued ahead), -512 / -384 (one cache of that length),
 -512/-384-linreduce3072 (o_proj and c_proj as Inductor reductions), -512-linreduce(-cdt) (every linear layer of the step as an Inductor reduction, and with
-coordinate-descent tuning). fp32-identity compares the fused decoder with plain generate of the unfused fp32 model.
+coordinate-descent tuning). fp32-identity compares the fused decoder (with the gemv kernel on a GPU) with plain
+generate of the unfused fp32 model (cuBLAS). gemv-shapes times the kernel against cuBLAS alone, per weight shape;
+decode-profile-fused(-cublas) profiles the app's step with the kernel (and without).
 - app-concurrent16: 16 requests at once through the app's streaming path (stream_sql + the decoder), at most
   --app_concurrency running (app.py: 1 with the decoder): aggregate tokens/s and request latency.
   app-concurrent16-eager-prefill: the same with the prompt's forward eager (the decoder before prefill graphs).
@@ -185,6 +188,53 @@ def linear_as_reduction(out_features: int | None = None):
 
 
 @contextlib.contextmanager
+def cublas_linears(model):
+    """The model's linear layers back on F.linear (cuBLAS) for one token, not starsql.gemv's kernel."""
+    from starsql.gemv import use_gemv
+
+    changed = use_gemv(model, enabled=False)
+    try:
+        yield
+    finally:
+        if changed:
+            use_gemv(model)
+
+
+def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
+    """Each weight shape of the model's linear layers, one token: cuBLAS (F.linear, and GELU for c_fc) against
+    starsql.gemv's kernel, timed alone by triton.testing.do_bench (median, L2 flushed between calls, as a
+    decoding step reads each weight from memory), with the weight bytes read per microsecond (GB/s)."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from starsql import gemv
+
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            gelu = name.endswith("c_fc") and getattr(model.config, "hidden_act", None) == "gelu_pytorch_tanh"
+            shapes.setdefault((*module.weight.shape, module.bias is not None, gelu), name.split(".")[-1])
+    rows = []
+    for (n, k, has_bias, gelu), layer in shapes.items():
+        weight = torch.randn(n, k, device=device(), dtype=dtype) / k**0.5
+        bias = torch.randn(n, device=device(), dtype=dtype) if has_bias else None
+        x = torch.randn(1, 1, k, device=device(), dtype=dtype)
+        cublas = lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh") if gelu else F.linear(x, weight, bias)  # noqa: E731
+        kernel = lambda: torch.ops.starsql.gemv(x, weight, bias, gelu)  # noqa: E731
+        error = (kernel().float() - cublas().float()).abs().max().item()
+        times = {what: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") for what, fn in
+                 (("cublas", cublas), ("gemv", kernel))}  # fmt: skip
+        gigabytes = n * k * weight.element_size() / 1e9
+        tuned = getattr(gemv.tuned_gemv_kernel, "cache", {})  # the block config the autotuner picked per shape
+        config = next((c for key, c in tuned.items() if tuple(key[:2]) == (n, k)), None)
+        rows.append({"layer": layer, "shape": [n, k], "gelu": gelu, "cublas_us": round(1e3 * times["cublas"], 2),
+                     "gemv_us": round(1e3 * times["gemv"], 2), "speedup": round(times["cublas"] / times["gemv"], 3),
+                     "cublas_gb_s": round(gigabytes / times["cublas"] * 1e3), "gemv_gb_s": round(gigabytes / times["gemv"] * 1e3),
+                     "max_abs_diff": error, "config": str(config)})  # fmt: skip
+    return {"shapes": rows}
+
+
+@contextlib.contextmanager
 def blas_library(name: str):
     """PyTorch's preferred BLAS library ("cublas", "cublaslt") while the step is compiled and captured."""
     previous = torch.backends.cuda.preferred_blas_library()
@@ -271,7 +321,7 @@ def main(argv=None) -> int:
 
     # 2-5. bf16 with the adapter merged: the app's default on a GPU.
     loaded = time.perf_counter()
-    model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir), fuse_qkv=False)  # fused below
+    model, tokenizer = load_for_inference(str(model_dir), str(adapter_dir), fuse_qkv=False, gemv=False)  # both below
     details = {"dtype": dtype_name(model), "merged": True, "load_s": round(time.perf_counter() - loaded, 1)}
     single = prompt_batch(tokenizer, 1, args.prompt_tokens)
     batched = prompt_batch(tokenizer, args.batch, args.prompt_tokens)
@@ -315,7 +365,8 @@ def main(argv=None) -> int:
         model_.generation_config.disable_compile = True
         outputs = []
         for input_ids, attention_mask in prompts:
-            out = model_.generate(input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(tokenizer, args.new_tokens))
+            with cublas_linears(model_):
+                out = model_.generate(input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(tokenizer, args.new_tokens))
             new = out[0, input_ids.shape[1] :].tolist()
             outputs.append(new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new)
         return outputs
@@ -460,9 +511,14 @@ def main(argv=None) -> int:
             record(name, 1, guarded(run), cache="static", **details)
 
     # The app's model: q/k/v fused into one projection (load_for_inference's default), then the app's settings.
+    from starsql.gemv import gemv_available, use_gemv
     from starsql.generate import fuse_qkv_projections
 
     details["fused_qkv_layers"] = fuse_qkv_projections(model)
+    # and (load_for_inference's default on a GPU) one-token linear layers through starsql.gemv's kernel.
+    details["gemv_layers"] = use_gemv(model) if gemv_available(model) else 0
+    if details["gemv_layers"] and wanted("gemv-shapes"):
+        record("gemv-shapes", 1, guarded(lambda: gemv_shapes(model)), **details)
     fused_configs = {
         "bf16-merged-fused": lambda: measure(model, tokenizer, single, args, warmups=1),  # plain generate
         "bf16-merged-graph-fused-short": lambda: graphed(short, lengths=()),
@@ -475,6 +531,9 @@ def main(argv=None) -> int:
         # Levers on the app's decoder for this request (its 512 cache), one at a time. The prompt's forward
         # eager and unpadded (before prefill graphs):
         "bf16-merged-graph-512-eager-prefill": lambda: graphed(512, lengths=(), check_identity=False, eager_prefill=True),
+        # cuBLAS's matrix-vector kernels, not starsql.gemv's (the decoder before it): against -512 below.
+        "bf16-merged-graph-512-cublas": lambda: lever(lambda: cublas_config(lambda: graphed(512, lengths=(), check_identity=False))),
+        "decode-profile-fused-cublas": lambda: lever(lambda: cublas_config(decode_profile)),
         # cuBLASLt's kernels for the step's matrix-vector products instead of cuBLAS's (PyTorch's default).
         "bf16-merged-graph-512-cublaslt": lambda: graphed(512, lengths=(), check_identity=False,
                                                           trace=lambda: blas_library("cublaslt")),
@@ -495,6 +554,10 @@ def main(argv=None) -> int:
         "bf16-merged-graph-512-linreduce-cdt": lambda: lever(lambda: graphed(
             512, lengths=(), trace=linear_as_reduction, compile_options={"coordinate_descent_tuning": True})),
     }
+    def cublas_config(run):
+        with cublas_linears(model):
+            return {**run(), "gemv_layers": 0}
+
     for name, run in fused_configs.items():
         if wanted(name):
             record(name, 1, guarded(run), cache="static", **details)
@@ -554,9 +617,10 @@ def main(argv=None) -> int:
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
         reference = plain_tokens(model32, identity)  # transformers' own attention, q/k/v unfused
         fuse_qkv_projections(model32)
+        gemv_layers = use_gemv(model32) if gemv_available(model32) else 0  # as load_for_inference does
         decoder = GreedyDecoder(model32, max_length=args.prompt_tokens + args.new_tokens + 8)
         report = identity_report(decoder, model32, reference)
-        return {"dtype": "float32", "fused_qkv": True, "cuda_graph": decoder.caches[0].graph is not None and decoder.use_graph, **report}
+        return {"dtype": "float32", "fused_qkv": True, "gemv_layers": gemv_layers, "cuda_graph": decoder.caches[0].graph is not None and decoder.use_graph, **report}
 
     if not args.skip_fp32 and wanted("fp32-identity"):
         record("fp32-identity", 1, guarded(fp32_identity), cache="static")

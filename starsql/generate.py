@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.models.starcoder2 import modeling_starcoder2 as starcoder2
 
+from .gemv import gemv_available, use_gemv
 from .modeling import resolve_model_path
 from .prompt import extract_sql, first_statement_end
 
@@ -39,11 +40,12 @@ def inference_device() -> str:
 
 
 def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit: bool = False, device: str | None = None,
-                       fuse_qkv: bool = True):
+                       fuse_qkv: bool = True, gemv: bool = True):
     """(model, tokenizer) ready to generate. The adapter is merged into bf16 weights for speed,
     except on a 4-bit base, where it stays a separate LoRA layer. `fuse_qkv`: one q/k/v matmul per
     StarCoder2 attention (fuse_qkv_projections: the same model up to bf16 rounding, faster decoding;
-    pass False for a model that will be saved or get another adapter)."""
+    pass False for a model that will be saved or get another adapter). `gemv`: on a GPU with Triton,
+    linear layers fed one token use starsql.gemv's kernel (decoding), not cuBLAS's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or inference_device()
@@ -66,6 +68,8 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
             model = model.merge_and_unload()
     if fuse_qkv:
         fuse_qkv_projections(model)
+    if gemv and not load_in_4bit and gemv_available(model):
+        use_gemv(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

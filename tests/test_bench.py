@@ -74,7 +74,7 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
     done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
-                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,app-concurrent16,fp32-identity",
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,app-concurrent16,fp32-identity",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -88,6 +88,8 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     assert app_default["cache_length_used"] == 1024 and app_default["identical_to_bf16_merged"]
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
+    # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear).
+    assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"] and lines["bf16-merged-graph-512-cublas"]["gemv_layers"] == 0
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):

@@ -1,0 +1,126 @@
+"""starsql.gemv: the Triton matrix-vector kernel for decoding, and the layers that route one token to it.
+
+On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1), which must be set before Triton
+is imported: those checks run in a subprocess (this file run as a script). On a GPU they run compiled.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = [(37, 200), (5, 3), (64, 64)]  # rows and columns that blocks do and do not divide
+
+
+def check_every_config(device: str):
+    """Every block config, with and without bias and GELU, in fp32 and bf16: F.linear's result (and GELU's)."""
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    from starsql import gemv
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        # fp32: the same sums in another order. bf16: the interpreter rounds fp32 to bf16 by truncation,
+        # one unit in the last place where the GPU rounds to nearest.
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-5)
+        for rows, cols in SHAPES:
+            weight = (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
+            x = torch.randn(1, 1, cols, device=device, dtype=dtype)
+            for bias in (torch.randn(rows, device=device, dtype=dtype), None):
+                for gelu in (False, True):
+                    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+                    if gelu:  # of the linear output in the model's dtype, as the unfused GELU gets it
+                        expected = F.gelu(expected.to(dtype).float(), approximate="tanh")
+                    for config in gemv.CONFIGS:
+                        out = torch.full((1, 1, rows), float("nan"), device=device, dtype=dtype)
+                        gemv.gemv_kernel[(triton.cdiv(rows, config["BLOCK_N"]),)](
+                            weight, x, bias, out, rows, cols, HAS_BIAS=bias is not None, GELU=gelu,
+                            BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"])  # fmt: skip
+                        torch.testing.assert_close(out.float(), expected, **tolerance, msg=lambda m: f"{config}: {m}")
+                    out = torch.ops.starsql.gemv(x, weight, bias, gelu)  # the op, autotuned
+                    torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+def check_decoding_through_the_kernel(device: str):
+    """The tiny model (large random weights, fp32) decodes the same greedy tokens with every linear layer
+    fed one token routed through the kernel as with F.linear, and the kernel really ran."""
+    import torch
+
+    from starsql import gemv
+    from starsql.generate import GreedyDecoder, fuse_qkv_projections, load_for_inference
+    from starsql.prompt import build_prompt
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", fuse_qkv=False, gemv=False, device=device)
+    model.float()  # fp32 on a GPU too: rounding differences far below the logits' gaps
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    fuse_qkv_projections(model)
+    prompts = [build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER)", "Names of singers older than 30?"),
+               build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?")]  # fmt: skip
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for p in prompts]
+    expected = [list(GreedyDecoder(model, max_length=256, compile=False).tokens(i, 24)) for i in ids]
+    calls = []
+    kernel = gemv.tuned_gemv_kernel.run
+    gemv.tuned_gemv_kernel.run = lambda *a, **k: (calls.append(k.get("GELU")), kernel(*a, **k))[1]
+    assert gemv.use_gemv(model) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    got = [list(GreedyDecoder(model, max_length=256, compile=False).tokens(i, 24)) for i in ids]
+    assert got == expected and expected[0] != expected[1]
+    layers = model.config.num_hidden_layers
+    # A step: q/k/v, o, c_fc with its GELU and c_proj per layer, then the head; the prefill keeps F.linear.
+    # On a CPU each of the 2 x 23 steps calls the kernel from Python; on a GPU the step's CUDA graph replays
+    # the launches its capture recorded, so only the warm-ups and the capture call it.
+    steps = 2 * 23 if device == "cpu" else 1
+    assert calls.count(True) >= layers * steps and calls.count(False) >= (3 * layers + 1) * steps
+
+
+if __name__ == "__main__":  # the subprocess: Triton's interpreter on a CPU
+    sys.path.insert(0, str(ROOT))
+    from starsql import gemv as _gemv
+
+    _gemv.DEVICES = ("cuda", "cpu")
+    check_every_config("cpu")
+    check_decoding_through_the_kernel("cpu")
+    print("interpreted checks passed")
+
+
+def test_the_kernel_computes_linear_and_decodes_identically_under_the_interpreter(tiny_model_path):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "interpreted checks passed" in done.stdout
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled kernel needs a GPU")
+def test_the_kernel_computes_linear_and_decodes_identically_on_a_gpu(tiny_model_path):
+    check_every_config("cuda")
+    check_decoding_through_the_kernel("cuda")
+
+
+def test_use_gemv_routes_plain_linears_and_turns_them_back(tiny_model_path):
+    import torch
+    from transformers.models.starcoder2 import modeling_starcoder2 as starcoder2
+
+    from starsql.gemv import GemvGeluMLP, GemvLinear, use_gemv
+    from starsql.generate import load_for_inference
+
+    model, tokenizer = load_for_inference("tiny-starcoder2")  # CPU: load_for_inference leaves it alone
+    assert not any(type(m) in (GemvLinear, GemvGeluMLP) for m in model.modules())
+    ids = tokenizer("SELECT name FROM singer", return_tensors="pt")["input_ids"][:, :1]
+    with torch.inference_mode():
+        before = model(ids).logits
+        linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+        assert use_gemv(model) == linears
+        assert all(type(mlp) is GemvGeluMLP for mlp in (layer.mlp for layer in model.model.layers))
+        # Not a GPU: one row still goes through F.linear, unchanged.
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+        assert use_gemv(model, enabled=False) == linears
+    assert not any(type(m) in (GemvLinear, GemvGeluMLP) for m in model.modules())
+    assert all(type(layer.mlp) is starcoder2.Starcoder2MLP for layer in model.model.layers)
