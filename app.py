@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import gradio as gr
 import torch
 
+from starsql.gemv import use_gemv
 from starsql.generate import GreedyDecoder, load_for_inference, stream_sql
 from starsql.prompt import build_prompt, extract_sql
 from starsql.schema import split_statements
@@ -70,22 +71,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Flags only when run as a script; `import app` (tests, Spaces' reloader) reads the env vars alone.
 ARGS = parse_args(None if __name__ == "__main__" else [])
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+FAST_DECODE = os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")
 if ZERO_GPU:
     # Merge the adapter on the CPU (no GPU is attached at start-up), then place the bf16 weights
     # on CUDA as ZeroGPU asks; it lends a GPU only inside @spaces.GPU. bitsandbytes has no place here.
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, device="cpu")
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
-    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# On a dedicated GPU, greedy answers replay captured CUDA graphs (290 tokens/s on an H100, BENCHMARKS.md).
+    # FAST_DECODE=0 also keeps cuBLAS for one-token matmuls (no Triton kernel, starsql.gemv).
+    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit, gemv=FAST_DECODE)
+# On a dedicated GPU, greedy answers replay captured CUDA graphs (332 tokens/s on an H100, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
-if (torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
-        and os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")):
+if torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit and FAST_DECODE:
     try:
         DECODER = GreedyDecoder(MODEL, max_length=DECODER_TOKENS)
         DECODER.warm_up()
-    except Exception as error:  # noqa: BLE001 -- a model torch.compile cannot take still serves, via generate()
+    except Exception as error:  # noqa: BLE001 -- a model torch.compile or Triton cannot take still serves, via generate()
+        use_gemv(MODEL, enabled=False)  # the kernel may be what failed: generate() on cuBLAS
         print(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", flush=True)
         DECODER = None
 
