@@ -80,7 +80,7 @@ if ZERO_GPU:
 else:
     # FAST_DECODE=0 also keeps cuBLAS for one-token matmuls (no Triton kernel, starsql.gemv).
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit, gemv=FAST_DECODE)
-# On a dedicated GPU, greedy answers replay captured CUDA graphs (332 tokens/s on an H100, BENCHMARKS.md).
+# On a dedicated GPU, greedy answers replay captured CUDA graphs (331 tokens/s on an H100, BENCHMARKS.md).
 # Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
 DECODER = None
 if torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit and FAST_DECODE:

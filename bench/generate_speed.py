@@ -194,17 +194,28 @@ def cublas_linears(model):
 
     changed = use_gemv(model, enabled=False)
     try:
-        yield
+        yield changed
     finally:
         if changed:
             use_gemv(model)
 
 
+# Block shapes swept per weight shape by gemv-shapes (rows per program, columns per loop step, warps, stages).
+GEMV_SWEEP = [
+    (1, 1024, 4, 3), (2, 512, 4, 3), (2, 1024, 4, 3), (4, 256, 4, 4), (4, 512, 4, 3), (4, 1024, 4, 2),
+    (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3), (16, 256, 8, 4),
+    (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3),
+]
+
+
 def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
     """Each weight shape of the model's linear layers, one token: cuBLAS (F.linear, and GELU for c_fc) against
-    starsql.gemv's kernel, timed alone by triton.testing.do_bench (median, L2 flushed between calls, as a
-    decoding step reads each weight from memory), with the weight bytes read per microsecond (GB/s)."""
+    starsql.gemv's kernel with its fixed block shape and with the best of GEMV_SWEEP, timed alone by
+    triton.testing.do_bench (median, L2 flushed between calls, as a decoding step reads each weight from
+    memory), with the weight bytes read per microsecond (GB/s); and the custom op called eagerly, whose host
+    time (it runs in the decoder's CUDA graphs, without it) exceeds the small layers' kernel time."""
     import torch.nn.functional as F
+    import triton
     import triton.testing
 
     from starsql import gemv
@@ -215,22 +226,32 @@ def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
             gelu = name.endswith("c_fc") and getattr(model.config, "hidden_act", None) == "gelu_pytorch_tanh"
             shapes.setdefault((*module.weight.shape, module.bias is not None, gelu), name.split(".")[-1])
     rows = []
+    time_it = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     for (n, k, has_bias, gelu), layer in shapes.items():
         weight = torch.randn(n, k, device=device(), dtype=dtype) / k**0.5
         bias = torch.randn(n, device=device(), dtype=dtype) if has_bias else None
         x = torch.randn(1, 1, k, device=device(), dtype=dtype)
+        out = torch.empty(1, 1, n, device=device(), dtype=dtype)
         cublas = lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh") if gelu else F.linear(x, weight, bias)  # noqa: E731
-        kernel = lambda: torch.ops.starsql.gemv(x, weight, bias, gelu)  # noqa: E731
-        error = (kernel().float() - cublas().float()).abs().max().item()
-        times = {what: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") for what, fn in
-                 (("cublas", cublas), ("gemv", kernel))}  # fmt: skip
+        kernel = lambda: gemv.launch(x, weight, bias, out, gelu)  # noqa: E731
+        op = lambda: torch.ops.starsql.gemv(x, weight, bias, gelu)  # noqa: E731 -- eager: the op's host time too
+        error = (op().float() - cublas().float()).abs().max().item()
+        sweep = {}
+        for block_n, block_k, warps, stages in GEMV_SWEEP:
+            run = lambda: gemv.gemv_kernel[(triton.cdiv(n, block_n),)](  # noqa: E731
+                weight, x, bias, out, n, k, HAS_BIAS=has_bias, GELU=gelu, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=warps, num_stages=stages)  # fmt: skip
+            sweep[(block_n, block_k, warps, stages)] = time_it(run)
+        best = min(sweep, key=sweep.get)
+        times = {"cublas": time_it(cublas), "gemv": time_it(kernel), "best": sweep[best], "op": time_it(op)}
         gigabytes = n * k * weight.element_size() / 1e9
-        tuned = getattr(gemv.tuned_gemv_kernel, "cache", {})  # the block config the autotuner picked per shape
-        config = next((c for key, c in tuned.items() if tuple(key[:2]) == (n, k)), None)
         rows.append({"layer": layer, "shape": [n, k], "gelu": gelu, "cublas_us": round(1e3 * times["cublas"], 2),
                      "gemv_us": round(1e3 * times["gemv"], 2), "speedup": round(times["cublas"] / times["gemv"], 3),
                      "cublas_gb_s": round(gigabytes / times["cublas"] * 1e3), "gemv_gb_s": round(gigabytes / times["gemv"] * 1e3),
-                     "max_abs_diff": error, "config": str(config)})  # fmt: skip
+                     "gemv_block": {**gemv.BLOCK, **gemv.LAUNCH}, "best_sweep_us": round(1e3 * times["best"], 2),
+                     "op_eager_us": round(1e3 * times["op"], 2),
+                     "best_sweep_block": dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), best)),
+                     "max_abs_diff": error})  # fmt: skip
     return {"shapes": rows}
 
 
@@ -364,9 +385,8 @@ def main(argv=None) -> int:
         model_.generation_config.cache_implementation = None
         model_.generation_config.disable_compile = True
         outputs = []
-        for input_ids, attention_mask in prompts:
-            with cublas_linears(model_):
-                out = model_.generate(input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(tokenizer, args.new_tokens))
+        for input_ids, attention_mask in prompts:  # F.linear: starsql.gemv's kernel runs only in the decoder
+            out = model_.generate(input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(tokenizer, args.new_tokens))
             new = out[0, input_ids.shape[1] :].tolist()
             outputs.append(new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new)
         return outputs
@@ -555,8 +575,8 @@ def main(argv=None) -> int:
             512, lengths=(), trace=linear_as_reduction, compile_options={"coordinate_descent_tuning": True})),
     }
     def cublas_config(run):
-        with cublas_linears(model):
-            return {**run(), "gemv_layers": 0}
+        with cublas_linears(model) as turned_off:
+            return {**run(), "gemv_layers": 0, "gemv_layers_turned_off": turned_off}
 
     for name, run in fused_configs.items():
         if wanted(name):

@@ -1,17 +1,20 @@
-"""Matrix-vector products for decoding: a Triton kernel for linear layers fed one token.
+"""Matrix-vector products for decoding: a Triton kernel for the linear layers of a one-token step.
 
 Decoding one token of a 3B model reads every weight once, so a token takes as long as the GPU needs to
 stream 6 GB. cuBLAS's kernels for these matrix-vector products reached 2.0-2.8 TB/s of an H100's 3.35,
 and split K for the layers with 3,072 outputs (a second, reducing kernel each). This kernel streams each
-weight row once, accumulates in fp32, adds the bias and rounds once, as cuBLAS does; its block sizes are
-tuned per weight shape on first use (BENCHMARKS.md has the numbers).
+weight row once, accumulates in fp32, adds the bias and rounds once, as cuBLAS does (BENCHMARKS.md).
 
-`use_gemv(model)` routes every plain nn.Linear of an inference model through it when the input is one row
-on a GPU; other inputs (prompts, batches, training) keep F.linear. Without Triton (CPU installs) nothing
-changes.
+Its block shape is fixed, not autotuned: a tuner picks by timing, so a restart could pick another shape, sum
+in another order and turn a near tie into another greedy token. Within a run it is faster only inside a
+CUDA graph: called eagerly, the custom op costs more host time per call than F.linear.
+
+`use_gemv(model)` turns the plain nn.Linear layers of an inference model into GemvLinear; they compute one
+row with the kernel inside `routing()` (starsql.generate.GreedyDecoder's step and prefill) and everything
+else with F.linear. Without Triton (CPU installs) nothing changes.
 """
 
-import os
+import contextlib
 
 import torch
 from torch import nn
@@ -23,16 +26,10 @@ try:
 except ImportError:  # CPU-only installs: every linear layer keeps F.linear
     triton = None
 
-# Block shapes tried per weight shape: rows per program x columns per loop step, warps, pipeline stages.
-# Few rows per program for the layers with 3,072 outputs (enough programs to fill 132 SMs), more for wide ones.
-CONFIGS = [
-    dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    for block_n, block_k, warps, stages in [
-        (1, 1024, 4, 3), (2, 512, 4, 3), (2, 1024, 4, 3), (4, 256, 4, 4), (4, 512, 4, 3), (4, 1024, 4, 2),
-        (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3), (16, 256, 8, 4),
-        (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3),
-    ]
-]
+# Two weight rows per program, 1,024 columns a loop step: of 16 shapes timed on an H100, the fastest for
+# StarCoder2-3B's o_proj, c_fc and c_proj, and within 1% of the fastest for its head (BENCHMARKS.md, gemv section).
+BLOCK = dict(BLOCK_N=2, BLOCK_K=1024)
+LAUNCH = dict(num_warps=4, num_stages=3)
 
 if triton is not None:
 
@@ -56,39 +53,52 @@ if triton is not None:
             y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
         tl.store(out + rows, y.to(out.dtype.element_ty), mask=rows < N)
 
-    # Triton's interpreter (TRITON_INTERPRET=1: tests on a CPU) cannot time configs: it runs the widest.
-    INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-    tuned_gemv_kernel = triton.autotune(
-        [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
-         for c in (CONFIGS[-1:] if INTERPRETED else CONFIGS)],
-        key=["N", "K"],
-    )(gemv_kernel)  # fmt: skip
+    def launch(x, weight, bias, out, gelu: bool, block: dict | None = None):
+        """The kernel over `weight`'s rows, on `x`'s device (Triton launches on the current one)."""
+        N, K = weight.shape
+        block = block or BLOCK
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            gemv_kernel[(triton.cdiv(N, block["BLOCK_N"]),)](
+                weight, x, bias, out, N, K, HAS_BIAS=bias is not None, GELU=gelu, **block, **LAUNCH)
+        return out
 
     @torch.library.custom_op("starsql::gemv", mutates_args=())
     def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
         """F.linear(x, weight, bias), then GELU (tanh) if `gelu`, for an `x` of one row (leading dims of size 1)."""
-        N, K = weight.shape
-        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        tuned_gemv_kernel[grid](weight, x.contiguous(), bias, out, N, K, HAS_BIAS=bias is not None, GELU=gelu)
-        return out
+        out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        return launch(x.contiguous(), weight, bias, out, gelu)
 
     @gemv.register_fake
     def _(x, weight, bias, gelu):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-DEVICES = ("cuda",)  # where the kernel runs (tests add "cpu" under Triton's interpreter)
+DEVICES = ("cuda",)  # where the kernel runs (tests add "cpu" under Triton's interpreter, TRITON_INTERPRET=1)
+_routing = False  # set by routing(): the one-token linears of a decoding step use the kernel
+
+
+@contextlib.contextmanager
+def routing():
+    """One-row inputs of GemvLinear / GemvGeluMLP layers go to the kernel while this is on. For code that runs
+    compiled and captured in a CUDA graph; torch.compile traces with it on and guards on it."""
+    global _routing
+    previous, _routing = _routing, True
+    try:
+        yield
+    finally:
+        _routing = previous
 
 
 def one_row(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """`x` is one row on a GPU, for inference (no gradients), in the dtype of `layer`'s weight."""
-    return (x.device.type in DEVICES and x.shape[:-1].numel() == 1 and x.dtype == layer.weight.dtype and layer.weight.is_contiguous()
-            and not torch.is_grad_enabled())  # fmt: skip
+    """Inside routing(): `x` is one row on a kernel device, for inference (no gradients, no autocast, which
+    would cast F.linear's inputs), in `layer`'s weight dtype, and the weight's offsets fit the kernel's int32."""
+    return (_routing and x.device.type in DEVICES and x.shape[:-1].numel() == 1 and x.dtype == layer.weight.dtype
+            and layer.weight.is_contiguous() and layer.weight.numel() < 2**31 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear that computes one row on a GPU with `gemv` (decoding one token), anything else with F.linear."""
+    """nn.Linear that computes one row with `gemv` inside routing(), anything else with F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row(x, self):
@@ -97,7 +107,8 @@ class GemvLinear(nn.Linear):
 
 
 class GemvGeluMLP(starcoder2.Starcoder2MLP):
-    """StarCoder2's MLP with the GELU in c_fc's kernel for one row: one kernel fewer per layer and token."""
+    """StarCoder2's MLP with the GELU in c_fc's kernel for one row: one kernel fewer per layer and token
+    (c_fc's own forward and its hooks are then skipped)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if type(self.c_fc) is not GemvLinear or not one_row(hidden_states, self.c_fc):  # a LoRA layer keeps its forward
@@ -113,9 +124,9 @@ def gemv_available(model) -> bool:
 
 
 def use_gemv(model, enabled: bool = True) -> int:
-    """Route `model`'s plain nn.Linear layers through GemvLinear (a LoRA layer's base layer too; 4-bit layers
-    are not nn.Linear), and StarCoder2 MLPs with the tanh GELU through GemvGeluMLP, in place; enabled=False
-    turns them back. Returns how many linear layers changed."""
+    """Turn `model`'s plain nn.Linear layers into GemvLinear (a LoRA layer's base layer too; 4-bit layers are
+    not nn.Linear), and StarCoder2 MLPs with the tanh GELU into GemvGeluMLP, in place; enabled=False turns
+    them back. Returns how many linear layers changed."""
     swaps = [(nn.Linear, GemvLinear)]
     if getattr(model.config, "hidden_act", None) == "gelu_pytorch_tanh":
         swaps.append((starcoder2.Starcoder2MLP, GemvGeluMLP))

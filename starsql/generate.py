@@ -13,7 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.models.starcoder2 import modeling_starcoder2 as starcoder2
 
-from .gemv import gemv_available, use_gemv
+from .gemv import gemv_available, routing, use_gemv
 from .modeling import resolve_model_path
 from .prompt import extract_sql, first_statement_end
 
@@ -44,8 +44,8 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
     """(model, tokenizer) ready to generate. The adapter is merged into bf16 weights for speed,
     except on a 4-bit base, where it stays a separate LoRA layer. `fuse_qkv`: one q/k/v matmul per
     StarCoder2 attention (fuse_qkv_projections: the same model up to bf16 rounding, faster decoding;
-    pass False for a model that will be saved or get another adapter). `gemv`: on a GPU with Triton,
-    linear layers fed one token use starsql.gemv's kernel (decoding), not cuBLAS's."""
+    pass False for a model that will be saved or get another adapter). `gemv`: on a GPU with Triton, the
+    linear layers of GreedyDecoder's one-token steps use starsql.gemv's kernel, not cuBLAS's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or inference_device()
@@ -324,9 +324,10 @@ class GreedyDecoder:
         # Our own mask, as the step has: transformers' mask building may read tensors on the host (a sync,
         # which breaks a capture).
         mask = self._causal_mask(positions, slot.length)
-        out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
-                         cache_position=positions, past_key_values=slot.cache, use_cache=True,
-                         logits_to_keep=(slot.prompt_length - 1).view(1))  # the last real token's logits only
+        with routing():  # one-row linears (the last token's head) through starsql.gemv's kernel, if the model has it
+            out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
+                             cache_position=positions, past_key_values=slot.cache, use_cache=True,
+                             logits_to_keep=(slot.prompt_length - 1).view(1))  # the last real token's logits only
         for layer in slot.cache.layers:  # the cache counts the padding too: the first step goes right after the prompt
             layer.cumulative_length.copy_(slot.prompt_length)
         self._start(slot, out.logits[:, -1].argmax(-1, keepdim=True), slot.prompt_length)
@@ -363,7 +364,8 @@ class GreedyDecoder:
     def _advance(self, slot: _CacheGraph) -> torch.Tensor:
         """One step: the token after `slot.token` at `slot.position`, which then become that token and
         the next position, on the device (captured into the graph with the step)."""
-        next_token = self._step(slot.token, slot.position, slot.cache, slot.length)
+        with routing():  # the step's linears through starsql.gemv's kernel, if the model has it (load_for_inference)
+            next_token = self._step(slot.token, slot.position, slot.cache, slot.length)
         slot.token.copy_(next_token)
         slot.position.add_(1)
         return next_token

@@ -89,7 +89,7 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
     # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear).
-    assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"] and lines["bf16-merged-graph-512-cublas"]["gemv_layers"] == 0
+    assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):
