@@ -97,7 +97,7 @@ def generation_concurrency(decoder: GreedyDecoder | None) -> int:
     """Answers generated at once. The decoder serves one stream, ~5x faster than generate(); a
     second answer on generate() beside it slowed both (16 concurrent requests, H200: 159 tokens/s in
     all against 271 for one stream), so with the decoder's CUDA graphs on, requests wait in the queue
-    for it (H100: 286 tokens/s in all for 16 requests, 290 for one stream; BENCHMARKS.md)."""
+    for it (H100: 325 tokens/s in all for 16 requests, 331 for one stream; BENCHMARKS.md)."""
     return 1 if decoder is not None and decoder.use_graph else MODEL_CONCURRENCY
 
 

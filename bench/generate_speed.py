@@ -215,7 +215,6 @@ def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
     memory), with the weight bytes read per microsecond (GB/s); and the custom op called eagerly, whose host
     time (it runs in the decoder's CUDA graphs, without it) exceeds the small layers' kernel time."""
     import torch.nn.functional as F
-    import triton
     import triton.testing
 
     from starsql import gemv
@@ -237,11 +236,9 @@ def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
         op = lambda: torch.ops.starsql.gemv(x, weight, bias, gelu)  # noqa: E731 -- eager: the op's host time too
         error = (op().float() - cublas().float()).abs().max().item()
         sweep = {}
-        for block_n, block_k, warps, stages in GEMV_SWEEP:
-            run = lambda: gemv.gemv_kernel[(triton.cdiv(n, block_n),)](  # noqa: E731
-                weight, x, bias, out, n, k, HAS_BIAS=has_bias, GELU=gelu, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps, num_stages=stages)  # fmt: skip
-            sweep[(block_n, block_k, warps, stages)] = time_it(run)
+        for shape in GEMV_SWEEP:
+            config = dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), shape))
+            sweep[shape] = time_it(lambda: gemv.launch(x, weight, bias, out, gelu, config=config))
         best = min(sweep, key=sweep.get)
         times = {"cublas": time_it(cublas), "gemv": time_it(kernel), "best": sweep[best], "op": time_it(op)}
         gigabytes = n * k * weight.element_size() / 1e9

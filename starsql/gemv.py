@@ -53,13 +53,14 @@ if triton is not None:
             y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
         tl.store(out + rows, y.to(out.dtype.element_ty), mask=rows < N)
 
-    def launch(x, weight, bias, out, gelu: bool, block: dict | None = None):
-        """The kernel over `weight`'s rows, on `x`'s device (Triton launches on the current one)."""
+    def launch(x, weight, bias, out, gelu: bool, config: dict | None = None):
+        """The kernel over `weight`'s rows, on `x`'s device (Triton launches on the current one). `config`:
+        block sizes, warps or stages in place of BLOCK's and LAUNCH's (tests, the bench's sweep)."""
         N, K = weight.shape
-        block = block or BLOCK
+        config = {**BLOCK, **LAUNCH, **(config or {})}
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            gemv_kernel[(triton.cdiv(N, block["BLOCK_N"]),)](
-                weight, x, bias, out, N, K, HAS_BIAS=bias is not None, GELU=gelu, **block, **LAUNCH)
+            gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]),)](
+                weight, x, bias, out, N, K, HAS_BIAS=bias is not None, GELU=gelu, **config)
         return out
 
     @torch.library.custom_op("starsql::gemv", mutates_args=())

@@ -40,7 +40,7 @@ def check_kernel(device: str):
                         expected = F.gelu(expected.to(dtype).float(), approximate="tanh")
                     for block in BLOCKS:
                         out = torch.full((1, 1, rows), float("nan"), device=device, dtype=dtype)
-                        gemv.launch(x, weight, bias, out, gelu, block=block)
+                        gemv.launch(x, weight, bias, out, gelu, config=block)
                         torch.testing.assert_close(out.float(), expected, **tolerance, msg=lambda m: f"{block}: {m}")
                     out = torch.ops.starsql.gemv(x, weight, bias, gelu)  # the op, the shipped block shape
                     torch.testing.assert_close(out.float(), expected, **tolerance)
