@@ -67,6 +67,17 @@ CONFIGS = [
          timeout=240, **{"model.attention_dropout": 0.0}),
     dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
+    # The same with PEFT's own LoRA forward (fused_lora=false, the shipped path before starsql.fused_lora):
+    # bitwise the same losses, more kernels.
+    dict(name="sft-mb16-flex-peft", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180,
+         profile=True, fused_lora=False, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}),
+    # Where the GPU waits between kernels (gpu_idle): the batch's copies to the GPU without blocking the CPU
+    # (pinned memory is the Trainer's default), and the CUDA allocator growing segments instead of freeing
+    # its cache and calling cudaMalloc (both synchronise). Same computation: same losses.
+    *[dict(name=name, path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
+           loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}, **extra)
+      for name, extra in (("sft-mb16-flex-nonblocking", {"args.accelerator_config": {"non_blocking": True}}),
+                          ("sft-mb16-flex-expandable", {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}))],
     # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.
     dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, regional=True, heavy=True,
          timeout=240),
@@ -119,7 +130,7 @@ DEFAULT_TIMEOUT = 120
 
 def parse_add(spec: str) -> dict:
     """'NAME:key=value,...' -> a config. Keys: path (sft|plain), mb, ckpt, attn, liger, compile, regional, dynamic
-    (accelerate's dynamic shapes from the first step), timeout, procs, step1 (keep the first optimizer step's
+    (accelerate's dynamic shapes from the first step), fused_lora (false: PEFT's LoRA forward), timeout, procs, step1 (keep the first optimizer step's
     gradients and weight changes), step1_ref (compare them with that config's: it must have step1 too),
     lora_init (false: LoRA's B random as well as A), inductor.FIELD (a torch._inductor.config value),
     loss_ref, args.FIELD for any TrainingConfig field, margs.FIELD for any ModelArguments field and model.FIELD
@@ -223,10 +234,8 @@ def run_plain(cfg: dict, args) -> dict:
 
 def run_sft(cfg: dict, args) -> dict:
     from transformers import TrainerCallback, set_seed
-    from trl import SFTTrainer
-
     from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import TrainingConfig, eager_numerics, regional_compilation
+    from starsql.train import TrainingConfig, build_trainer, eager_numerics, regional_compilation
 
     class StepTimer(TrainerCallback):
         """Time and tokens between the end of step `warmup` and the end of the last step."""
@@ -252,7 +261,7 @@ def run_sft(cfg: dict, args) -> dict:
         unprofiled), the top kernels by GPU time."""
 
         def __init__(self, warmup: int, steps: int = 2, top: int = 25):
-            self.warmup, self.steps, self.n, self.profiler, self.top = warmup, steps, top, None, None
+            self.warmup, self.steps, self.n, self.profiler, self.top, self.idle = warmup, steps, top, None, None, None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == self.warmup - self.steps and self.profiler is None:
@@ -272,6 +281,10 @@ def run_sft(cfg: dict, args) -> dict:
                 self.top = [{"kernel": e.key[:120], "ms_per_step": round(key(e) / 1e3 / self.steps, 2),
                              "share": round(key(e) / total, 4), "calls_per_step": e.count // self.steps}
                             for e in chosen[: self.n]]  # fmt: skip
+                if cuda:
+                    with tempfile.TemporaryDirectory() as folder:
+                        self.profiler.export_chrome_trace(f"{folder}/trace.json")
+                        self.idle = gpu_idle(json.loads(Path(f"{folder}/trace.json").read_text()), self.steps)
 
     class FirstStepRecord(TrainerCallback):
         """The first optimizer step's gradients (after clipping: what AdamW sees) and the change it makes to each
@@ -334,6 +347,7 @@ def run_sft(cfg: dict, args) -> dict:
         use_liger_kernel=bool(cfg.get("liger")),
         torch_compile=bool(cfg.get("compile")),
         compile_regions=bool(cfg.get("regional")),  # train_sft.py's --compile_regions
+        fused_lora=cfg.get("fused_lora", True),  # train_sft.py's --fused_lora
         seed=0,
         **{key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")},
     )
@@ -345,11 +359,10 @@ def run_sft(cfg: dict, args) -> dict:
     if "lora_init" in cfg:  # false: B random too (PEFT's init_lora_weights), so the adapter acts from the first step
         peft_config.init_lora_weights = cfg["lora_init"]
     set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
-    with regional_compilation(training_args.compile_regions, dynamic=cfg.get("dynamic")):  # as starsql.train.run builds its trainer
-        trainer = SFTTrainer(
-            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=peft_config, callbacks=callbacks,
-        )  # fmt: skip
+    # As starsql.train.run builds its trainer (LoRA layers fused unless fused_lora=false); `dynamic` on top.
+    with regional_compilation(training_args.compile_regions, dynamic=cfg.get("dynamic")):
+        trainer = build_trainer(model, training_args, peft_config, train_dataset=dataset, processing_class=tokenizer,
+                                callbacks=callbacks)  # fmt: skip
     load_s = time.perf_counter() - started
     import torch._inductor.config as inductor_config
 
@@ -371,8 +384,53 @@ def run_sft(cfg: dict, args) -> dict:
         timed_steps=timed, losses=losses, grad_norms=grad_norms, step_tokens=step_tokens, load_s=round(load_s, 1), attn=model.config._attn_implementation,
         step_times_s=[round(b - a, 3) for a, b in zip(timer.marks, timer.marks[1:])],
         packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
-        **({"top_kernels": callbacks[0].top} if cfg.get("profile") else {}),
+        **({"top_kernels": callbacks[0].top, "gpu_idle": callbacks[0].idle} if cfg.get("profile") else {}),
     )  # fmt: skip
+
+
+def gpu_idle(trace: dict, steps: int, min_gap_us: float = 20, top: int = 15, largest: int = 8) -> dict:
+    """Where the GPU waits, from a torch.profiler chrome trace: the time between its kernels and copies in the
+    profiled steps, and, for each gap of at least min_gap_us, what the CPU thread that launched the next kernel
+    was running when the gap began (outermost op > innermost op). A gap whose next kernel was launched before
+    it began waited on something else (a dependency across streams); "launched early" counts those. The
+    `largest` longest gaps are listed with the whole op stack and the kernels on either side."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not gpu:
+        return {}
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    ops_by_thread = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            ops_by_thread.setdefault(e["tid"], []).append(e)
+    busy_until, window = gpu[0]["ts"] + gpu[0]["dur"], gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]
+    idle_us, by_cause, counts, early, longest = 0.0, {}, {}, 0.0, []
+    previous = gpu[0]
+    for kernel in gpu[1:]:
+        gap = kernel["ts"] - busy_until
+        if gap > 0:
+            idle_us += gap
+        if gap >= min_gap_us:
+            launch = launches.get(kernel.get("args", {}).get("correlation"))
+            if launch is None or launch["ts"] <= busy_until:
+                early += gap
+            else:
+                at = busy_until  # what the launching thread was doing when the GPU ran dry
+                running = sorted((op for op in ops_by_thread.get(launch["tid"], []) if op["ts"] <= at <= op["ts"] + op["dur"]),
+                                 key=lambda op: op["ts"])  # fmt: skip
+                cause = f"{running[0]['name'][:60]} > {running[-1]['name'][:60]}" if running else "(no op)"
+                by_cause[cause] = by_cause.get(cause, 0.0) + gap
+                counts[cause] = counts.get(cause, 0) + 1
+                longest.append({"us": round(gap, 1), "thread": launch["tid"], "stack": [op["name"][:80] for op in running],
+                                "before": previous.get("name", "")[:60], "after": kernel.get("name", "")[:60]})  # fmt: skip
+        if kernel["ts"] + kernel["dur"] > busy_until:
+            busy_until, previous = kernel["ts"] + kernel["dur"], kernel
+    ranked = sorted(by_cause.items(), key=lambda item: -item[1])[:top]
+    return {"window_ms_per_step": round(window / 1e3 / steps, 2), "idle_ms_per_step": round(idle_us / 1e3 / steps, 2),
+            "launched_early_ms_per_step": round(early / 1e3 / steps, 2),
+            "gaps": [{"cause": cause, "ms_per_step": round(us / 1e3 / steps, 2), "gaps_per_step": counts[cause] / steps}
+                     for cause, us in ranked],
+            "largest": sorted(longest, key=lambda gap: -gap["us"])[:largest]}  # fmt: skip
 
 
 def run_config(cfg: dict, args) -> dict:
@@ -441,7 +499,7 @@ def execute(cfg: dict, args, timeout: float) -> dict:
     argv += ["--smoke"] * args.smoke
     # Exactly the GPUs the config uses: one process that sees two would be wrapped in nn.DataParallel.
     visible = {} if args.smoke else {"CUDA_VISIBLE_DEVICES": ",".join(_visible_gpus()[: cfg.get("procs", 1)])}
-    code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout, env=visible)
+    code, tail = run_child(argv, args.log_dir / f"{cfg['name']}.log", timeout, env={**visible, **cfg.get("env", {})})
     if result_file.stat().st_size:
         return json.loads(result_file.read_text())
     return {"error": f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}", "log_tail": tail}
@@ -558,6 +616,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")),
               "compile_regions": bool(cfg.get("regional")), "dynamic": cfg.get("dynamic"),
+              "fused_lora": cfg.get("fused_lora", True) if cfg["path"] == "sft" else None, "env": cfg.get("env"),
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),

@@ -21,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .card import CardInfo, write_model_card
 from .data import DataArguments, prepare_datasets
+from .fused_lora import fuse_lora
 from .hub import preflight, push_folder
 from .modeling import ModelArguments, load_model, load_tokenizer, lora_config
 from .plots import plot_training_curves
@@ -62,6 +63,12 @@ class TrainingConfig(SFTConfig):
                           "losses within 2e-4. ~1.1x the flex_attention recipe's steps on an H100 (2.04x the plain "
                           "loop) after ~40 s more compiling at the start: worth it for runs of more than ~400 s "
                           "of steps (BENCHMARKS.md)."},
+    )  # fmt: skip
+    fused_lora: bool = field(
+        default=True,
+        metadata={"help": "Run each LoRA layer's adapter branch as one autograd function (starsql.fused_lora): "
+                          "PEFT's arithmetic, bitwise for a power-of-two lora_alpha / r, in fewer kernels over the "
+                          "activations. Eager training only: compiled layers get Inductor's fusion instead."},
     )  # fmt: skip
 
     def __post_init__(self):
@@ -155,6 +162,16 @@ def eager_numerics(enabled: bool):
         yield
 
 
+def build_trainer(model, training_args: TrainingConfig, peft_config, **kwargs) -> SFTTrainer:
+    """SFTTrainer as the project trains: built under regional compilation's settings, the model wrapped by
+    PEFT (peft_config; None: full fine-tuning), then its LoRA layers fused (fused_lora, eager runs only)."""
+    with regional_compilation(training_args.compile_regions):
+        trainer = SFTTrainer(model=model, args=training_args, peft_config=peft_config, **kwargs)
+    if training_args.fused_lora and not training_args.torch_compile:
+        fuse_lora(trainer.model)
+    return trainer
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
@@ -229,16 +246,10 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
 
     model = load_model(model_args)
     stop = StopOnSignal()
-    with regional_compilation(training_args.compile_regions):
-        trainer = SFTTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(model_args),
-            callbacks=[stop],
-        )
+    trainer = build_trainer(
+        model, training_args, lora_config(model_args), train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, callbacks=[stop],
+    )  # fmt: skip
     resume = resume_checkpoint(training_args, run_args)
     if resume:
         print(f"Resuming from {resume}")

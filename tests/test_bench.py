@@ -120,6 +120,7 @@ def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, ti
     done = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--model_dir", str(tmp_path / "model"),
                            "--only", "sft-mb16-attndrop0", "--add", "fp32-weights:dtype=float32,half_ln=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0,step1=1",
                            "--add", "no-lora-dropout:margs.lora_dropout=0,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0,step1=1,step1_ref=fp32-weights",
+                           "--add", "peft-lora:fused_lora=false,model.attention_dropout=0,loss_ref=sft-mb16-attndrop0",
                            "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -130,6 +131,9 @@ def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, ti
     assert lines["fp32-weights"]["loss_equivalent"] is True
     assert lines["no-lora-dropout"]["overrides"]["margs.lora_dropout"] == 0 and "loss_equivalent" not in lines["no-lora-dropout"]
     assert lines["no-lora-dropout"]["losses"] != lines["sft-mb16-attndrop0"]["losses"]  # the override reached the model
+    # The trainer path fuses its LoRA layers (starsql.fused_lora); PEFT's own forward gives the same losses, bitwise.
+    assert lines["sft-mb16-attndrop0"]["fused_lora"] is True and lines["peft-lora"]["fused_lora"] is False
+    assert lines["peft-lora"]["losses"] == lines["sft-mb16-attndrop0"]["losses"]
     # The first optimizer step, compared (how the compiled step-2 loss was traced): LoRA's B starts at zero,
     # so A gets no gradient at step 1, and AdamW's first step moves every B weight by about the learning rate.
     step1 = lines["no-lora-dropout"]["step1_vs_ref"]
@@ -155,3 +159,32 @@ def test_step1_comparison_counts_flipped_signs_and_the_updates_they_change(tmp_p
     assert b["flipped_abs_grad_over_median"] < 1e-5  # the flipped entry was tiny next to the others
     assert report["lora_A"]["grad_rel_l2_diff"] == 0
 
+
+
+def test_gpu_idle_adds_up_the_gaps_and_names_what_the_cpu_was_doing():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import gpu_idle
+
+    def kernel(ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts, corr, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": tid,
+                "args": {"correlation": corr}}
+
+    def op(name, ts, dur, tid=1):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    # Kernels at 0-100, 150-250 (a 50 us gap while the CPU ran aten::item inside a step), 260-300 (10 us: below
+    # the threshold) and 400-500, launched at 50, before its 100 us gap began: it waited on something else.
+    trace = {"traceEvents": [
+        kernel(0, 100, 1), kernel(150, 100, 2), kernel(260, 40, 3), kernel(400, 100, 4),
+        launch(0, 1), launch(140, 2), launch(200, 3), launch(50, 4),
+        op("Optimizer.step", 90, 60), op("aten::item", 95, 40), op("aten::mm", 300, 10),
+    ]}  # fmt: skip
+    idle = gpu_idle(trace, steps=1)
+    assert idle["window_ms_per_step"] == 0.5 and idle["idle_ms_per_step"] == 0.16
+    assert idle["launched_early_ms_per_step"] == 0.1
+    assert idle["gaps"] == [{"cause": "Optimizer.step > aten::item", "ms_per_step": 0.05, "gaps_per_step": 1.0}]
+    assert idle["largest"] == [{"us": 50, "thread": 1, "stack": ["Optimizer.step", "aten::item"], "before": "k1", "after": "k2"}]
+    assert gpu_idle({"traceEvents": []}, steps=1) == {}

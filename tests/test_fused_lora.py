@@ -1,0 +1,143 @@
+"""starsql.fused_lora: PEFT's LoRA arithmetic in one autograd function, bitwise for power-of-two scalings."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+
+
+def lora_model(path, dtype, quantized: bool, adapter_dtype=None, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    extra = {}
+    if quantized:
+        extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    # B random too (PEFT's init_lora_weights=False), so the adapter branch changes the output from the start.
+    config = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, init_lora_weights=False) | lora
+    model = get_peft_model(model, LoraConfig(**config)).train()
+    for name, param in model.named_parameters():  # as TRL casts them for bf16 training
+        if adapter_dtype is not None and "lora_" in name:
+            param.data = param.data.to(adapter_dtype)
+    return model
+
+
+def step(model, autocast_dtype=None):
+    """Loss, logits and every gradient (LoRA weights and the embeddings' input) of one training forward."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 48))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = model(inputs_embeds=embeds, labels=ids)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach(), grads | {"inputs_embeds": embeds.grad}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain-base", "4bit-base"])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16-fp32-adapters", "fp32-bf16-adapters"])  # fmt: skip
+def test_power_of_two_scaling_is_bitwise_peft(tiny_model_path, dtype, adapter_dtype, quantized):
+    # Each pair of dtypes takes other casts in PEFT's forward (get_peft_model keeps adapters in fp32).
+    from starsql.fused_lora import fuse_lora
+
+    reference = step(lora_model(tiny_model_path, dtype, quantized, adapter_dtype))
+    model = lora_model(tiny_model_path, dtype, quantized, adapter_dtype)
+    assert fuse_lora(model) == 12  # 6 projections x 2 layers
+    fused = step(model)
+    assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])
+    assert fused[2].keys() == reference[2].keys() and len(reference[2]) == 25  # 24 LoRA matrices + the input
+    for name, grad in reference[2].items():
+        assert torch.equal(fused[2][name], grad), name
+
+
+def test_other_scalings_match_peft_to_a_rounding(tiny_model_path):
+    from starsql.fused_lora import fuse_lora
+
+    # alpha 24 / r 16 = 1.5: the scaling moves across a rounding.
+    reference = step(lora_model(tiny_model_path, torch.float32, False, lora_alpha=24))
+    model = lora_model(tiny_model_path, torch.float32, False, lora_alpha=24)
+    fuse_lora(model)
+    fused = step(model)
+    assert torch.allclose(fused[0], reference[0], rtol=1e-5)
+    for name, grad in reference[2].items():
+        assert (fused[2][name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
+def test_autocast_with_fp32_adapters_is_bitwise_peft(tiny_model_path):
+    from starsql.fused_lora import fuse_lora
+
+    # fp32 weights under bf16 autocast (CPU's standing in): the function casts x to the adapter's dtype and
+    # back as PEFT does outside CUDA's autocast (the attention's bf16 output into o_proj, bf16 matmuls).
+    reference = step(lora_model(tiny_model_path, torch.float32, False), torch.bfloat16)
+    model = lora_model(tiny_model_path, torch.float32, False)
+    fuse_lora(model)
+    fused = step(model, torch.bfloat16)
+    assert torch.equal(fused[0], reference[0])
+    for name, grad in reference[2].items():
+        assert fused[2][name].dtype == grad.dtype and torch.equal(fused[2][name], grad), name
+
+
+def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_path):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from starsql import fused_lora
+
+    model = lora_model(tiny_model_path, torch.float32, True)
+    calls = []
+    real = fused_lora.LoraBranch.apply
+    fused_lora.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        fused_lora.fuse_lora(model)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        x = torch.randn(3, 64)
+        with model.disable_adapter():  # adapters off: the base layer alone, as PEFT does
+            assert torch.equal(layer(x), layer.base_layer(x)) and not calls
+        model.eval()
+        expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * 2.0
+        assert torch.allclose(layer(x), expected, atol=1e-5) and len(calls) == 1  # eval: no dropout, fused
+    finally:
+        fused_lora.LoraBranch.apply = real
+    assert type(layer).__name__ == "FusedLinear4bit" and isinstance(layer, Linear4bit)
+    assert fused_lora.fuse_lora(model, enabled=False) == 0 and type(layer) is Linear4bit
+    assert not [m for m in model.modules() if getattr(type(m), "_fused_lora", False)]
+
+    dora = lora_model(tiny_model_path, torch.float32, False, use_dora=True)  # a variant: PEFT's forward
+    reference = step(lora_model(tiny_model_path, torch.float32, False, use_dora=True))
+    fused_lora.fuse_lora(dora)
+    assert torch.equal(step(dora)[0], reference[0])
+
+
+def test_training_losses_are_bitwise_those_of_peft(tmp_path, tiny_model_path):
+    # train_sft.py fuses by default (TrainingConfig.fused_lora) and --fused_lora false is PEFT's forward: the
+    # tiny QLoRA recipe with LoRA dropout logs the same losses to the last bit, and the fused run really fused.
+    probe = ("import sys, train_sft, starsql.fused_lora as fl\n"
+             "calls, real = [], fl.LoraBranch.apply\n"
+             "fl.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)\n"
+             "code = train_sft.main(sys.argv[1:])\n"
+             "print('PROBE', len(calls))\n"
+             "sys.exit(code)")
+
+    def train(out, *extra):
+        done = subprocess.run([sys.executable, "-c", probe, "--config", str(ROOT / "configs" / "tiny.yaml"),
+                               "--dataset_name", str(ROOT / "data" / "sql_create_context_sample.jsonl"),
+                               "--output_dir", str(out), "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5",
+                               "--logging_steps", "1", "--lora_dropout", "0.1", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        history = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["log_history"]
+        return [e["loss"] for e in history if "loss" in e], int(done.stdout.split("PROBE")[-1].split()[0])
+
+    losses, calls = train(tmp_path / "fused")
+    peft_losses, peft_calls = train(tmp_path / "peft", "--fused_lora", "false")
+    assert len(losses) == 5 and losses == peft_losses
+    assert peft_calls == 0 and calls >= 5 * 12  # every step's forward through all 12 layers (evaluation adds more)
