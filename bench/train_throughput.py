@@ -50,6 +50,9 @@ SEQ = 512
 BASELINE = "plain-ckpt"
 LOSS_REF = {"plain": "plain-ckpt", "sft": "sft-mb16-ckpt"}  # same data order and seed: losses must agree
 NO_DROPOUT = {"model.residual_dropout": 0.0, "model.embedding_dropout": 0.0, "margs.lora_dropout": 0.0}
+NON_BLOCKING = {"args.accelerator_config": {"non_blocking": True}}
+EXPANDABLE = {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+WORKERS = {"args.dataloader_num_workers": 2}
 # heavy: compiles kernels (slow on CPU, skipped in --smoke unless named with --only); timeout: seconds on GPU.
 CONFIGS = [
     dict(name="plain-ckpt", path="plain", mb=16, ckpt=True),
@@ -76,8 +79,11 @@ CONFIGS = [
     # its cache and calling cudaMalloc (both synchronise). Same computation: same losses.
     *[dict(name=name, path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
            loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}, **extra)
-      for name, extra in (("sft-mb16-flex-nonblocking", {"args.accelerator_config": {"non_blocking": True}}),
-                          ("sft-mb16-flex-expandable", {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}))],
+      for name, extra in (("sft-mb16-flex-nonblocking", NON_BLOCKING),
+                          ("sft-mb16-flex-expandable", EXPANDABLE),
+                          # ...and the next batch collated by 2 worker processes while the GPU runs this one.
+                          ("sft-mb16-flex-nonblocking-workers", NON_BLOCKING | WORKERS),
+                          ("sft-mb16-flex-nonblocking-workers-expandable", NON_BLOCKING | WORKERS | EXPANDABLE))],
     # Regional compilation (accelerate compiles one decoder block and reuses it for all 30): minutes less compiling.
     dict(name="sft-mb16-compile-regional", path="sft", mb=16, ckpt=False, compile=True, regional=True, heavy=True,
          timeout=240),
@@ -328,7 +334,7 @@ def run_sft(cfg: dict, args) -> dict:
             for module in model.modules():
                 if hasattr(module, field):
                     setattr(module, field, value)
-    training_args = TrainingConfig(
+    training_args = TrainingConfig(**dict(
         output_dir=tempfile.mkdtemp(prefix="bench-sft-"),
         per_device_train_batch_size=cfg["mb"],
         gradient_accumulation_steps=1,
@@ -349,8 +355,7 @@ def run_sft(cfg: dict, args) -> dict:
         compile_regions=bool(cfg.get("regional")),  # train_sft.py's --compile_regions
         fused_lora=cfg.get("fused_lora", True),  # train_sft.py's --fused_lora
         seed=0,
-        **{key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")},
-    )
+    ) | {key.removeprefix("args."): value for key, value in cfg.items() if key.startswith("args.")})  # args.FIELD wins
     timer = StepTimer(args.warmup)
     # The profiler stops before the timer's first mark (callbacks run in order).
     callbacks = ([KernelProfile(args.warmup)] if cfg.get("profile") else []) + [timer]

@@ -60,9 +60,9 @@ class TrainingConfig(SFTConfig):
         metadata={"help": "torch.compile one decoder layer and reuse it for every layer (accelerate's regional "
                           "compilation; implies torch_compile): Inductor fuses the elementwise work around the "
                           "matmuls, rounding and dropout as eager does (starsql.train.eager_numerics): the same "
-                          "losses within 2e-4. ~1.1x the flex_attention recipe's steps on an H100 (2.04x the plain "
-                          "loop) after ~40 s more compiling at the start: worth it for runs of more than ~400 s "
-                          "of steps (BENCHMARKS.md)."},
+                          "losses within 1e-4. On an H100 the fast recipe's 250 steps took 190 s instead of 222 s "
+                          "from empty caches, compiling included; its steps ran 1.2-1.3x eager's (BENCHMARKS.md). "
+                          "On by default in starcoder2-3b-sql-fast.yaml."},
     )  # fmt: skip
     fused_lora: bool = field(
         default=True,

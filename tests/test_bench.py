@@ -188,3 +188,16 @@ def test_gpu_idle_adds_up_the_gaps_and_names_what_the_cpu_was_doing():
     assert idle["gaps"] == [{"cause": "Optimizer.step > aten::item", "ms_per_step": 0.05, "gaps_per_step": 1.0}]
     assert idle["largest"] == [{"us": 50, "thread": 1, "stack": ["Optimizer.step", "aten::item"], "before": "k1", "after": "k2"}]
     assert gpu_idle({"traceEvents": []}, steps=1) == {}
+
+
+def test_recipe_time_times_every_step_of_a_train_sft_run(tmp_path, tiny_cache):
+    out = tmp_path / "recipe.jsonl"
+    done = subprocess.run([sys.executable, "bench/recipe_time.py", "--model_dir", "tiny-starcoder2", "--config", "configs/tiny.yaml",
+                           "--data", "data/sql_create_context_sample.jsonl", "--out", str(out),
+                           "--variant", "short:--max_steps,4,--eval_steps,4,--save_steps,4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["variant"] == "short" and record["exit_code"] == 0 and "error" not in record, record
+    assert record["steps"] == 4 and record["tokens"] > 0 and record["steady_tokens_per_s"] > 0
+    assert len(record["first_two_steps_s"]) == 2 and record["train_wall_s"] >= record["steady_steps_s"]

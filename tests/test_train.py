@@ -112,16 +112,17 @@ def test_every_recipe_parses_with_no_unknown_key():
 
 def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path):
     # What `accelerate launch --num_processes 2 train_sft.py` does on 2 GPUs, on 2 CPU processes (gloo):
-    # one job of world size 2, each rank its own 4-bit copy, and only rank 0 writes the outputs.
+    # one job of world size 2, each rank its own 4-bit copy, and only rank 0 writes the outputs. With
+    # compiled layers, as the fast recipe runs.
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_sft.py",
                "--config", "configs/tiny.yaml", "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
-               "--save_steps", "4"]  # no --ddp_backend: gloo is chosen on CPUs
+               "--save_steps", "4", "--compile_regions", "true"]  # no --ddp_backend: gloo is chosen on CPUs
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["hyperparameters"]["world_size"] == 2
+    assert summary["hyperparameters"]["world_size"] == 2 and summary["hyperparameters"]["compile_regions"] is True
     assert summary["global_step"] == 4
     assert done.stdout.count("Saved adapter") == 1
     assert (out / "adapter_model.safetensors").is_file()
