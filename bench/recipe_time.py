@@ -1,6 +1,7 @@
 """Wall time of a whole training recipe through train_sft.py, compile and evaluations included: what a user
 waits for. One JSON line per variant: the card, the trainer's wall time, the first two steps (where
-flex_attention and torch.compile compile), the steady steps' tokens/s, the losses.
+flex_attention and torch.compile compile), the later steps' time and tokens/s ("steady_*": the
+evaluations and checkpoint saves that end some of those steps included), the final losses.
 
     python3 bench/recipe_time.py --model_dir /tmp/sc2-3b-random --data train.json --out $OUT/recipe.jsonl \
         --variant eager: --variant compiled:--compile_regions,true

@@ -381,12 +381,13 @@ def run_sft(cfg: dict, args) -> dict:
     elapsed, tokens = timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
     timed = timer.end[2] - timer.start[2]
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    losses_exact = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # to the bit: same-computation checks
     grad_norms = [round(float(e["grad_norm"]), 4) for e in trainer.state.log_history if "grad_norm" in e]
     seen = [0] + [e["num_input_tokens_seen"] for e in trainer.state.log_history if "loss" in e]
     step_tokens = [int(b - a) for a, b in zip(seen, seen[1:])]  # tokens of each step's packed rows
     return dict(
         tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / timed, 3), tokens_timed=int(tokens),
-        timed_steps=timed, losses=losses, grad_norms=grad_norms, step_tokens=step_tokens, load_s=round(load_s, 1), attn=model.config._attn_implementation,
+        timed_steps=timed, losses=losses, losses_exact=losses_exact, grad_norms=grad_norms, step_tokens=step_tokens, load_s=round(load_s, 1), attn=model.config._attn_implementation,
         step_times_s=[round(b - a, 3) for a, b in zip(timer.marks, timer.marks[1:])],
         packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
         **({"top_kernels": callbacks[0].top, "gpu_idle": callbacks[0].idle} if cfg.get("profile") else {}),
@@ -621,7 +622,9 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")),
               "compile_regions": bool(cfg.get("regional")), "dynamic": cfg.get("dynamic"),
-              "fused_lora": cfg.get("fused_lora", True) if cfg["path"] == "sft" else None, "env": cfg.get("env"),
+              # What ran: build_trainer fuses LoRA layers only for eager ones.
+              "fused_lora": cfg.get("fused_lora", True) and not cfg.get("compile") if cfg["path"] == "sft" else None,
+              "env": cfg.get("env"),
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,
               "dtype": cfg.get("dtype"), "cast_params": bool(cfg.get("cast_params")),
               "gpus": cfg.get("procs", 1),

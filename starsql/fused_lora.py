@@ -12,13 +12,14 @@ most one rounding of the scaled branch. Dropout draws the same masks (the same k
 order). BENCHMARKS.md has its speed.
 
 `fuse_lora(model)` switches a PEFT model's LoRA linear layers (4-bit and plain, each with PEFT's own
-dtype casts) to it. A call the
-function does not cover (adapters off or merged, several adapters, DoRA and other variants,
-per-call adapter names) runs PEFT's own forward.
+dtype casts) to it. A call the function does not cover (adapters off or merged, several adapters,
+DoRA and other variants, LoRA biases, extra arguments such as per-call adapter names) runs PEFT's
+own forward.
 """
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -29,7 +30,8 @@ FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
 
 
 class LoraBranch(torch.autograd.Function):
-    """base + scaling * B(A(dropout(x))), the matmuls laid out as autograd lays out F.linear's."""
+    """base + scaling * B(A(dropout(x))), each matmul laid out as autograd lays out F.linear's (weight
+    gradients as grad.t() @ input: the same GEMM, contiguous, no copy when they accumulate)."""
 
     @staticmethod
     def forward(ctx, x, base, weight_a, weight_b, scaling: float, dropout_p: float, round_branch: bool):
@@ -66,8 +68,8 @@ class LoraBranch(torch.autograd.Function):
         a_2d = a.reshape(-1, a.shape[-1])
         # PEFT: grad_b = scaling * grad over the whole activation; here the factor rides on a and B.
         grad_a = grad_2d.mm(weight_b * scaling)
-        grad_weight_b = (a_2d * scaling).t().mm(grad_2d).t() if ctx.needs_input_grad[3] else None
-        grad_weight_a = dropped.reshape(-1, dropped.shape[-1]).t().mm(grad_a).t() if ctx.needs_input_grad[2] else None
+        grad_weight_b = grad_2d.t().mm(a_2d * scaling) if ctx.needs_input_grad[3] else None
+        grad_weight_a = grad_a.t().mm(dropped.reshape(-1, dropped.shape[-1])) if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_a.mm(weight_a).reshape(dropped.shape).to(dropped.dtype)  # autocast's cast back, then dropout's
@@ -78,9 +80,10 @@ class LoraBranch(torch.autograd.Function):
         return grad_x, grad, grad_weight_a, grad_weight_b, None, None, None
 
 
-def _fusable(layer: LoraLayer, x: torch.Tensor, kwargs: dict) -> str | None:
+def _fusable(layer: LoraLayer, has_arguments: bool) -> str | None:
     """The one active adapter LoraBranch can compute, or None (PEFT's forward takes the call)."""
-    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
+    # Extra arguments (per-call adapter names, variant keywords) are PEFT's to interpret.
+    if has_arguments or layer.disable_adapters or layer.merged:
         return None
     adapters = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(adapters) != 1 or adapters[0] in getattr(layer, "lora_variant", {}):
@@ -89,15 +92,18 @@ def _fusable(layer: LoraLayer, x: torch.Tensor, kwargs: dict) -> str | None:
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     if lora_a.bias is not None or lora_b.bias is not None or not isinstance(lora_a, nn.Linear):
         return None
+    dropout = layer.lora_dropout[adapter]
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1:  # all dropped: PEFT's base output
+        return None
     return adapter
 
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapter = _fusable(self, x, kwargs)
+    adapter = _fusable(self, bool(args or kwargs))
     if adapter is None:
-        return super(type(self), self).forward(x, *args, **kwargs)
-    self._check_forward_args(x, *args, **kwargs)
-    base = self.base_layer(x, *args, **kwargs)
+        return self._peft_forward(x, *args, **kwargs)
+    self._check_forward_args(x)
+    base = self.base_layer(x)
     # PEFT's dtype handling: its 4-bit layer casts x to the adapter's dtype and the branch's output to the base
     # output's, except under autocast (it asks torch.is_autocast_enabled(): CUDA's); its Linear always casts x,
     # adds in the wider dtype and casts the sum.
@@ -105,34 +111,31 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype) if cast else x
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    if p >= 1:  # all dropped: PEFT's forward returns the base output
-        return super(type(self), self).forward(x, *args, **kwargs)
     return LoraBranch.apply(lora_x, base, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                             self.scaling[adapter], p, self._round_branch and cast)  # fmt: skip
 
 
-_FUSED_CLASSES: dict[type, type] = {}
+# Named module-level classes, so a model with fused layers pickles (torch.save(model)) like PEFT's own.
+class FusedLinear(LoraLinear):
+    forward, _peft_forward, _fused_lora, _round_branch = fused_forward, LoraLinear.forward, True, False
 
 
-def _fused_class(cls: type, round_branch: bool) -> type:
-    if cls not in _FUSED_CLASSES:
-        attributes = {"forward": fused_forward, "_fused_lora": True, "_round_branch": round_branch}
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), attributes)
-    return _FUSED_CLASSES[cls]
+FUSED_CLASSES = {LoraLinear: FusedLinear}  # PEFT's class: its fused subclass
+try:
+    from peft.tuners.lora.bnb import Linear4bit
+
+    class FusedLinear4bit(Linear4bit):
+        # PEFT's 4-bit layer rounds the branch's output to the base output's dtype before adding it.
+        forward, _peft_forward, _fused_lora, _round_branch = fused_forward, Linear4bit.forward, True, True
+
+    FUSED_CLASSES[Linear4bit] = FusedLinear4bit
+except ImportError:  # PEFT without bitsandbytes defines no 4-bit layer
+    pass
 
 
 def fuse_lora(model: nn.Module, enabled: bool = True) -> int:
     """Switch the model's LoRA linear layers to LoraBranch (enabled) or back to PEFT's forward; returns
     how many layers now run fused. Swaps classes only: weights, state dicts and saving are untouched."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    kinds = {LoraLinear: False}  # class: whether PEFT rounds the branch's output before adding it
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-
-        kinds[Linear4bit] = True
-    except ImportError:  # PEFT without bitsandbytes defines no 4-bit layer
-        pass
     fused = 0
     for module in model.modules():
         cls = type(module)
@@ -140,7 +143,7 @@ def fuse_lora(model: nn.Module, enabled: bool = True) -> int:
             if not enabled:
                 module.__class__ = cls.__bases__[0]
             fused += enabled
-        elif enabled and cls in kinds:
-            module.__class__ = _fused_class(cls, kinds[cls])
+        elif enabled and cls in FUSED_CLASSES:
+            module.__class__ = FUSED_CLASSES[cls]
             fused += 1
     return fused

@@ -183,7 +183,7 @@ def used_hyperparameters(training_args: TrainingConfig, model_args: ModelArgumen
         "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
         "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim", "adam_beta1", "adam_beta2",
         "adam_epsilon", "weight_decay", "seed", "max_length", "packing", "packing_strategy", "bf16", "fp16",
-        "gradient_checkpointing", "compile_regions",
+        "gradient_checkpointing", "compile_regions", "fused_lora",
     ]  # fmt: skip
     used = {key: getattr(training_args, key) for key in keys}
     used["optim"] = str(used["optim"]).split(".")[-1].lower()

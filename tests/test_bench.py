@@ -133,7 +133,8 @@ def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, ti
     assert lines["no-lora-dropout"]["losses"] != lines["sft-mb16-attndrop0"]["losses"]  # the override reached the model
     # The trainer path fuses its LoRA layers (starsql.fused_lora); PEFT's own forward gives the same losses, bitwise.
     assert lines["sft-mb16-attndrop0"]["fused_lora"] is True and lines["peft-lora"]["fused_lora"] is False
-    assert lines["peft-lora"]["losses"] == lines["sft-mb16-attndrop0"]["losses"]
+    assert lines["peft-lora"]["losses_exact"] == lines["sft-mb16-attndrop0"]["losses_exact"]
+    assert lines["peft-lora"]["losses_exact"] != lines["peft-lora"]["losses"]  # not rounded
     # The first optimizer step, compared (how the compiled step-2 loss was traced): LoRA's B starts at zero,
     # so A gets no gradient at step 1, and AdamW's first step moves every B weight by about the learning rate.
     step1 = lines["no-lora-dropout"]["step1_vs_ref"]

@@ -87,6 +87,120 @@ def test_autocast_with_fp32_adapters_is_bitwise_peft(tiny_model_path):
         assert fused[2][name].dtype == grad.dtype and torch.equal(fused[2][name], grad), name
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32-adapters"])
+def test_the_4bit_layer_under_cuda_autocast_is_bitwise_peft(tiny_model_path, dtype, adapter_dtype, monkeypatch):
+    # The recipe's path: a 4-bit base under CUDA's autocast, where PEFT casts nothing. CPU's autocast stands in:
+    # both PEFT (torch.is_autocast_enabled()) and the fused forward ("cuda") are told it is CUDA's.
+    from starsql.fused_lora import fuse_lora
+
+    real = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: real("cpu" if device in (None, "cuda") else device))
+    reference = step(lora_model(tiny_model_path, dtype, True, adapter_dtype), torch.bfloat16)
+    model = lora_model(tiny_model_path, dtype, True, adapter_dtype)
+    fuse_lora(model)
+    fused = step(model, torch.bfloat16)
+    assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])
+    for name, grad in reference[2].items():
+        assert fused[2][name].dtype == grad.dtype and torch.equal(fused[2][name], grad), name
+
+
+def test_calls_it_does_not_cover_run_peft(tiny_model_path):
+    # Merged adapters, two active adapters, per-call adapter names, LoRA biases, everything dropped: PEFT's forward.
+    from peft import LoraConfig
+
+    from starsql import fused_lora
+
+    def layer_outputs(model, **kwargs):
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        torch.manual_seed(2)
+        return layer(torch.randn(3, 64), **kwargs)
+
+    def merged(model):
+        model.merge_adapter()
+
+    def two_adapters(model):
+        model.add_adapter("other", LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        model.base_model.set_adapter(["default", "other"])
+
+    cases = {"merged": (merged, {}, {}), "two adapters": (two_adapters, {}, {}),
+             "adapter names": (lambda m: m.eval(), {}, {"adapter_names": ["default"] * 3}),
+             "lora bias": (None, {"lora_bias": True}, {}), "all dropped": (None, {"lora_dropout": 1.0}, {})}  # fmt: skip
+    calls, real = [], fused_lora.LoraBranch.apply
+    fused_lora.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        for name, (prepare, lora, kwargs) in cases.items():
+            model = lora_model(tiny_model_path, torch.float32, False, **lora)
+            if prepare:
+                prepare(model)
+            expected = layer_outputs(model, **kwargs)
+            assert fused_lora.fuse_lora(model) > 0
+            assert torch.equal(layer_outputs(model, **kwargs), expected), name
+        assert not calls
+    finally:
+        fused_lora.LoraBranch.apply = real
+
+
+def test_a_fused_model_pickles(tiny_model_path):
+    import io
+
+    from starsql.fused_lora import FusedLinear, fuse_lora
+
+    model = lora_model(tiny_model_path, torch.float32, False)
+    fuse_lora(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.base_model.model.model.layers[0].mlp.c_fc) is FusedLinear
+    assert torch.equal(step(loaded)[0], step(model)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's kernels and autocast need a GPU")
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16-base", "4bit-base"])
+def test_gpu_layers_are_bitwise_peft(quantized):
+    # Output, input gradient and both LoRA gradients, to the bit, at recipe-like widths (8,192 x 3,072 -> 12,288
+    # and back), under CUDA's autocast (the recipe) and without, fp32 and bf16 adapters.
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from starsql.fused_lora import fuse_lora
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            make = (lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.bfloat16, quant_type="nf4")) if quantized \
+                else (lambda i, o: torch.nn.Linear(i, o, dtype=torch.bfloat16))  # fmt: skip
+            self.c_fc, self.c_proj = make(3072, 12288), make(12288, 3072)
+
+        def forward(self, x):
+            return self.c_proj(torch.nn.functional.gelu(self.c_fc(x)))
+
+    def run(fused, autocast, adapter_dtype):
+        torch.manual_seed(0)
+        model = TwoLayers().cuda()
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["c_fc", "c_proj"], init_lora_weights=False)
+        model = get_peft_model(model, config).train()
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(adapter_dtype)
+        if fused:
+            assert fuse_lora(model) == 2
+        x = torch.randn(8192, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+        return [out, x.grad] + [p.grad for n, p in sorted(model.named_parameters()) if p.grad is not None]
+
+    for autocast in (True, False):
+        for adapter_dtype in (torch.bfloat16, torch.float32):
+            reference, fused = run(False, autocast, adapter_dtype), run(True, autocast, adapter_dtype)
+            assert len(fused) == len(reference) == 6
+            for i, (a, b) in enumerate(zip(fused, reference)):
+                assert a.dtype == b.dtype and torch.equal(a, b), (autocast, adapter_dtype, i)
+
+
 def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_path):
     from peft.tuners.lora.bnb import Linear4bit
 

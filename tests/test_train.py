@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -110,19 +111,21 @@ def test_every_recipe_parses_with_no_unknown_key():
         assert model.use_peft and model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"], config.name
 
 
-def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["fused-lora", "compiled-layers"])
+def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path, compiled):
     # What `accelerate launch --num_processes 2 train_sft.py` does on 2 GPUs, on 2 CPU processes (gloo):
-    # one job of world size 2, each rank its own 4-bit copy, and only rank 0 writes the outputs. With
-    # compiled layers, as the fast recipe runs.
+    # one job of world size 2, each rank its own 4-bit copy, and only rank 0 writes the outputs. Eager layers
+    # (fused LoRA, with dropout) and compiled ones, as the fast recipe runs.
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_sft.py",
                "--config", "configs/tiny.yaml", "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
-               "--save_steps", "4", "--compile_regions", "true"]  # no --ddp_backend: gloo is chosen on CPUs
+               "--save_steps", "4", "--lora_dropout", "0.05", "--compile_regions", str(compiled).lower()]  # no --ddp_backend: gloo on CPUs
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["hyperparameters"]["world_size"] == 2 and summary["hyperparameters"]["compile_regions"] is True
+    assert summary["hyperparameters"]["world_size"] == 2
+    assert (summary["hyperparameters"]["compile_regions"], summary["hyperparameters"]["fused_lora"]) == (compiled, True)
     assert summary["global_step"] == 4
     assert done.stdout.count("Saved adapter") == 1
     assert (out / "adapter_model.safetensors").is_file()
