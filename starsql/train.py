@@ -162,11 +162,27 @@ def eager_numerics(enabled: bool):
         yield
 
 
-def build_trainer(model, training_args: TrainingConfig, peft_config, **kwargs) -> SFTTrainer:
-    """SFTTrainer as the project trains: built under regional compilation's settings, the model wrapped by
+class SQLTrainer(SFTTrainer):
+    """TRL's SFTTrainer, counting the model's parameters once. Trainer recounts them at every step for its FLOPs
+    estimate: ~7 ms of Python over a 4-bit PEFT model's tensors, while the GPU sits idle (the step-boundary stall
+    in BENCHMARKS.md's profiles). The parameters do not change while training, so neither does the count."""
+
+    _parameter_count: int | None = None
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count  # Trainer.floating_point_ops' estimate
+
+
+def build_trainer(model, training_args: TrainingConfig, peft_config, **kwargs) -> SQLTrainer:
+    """The trainer as the project trains: built under regional compilation's settings, the model wrapped by
     PEFT (peft_config; None: full fine-tuning), then its LoRA layers fused (fused_lora, eager runs only)."""
     with regional_compilation(training_args.compile_regions):
-        trainer = SFTTrainer(model=model, args=training_args, peft_config=peft_config, **kwargs)
+        trainer = SQLTrainer(model=model, args=training_args, peft_config=peft_config, **kwargs)
     if training_args.fused_lora and not training_args.torch_compile:
         fuse_lora(trainer.model)
     return trainer

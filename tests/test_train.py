@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -213,3 +214,27 @@ def test_regional_compilation_sets_accelerates_settings_only_inside():
     with regional_compilation(False):
         assert [os.environ.get(key) for key in keys] == [before[key] for key in keys]
     assert {key: os.environ.get(key) for key in keys} == before
+
+
+def test_the_trainer_counts_parameters_once_for_its_flops(tmp_path, tiny_model_path):
+    # Trainer recounts the model's parameters at every step for total_flos; SQLTrainer counts them once and
+    # gives the same estimate.
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train import SQLTrainer, TrainingConfig, build_trainer
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_path), load_in_4bit=True)
+    rows = Dataset.from_list([{"prompt": "-- Question: how many?\n", "completion": "SELECT 1;"}] * 4)
+    args = TrainingConfig(output_dir=str(tmp_path), max_steps=1, eval_strategy="no", report_to="none", use_cpu=True)
+    trainer = build_trainer(load_model(model_args), args, lora_config(model_args), train_dataset=rows,
+                            processing_class=load_tokenizer(model_args))  # fmt: skip
+    assert isinstance(trainer, SQLTrainer)
+    counted, count = [], trainer.model.num_parameters
+    trainer.model.num_parameters = lambda **kwargs: counted.append(kwargs) or count(**kwargs)
+    inputs = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}
+    flops = [trainer.floating_point_ops(inputs) for _ in range(3)]
+    assert flops == [SFTTrainer.floating_point_ops(trainer, inputs)] * 3 and flops[0] > 0
+    assert len(counted) == 2  # once for SQLTrainer's three calls, once for SFTTrainer's reference call
+    assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0  # no main input: no estimate, as Trainer
