@@ -71,7 +71,7 @@ CONFIGS = [
     dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
     # The same with PEFT's own LoRA forward (fused_lora=false, the shipped path before starsql.fused_lora):
-    # bitwise the same losses, more kernels.
+    # the same losses (bitwise: compare losses_exact), more kernels.
     dict(name="sft-mb16-flex-peft", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180,
          profile=True, fused_lora=False, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}),
     # Where the GPU waits between kernels (gpu_idle): the batch's copies to the GPU without blocking the CPU
@@ -380,8 +380,8 @@ def run_sft(cfg: dict, args) -> dict:
         raise RuntimeError(f"Training stopped before step {args.warmup + 1}: too few packed rows?")
     elapsed, tokens = timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
     timed = timer.end[2] - timer.start[2]
-    losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
     losses_exact = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # to the bit: same-computation checks
+    losses = [round(loss, 4) for loss in losses_exact]
     grad_norms = [round(float(e["grad_norm"]), 4) for e in trainer.state.log_history if "grad_norm" in e]
     seen = [0] + [e["num_input_tokens_seen"] for e in trainer.state.log_history if "loss" in e]
     step_tokens = [int(b - a) for a, b in zip(seen, seen[1:])]  # tokens of each step's packed rows

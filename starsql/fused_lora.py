@@ -80,6 +80,12 @@ class LoraBranch(torch.autograd.Function):
         return grad_x, grad, grad_weight_a, grad_weight_b, None, None, None
 
 
+def _dropout_p(layer: LoraLayer, adapter: str) -> float:
+    """The probability PEFT's dropout of x uses in this call (nn.Identity or eval mode: none)."""
+    dropout = layer.lora_dropout[adapter]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
 def _fusable(layer: LoraLayer, has_arguments: bool) -> str | None:
     """The one active adapter LoraBranch can compute, or None (PEFT's forward takes the call)."""
     # Extra arguments (per-call adapter names, variant keywords) are PEFT's to interpret.
@@ -92,8 +98,7 @@ def _fusable(layer: LoraLayer, has_arguments: bool) -> str | None:
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     if lora_a.bias is not None or lora_b.bias is not None or not isinstance(lora_a, nn.Linear):
         return None
-    dropout = layer.lora_dropout[adapter]
-    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1:  # all dropped: PEFT's base output
+    if _dropout_p(layer, adapter) >= 1:  # all dropped: PEFT's base output
         return None
     return adapter
 
@@ -109,10 +114,8 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # adds in the wider dtype and casts the sum.
     cast = not (self._round_branch and torch.is_autocast_enabled("cuda"))
     lora_x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype) if cast else x
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     return LoraBranch.apply(lora_x, base, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], p, self._round_branch and cast)  # fmt: skip
+                            self.scaling[adapter], _dropout_p(self, adapter), self._round_branch and cast)  # fmt: skip
 
 
 # Named module-level classes, so a model with fused layers pickles (torch.save(model)) like PEFT's own.

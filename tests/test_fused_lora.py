@@ -31,6 +31,16 @@ def lora_model(path, dtype, quantized: bool, adapter_dtype=None, **lora):
     return model
 
 
+@pytest.fixture
+def branch_calls(monkeypatch):
+    """Calls of LoraBranch (the fused path), recorded while the test runs."""
+    from starsql import fused_lora
+
+    calls, real = [], fused_lora.LoraBranch.apply
+    monkeypatch.setattr(fused_lora.LoraBranch, "apply", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
 def step(model, autocast_dtype=None):
     """Loss, logits and every gradient (LoRA weights and the embeddings' input) of one training forward."""
     torch.manual_seed(1)
@@ -105,7 +115,7 @@ def test_the_4bit_layer_under_cuda_autocast_is_bitwise_peft(tiny_model_path, dty
         assert fused[2][name].dtype == grad.dtype and torch.equal(fused[2][name], grad), name
 
 
-def test_calls_it_does_not_cover_run_peft(tiny_model_path):
+def test_calls_it_does_not_cover_run_peft(tiny_model_path, branch_calls):
     # Merged adapters, two active adapters, per-call adapter names, LoRA biases, everything dropped: PEFT's forward.
     from peft import LoraConfig
 
@@ -126,19 +136,14 @@ def test_calls_it_does_not_cover_run_peft(tiny_model_path):
     cases = {"merged": (merged, {}, {}), "two adapters": (two_adapters, {}, {}),
              "adapter names": (lambda m: m.eval(), {}, {"adapter_names": ["default"] * 3}),
              "lora bias": (None, {"lora_bias": True}, {}), "all dropped": (None, {"lora_dropout": 1.0}, {})}  # fmt: skip
-    calls, real = [], fused_lora.LoraBranch.apply
-    fused_lora.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        for name, (prepare, lora, kwargs) in cases.items():
-            model = lora_model(tiny_model_path, torch.float32, False, **lora)
-            if prepare:
-                prepare(model)
-            expected = layer_outputs(model, **kwargs)
-            assert fused_lora.fuse_lora(model) > 0
-            assert torch.equal(layer_outputs(model, **kwargs), expected), name
-        assert not calls
-    finally:
-        fused_lora.LoraBranch.apply = real
+    for name, (prepare, lora, kwargs) in cases.items():
+        model = lora_model(tiny_model_path, torch.float32, False, **lora)
+        if prepare:
+            prepare(model)
+        expected = layer_outputs(model, **kwargs)
+        assert fused_lora.fuse_lora(model) > 0
+        assert torch.equal(layer_outputs(model, **kwargs), expected), name
+    assert not branch_calls
 
 
 def test_a_fused_model_pickles(tiny_model_path):
@@ -201,26 +206,20 @@ def test_gpu_layers_are_bitwise_peft(quantized):
                 assert a.dtype == b.dtype and torch.equal(a, b), (autocast, adapter_dtype, i)
 
 
-def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_path):
+def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_path, branch_calls):
     from peft.tuners.lora.bnb import Linear4bit
 
     from starsql import fused_lora
 
     model = lora_model(tiny_model_path, torch.float32, True)
-    calls = []
-    real = fused_lora.LoraBranch.apply
-    fused_lora.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        fused_lora.fuse_lora(model)
-        layer = model.base_model.model.model.layers[0].self_attn.q_proj
-        x = torch.randn(3, 64)
-        with model.disable_adapter():  # adapters off: the base layer alone, as PEFT does
-            assert torch.equal(layer(x), layer.base_layer(x)) and not calls
-        model.eval()
-        expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * 2.0
-        assert torch.allclose(layer(x), expected, atol=1e-5) and len(calls) == 1  # eval: no dropout, fused
-    finally:
-        fused_lora.LoraBranch.apply = real
+    fused_lora.fuse_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with model.disable_adapter():  # adapters off: the base layer alone, as PEFT does
+        assert torch.equal(layer(x), layer.base_layer(x)) and not branch_calls
+    model.eval()
+    expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * 2.0
+    assert torch.allclose(layer(x), expected, atol=1e-5) and len(branch_calls) == 1  # eval: no dropout, fused
     assert type(layer).__name__ == "FusedLinear4bit" and isinstance(layer, Linear4bit)
     assert fused_lora.fuse_lora(model, enabled=False) == 0 and type(layer) is Linear4bit
     assert not [m for m in model.modules() if getattr(type(m), "_fused_lora", False)]
