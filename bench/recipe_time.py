@@ -1,7 +1,9 @@
 """Wall time of a whole training recipe through train_sft.py, compile and evaluations included: what a user
 waits for. One JSON line per variant: the card, the trainer's wall time, the first two steps (where
-flex_attention and torch.compile compile), the later steps' time and tokens/s ("steady_*": the
-evaluations and checkpoint saves that end some of those steps included), the final losses.
+flex_attention and torch.compile compile), the time and tokens/s of the steps after the first logged one
+("steady_*": the evaluations and checkpoint saves that end some of those steps included; tokens as TRL's
+logs count them), the final losses; with --sync_steps the host-GPU syncs of some steps, with
+--profile_steps where the GPU waits in some steps.
 
     python3 bench/recipe_time.py --model_dir /tmp/sc2-3b-random --data train.json --out $OUT/recipe.jsonl \
         --variant eager: --variant compiled:--compile_regions,true
@@ -18,52 +20,125 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(argv: list[str], result: str) -> int:
-    """train_sft.main(argv) with a callback timing every optimizer step (CUDA synchronised)."""
+def child(argv: list[str], result: str, sync_steps: str | None = None, profile_steps: str | None = None) -> int:
+    """train_sft.main(argv), each optimizer step's end marked on the GPU's stream (a CUDA event, no sync: the
+    timer lets Python run ahead of the GPU as an untimed run does). sync_steps "A-B": list every host-GPU sync
+    of steps A to B with its Python stack (torch.cuda.set_sync_debug_mode). profile_steps "A-B": where the GPU
+    waits in steps A to B (torch.profiler, train_throughput.gpu_idle). A --trl_step argument: the training step
+    as TRL and Trainer take it, with their per-step syncs (TRL's compute_loss, Trainer's NaN check of the loss,
+    batch copies that wait), in place of starsql.train.SQLTrainer's, the path before it."""
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import TrainerCallback
 
     import starsql.train
     import train_sft
+    from train_throughput import gpu_idle
 
-    marks, tokens = [], []
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    cuda = torch.cuda.is_available()
+    marks, syncs, idle = [], Counter(), {}
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def span(steps: str | None) -> tuple[int, int]:
+        first, _, last = (steps or "0-0").partition("-")
+        return int(first), int(last or first)
+
+    sync_first, sync_last = span(sync_steps)
+    profile_first, profile_last = span(profile_steps)
+    show_warning = warnings.showwarning
+
+    def record_sync(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" not in str(message):
+            return show_warning(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in Path(f.filename).name][-5:]
+        syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
 
     class StepTimes(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            marks.append(time.perf_counter())
+            marks.append(mark())
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            step = state.global_step + 1
+            if cuda and step == sync_first:
+                self.filters = warnings.filters[:]
+                warnings.simplefilter("always")  # every sync, not the first one per line
+                warnings.showwarning = record_sync
+                torch.cuda.set_sync_debug_mode("warn")
+            if step == profile_first:
+                activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            marks.append(time.perf_counter())
-            tokens.append(state.num_input_tokens_seen)
+            marks.append(mark())
+            if cuda and state.global_step == sync_last:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning, warnings.filters[:] = show_warning, self.filters
+            if state.global_step == profile_last:
+                self.profiler.__exit__(None, None, None)
+                with tempfile.TemporaryDirectory() as folder:
+                    self.profiler.export_chrome_trace(f"{folder}/trace.json")
+                    idle.update(gpu_idle(json.loads(Path(f"{folder}/trace.json").read_text()),
+                                         profile_last - profile_first + 1))
 
     build = starsql.train.build_trainer
 
-    def with_timer(*args, **kwargs):
+    trainers = []
+
+    trl_step = "--trl_step" in argv
+    argv = [arg for arg in argv if arg != "--trl_step"]
+
+    def with_timer(model, training_args, *args, **kwargs):
+        if trl_step:
+            training_args.logging_nan_inf_filter, training_args.accelerator_config.non_blocking = True, False
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), StepTimes()]
-        return build(*args, **kwargs)
+        trainers.append(build(model, training_args, *args, **kwargs))
+        return trainers[-1]
 
     starsql.train.build_trainer = with_timer
+    if trl_step:
+        from trl import SFTTrainer
+
+        starsql.train.SQLTrainer.compute_loss = SFTTrainer.compute_loss
     started = time.perf_counter()
     code = train_sft.main(argv)
-    steps = [b - a for a, b in zip(marks, marks[1:])]
-    steady_s, steady_tokens = sum(steps[2:]), tokens[-1] - tokens[1] if len(tokens) > 2 else 0
-    summary = json.loads((Path(argv[argv.index("--output_dir") + 1]) / "run_summary.json").read_text())
+    if cuda:
+        torch.cuda.synchronize()
+        steps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    else:
+        steps = [b - a for a, b in zip(marks, marks[1:])]
+    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    summary = json.loads((output_dir / "run_summary.json").read_text())
+    # Tokens as TRL's logs count them (no per-step count: that would sync). Steady: after the first logged step.
+    logged = [(e["step"], e["num_tokens"]) for e in trainers[0].state.log_history if "loss" in e and "num_tokens" in e]
+    first_logged, last_logged = (logged[0], logged[-1]) if len(logged) > 1 else ((0, 0), (0, 0))
+    steady_s = sum(steps[first_logged[0]:last_logged[0]])
+    steady_tokens = last_logged[1] - first_logged[1]
     Path(result).write_text(json.dumps({
         "exit_code": code, "process_s": round(time.perf_counter() - started, 1),
-        "train_wall_s": round(summary["wall_time_s"], 1), "steps": len(steps), "tokens": tokens[-1] if tokens else 0,
-        "first_two_steps_s": [round(s, 1) for s in steps[:2]], "steady_steps_s": round(steady_s, 1),
+        "train_wall_s": round(summary["wall_time_s"], 1), "steps": len(steps), "tokens": last_logged[1],
+        "first_two_steps_s": [round(s, 1) for s in steps[:2]], "steady_from_step": first_logged[0] + 1,
+        "steady_to_step": last_logged[0], "steady_steps_s": round(steady_s, 1),
         "steady_tokens_per_s": round(steady_tokens / steady_s, 1) if steady_s else None,
         "slowest_steady_steps_s": sorted(round(s, 2) for s in steps[2:])[-5:],
         "train_loss_final": summary["train_loss_final"], "eval_loss_final": summary["eval_loss_final"],
+        **({"syncs_per_step": {site: n / (sync_last - sync_first + 1) for site, n in syncs.most_common()}}
+           if cuda and sync_steps else {}),
+        **({"gpu_idle": idle} if profile_steps else {}),
     }))  # fmt: skip
     return code
 
@@ -77,6 +152,10 @@ def main() -> int:
                         help="NAME:ARG,VALUE,... extra train_sft.py arguments, e.g. compiled:--compile_regions,true")
     parser.add_argument("--out", help="Also append the JSON lines to this file.")
     parser.add_argument("--timeout", type=float, default=420, help="Seconds per variant.")
+    parser.add_argument("--cache_dir", help="Inductor and Triton caches shared by the variants (default: each "
+                                            "variant starts from empty ones, as a fresh machine does).")
+    parser.add_argument("--sync_steps", help="A-B: list the host-GPU syncs of steps A to B (GPU only).")
+    parser.add_argument("--profile_steps", help="A-B: where the GPU waits in steps A to B (torch.profiler).")
     args = parser.parse_args()
     import torch
 
@@ -86,11 +165,11 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix=f"recipe-{name}-"))
         result = work / "result.json"
         argv = ["--config", args.config, "--model_name_or_path", args.model_dir, "--dataset_name", args.data,
-                "--output_dir", str(work / "out"), "--include_num_input_tokens_seen", "true", "--disable_tqdm", "true",
-                *filter(None, extra.split(","))]  # fmt: skip
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), TRITON_CACHE_DIR=str(work / "triton"))
+                "--output_dir", str(work / "out"), "--disable_tqdm", "true", *filter(None, extra.split(","))]
+        cache = Path(args.cache_dir) if args.cache_dir else work
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
         code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import recipe_time; " \
-               f"sys.exit(recipe_time.child(sys.argv[2:], sys.argv[1]))"  # fmt: skip
+               f"sys.exit(recipe_time.child(sys.argv[2:], sys.argv[1], {args.sync_steps!r}, {args.profile_steps!r}))"  # fmt: skip
         try:
             done = subprocess.run([sys.executable, "-c", code, str(result), *argv], env=env, timeout=args.timeout,
                                   capture_output=True, text=True)  # fmt: skip

@@ -61,6 +61,8 @@ def load_dtype(model_args: ModelArguments) -> torch.dtype:
     embeddings, norms, biases and the 4-bit compute dtype of a frozen base in fp32 on bf16 GPUs too,
     and with them every activation outside autocast's matmuls (BENCHMARKS.md: bf16 weights with
     HalfPrecisionLayerNorm, 1.30x the tokens/s)."""
+    if isinstance(model_args.dtype, torch.dtype):  # load_model sets it: the same arguments load twice
+        return model_args.dtype
     if model_args.dtype not in (None, "auto"):
         return getattr(torch, model_args.dtype)
     # A frozen base computes in bf16. Fully fine-tuned weights stay fp32 (autocast does the rest), and so

@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, masking_utils
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -60,9 +60,10 @@ class TrainingConfig(SFTConfig):
         metadata={"help": "torch.compile one decoder layer and reuse it for every layer (accelerate's regional "
                           "compilation; implies torch_compile): Inductor fuses the elementwise work around the "
                           "matmuls, rounding and dropout as eager does (starsql.train.eager_numerics): the same "
-                          "losses within 1e-4. On an H100 the fast recipe's 250 steps took 190 s instead of 222 s "
-                          "from empty caches, compiling included; its steps ran 1.2-1.3x eager's (BENCHMARKS.md). "
-                          "On by default in starcoder2-3b-sql-fast.yaml."},
+                          "losses within 1e-4. On an H100 its steps ran 1.14-1.3x eager's; compiling takes the "
+                          "first two steps (100-140 s from empty caches), so one 250-step run of the fast recipe on "
+                          "a fresh machine took 190 s against eager's 222 s on one host and 199-222 s against 177 s "
+                          "on another (BENCHMARKS.md). On by default in starcoder2-3b-sql-fast.yaml."},
     )  # fmt: skip
     fused_lora: bool = field(
         default=True,
@@ -78,10 +79,15 @@ class TrainingConfig(SFTConfig):
             self.bf16 = has_cuda and torch.cuda.is_bf16_supported()
             self.fp16 = has_cuda and not self.bf16
         if self.ddp_backend is None and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Several processes on CPUs: without a backend each would train alone and all would write.
-            self.ddp_backend = "gloo"
+            # Several processes on CPUs: without a backend each would train alone and all would write. Without
+            # use_cpu, accelerate sees no accelerator and leaves the processes unwrapped (no gradient all-reduce).
+            self.ddp_backend, self.use_cpu = "gloo", True
         if self.compile_regions:
             self.torch_compile = True
+        if self.accelerator_config is None or isinstance(self.accelerator_config, dict):
+            # The batch's copies to the GPU from the dataloader's pinned memory without waiting for them: a copy
+            # that waits is a host-GPU sync, about four a step. A value the user gives wins.
+            self.accelerator_config = {"non_blocking": True, **(self.accelerator_config or {})}
         super().__post_init__()
 
 
@@ -162,12 +168,46 @@ def eager_numerics(enabled: bool):
         yield
 
 
+def _packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    first_dummy_value = position_ids[:, :1] - 1  # transformers' computation, without its early None
+    return (torch.diff(position_ids, prepend=first_dummy_value, dim=-1) != 1).cumsum(-1)
+
+
+@contextmanager
+def packed_masks_without_sync():
+    """transformers' find_packed_sequence_indices returns None when every row holds one sequence, and asks the
+    GPU whether that is so: a host-GPU sync at every forward. The sequence ids it computes describe such rows
+    too (all zeros: one sequence, the same attention mask), so inside this block they are returned without
+    asking. For a row that does hold one sequence, SDPA then gets that mask explicitly instead of its causal
+    shortcut: the same values, another kernel."""
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = _packed_sequence_ids
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 class SQLTrainer(SFTTrainer):
-    """TRL's SFTTrainer, counting the model's parameters once. Trainer recounts them at every step for its FLOPs
-    estimate: ~7 ms of Python over a 4-bit PEFT model's tensors, while the GPU sits idle (the step-boundary stall
-    in BENCHMARKS.md's profiles). The parameters do not change while training, so neither does the count."""
+    """TRL's SFTTrainer without the host-GPU syncs of its training step, so Python queues the next kernels
+    while the GPU runs the last ones:
+    - TRL's per-step metrics (entropy, token accuracy, tokens seen) stay GPU tensors until a log needs them; TRL
+      converts them at every step (`.item()`, `num_valid > 0`, the token count: six syncs). The logged values
+      are TRL's. Under DDP the conversion gathers across processes, so log() must run on every process, as
+      Trainer calls it.
+    - The packed attention mask is built without its sync (packed_masks_without_sync).
+    - Trainer's FLOPs estimate counts the model's parameters once; Trainer recounts them at every step (~7 ms of
+      Python over a 4-bit PEFT model's tensors). The parameters do not change while training, so neither does
+      the count.
+    TRL's LM head keeps its own syncs (it scores only the labelled positions). Other loss set-ups (label
+    smoothing, DFT, a compute_loss_func, MoE, parallelism configs), and the last batch of an epoch under DDP
+    (which TRL's gather_for_metrics trims), run TRL's own step."""
 
     _parameter_count: int | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending = []  # per training step: entropy sum, correct tokens, valid tokens, tokens (GPU tensors)
 
     def floating_point_ops(self, inputs: dict) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
@@ -176,6 +216,75 @@ class SQLTrainer(SFTTrainer):
         if self._parameter_count is None:
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._parameter_count  # Trainer.floating_point_ops' estimate
+
+    def _plain_nll_step(self, model, return_outputs: bool) -> bool:
+        last_ddp_batch = self.accelerator.num_processes > 1 and self.accelerator.gradient_state.end_of_dataloader
+        return (model.training and not return_outputs and not last_ddp_batch and self.compute_loss_func is None
+                and self.label_smoother is None and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                and self.accelerator.parallelism_config is None)  # fmt: skip
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_nll_step(model, return_outputs):
+            self._flush_metrics()  # TRL's step appends its own: keep the steps in order
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # TRL's loss for this case (SFTTrainer.compute_loss), with its metrics kept on the GPU.
+        inputs["use_cache"] = False
+        packed = "position_ids" in inputs and "attention_mask" not in inputs
+        with packed_masks_without_sync() if packed else nullcontext():
+            outputs = model(**inputs, fused_lm_head=True)
+        per_token_loss = -outputs.log_probs  # zero on ignored positions
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            tokens = inputs["position_ids"].size(1)
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        self._pending.append((outputs.entropy.detach().sum(), outputs.is_top1.sum(), outputs.label_mask.sum(), tokens))
+        if len(self._pending) >= 1000:  # nothing logs (logging_strategy "no"): bound what waits on the GPU
+            self._flush_metrics()
+        return loss
+
+    def _flush_metrics(self):
+        """The pending steps' metrics into TRL's lists, as TRL's compute_loss would have put them: per step, the
+        sums over all processes, then entropy and accuracy per valid token. A few syncs per log instead of six
+        per step."""
+        if not self._pending:
+            return
+        device, world = self._pending[0][0].device, self.accelerator.num_processes
+
+        def per_step(values):  # one value per step, each summed over the processes
+            if all(isinstance(value, int) for value in values):
+                stacked = torch.tensor(values, device=device)
+            else:
+                stacked = torch.stack([torch.as_tensor(value, device=device) for value in values])
+            return self.accelerator.gather(stacked).view(world, -1).sum(0)
+
+        entropy, correct, valid, tokens = (per_step(column) for column in zip(*self._pending))
+        metrics = self._metrics["train"]
+        metrics["entropy"] += torch.where(valid > 0, entropy / valid, 0.0).tolist()
+        metrics["mean_token_accuracy"] += torch.where(valid > 0, correct / valid, 0.0).tolist()
+        self._total_train_tokens += sum(tokens.tolist())
+        metrics["num_tokens"] = [self._total_train_tokens]
+        self._pending.clear()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_metrics()
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        self._flush_metrics()  # TRL's evaluation logs the training tokens seen so far
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            # Regional compilation trains a copy of the model's containers (accelerate's compile_regions), so the
+            # training step's model.train() leaves self.model's own flag off after an evaluation, and TRL, which
+            # reads that flag, would log every later training step's metrics as eval_* ones.
+            if self.is_in_train:
+                self.model.train()
 
 
 def build_trainer(model, training_args: TrainingConfig, peft_config, **kwargs) -> SQLTrainer:
@@ -282,10 +391,11 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
 
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
-    if not trainer.is_world_process_zero():
-        return 0
+    # Every process evaluates: under DDP the evaluation gathers the losses across them.
     with eager_numerics(training_args.torch_compile):  # evaluation may compile its own graphs too
         eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    if not trainer.is_world_process_zero():
+        return 0
     curves = plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {

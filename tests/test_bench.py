@@ -195,10 +195,14 @@ def test_recipe_time_times_every_step_of_a_train_sft_run(tmp_path, tiny_cache):
     out = tmp_path / "recipe.jsonl"
     done = subprocess.run([sys.executable, "bench/recipe_time.py", "--model_dir", "tiny-starcoder2", "--config", "configs/tiny.yaml",
                            "--data", "data/sql_create_context_sample.jsonl", "--out", str(out),
-                           "--variant", "short:--max_steps,4,--eval_steps,4,--save_steps,4"],
+                           "--variant", "short:--max_steps,4,--eval_steps,4,--save_steps,4,--logging_steps,1",
+                           "--profile_steps", "3-4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = map(json.loads, out.read_text().splitlines())
     assert record["variant"] == "short" and record["exit_code"] == 0 and "error" not in record, record
     assert record["steps"] == 4 and record["tokens"] > 0 and record["steady_tokens_per_s"] > 0
     assert len(record["first_two_steps_s"]) == 2 and record["train_wall_s"] >= record["steady_steps_s"]
+    # Steady: the steps after the first logged one (TRL's token counts), here 2-4.
+    assert (record["steady_from_step"], record["steady_to_step"]) == (2, 4)
+    assert record["gpu_idle"] == {}  # profiled, and no GPU kernels on a CPU

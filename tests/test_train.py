@@ -238,3 +238,186 @@ def test_the_trainer_counts_parameters_once_for_its_flops(tmp_path, tiny_model_p
     assert flops == [SFTTrainer.floating_point_ops(trainer, inputs)] * 3 and flops[0] > 0
     assert len(counted) == 2  # once for SQLTrainer's three calls, once for SFTTrainer's reference call
     assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0  # no main input: no estimate, as Trainer
+
+
+def test_the_training_step_reads_no_tensor_values_and_logs_trls_metrics(tmp_path, tiny_model_path, monkeypatch):
+    # SQLTrainer's step keeps TRL's metrics as tensors until a log needs them, and builds the packed attention mask
+    # without asking whether rows hold one sequence: no .item(), bool() or .tolist() in the step, where TRL's
+    # SFTTrainer has several, each a host-GPU sync on a GPU. (On a GPU, TRL's LM head keeps two of its own: boolean-
+    # mask indexing of the labelled positions, which it skips on a CPU.) The logs, train and eval, are TRL's to the bit.
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train import SQLTrainer, TrainingConfig
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_path), load_in_4bit=True, lora_r=8, lora_alpha=16)
+    tokenizer = load_tokenizer(model_args)
+    rows = [{"prompt": f"-- Question: how many rows in table t{i}?\n" + "-- Schema: CREATE TABLE t (a INT);\n" * (i % 3),
+             "completion": f"SELECT COUNT(*) FROM t{i} WHERE a > {i};"} for i in range(40)]  # fmt: skip
+    asked = []
+
+    def count_values(method):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, **kwargs):
+            if inside_step:
+                asked.append(method)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        count_values(method)
+
+    def train(trainer_class):
+        args = TrainingConfig(output_dir=str(tmp_path / trainer_class.__name__), max_steps=6, per_device_train_batch_size=2,
+                              logging_steps=2, eval_strategy="steps", eval_steps=3, save_strategy="no", report_to="none",
+                              use_cpu=True, learning_rate=5e-3, warmup_steps=0, disable_tqdm=True)  # fmt: skip
+        set_seed(0)
+        trainer = trainer_class(model=load_model(model_args), args=args, peft_config=lora_config(model_args),
+                                train_dataset=Dataset.from_list(rows[:32]), eval_dataset=Dataset.from_list(rows[32:]),
+                                processing_class=tokenizer)  # fmt: skip
+        assert trainer.padding_free  # packed rows, position_ids: the mask path this is about
+        compute_loss = trainer.compute_loss
+
+        def step_loss(*args, **kwargs):
+            nonlocal inside_step
+            inside_step = trainer.model.training
+            try:
+                return compute_loss(*args, **kwargs)
+            finally:
+                inside_step = False
+
+        trainer.compute_loss = step_loss
+        asked.clear()
+        trainer.train()
+        timing = ("runtime", "per_second")
+        return list(asked), [{k: v for k, v in e.items() if not any(t in k for t in timing)} for e in trainer.state.log_history]
+
+    inside_step = False
+    trl_asked, trl_logs = train(SFTTrainer)
+    asked_here, logs = train(SQLTrainer)
+    assert len(trl_asked) >= 6 * 4, trl_asked  # the check sees TRL's per-step conversions
+    assert asked_here == []
+    assert logs == trl_logs
+    assert [e["num_tokens"] for e in logs if "loss" in e][-1] > 0 and any("eval_num_tokens" in e for e in logs)
+    assert all(k in logs[0] for k in ("loss", "entropy", "mean_token_accuracy", "grad_norm"))
+
+
+def test_packed_masks_without_sync_are_transformers_masks():
+    from transformers import masking_utils
+
+    from starsql.train import packed_masks_without_sync
+
+    original = masking_utils.find_packed_sequence_indices
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 0, 1]])
+    single = torch.arange(9).unsqueeze(0)
+    with packed_masks_without_sync():
+        assert masking_utils.find_packed_sequence_indices is not original
+        assert torch.equal(masking_utils.find_packed_sequence_indices(packed), original(packed))
+        # One sequence a row: transformers says None (no packing), this the ids meaning the same, without asking.
+        assert original(single) is None
+        assert torch.equal(masking_utils.find_packed_sequence_indices(single), torch.zeros_like(single))
+    assert masking_utils.find_packed_sequence_indices is original
+
+
+def test_compiled_training_logs_its_metrics_as_training_ones_after_an_evaluation(tmp_path, tiny_model_path):
+    # Regional compilation trains a copy of the model's containers; after an evaluation, TRL read the original's
+    # training flag (left off) and logged every later training step's entropy, accuracy and tokens as eval_* ones.
+    out = tmp_path / "compiled"
+    done = subprocess.run([sys.executable, "train_sft.py", *TINY, "--output_dir", str(out), "--max_steps", "4",
+                           "--eval_steps", "2", "--save_steps", "4", "--logging_steps", "1", "--compile_regions", "true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    training = [e for e in history if "loss" in e]
+    assert [e["step"] for e in training] == [1, 2, 3, 4] and any("eval_loss" in e for e in history[:3])
+    for entry in training:
+        assert {"entropy", "mean_token_accuracy", "num_tokens"} <= entry.keys(), entry
+        assert not [key for key in entry if key.startswith("eval_")], entry
+    assert [e["num_tokens"] for e in training] == sorted({e["num_tokens"] for e in training})  # counted on, per step
+
+
+def test_batches_are_copied_to_the_gpu_without_waiting_unless_configured():
+    from starsql.train import TrainingConfig
+
+    assert TrainingConfig(output_dir="x", report_to="none").accelerator_config.non_blocking is True
+    chosen = TrainingConfig(output_dir="x", report_to="none", accelerator_config={"non_blocking": False})
+    assert chosen.accelerator_config.non_blocking is False
+    other = TrainingConfig(output_dir="x", report_to="none", accelerator_config={"split_batches": True})
+    assert other.accelerator_config.non_blocking is True and other.accelerator_config.split_batches is True
+
+
+@pytest.mark.parametrize("attention", ["eager", "flex_attention"])
+def test_packed_masks_without_sync_give_the_same_attention_masks(attention):
+    # Through transformers' own mask builder, sliding window as StarCoder2 builds it: packed rows, and a row
+    # holding one sequence whose positions do not start at 0 (where transformers returns its plain causal mask).
+    from transformers import Starcoder2Config, masking_utils
+
+    from starsql.train import packed_masks_without_sync
+
+    config = Starcoder2Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
+    config._attn_implementation = attention
+    for position_ids in (torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]), torch.arange(3, 12).unsqueeze(0)):
+        embeds = torch.zeros(1, position_ids.size(1), 8)
+
+        def mask():
+            built = masking_utils.create_sliding_window_causal_mask(config, embeds, None, None, position_ids)
+            if attention == "flex_attention":  # a BlockMask: its mask function at every (query, key) pair
+                n, zero = position_ids.size(1), torch.tensor(0)
+                return torch.tensor([[bool(built.mask_mod(zero, zero, torch.tensor(q), torch.tensor(k)))
+                                      for k in range(n)] for q in range(n)])  # fmt: skip
+            return built
+
+        expected = mask()
+        with packed_masks_without_sync():
+            got = mask()
+        assert torch.equal(got, expected), (position_ids, got, expected)
+
+
+DDP_LOGS = """
+import json, sys
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTTrainer
+from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
+from starsql.train import SQLTrainer, TrainingConfig
+
+model_path, out, trainer_class = sys.argv[1], sys.argv[2], {"SFTTrainer": SFTTrainer, "SQLTrainer": SQLTrainer}[sys.argv[3]]
+model_args = ModelArguments(model_name_or_path=model_path, load_in_4bit=True, lora_r=8, lora_alpha=16)
+rows = Dataset.from_list([{"prompt": f"-- how many in t{i}?\\n" * (1 + i % 3), "completion": f"SELECT {i};"}
+                          for i in range(33)])  # 33 rows over 2 ranks x 2: the epoch's last batch is uneven
+args = TrainingConfig(output_dir=out, max_steps=11, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                      packing=False, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
+                      learning_rate=5e-3, warmup_steps=0, disable_tqdm=True)
+set_seed(0)
+trainer = trainer_class(model=load_model(model_args), args=args, peft_config=lora_config(model_args),
+                        train_dataset=rows, processing_class=load_tokenizer(model_args))
+assert trainer.accelerator.num_processes == 2 and trainer.accelerator.distributed_type != "NO"
+trainer.train()
+if trainer.is_world_process_zero():
+    with open(f"{out}/logs.json", "w") as f:
+        json.dump([{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}
+                   for e in trainer.state.log_history], f)
+"""
+
+
+def test_two_processes_log_trls_metrics_across_an_epochs_uneven_end(tmp_path, tiny_model_path):
+    # Under DDP, TRL gathers its metrics with gather_for_metrics, which drops the padding duplicates of an epoch's
+    # uneven last batch; SQLTrainer runs TRL's own step there, so every log, before and after, is TRL's.
+    script = tmp_path / "ddp_logs.py"
+    script.write_text(DDP_LOGS)
+
+    def logs(trainer_class):
+        out = tmp_path / trainer_class
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                               str(tiny_model_path), str(out), trainer_class], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "logs.json").read_text())
+
+    trl_logs, logs_here = logs("SFTTrainer"), logs("SQLTrainer")
+    assert len(logs_here) == 12  # 11 steps and the summary; step 9 ends the epoch (33 rows, 4 a step)
+    assert logs_here == trl_logs
