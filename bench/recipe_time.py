@@ -41,7 +41,7 @@ def child(argv: list[str], result: str, sync_steps: str | None = None, profile_s
 
     import starsql.train
     import train_sft
-    from train_throughput import gpu_idle
+    from train_throughput import profiled_idle
 
     cuda = torch.cuda.is_available()
     marks, syncs, idle = [], Counter(), {}
@@ -90,15 +90,9 @@ def child(argv: list[str], result: str, sync_steps: str | None = None, profile_s
                 warnings.showwarning, warnings.filters[:] = show_warning, self.filters
             if state.global_step == profile_last:
                 self.profiler.__exit__(None, None, None)
-                with tempfile.TemporaryDirectory() as folder:
-                    self.profiler.export_chrome_trace(f"{folder}/trace.json")
-                    idle.update(gpu_idle(json.loads(Path(f"{folder}/trace.json").read_text()),
-                                         profile_last - profile_first + 1))
+                idle.update(profiled_idle(self.profiler, profile_last - profile_first + 1))
 
-    build = starsql.train.build_trainer
-
-    trainers = []
-
+    build, trainers = starsql.train.build_trainer, []
     trl_step = "--trl_step" in argv
     argv = [arg for arg in argv if arg != "--trl_step"]
 

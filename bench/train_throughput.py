@@ -76,7 +76,8 @@ CONFIGS = [
          profile=True, fused_lora=False, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}),
     # Where the GPU waits between kernels (gpu_idle): the batch's copies to the GPU without blocking the CPU
     # (pinned memory is the Trainer's default), and the CUDA allocator growing segments instead of freeing
-    # its cache and calling cudaMalloc (both synchronise). Same computation: same losses.
+    # its cache and calling cudaMalloc (both synchronise). Same computation: same losses. (Since run U2 the
+    # non-blocking copies are TrainingConfig's default, so every sft-* config has them; runs T2-T3 predate that.)
     *[dict(name=name, path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
            loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}, **extra)
       for name, extra in (("sft-mb16-flex-nonblocking", NON_BLOCKING),
@@ -288,9 +289,7 @@ def run_sft(cfg: dict, args) -> dict:
                              "share": round(key(e) / total, 4), "calls_per_step": e.count // self.steps}
                             for e in chosen[: self.n]]  # fmt: skip
                 if cuda:
-                    with tempfile.TemporaryDirectory() as folder:
-                        self.profiler.export_chrome_trace(f"{folder}/trace.json")
-                        self.idle = gpu_idle(json.loads(Path(f"{folder}/trace.json").read_text()), self.steps)
+                    self.idle = profiled_idle(self.profiler, self.steps)
 
     class FirstStepRecord(TrainerCallback):
         """The first optimizer step's gradients (after clipping: what AdamW sees) and the change it makes to each
@@ -392,6 +391,13 @@ def run_sft(cfg: dict, args) -> dict:
         packing_strategy=training_args.packing_strategy, padding_free=trainer.padding_free,
         **({"top_kernels": callbacks[0].top, "gpu_idle": callbacks[0].idle} if cfg.get("profile") else {}),
     )  # fmt: skip
+
+
+def profiled_idle(profiler, steps: int) -> dict:
+    """gpu_idle of a finished torch.profiler run over `steps` steps."""
+    with tempfile.TemporaryDirectory() as folder:
+        profiler.export_chrome_trace(f"{folder}/trace.json")
+        return gpu_idle(json.loads(Path(f"{folder}/trace.json").read_text()), steps)
 
 
 def gpu_idle(trace: dict, steps: int, min_gap_us: float = 20, top: int = 15, largest: int = 8) -> dict:

@@ -327,10 +327,10 @@ def test_compiled_training_logs_its_metrics_as_training_ones_after_an_evaluation
     # Regional compilation trains a copy of the model's containers; after an evaluation, TRL read the original's
     # training flag (left off) and logged every later training step's entropy, accuracy and tokens as eval_* ones.
     out = tmp_path / "compiled"
-    done = subprocess.run([sys.executable, "train_sft.py", *TINY, "--output_dir", str(out), "--max_steps", "4",
-                           "--eval_steps", "2", "--save_steps", "4", "--logging_steps", "1", "--compile_regions", "true"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    proc = run_tiny(out, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "4", "--logging_steps", "1",
+                    "--compile_regions", "true")
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
     history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     training = [e for e in history if "loss" in e]
     assert [e["step"] for e in training] == [1, 2, 3, 4] and any("eval_loss" in e for e in history[:3])
