@@ -4,10 +4,10 @@
     python app.py --base_model tiny-starcoder2 --adapter runs/tiny   # offline smoke run on a CPU
     BASE_MODEL=bigcode/starcoder2-3b ADAPTER=USER/starcoder2-3b-sql python app.py
 
-The same file is the Hugging Face Space (`python -m starsql.deploy`). The model is loaded once, at
+The same file is the Hugging Face Space (`python -m starsql.serve.deploy`). The model is loaded once, at
 import: ZeroGPU wants it on CUDA at start-up and lends the GPU only while `generate` runs.
 Every answer is compiled against the schema in a throwaway in-memory SQLite database
-(starsql/sqlcheck.py), never run against anything else.
+(starsql/serve/check.py), never run against anything else.
 
 API (gradio_client): /sql(question, schema) -> {sql, valid, error, unknown_identifiers, rows, ...}
 and /chat(message, schema, history, max_new_tokens, temperature), which streams the reply.
@@ -26,11 +26,11 @@ from collections.abc import Iterator
 import gradio as gr
 import torch
 
-from starsql.gemv import use_gemv
-from starsql.generate import GreedyDecoder, load_for_inference, stream_sql
+from starsql.serve.decode import build_backend
+from starsql.serve.load import load_for_inference
 from starsql.prompt import build_prompt, extract_sql
 from starsql.schema import split_statements
-from starsql.sqlcheck import (
+from starsql.serve.check import (
     CheckResult,
     SchemaError,
     check_sql,
@@ -47,12 +47,10 @@ MAX_QUESTION_CHARS = 1_000
 MAX_SCHEMA_CHARS = 20_000
 DEFAULT_NEW_TOKENS = 256
 MAX_NEW_TOKENS = 512
-SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to sqlcheck.MAX_ROWS
-MODEL_CONCURRENCY = 2  # generations at once on generate(); the queue holds the rest
+SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to starsql.serve.check.MAX_ROWS
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
-DECODER_TOKENS = 4096  # prompt + answer the CUDA-graph decoder holds (at most the model's window); longer use generate()
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -71,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Flags only when run as a script; `import app` (tests, Spaces' reloader) reads the env vars alone.
 ARGS = parse_args(None if __name__ == "__main__" else [])
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+# FAST_DECODE=0: plain generate() on a dedicated GPU too (no CUDA graphs, no Triton kernel).
 FAST_DECODE = os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")
 if ZERO_GPU:
     # Merge the adapter on the CPU (no GPU is attached at start-up), then place the bf16 weights
@@ -78,27 +77,10 @@ if ZERO_GPU:
     MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, device="cpu")
     MODEL = MODEL.to(torch.bfloat16).to("cuda")
 else:
-    # FAST_DECODE=0 also keeps cuBLAS for one-token matmuls (no Triton kernel, starsql.gemv).
-    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit, gemv=FAST_DECODE)
-# On a dedicated GPU, greedy answers replay captured CUDA graphs (331 tokens/s on an H100, BENCHMARKS.md).
-# Not on ZeroGPU, whose GPU is lent per call, nor on a 4-bit base. FAST_DECODE=0 turns it off.
-DECODER = None
-if torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit and FAST_DECODE:
-    try:
-        DECODER = GreedyDecoder(MODEL, max_length=DECODER_TOKENS)
-        DECODER.warm_up()
-    except Exception as error:  # noqa: BLE001 -- a model torch.compile or Triton cannot take still serves, via generate()
-        use_gemv(MODEL, enabled=False)  # the kernel may be what failed: generate() on cuBLAS
-        print(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", flush=True)
-        DECODER = None
-
-
-def generation_concurrency(decoder: GreedyDecoder | None) -> int:
-    """Answers generated at once. The decoder serves one stream, ~5x faster than generate(); a
-    second answer on generate() beside it slowed both (16 concurrent requests, H200: 159 tokens/s in
-    all against 271 for one stream), so with the decoder's CUDA graphs on, requests wait in the queue
-    for it (H100: 325 tokens/s in all for 16 requests, 331 for one stream; BENCHMARKS.md)."""
-    return 1 if decoder is not None and decoder.use_graph else MODEL_CONCURRENCY
+    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
+# The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
+DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
+BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
 
 
 def gpu(duration: int):
@@ -108,8 +90,7 @@ def gpu(duration: int):
 
 @gpu(duration=GPU_SECONDS)
 def generate(prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
-    yield from stream_sql(MODEL, TOKENIZER, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                          decoder=DECODER)
+    yield from BACKEND.stream(prompt, max_new_tokens, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +410,7 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
     gr.api(sql_api, api_name="sql", concurrency_id="model")
     gr.api(chat_api, api_name="chat", concurrency_id="model")
 
-demo.queue(default_concurrency_limit=generation_concurrency(DECODER), max_size=QUEUE_SIZE)
+demo.queue(default_concurrency_limit=BACKEND.concurrency, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
     # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).

@@ -29,16 +29,18 @@
     hf jobs uv run train_sft.py --config configs/starcoder2-3b-sql.yaml \\
         --push_to_hub --hub_model_id USER/starcoder2-3b-sql                    # on Hugging Face's GPUs
 
-Every flag of SFTConfig, TRL's ModelConfig and starsql.data.DataArguments works on the command line
-and as a key in the YAML config; the command line wins. See `python train_sft.py --help`.
+Every flag of SFTConfig, TRL's ModelConfig and starsql.train.data.DataArguments works on the command line
+and as a key in the YAML config; the command line wins. See `python train_sft.py --help`. The speed switches
+(sync_free_step, fused_lora, compile_regions) each turn one fast path of starsql.train.speed off or on; with
+all of them off the trainer is TRL's own SFTTrainer.
 """
 
 import sys
 
 try:
-    from starsql.data import DataArguments
-    from starsql.modeling import ModelArguments
-    from starsql.train import RunArguments, TrainingConfig, run
+    from starsql.train.data import DataArguments
+    from starsql.train.model import ModelArguments
+    from starsql.train.sft import RunArguments, TrainingConfig, run
 except ModuleNotFoundError as error:
     if error.name != "starsql" and not str(error.name).startswith("starsql."):
         raise

@@ -203,7 +203,7 @@ def paired_gains(eval_dir: Path, spider: Path) -> dict:
     that database matches (in a small model's gains, most of them)."""
     from math import comb
 
-    from starsql.evaluate import Database, database_path
+    from starsql.evaluate.spider import Database, database_path
 
     def read(label: str) -> list[dict]:
         return [json.loads(line) for line in (eval_dir / label / "per_example.jsonl").read_text().splitlines()]
@@ -290,14 +290,14 @@ def main() -> int:
         assert code == 0, f"fine-tuning ({schema_format} schemas) failed"
         reports = json.loads((out / "eval_results.json").read_text())
         if args.eval_4bit:  # the adapter on the 4-bit base it was trained on (the app's small-card mode)
-            from starsql.evaluate import evaluate_model
+            from starsql.evaluate.cli import evaluate_model
 
             reports["adapter_on_4bit_base"] = evaluate_model(
                 str(args.out / "base"), str(out), spider_dir=spider, out_dir=out / "eval_spider_4bit", batch_size=64,
                 load_in_4bit=True, limit=12 if args.smoke else None,
             )["adapter"]
         if heldout:  # new questions on the training databases, prompted with full schemas as Spider dev is
-            from starsql.evaluate import evaluate_model
+            from starsql.evaluate.cli import evaluate_model
 
             held = evaluate_model(str(args.out / "base"), str(out), schema_only=heldout_file, out_dir=out / "eval_heldout",
                                   batch_size=64, compare=True)

@@ -33,13 +33,13 @@ def child(argv: list[str], result: str, sync_steps: str | None = None, profile_s
     timer lets Python run ahead of the GPU as an untimed run does). sync_steps "A-B": list every host-GPU sync
     of steps A to B with its Python stack (torch.cuda.set_sync_debug_mode). profile_steps "A-B": where the GPU
     waits in steps A to B (torch.profiler, train_throughput.gpu_idle). A --trl_step argument: the training step
-    as TRL and Trainer take it, with their per-step syncs (TRL's compute_loss, Trainer's NaN check of the loss,
-    batch copies that wait), in place of starsql.train.SQLTrainer's, the path before it."""
+    as TRL and Trainer take it, with their per-step syncs: --sync_free_step false (TRL's compute_loss), Trainer's
+    NaN check of the loss and batch copies that wait."""
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import TrainerCallback
 
-    import starsql.train
+    import starsql.train.sft as sft
     import train_sft
     from train_throughput import profiled_idle
 
@@ -92,22 +92,22 @@ def child(argv: list[str], result: str, sync_steps: str | None = None, profile_s
                 self.profiler.__exit__(None, None, None)
                 idle.update(profiled_idle(self.profiler, profile_last - profile_first + 1))
 
-    build, trainers = starsql.train.build_trainer, []
-    trl_step = "--trl_step" in argv
-    argv = [arg for arg in argv if arg != "--trl_step"]
+    chosen, trainers = sft.trainer_class, []
+    if "--trl_step" in argv:  # flags of train_sft.py (a later one wins); blocking copies through a config file
+        blocking = Path(tempfile.mkstemp(prefix="accelerator-", suffix=".json")[1])
+        blocking.write_text(json.dumps({"non_blocking": False}))
+        argv = [arg for arg in argv if arg != "--trl_step"]
+        argv += ["--sync_free_step", "false", "--logging_nan_inf_filter", "true", "--accelerator_config", str(blocking)]
 
-    def with_timer(model, training_args, *args, **kwargs):
-        if trl_step:
-            training_args.logging_nan_inf_filter, training_args.accelerator_config.non_blocking = True, False
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), StepTimes()]
-        trainers.append(build(model, training_args, *args, **kwargs))
-        return trainers[-1]
+    def timed_trainer(training_args):  # the trainer run() would build, with the step timer as one more callback
+        class Timed(chosen(training_args)):
+            def __init__(self, *args, callbacks=None, **kwargs):
+                super().__init__(*args, callbacks=[*(callbacks or []), StepTimes()], **kwargs)
+                trainers.append(self)
 
-    starsql.train.build_trainer = with_timer
-    if trl_step:
-        from trl import SFTTrainer
+        return Timed
 
-        starsql.train.SQLTrainer.compute_loss = SFTTrainer.compute_loss
+    sft.trainer_class = timed_trainer
     started = time.perf_counter()
     code = train_sft.main(argv)
     if cuda:

@@ -12,12 +12,13 @@ Configurations (CONFIGS below):
   gradient checkpointing.
 - profile=True configs also report their top GPU kernels (torch.profiler, last 2 warm-up steps: with --warmup 6
   these come after torch.compile's recompiles for the first new sequence lengths).
-- sft-*: the project's path: starsql.modeling.load_model + starsql.train.TrainingConfig + trl.SFTTrainer
-  (BFD packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
+- sft-*: the project's path: starsql.train.model.load_model + starsql.train.sft.TrainingConfig + the trainer
+  starsql.train.sft.trainer_class picks (trl.SFTTrainer or its subclass starsql.train.speed.FastSFTTrainer; BFD
+  packing, padding-free, completion-only loss); tokens counted by the trainer (num_input_tokens_seen).
   Micro-batch 16 with and without checkpointing, 32 (after an OOM, the largest that should fit, estimated from
   mb16's peak), Liger (if liger_kernel patches starcoder2), flex_attention (needs attention dropout 0, so
   against SDPA with dropout 0), TrainingConfig(compile_regions=True) (train_sft.py's --compile_regions; compiled
-  configs train under starsql.train.eager_numerics as train_sft.py does: inductor.emulate_precision_casts=false,
+  configs train under starsql.train.speed.eager_numerics as train_sft.py does: inductor.emulate_precision_casts=false,
   inductor.fallback_random=false give the compiled runs before it) and torch_compile of the whole model; small-card-mb4-ckpt
   is the profile for a 16 GB card. sft-* load as train_sft.py does (ModelArguments defaults: weights outside the 4-bit
   layers in the compute dtype, LayerNorm returning bf16 under autocast); half_ln=0 and dtype=float32 give the path before.
@@ -70,7 +71,7 @@ CONFIGS = [
          timeout=240, **{"model.attention_dropout": 0.0}),
     dict(name="sft-mb16-flex", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
          loss_ref="sft-mb16-attndrop0", **{"model.attention_dropout": 0.0}),
-    # The same with PEFT's own LoRA forward (fused_lora=false, the shipped path before starsql.fused_lora):
+    # The same with PEFT's own LoRA forward (fused_lora=false, the shipped path before starsql.train.fused_lora):
     # the same losses (bitwise: compare losses_exact), more kernels.
     dict(name="sft-mb16-flex-peft", path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180,
          profile=True, fused_lora=False, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}),
@@ -161,7 +162,7 @@ def parse_add(spec: str) -> dict:
 
 def training_rows(tokenizer):
     """The repo's sql-create-context rows through the project's data pipeline (prompt/completion pairs)."""
-    from starsql.data import DataArguments, prepare_datasets
+    from starsql.train.data import DataArguments, prepare_datasets
 
     train, _, _ = prepare_datasets(DataArguments(dataset_name=str(DATA), eval_fraction=0), tokenizer, SEQ)
     return train
@@ -196,7 +197,7 @@ def run_plain(cfg: dict, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from starsql.modeling import compute_dtype
+    from starsql.train.model import compute_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     steps = args.warmup + args.steps
@@ -240,9 +241,13 @@ def run_plain(cfg: dict, args) -> dict:
 
 
 def run_sft(cfg: dict, args) -> dict:
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
     from transformers import TrainerCallback, set_seed
-    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import TrainingConfig, build_trainer, eager_numerics, regional_compilation
+
+    from starsql.train.model import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train.sft import TrainingConfig, trainer_class
 
     class StepTimer(TrainerCallback):
         """Time and tokens between the end of step `warmup` and the end of the last step."""
@@ -362,19 +367,24 @@ def run_sft(cfg: dict, args) -> dict:
     peft_config = lora_config(model_args)
     if "lora_init" in cfg:  # false: B random too (PEFT's init_lora_weights), so the adapter acts from the first step
         peft_config.init_lora_weights = cfg["lora_init"]
-    set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
-    # As starsql.train.run builds its trainer (LoRA layers fused unless fused_lora=false); `dynamic` on top.
-    with regional_compilation(training_args.compile_regions, dynamic=cfg.get("dynamic")):
-        trainer = build_trainer(model, training_args, peft_config, train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=callbacks)  # fmt: skip
-    load_s = time.perf_counter() - started
-    import torch._inductor.config as inductor_config
-
-    # As starsql.train.run trains: compiled layers round and drop out as eager ones (eager_numerics), unless
-    # the config's inductor.FIELD values say otherwise (they apply on top, for this run's compiles).
+    # As starsql.train.sft.run trains: compiled layers round and drop out as eager ones (eager_numerics), unless
+    # the config's inductor.FIELD values say otherwise: they apply inside each training step, where layers compile.
     inductor = {k.removeprefix("inductor."): v for k, v in cfg.items() if k.startswith("inductor.")}
-    with eager_numerics(training_args.torch_compile), inductor_config.patch(**inductor):
-        trainer.train()
+
+    class BenchTrainer(trainer_class(training_args)):
+        def training_step(self, *args, **kwargs):
+            with inductor_config.patch(**inductor):
+                return super().training_step(*args, **kwargs)
+
+    # `dynamic`: accelerate's dynamic-shape setting from the first step, which it reads from the environment when
+    # the trainer creates its TorchDynamoPlugin (unset: torch.compile recompiles once lengths vary).
+    dynamic = {} if cfg.get("dynamic") is None else {"ACCELERATE_DYNAMO_USE_DYNAMIC": str(int(cfg["dynamic"]))}
+    set_seed(0)  # the LoRA init happens inside SFTTrainer: same seed there for every configuration
+    with mock.patch.dict(os.environ, dynamic):  # as starsql.train.sft.run builds its trainer
+        trainer = BenchTrainer(model=model, args=training_args, peft_config=peft_config, train_dataset=dataset,
+                               processing_class=tokenizer, callbacks=callbacks)  # fmt: skip
+    load_s = time.perf_counter() - started
+    trainer.train()
     if timer.start is None or timer.end is None:
         raise RuntimeError(f"Training stopped before step {args.warmup + 1}: too few packed rows?")
     elapsed, tokens = timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
@@ -628,7 +638,7 @@ def describe(cfg: dict, result: dict, by_name: dict, **extra) -> dict:
               "seq_len": SEQ, "gradient_checkpointing": cfg["ckpt"], "attn_requested": cfg.get("attn"),
               "liger": bool(cfg.get("liger")), "torch_compile": bool(cfg.get("compile")),
               "compile_regions": bool(cfg.get("regional")), "dynamic": cfg.get("dynamic"),
-              # What ran: build_trainer fuses LoRA layers only for eager ones.
+              # What ran: the trainer fuses LoRA layers only for eager ones.
               "fused_lora": cfg.get("fused_lora", True) and not cfg.get("compile") if cfg["path"] == "sft" else None,
               "env": cfg.get("env"),
               "half_precision_layer_norm": cfg.get("half_ln", True) if cfg["path"] == "sft" else False,

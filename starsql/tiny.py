@@ -68,6 +68,11 @@ def build_tiny_model(out_dir: str | Path | None = None, vocab_size: int = 1024, 
     return out
 
 
+def resolve_model_path(name: str) -> str:
+    """`name` itself, or the tiny model's folder (built on first use) for `tiny-starcoder2`."""
+    return str(build_tiny_model()) if name == TINY_MODEL else name
+
+
 if __name__ == "__main__":
     import sys
 

@@ -222,17 +222,17 @@ def test_history_pairs_skip_messages_without_sql(app):
 # --- the Space: deploy uploads exactly what app.py needs --------------------------------------
 
 def test_space_files_are_exactly_what_app_needs(tiny_run, tmp_path):
-    from starsql.deploy import space_files
+    from starsql.serve.deploy import space_files
 
     files = space_files()
-    assert "app.py" in files and "starsql/sqlcheck.py" in files and "starsql/__init__.py" in files
-    assert not [f for f in files if f.startswith("tests/") or "train" in f or f in ("starsql/deploy.py",
-                                                                                  "starsql/data.py")]
+    assert "app.py" in files and "starsql/serve/check.py" in files and "starsql/__init__.py" in files
+    assert not [f for f in files if f.startswith(("tests/", "starsql/train/", "starsql/evaluate/"))
+                or f == "starsql/serve/deploy.py"]
     for path in files:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, tmp_path / path)
     script = ("import json, sys, app, starsql; "
-              "print(json.dumps([starsql.__file__, sorted(m for m in sys.modules if m.split('.')[0] == 'starsql'), "
+              "print(json.dumps([starsql.__file__, sorted(m for m in sys.modules if m.split('.')[0] in ('starsql', 'trl')), "
               "type(app.demo).__name__]))")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=app_env(tiny_run),
                           capture_output=True, text=True, timeout=300)
@@ -240,18 +240,23 @@ def test_space_files_are_exactly_what_app_needs(tiny_run, tmp_path):
     package_file, modules, demo_type = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(package_file).is_relative_to(tmp_path)  # the copy, not the repository
     assert demo_type == "Blocks"
-    imported = {"starsql/__init__.py" if m == "starsql" else m.replace(".", "/") + ".py" for m in modules}
-    assert imported == set(files) - {"app.py"}
+    imported = {m.replace(".", "/") + ("/__init__.py" if (ROOT / m.replace(".", "/")).is_dir() else ".py")
+                for m in modules}
+    assert "trl" not in modules  # the Space does not install it
+    # The dedicated-GPU backend ships with the Space, and is imported only when chosen (not on a CPU).
+    fast = {f for f in files if f.startswith("starsql/serve/fast/")}
+    assert "starsql/serve/fast/decoder.py" in fast and not imported & fast
+    assert imported == set(files) - {"app.py"} - fast
 
 
 def test_deploy_dry_run_and_upload(monkeypatch, capsys):
     import huggingface_hub
 
-    from starsql import deploy
+    from starsql.serve import deploy
 
     assert deploy.main(["--space_id", "me/starsql", "--adapter", "me/starcoder2-3b-sql", "--dry_run"]) == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in ("app.py", "starsql/sqlcheck.py", "README.md", "requirements.txt"))
+    assert all(name in printed for name in ("app.py", "starsql/serve/check.py", "README.md", "requirements.txt"))
 
     plan = dict(deploy.upload_plan("me/starcoder2-3b-sql"))
     card = plan["README.md"].decode()
@@ -288,11 +293,9 @@ def test_deploy_dry_run_and_upload(monkeypatch, capsys):
     assert {p for kind, p in operations if kind == "CommitOperationAdd"} == set(plan)
 
 
-def test_with_the_fast_decoder_answers_queue_for_it(app):
-    # One stream on the CUDA-graph decoder beats it plus a slower generate() stream beside it.
-    from types import SimpleNamespace
+def test_the_queue_follows_the_backend(app):
+    # On a CPU the app serves plain generate(); Gradio runs as many answers at once as the backend serves.
+    from starsql.serve.decode import GenerateBackend
 
-    assert app.generation_concurrency(None) == app.MODEL_CONCURRENCY == 2
-    assert app.generation_concurrency(SimpleNamespace(use_graph=True)) == 1
-    assert app.generation_concurrency(SimpleNamespace(use_graph=False)) == 2  # capture failed: not faster
-    assert app.DECODER is None and app.demo._queue.default_concurrency_limit == 2  # the queue follows it (CPU: no decoder)
+    assert type(app.BACKEND) is GenerateBackend
+    assert app.demo._queue.default_concurrency_limit == app.BACKEND.concurrency == 2

@@ -74,7 +74,7 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
     done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
-                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,app-concurrent16,fp32-identity",
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -83,13 +83,16 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # The app's cache lengths, the shortest that holds 300 + 64 tokens; tokens as plain generate's.
     assert graph["cache_lengths"][0] == 512 and graph["cache_length_used"] == 512
     assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
-    assert graph["fused_qkv_layers"] == 2  # the app's loader fuses q/k/v of every layer
+    assert graph["fused_qkv_layers"] == 2  # prepared as the fast backend prepares it: q/k/v fused in every layer
     app_default = lines["bf16-merged-graph-app-default"]  # room for 256 new tokens: the 1,024 cache, same tokens
     assert app_default["cache_length_used"] == 1024 and app_default["identical_to_bf16_merged"]
-    assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 1 and concurrent["tokens_per_s"] > 0
+    # Through the app's backend; without CUDA graphs it answers two at once (the decoder and generate()).
+    assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 2 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
-    # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear).
+    # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear),
+    # and with the prompt's forward eager at its own width: the same tokens.
     assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]
+    assert lines["bf16-merged-graph-512-eager-prefill"]["identical_to_bf16_merged"]
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):
@@ -131,7 +134,7 @@ def test_train_throughput_smoke_checks_losses_and_applies_overrides(tmp_path, ti
     assert lines["fp32-weights"]["loss_equivalent"] is True
     assert lines["no-lora-dropout"]["overrides"]["margs.lora_dropout"] == 0 and "loss_equivalent" not in lines["no-lora-dropout"]
     assert lines["no-lora-dropout"]["losses"] != lines["sft-mb16-attndrop0"]["losses"]  # the override reached the model
-    # The trainer path fuses its LoRA layers (starsql.fused_lora); PEFT's own forward gives the same losses, bitwise.
+    # The trainer path fuses its LoRA layers (starsql.train.fused_lora); PEFT's own forward gives the same losses, bitwise.
     assert lines["sft-mb16-attndrop0"]["fused_lora"] is True and lines["peft-lora"]["fused_lora"] is False
     assert lines["peft-lora"]["losses_exact"] == lines["sft-mb16-attndrop0"]["losses_exact"]
     assert lines["peft-lora"]["losses_exact"] != lines["peft-lora"]["losses"]  # not rounded

@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from starsql.data import DataArguments, prepare_datasets, strip_sql_comments
+from starsql.train.data import DataArguments, prepare_datasets, strip_sql_comments
 from starsql.prompt import build_prompt, format_completion
 
 from conftest import ROOT

@@ -1,24 +1,24 @@
 """The evaluation harness: execution-match semantics, Spider gold, bad input, model mode end to end."""
 
 import json
+import os
 import sqlite3
 import time
 from collections import Counter
 
 import pytest
 
-from starsql import evaluate
-from starsql.evaluate import (
+from starsql.evaluate import cli, metrics, report, score, spider
+from starsql.evaluate.cli import main
+from starsql.evaluate.metrics import execution_match, normalize_sql, order_matters
+from starsql.evaluate.score import score_predictions, score_schema_only
+from starsql.evaluate.spider import (
     CorruptDatabaseError,
     Database,
     MissingDatabaseError,
     PredictionCountError,
-    execution_match,
-    main,
-    normalize_sql,
-    order_matters,
-    score_predictions,
-    score_schema_only,
+    database_path,
+    load_spider,
 )
 
 
@@ -136,18 +136,18 @@ def test_gold_scores_one_on_spider_dev(spider_dir):
 
 
 def test_hardness_matches_spiders_published_counts(spider_dir):
-    examples = evaluate.load_spider(spider_dir)
+    examples = load_spider(spider_dir)
     assert Counter(e.hardness for e in examples) == {"easy": 248, "medium": 446, "hard": 174, "extra": 166}
 
 
 def test_known_wrong_predictions_score_exactly(spider_dir):
-    examples = evaluate.load_spider(spider_dir)
+    examples = load_spider(spider_dir)
     predictions = gold_predictions(spider_dir)
     replaced = [e for e in examples if e.db_id != "wta_1"][:10]
     differ = 0
     for example in replaced:
         predictions[example.index] = "SELECT 1"
-        with sqlite3.connect(evaluate.database_path(spider_dir, example.db_id)) as connection:
+        with sqlite3.connect(database_path(spider_dir, example.db_id)) as connection:
             differ += connection.execute(example.gold).fetchall() != [(1,)]
     report = score_predictions(predictions, spider_dir, progress=False)
     assert differ > 0
@@ -200,6 +200,36 @@ def test_prediction_count_error_from_python(spider_dir):
         score_predictions(["SELECT 1"], spider_dir, progress=False)
 
 
+def test_nothing_cached_outlives_a_scoring_call(spider_dir, tmp_path):
+    # Spider dev's first question: "How many singers do we have?" (SELECT count(*) FROM singer).
+    fake = fake_spider(spider_dir, tmp_path)
+    path = fake / "database" / "concert_singer" / "concert_singer.sqlite"
+    path.parent.mkdir()
+
+    def write(target, singers: int):
+        connection = sqlite3.connect(target)
+        connection.execute("CREATE TABLE singer (singer_id INTEGER, name TEXT)")
+        connection.executemany("INSERT INTO singer VALUES (?, ?)", [(i, f"s{i}") for i in range(singers)])
+        connection.commit()
+        connection.close()
+
+    write(path, 2)
+    assert score_predictions(["SELECT 2"], fake, limit=1, progress=False)["execution_accuracy"] == 1.0
+    before = path.stat()
+    write(tmp_path / "new.sqlite", 3)
+    os.replace(tmp_path / "new.sqlite", path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size  # same path, size and time: only the contents changed
+    assert score_predictions(["SELECT 2"], fake, limit=1, progress=False)["execution_accuracy"] == 0.0
+
+    checked = score.check_databases(fake, load_spider(fake, limit=1))["concert_singer"]
+    assert "closed" in checked.run("SELECT 1").error  # no cache passed in: the call closed what it opened
+    for module in (spider, metrics, score, report, cli):
+        for name, value in vars(module).items():
+            assert not hasattr(value, "cache_info"), f"{module.__name__}.{name} is a module-level cache"
+            assert name.startswith("__") or not isinstance(value, (dict, list, set)), f"{module.__name__}.{name}"
+
+
 # ------------------------------------------------------------------ model mode, tiny model
 
 
@@ -246,7 +276,7 @@ def test_cli_scores_gold_file_and_schema_only_file(spider_dir, tmp_path, capsys)
 
 
 def test_schema_only_model_mode(tiny_model_path, tmp_path):
-    from starsql.evaluate import evaluate_model
+    from starsql.evaluate.cli import evaluate_model
     from starsql.tiny import DATA
 
     reports = evaluate_model("tiny-starcoder2", schema_only=DATA, out_dir=tmp_path, limit=3, max_new_tokens=8)

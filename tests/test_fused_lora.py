@@ -1,4 +1,4 @@
-"""starsql.fused_lora: PEFT's LoRA arithmetic in one autograd function, bitwise for power-of-two scalings."""
+"""starsql.train.fused_lora: PEFT's LoRA arithmetic in one autograd function, bitwise for power-of-two scalings."""
 
 import json
 import subprocess
@@ -34,7 +34,7 @@ def lora_model(path, dtype, quantized: bool, adapter_dtype=None, **lora):
 @pytest.fixture
 def branch_calls(monkeypatch):
     """Calls of LoraBranch (the fused path), recorded while the test runs."""
-    from starsql import fused_lora
+    from starsql.train import fused_lora
 
     calls, real = [], fused_lora.LoraBranch.apply
     monkeypatch.setattr(fused_lora.LoraBranch, "apply", lambda *args: calls.append(1) or real(*args))
@@ -58,7 +58,7 @@ def step(model, autocast_dtype=None):
                          ids=["fp32", "bf16-fp32-adapters", "fp32-bf16-adapters"])  # fmt: skip
 def test_power_of_two_scaling_is_bitwise_peft(tiny_model_path, dtype, adapter_dtype, quantized):
     # Each pair of dtypes takes other casts in PEFT's forward (get_peft_model keeps adapters in fp32).
-    from starsql.fused_lora import fuse_lora
+    from starsql.train.fused_lora import fuse_lora
 
     reference = step(lora_model(tiny_model_path, dtype, quantized, adapter_dtype))
     model = lora_model(tiny_model_path, dtype, quantized, adapter_dtype)
@@ -71,7 +71,7 @@ def test_power_of_two_scaling_is_bitwise_peft(tiny_model_path, dtype, adapter_dt
 
 
 def test_other_scalings_match_peft_to_a_rounding(tiny_model_path):
-    from starsql.fused_lora import fuse_lora
+    from starsql.train.fused_lora import fuse_lora
 
     # alpha 24 / r 16 = 1.5: the scaling moves across a rounding.
     reference = step(lora_model(tiny_model_path, torch.float32, False, lora_alpha=24))
@@ -84,7 +84,7 @@ def test_other_scalings_match_peft_to_a_rounding(tiny_model_path):
 
 
 def test_autocast_with_fp32_adapters_is_bitwise_peft(tiny_model_path):
-    from starsql.fused_lora import fuse_lora
+    from starsql.train.fused_lora import fuse_lora
 
     # fp32 weights under bf16 autocast (CPU's standing in): the function casts x to the adapter's dtype and
     # back as PEFT does outside CUDA's autocast (the attention's bf16 output into o_proj, bf16 matmuls).
@@ -102,7 +102,7 @@ def test_autocast_with_fp32_adapters_is_bitwise_peft(tiny_model_path):
 def test_the_4bit_layer_under_cuda_autocast_is_bitwise_peft(tiny_model_path, dtype, adapter_dtype, monkeypatch):
     # The recipe's path: a 4-bit base under CUDA's autocast, where PEFT casts nothing. CPU's autocast stands in:
     # both PEFT (torch.is_autocast_enabled()) and the fused forward ("cuda") are told it is CUDA's.
-    from starsql.fused_lora import fuse_lora
+    from starsql.train.fused_lora import fuse_lora
 
     real = torch.is_autocast_enabled
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: real("cpu" if device in (None, "cuda") else device))
@@ -119,7 +119,7 @@ def test_calls_it_does_not_cover_run_peft(tiny_model_path, branch_calls):
     # Merged adapters, two active adapters, per-call adapter names, LoRA biases, everything dropped: PEFT's forward.
     from peft import LoraConfig
 
-    from starsql import fused_lora
+    from starsql.train import fused_lora
 
     def layer_outputs(model, **kwargs):
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -149,7 +149,7 @@ def test_calls_it_does_not_cover_run_peft(tiny_model_path, branch_calls):
 def test_a_fused_model_pickles(tiny_model_path):
     import io
 
-    from starsql.fused_lora import FusedLinear, fuse_lora
+    from starsql.train.fused_lora import FusedLinear, fuse_lora
 
     model = lora_model(tiny_model_path, torch.float32, False)
     fuse_lora(model)
@@ -169,7 +169,7 @@ def test_gpu_layers_are_bitwise_peft(quantized):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from starsql.fused_lora import fuse_lora
+    from starsql.train.fused_lora import fuse_lora
 
     class TwoLayers(torch.nn.Module):
         def __init__(self):
@@ -209,7 +209,7 @@ def test_gpu_layers_are_bitwise_peft(quantized):
 def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_path, branch_calls):
     from peft.tuners.lora.bnb import Linear4bit
 
-    from starsql import fused_lora
+    from starsql.train import fused_lora
 
     model = lora_model(tiny_model_path, torch.float32, True)
     fused_lora.fuse_lora(model)
@@ -233,7 +233,7 @@ def test_uncovered_calls_run_peft_and_unfusing_restores_the_classes(tiny_model_p
 def test_training_losses_are_bitwise_those_of_peft(tmp_path, tiny_model_path):
     # train_sft.py fuses by default (TrainingConfig.fused_lora) and --fused_lora false is PEFT's forward: the
     # tiny QLoRA recipe with LoRA dropout logs the same losses to the last bit, and the fused run really fused.
-    probe = ("import sys, train_sft, starsql.fused_lora as fl\n"
+    probe = ("import sys, train_sft, starsql.train.fused_lora as fl\n"
              "calls, real = [], fl.LoraBranch.apply\n"
              "fl.LoraBranch.apply = lambda *a: calls.append(1) or real(*a)\n"
              "code = train_sft.main(sys.argv[1:])\n"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import starsql.modeling as modeling
-from starsql.modeling import HalfPrecisionLayerNorm, ModelArguments, load_model
+import starsql.train.model as modeling
+from starsql.train.model import HalfPrecisionLayerNorm, ModelArguments, load_model
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from starsql.data import DataArguments, prepare_datasets
-from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
+from starsql.train.data import DataArguments, prepare_datasets
+from starsql.train.model import ModelArguments, load_model, load_tokenizer, lora_config
 from starsql.prompt import build_prompt
-from starsql.train import TrainingConfig
+from starsql.train.sft import TrainingConfig
 
 from conftest import ROOT
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from starsql.sqlcheck import (
+from starsql.serve.check import (
     SchemaError,
     check_sql,
     format_sql,
@@ -131,7 +131,7 @@ def test_writes_are_flagged_and_not_executed(sql, kind, monkeypatch):
 
 def test_authorizer_is_the_second_guard(monkeypatch):
     # Even if sqlglot took an UPDATE for a read, SQLite's authorizer refuses to run it.
-    import starsql.sqlcheck as sqlcheck
+    import starsql.serve.check as sqlcheck
 
     monkeypatch.setattr(sqlcheck, "writes_data", lambda sql: False)
     result = check_sql("UPDATE singer SET age = 0", SCHEMA + ROWS)

@@ -41,6 +41,7 @@ def test_card_front_matter_parses_and_names_the_real_hyperparameters(tiny_run):
     assert "| `lora_target_modules` | `['q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_fc', 'c_proj']` |" in card
     assert "-- Question: {question}" in card and "gradio_client" in card and "![training_curves](training_curves.png)" in card
     assert "400 rows loaded" in card and "Security" in card
+    assert "| `sync_free_step` | `True` |" in card and "| `fused_lora` | `True` |" in card
 
 
 def run_tiny(out, *extra, env=None):
@@ -101,9 +102,9 @@ def test_eval_spider_puts_execution_accuracy_in_the_card(tmp_path, tiny_model_pa
 def test_every_recipe_parses_with_no_unknown_key():
     from trl import TrlParser
 
-    from starsql.data import DataArguments
-    from starsql.modeling import ModelArguments
-    from starsql.train import RunArguments, TrainingConfig
+    from starsql.train.data import DataArguments
+    from starsql.train.model import ModelArguments
+    from starsql.train.sft import RunArguments, TrainingConfig
 
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         parser = TrlParser((RunArguments, TrainingConfig, ModelArguments, DataArguments))
@@ -192,7 +193,7 @@ def test_compile_regions_compiles_the_layers_and_trains_as_eager(tmp_path, tiny_
 def test_eager_numerics_sets_inductors_settings_only_inside():
     import torch._inductor.config as inductor
 
-    from starsql.train import eager_numerics
+    from starsql.train.speed import eager_numerics
 
     before = (inductor.emulate_precision_casts, inductor.fallback_random)
     with eager_numerics(True):
@@ -202,46 +203,167 @@ def test_eager_numerics_sets_inductors_settings_only_inside():
     assert (inductor.emulate_precision_casts, inductor.fallback_random) == before
 
 
-def test_regional_compilation_sets_accelerates_settings_only_inside():
-    import os
+def test_regional_compilation_sets_accelerates_setting_only_inside(monkeypatch):
+    from starsql.train.speed import regional_compilation
 
-    from starsql.train import regional_compilation
-
-    keys = ("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "ACCELERATE_DYNAMO_USE_DYNAMIC")
-    before = {key: os.environ.get(key) for key in keys}
-    with regional_compilation(True, dynamic=False):
-        assert [os.environ.get(key) for key in keys] == ["1", "0"]
+    key = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+    monkeypatch.delenv(key, raising=False)
+    with regional_compilation(True):
+        assert os.environ.get(key) == "1"
     with regional_compilation(False):
-        assert [os.environ.get(key) for key in keys] == [before[key] for key in keys]
-    assert {key: os.environ.get(key) for key in keys} == before
+        assert key not in os.environ
+    assert key not in os.environ
+    monkeypatch.setenv(key, "0")  # the user's own setting comes back afterwards
+    with regional_compilation(True):
+        assert os.environ[key] == "1"
+    assert os.environ[key] == "0"
+
+
+def tiny_trainer(tmp_path, model_path, trainer=None, **config):
+    """A trainer on the tiny QLoRA model and four rows: trainer_class(config)'s choice unless `trainer` is given."""
+    from datasets import Dataset
+
+    from starsql.train.model import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train.sft import TrainingConfig, trainer_class
+
+    model_args = ModelArguments(model_name_or_path=str(model_path), load_in_4bit=True)
+    rows = Dataset.from_list([{"prompt": "-- Question: how many?\n", "completion": "SELECT 1;"}] * 4)
+    args = TrainingConfig(**dict(output_dir=str(tmp_path), max_steps=1, eval_strategy="no", report_to="none",
+                                 use_cpu=True) | config)  # fmt: skip
+    return (trainer or trainer_class(args))(model=load_model(model_args), args=args, peft_config=lora_config(model_args),
+                                            train_dataset=rows, processing_class=load_tokenizer(model_args))  # fmt: skip
+
+
+def test_every_speed_switch_off_is_trls_own_trainer(tmp_path, tiny_model_path):
+    from trl import SFTTrainer
+
+    from starsql.train.sft import TrainingConfig, trainer_class
+    from starsql.train.speed import FastSFTTrainer
+
+    def chosen(**switches):
+        return trainer_class(TrainingConfig(output_dir=str(tmp_path), report_to="none", **switches))
+
+    off = dict(sync_free_step=False, fused_lora=False, compile_regions=False)
+    assert chosen() is FastSFTTrainer and chosen(**off) is SFTTrainer
+    for switch in ("sync_free_step", "fused_lora", "compile_regions", "torch_compile"):
+        assert chosen(**off | {switch: True}) is FastSFTTrainer, switch
+
+
+def test_the_sync_free_step_finds_every_trl_internal_it_relies_on(tmp_path, tiny_model_path):
+    # The names the sync-free step reads of the installed TRL, transformers and accelerate are all there: the
+    # check that guards a TRL upgrade passes, and is not vacuous.
+    from starsql.train.speed import FastSFTTrainer, missing_internals
+
+    trainer = tiny_trainer(tmp_path, tiny_model_path)
+    assert isinstance(trainer, FastSFTTrainer) and trainer.args.sync_free_step
+    assert missing_internals(trainer) == []
+    del trainer._metrics
+    assert "SFTTrainer._metrics" in missing_internals(trainer)
+
+
+def _drop_total_train_tokens(monkeypatch):
+    from trl import SFTTrainer
+
+    init = SFTTrainer.__init__
+
+    def without_token_count(self, *args, **kwargs):  # a TRL that renamed its token count
+        init(self, *args, **kwargs)
+        del self._total_train_tokens
+
+    monkeypatch.setattr(SFTTrainer, "__init__", without_token_count)
+    return "SFTTrainer._total_train_tokens"
+
+
+def _change_trls_step(monkeypatch):
+    from trl import SFTTrainer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # accuracy computed otherwise
+        outputs = model(**inputs, fused_lm_head=True)
+        self._metrics["train"]["entropy"].append(outputs.entropy.mean().item())
+        self._total_train_tokens += outputs.label_mask.sum().item() // self._tp_size
+        return -outputs.log_probs.sum() / self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", compute_loss)
+    return "SFTTrainer.compute_loss no longer uses `is_top1`"
+
+
+def _change_transformers_packed_ids(monkeypatch):
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: position_ids)
+    return "transformers.masking_utils.find_packed_sequence_indices"
+
+
+@pytest.mark.parametrize("change", [_drop_total_train_tokens, _change_trls_step, _change_transformers_packed_ids],
+                         ids=["trainer-attribute", "trl-step", "transformers-helper"])  # fmt: skip
+def test_a_changed_trl_internal_stops_the_sync_free_step_loudly(tmp_path, tiny_model_path, monkeypatch, change):
+    # A TRL (or transformers) that no longer has what the sync-free step mirrors: building the trainer fails,
+    # naming what changed and the switch that trains with TRL's own step, which then builds.
+    name = change(monkeypatch)
+    with pytest.raises(RuntimeError) as error:
+        tiny_trainer(tmp_path / "on", tiny_model_path)
+    assert name in str(error.value) and "--sync_free_step false" in str(error.value), str(error.value)
+    trainer = tiny_trainer(tmp_path / "off", tiny_model_path, sync_free_step=False)
+    assert not trainer.args.sync_free_step
+
+
+def test_sync_free_step_false_trains_with_trls_own_step_and_the_same_logs(tmp_path, tiny_model_path, monkeypatch):
+    # --sync_free_step false: every training step goes through TRL's SFTTrainer.compute_loss (the trainer is still
+    # the subclass, for fused_lora). The default step never calls it while training, and logs the same values.
+    import functools
+
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from starsql.train.speed import FastSFTTrainer
+
+    calls, compute_loss = [], SFTTrainer.compute_loss
+
+    @functools.wraps(compute_loss)  # the check of TRL's step reads the wrapped function
+    def counted(self, model, *args, **kwargs):
+        calls.append(model.training)
+        return compute_loss(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", counted)
+
+    def train(sync_free: bool):
+        calls.clear()
+        set_seed(0)
+        trainer = tiny_trainer(tmp_path / str(sync_free), tiny_model_path, sync_free_step=sync_free, max_steps=4,
+                               per_device_train_batch_size=2, logging_steps=1, learning_rate=5e-3, warmup_steps=0,
+                               save_strategy="no", disable_tqdm=True)  # fmt: skip
+        assert isinstance(trainer, FastSFTTrainer)
+        trainer.train()
+        timing = ("runtime", "per_second", "total_flos")
+        return list(calls), [{k: v for k, v in e.items() if not any(t in k for t in timing)} for e in trainer.state.log_history]
+
+    trl_calls, trl_logs = train(False)
+    calls_here, logs = train(True)
+    assert trl_calls == [True] * 4 and calls_here == []
+    assert logs == trl_logs and len(logs) == 5
+    assert all(k in logs[0] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens"))
 
 
 def test_the_trainer_counts_parameters_once_for_its_flops(tmp_path, tiny_model_path):
-    # Trainer recounts the model's parameters at every step for total_flos; SQLTrainer counts them once and
-    # gives the same estimate.
-    from datasets import Dataset
+    # Trainer recounts the model's parameters at every step for total_flos; the sync-free step counts them once
+    # and gives the same estimate.
     from trl import SFTTrainer
 
-    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import SQLTrainer, TrainingConfig, build_trainer
+    from starsql.train.speed import FastSFTTrainer
 
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_path), load_in_4bit=True)
-    rows = Dataset.from_list([{"prompt": "-- Question: how many?\n", "completion": "SELECT 1;"}] * 4)
-    args = TrainingConfig(output_dir=str(tmp_path), max_steps=1, eval_strategy="no", report_to="none", use_cpu=True)
-    trainer = build_trainer(load_model(model_args), args, lora_config(model_args), train_dataset=rows,
-                            processing_class=load_tokenizer(model_args))  # fmt: skip
-    assert isinstance(trainer, SQLTrainer)
+    trainer = tiny_trainer(tmp_path, tiny_model_path)
+    assert isinstance(trainer, FastSFTTrainer)
     counted, count = [], trainer.model.num_parameters
     trainer.model.num_parameters = lambda **kwargs: counted.append(kwargs) or count(**kwargs)
     inputs = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}
     flops = [trainer.floating_point_ops(inputs) for _ in range(3)]
     assert flops == [SFTTrainer.floating_point_ops(trainer, inputs)] * 3 and flops[0] > 0
-    assert len(counted) == 2  # once for SQLTrainer's three calls, once for SFTTrainer's reference call
+    assert len(counted) == 2  # once for FastSFTTrainer's three calls, once for SFTTrainer's reference call
     assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0  # no main input: no estimate, as Trainer
 
 
 def test_the_training_step_reads_no_tensor_values_and_logs_trls_metrics(tmp_path, tiny_model_path, monkeypatch):
-    # SQLTrainer's step keeps TRL's metrics as tensors until a log needs them, and builds the packed attention mask
+    # The sync-free step keeps TRL's metrics as tensors until a log needs them, and builds the packed attention mask
     # without asking whether rows hold one sequence: no .item(), bool() or .tolist() in the step, where TRL's
     # SFTTrainer has several, each a host-GPU sync on a GPU. (On a GPU, TRL's LM head keeps two of its own: boolean-
     # mask indexing of the labelled positions, which it skips on a CPU.) The logs, train and eval, are TRL's to the bit.
@@ -249,8 +371,9 @@ def test_the_training_step_reads_no_tensor_values_and_logs_trls_metrics(tmp_path
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-    from starsql.train import SQLTrainer, TrainingConfig
+    from starsql.train.model import ModelArguments, load_model, load_tokenizer, lora_config
+    from starsql.train.sft import TrainingConfig
+    from starsql.train.speed import FastSFTTrainer
 
     model_args = ModelArguments(model_name_or_path=str(tiny_model_path), load_in_4bit=True, lora_r=8, lora_alpha=16)
     tokenizer = load_tokenizer(model_args)
@@ -298,7 +421,7 @@ def test_the_training_step_reads_no_tensor_values_and_logs_trls_metrics(tmp_path
 
     inside_step = False
     trl_asked, trl_logs = train(SFTTrainer)
-    asked_here, logs = train(SQLTrainer)
+    asked_here, logs = train(FastSFTTrainer)
     assert len(trl_asked) >= 6 * 4, trl_asked  # the check sees TRL's per-step conversions
     assert asked_here == []
     assert logs == trl_logs
@@ -309,7 +432,7 @@ def test_the_training_step_reads_no_tensor_values_and_logs_trls_metrics(tmp_path
 def test_packed_masks_without_sync_are_transformers_masks():
     from transformers import masking_utils
 
-    from starsql.train import packed_masks_without_sync
+    from starsql.train.speed import packed_masks_without_sync
 
     original = masking_utils.find_packed_sequence_indices
     packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 0, 1]])
@@ -341,7 +464,7 @@ def test_compiled_training_logs_its_metrics_as_training_ones_after_an_evaluation
 
 
 def test_batches_are_copied_to_the_gpu_without_waiting_unless_configured():
-    from starsql.train import TrainingConfig
+    from starsql.train.sft import TrainingConfig
 
     assert TrainingConfig(output_dir="x", report_to="none").accelerator_config.non_blocking is True
     chosen = TrainingConfig(output_dir="x", report_to="none", accelerator_config={"non_blocking": False})
@@ -356,7 +479,7 @@ def test_packed_masks_without_sync_give_the_same_attention_masks(attention):
     # holding one sequence whose positions do not start at 0 (where transformers returns its plain causal mask).
     from transformers import Starcoder2Config, masking_utils
 
-    from starsql.train import packed_masks_without_sync
+    from starsql.train.speed import packed_masks_without_sync
 
     config = Starcoder2Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
     config._attn_implementation = attention
@@ -382,10 +505,11 @@ import json, sys
 from datasets import Dataset
 from transformers import set_seed
 from trl import SFTTrainer
-from starsql.modeling import ModelArguments, load_model, load_tokenizer, lora_config
-from starsql.train import SQLTrainer, TrainingConfig
+from starsql.train.model import ModelArguments, load_model, load_tokenizer, lora_config
+from starsql.train.sft import TrainingConfig
+from starsql.train.speed import FastSFTTrainer
 
-model_path, out, trainer_class = sys.argv[1], sys.argv[2], {"SFTTrainer": SFTTrainer, "SQLTrainer": SQLTrainer}[sys.argv[3]]
+model_path, out, trainer_class = sys.argv[1], sys.argv[2], {"SFTTrainer": SFTTrainer, "FastSFTTrainer": FastSFTTrainer}[sys.argv[3]]
 model_args = ModelArguments(model_name_or_path=model_path, load_in_4bit=True, lora_r=8, lora_alpha=16)
 rows = Dataset.from_list([{"prompt": f"-- how many in t{i}?\\n" * (1 + i % 3), "completion": f"SELECT {i};"}
                           for i in range(33)])  # 33 rows over 2 ranks x 2: the epoch's last batch is uneven
@@ -406,7 +530,7 @@ if trainer.is_world_process_zero():
 
 def test_two_processes_log_trls_metrics_across_an_epochs_uneven_end(tmp_path, tiny_model_path):
     # Under DDP, TRL gathers its metrics with gather_for_metrics, which drops the padding duplicates of an epoch's
-    # uneven last batch; SQLTrainer runs TRL's own step there, so every log, before and after, is TRL's.
+    # uneven last batch; FastSFTTrainer runs TRL's own step there, so every log, before and after, is TRL's.
     script = tmp_path / "ddp_logs.py"
     script.write_text(DDP_LOGS)
 
@@ -418,6 +542,6 @@ def test_two_processes_log_trls_metrics_across_an_epochs_uneven_end(tmp_path, ti
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((out / "logs.json").read_text())
 
-    trl_logs, logs_here = logs("SFTTrainer"), logs("SQLTrainer")
+    trl_logs, logs_here = logs("SFTTrainer"), logs("FastSFTTrainer")
     assert len(logs_here) == 12  # 11 steps and the summary; step 9 ends the epoch (33 rows, 4 a step)
     assert logs_here == trl_logs

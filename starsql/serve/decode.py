@@ -1,0 +1,140 @@
+"""Decoding: prompts -> SQL text, batched (evaluation) or streamed (the app), through a backend.
+
+A backend streams one prompt's answer and says how many requests it serves at once:
+
+    backend.stream(prompt, max_new_tokens, temperature) -> Iterator[str]   # the text so far, growing
+    backend.concurrency -> int                                              # answers generated at once
+
+`GenerateBackend` is plain `generate()`: any model, any device, greedy or sampled. `build_backend` picks
+the app's backend; `starsql.serve.fast` holds the dedicated-GPU one and is imported only when chosen.
+Prompts come from `starsql.prompt.build_prompt`, the template the adapter was trained on.
+"""
+
+import warnings
+from collections.abc import Iterator
+from threading import Event, Thread
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..prompt import extract_sql, first_statement_end
+
+GENERATE_CONCURRENCY = 2  # generate() calls at once; more mostly split the same GPU between them
+
+
+def statement_finished(text: str) -> bool:
+    """True once `text` holds a complete SQL statement, or the model moved on to a new comment line."""
+    return "\n--" in text.lstrip() or first_statement_end(text) is not None
+
+
+class StopAtStatementEnd(StoppingCriteria):
+    """Stop each sequence at the end of its first SQL statement (models that skip EOS run on)."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([statement_finished(t) for t in texts], device=input_ids.device)
+
+
+
+def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0) -> dict:
+    sampling = temperature > 0
+    return dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=0.95 if sampling else None,
+        top_k=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@torch.inference_mode()
+def generate_sql(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> list[str]:
+    """Greedy SQL for each prompt, in order. Prompts are batched longest-first with left padding."""
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"  # decoder-only: new tokens follow the last real token
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="Generating SQL", disable=not progress):
+        inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(model.device)
+        prompt_length = inputs["input_ids"].shape[1]
+        output = model.generate(
+            **inputs,
+            **generation_kwargs(tokenizer, max_new_tokens),
+            stopping_criteria=StoppingCriteriaList([StopAtStatementEnd(tokenizer, prompt_length)]),
+        )
+        texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+        for index, text in zip(batch, texts):
+            results[index] = extract_sql(text)
+    return results
+
+
+class StopWhenSet(StoppingCriteria):
+    """Stop every sequence once `event` is set: the user pressed Stop or the client went away."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
+    """Yield the generated text so far, token by token, until EOS or the end of the first statement.
+    Closing the generator (Gradio does on Stop) stops the generation too, not just the stream."""
+    if max_new_tokens <= 0:
+        return
+    from transformers import TextIteratorStreamer
+
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    prompt_length = inputs["input_ids"].shape[1]
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    cancelled = Event()
+    kwargs = dict(
+        **inputs,
+        **generation_kwargs(tokenizer, max_new_tokens, temperature),
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([StopAtStatementEnd(tokenizer, prompt_length), StopWhenSet(cancelled)]),
+    )
+    thread = Thread(target=torch.inference_mode()(model.generate), kwargs=kwargs, daemon=True, name="starsql-generate")
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        cancelled.set()
+        thread.join()
+
+
+class GenerateBackend:
+    """Plain `generate()`, streamed: the default backend, and the fallback of every other."""
+
+    def __init__(self, model, tokenizer, concurrency: int = GENERATE_CONCURRENCY):
+        self.model, self.tokenizer, self.concurrency = model, tokenizer, concurrency
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+        return stream_sql(self.model, self.tokenizer, prompt, max_new_tokens, temperature)
+
+
+def build_backend(model, tokenizer, fast: bool = False):
+    """The app's backend. `fast` (a dedicated CUDA GPU, bf16 weights): greedy answers through
+    `starsql.serve.fast`'s CUDA-graph decoder. If that cannot be built for this model (torch.compile or
+    Triton fails), a warning, and plain generate() on the model as it was."""
+    if fast:
+        from .fast import FastDecodeBackend
+
+        try:
+            return FastDecodeBackend.build(model, tokenizer)
+        except Exception as error:  # noqa: BLE001 -- a model the fast path cannot take still serves, via generate()
+            warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
+    return GenerateBackend(model, tokenizer)
