@@ -10,7 +10,7 @@ adapter. A bug in masking, packing, EOS, the prompt or SQL extraction shows up a
 `--heldout` rows of sql-create-context (new questions on the training databases) stay out of both
 pretraining and fine-tuning and are scored schema-only (exact match, SQL that compiles), base vs adapter.
 
-    python bench/learning_proof.py --shared ../shared --out runs/proof            # GPU, ~8 min on an H100
+    python bench/learning_proof.py --shared ../shared --out runs/proof            # one GPU, minutes
     python bench/learning_proof.py --shared ../shared --out runs/proof-smoke --smoke   # CPU, wiring only
 """
 

@@ -77,8 +77,8 @@ CONFIGS = [
          profile=True, fused_lora=False, loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}),
     # Where the GPU waits between kernels (gpu_idle): the batch's copies to the GPU without blocking the CPU
     # (pinned memory is the Trainer's default), and the CUDA allocator growing segments instead of freeing
-    # its cache and calling cudaMalloc (both synchronise). Same computation: same losses. (Since run U2 the
-    # non-blocking copies are TrainingConfig's default, so every sft-* config has them; runs T2-T3 predate that.)
+    # its cache and calling cudaMalloc (both synchronise). Same computation: same losses. (The non-blocking
+    # copies are now TrainingConfig's default, so every sft-* config has them.)
     *[dict(name=name, path="sft", mb=16, ckpt=False, attn="flex_attention", heavy=True, timeout=180, profile=True,
            loss_ref="sft-mb16-flex", **{"model.attention_dropout": 0.0}, **extra)
       for name, extra in (("sft-mb16-flex-nonblocking", NON_BLOCKING),
@@ -112,7 +112,7 @@ CONFIGS = [
                   # Its loss reference is the bf16 path: expect ~0.8% apart (the residual stream's rounding).
                   dict(name="sft-mb16-flex-fp32-params", path="sft", mb=16, ckpt=False, timeout=240, profile=True,
                        dtype="float32", half_ln=False),
-                  # What the H100 run measured before load_model changed: fp32 load, weights then cast to bf16
+                  # The load before load_model's bf16 default: fp32 load, weights then cast to bf16
                   # (bitsandbytes' compute dtype stays fp32; autocast's matmuls are bf16 either way).
                   dict(name="sft-mb16-flex-castparams", path="sft", mb=16, ckpt=False, timeout=240,
                        dtype="float32", cast_params=True),
