@@ -1,8 +1,11 @@
 """Pushing, exercised through huggingface_hub's real HTTP calls against a fake Hub on 127.0.0.1."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,3 +55,83 @@ def test_bad_token_stops_before_training(tmp_path, hub):
 def test_repo_id_without_namespace_is_refused(tmp_path, hub):
     result = train(tmp_path, hub, "--push_to_hub", "--hub_model_id", "tiny-sql")
     assert result.returncode != 0 and "--hub_model_id must be USER/NAME" in result.stderr
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HangUp:
+    """A server on 127.0.0.1 that accepts every connection and closes it without answering."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            connection.close()
+
+    def close(self):
+        self.socket.close()
+
+
+def test_an_unreachable_hub_is_not_called_a_bad_token(tmp_path):
+    # HF_TOKEN set, the Hub (HF_ENDPOINT) unreachable: the message names the Hub and the network, not the token,
+    # in one line, before anything is prepared.
+    unreachable = SimpleNamespace(url=f"http://127.0.0.1:{closed_port()}")
+    result = train(tmp_path, unreachable, "--push_to_hub", "--hub_model_id", "alice/tiny-sql")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"Cannot reach the Hub at {unreachable.url}" in result.stderr and "token itself was not checked" in result.stderr
+    assert "No valid" not in result.stderr and "Traceback" not in result.stderr
+    assert "Data:" not in result.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub in this process, online, against the endpoint the test sets."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    return lambda url: monkeypatch.setattr(constants, "ENDPOINT", url)
+
+
+def test_preflight_tells_a_hub_that_hangs_up_from_one_that_refuses_the_token(online, hub):
+    from starsql.train.hub import preflight
+
+    hang_up = HangUp()
+    try:
+        online(hang_up.url)
+        with pytest.raises(ConnectionError, match=f"Cannot reach the Hub at {hang_up.url}") as unreachable:
+            preflight("alice/tiny-sql", token="hf_good")
+        assert "valid" not in str(unreachable.value)
+    finally:
+        hang_up.close()
+    online(hub.url)
+    with pytest.raises(PermissionError, match=r"No valid Hugging Face token: the Hub at .* refused it \(401\)"):
+        preflight("alice/tiny-sql", token="hf_revoked")
+    assert preflight("alice/tiny-sql", token="hf_good") == "alice/tiny-sql"
+
+
+def test_preflight_says_when_offline_mode_or_no_token_is_the_cause(monkeypatch, hub):
+    from huggingface_hub import constants, hf_api
+
+    from starsql.train.hub import preflight
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set"):
+        preflight("alice/tiny-sql", token="hf_good")
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(hf_api, "get_token", lambda: None)
+    with pytest.raises(PermissionError, match="No Hugging Face token: run `hf auth login`"):
+        preflight("alice/tiny-sql", token=None)
+    assert hub.requests == []
