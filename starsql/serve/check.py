@@ -1,45 +1,57 @@
 """Check generated SQL against the user's schema in a throwaway in-memory SQLite database.
 
-The schema box (CREATE TABLE statements, maybe INSERT rows) is loaded into a fresh `:memory:`
-database; the SQL is compiled there with EXPLAIN, which never executes it. Identifiers the SQL
-uses but the schema lacks are listed (sqlglot reads the SQL, PRAGMA table_info the schema). A
-read-only query is then run on the example rows, if there are any, under a time limit and a row
-cap. Nothing generated ever touches a real database, and statements that would change data are
-flagged and never run: sqlglot classifies the statement, and SQLite's authorizer refuses
-anything but reads when a query runs (the second guard, in case sqlglot misreads it).
+The schema box (CREATE TABLE statements, maybe INSERT rows) is loaded once per request into a fresh
+`:memory:` database with SQLite's own limits on (starsql/sandbox.py: value and SQL length, expression
+depth, database size, a capped printf), and every step that runs user SQL -- loading, listing the
+tables, compiling, running -- spends one shared time budget. The SQL is compiled there with EXPLAIN,
+which never executes it. SQLite itself says what a statement does: the authorizer sees every action
+while it compiles, and the compiled program shows whether it opens a write transaction and returns
+rows. Only a statement that returns rows and does nothing but read is run, on the example rows if
+there are any, read-only (authorizer and `PRAGMA query_only`), under the time limit and caps on rows
+and bytes. Identifiers the SQL uses but the schema lacks are listed (sqlglot reads the SQL, PRAGMA
+table_info the schema). Nothing generated ever touches a real database.
 """
 
 import logging
+import re
 import sqlite3
 from dataclasses import asdict, dataclass, field
 
 import sqlglot
 from sqlglot import exp
 
-from ..sandbox import authorizer, is_read, read_only_authorizer, time_limit
+from ..sandbox import MAX_DB_BYTES, MAX_VALUE_BYTES, Budget, authorizer, is_read, open_limited, time_limit
 from ..schema import split_statements
 
 # sqlglot warns when it falls back to a generic Command; here that only means "not a query".
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
-TIME_LIMIT_S = 2.0
+TIME_LIMIT_S = 2.0  # one request's SQL steps together: load the schema, list it, compile, run
 MAX_ROWS = 50
-MAX_VALUE_BYTES = 1_000_000  # longest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+MAX_RESULT_BYTES = 2_000_000  # a result's values together; the rows stop there (truncated)
+MAX_SQL_CHARS = 20_000  # longer SQL is refused before sqlglot or SQLite read it
 ROWID_NAMES = {"rowid", "oid", "_rowid_"}
 
 # Never allowed, not even to compile or to load the schema: they touch files or process-wide settings.
 FORBIDDEN_ACTIONS = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
-SCHEMA_PRAGMAS = {"foreign_keys"}  # harmless and common at the top of schema dumps
+FORBIDDEN_FUNCTIONS = {"load_extension"}  # loads native code; refused, whatever the statement
+SCHEMA_PRAGMAS = {"foreign_keys", "data_version"}  # common at the top of schema dumps; fts5 reads data_version
+# Opcodes of a compiled program that change the database or the connection's transaction state:
+# what sqlite3_stmt_readonly() looks at (Python's sqlite3 does not expose it).
+WRITE_OPCODES = {"Vacuum", "JournalMode", "Checkpoint", "AutoCommit", "Savepoint"}
 
 
 class SchemaError(ValueError):
-    """A statement of the schema box that SQLite refused; `index` counts from 1."""
+    """A statement of the schema box that SQLite refused; `index` counts from 1 (0: the schema as a whole)."""
 
     def __init__(self, index: int, statement: str, error: str):
         self.index, self.statement, self.error = index, statement, error
         short = " ".join(statement.split())
         short = short if len(short) <= 80 else short[:77] + "..."
-        super().__init__(f"Schema statement {index} failed: {error} (in: {short})")
+        if index:
+            super().__init__(f"Schema statement {index} failed: {error} (in: {short})")
+        else:
+            super().__init__(f"The schema cannot be read: {error}" + (f" (in: {short})" if short else ""))
 
 
 @dataclass
@@ -50,59 +62,156 @@ class CheckResult:
     unknown_identifiers: list[str] = field(default_factory=list)
     rows: list[list] | None = None  # result on the example rows; None when not run
     columns: list[str] | None = None
-    writes_data: bool = False  # would change data: flagged and never run
+    writes_data: bool = False  # would change the database (or is no query): flagged and never run
     truncated: bool = False  # more rows than the cap
+    cut: bool = False  # the model stopped at max_new_tokens, before the statement's end
+    stopped: bool = False  # the user pressed Stop before the check finished
+    dropped_turns: int = 0  # earlier turns of the conversation left out of the prompt to fit its budget
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _schema_authorizer(action, arg1, arg2, db_name, trigger):
-    if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() in SCHEMA_PRAGMAS:
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY if action in FORBIDDEN_ACTIONS else sqlite3.SQLITE_OK
+def text_problem(text, what: str = "text") -> str | None:
+    """Why `text` cannot go to SQLite, the tokenizer or JSON (not a string, a NUL, a lone surrogate), or None."""
+    if not isinstance(text, str):
+        return f"The {what} must be text (a string), not {type(text).__name__}."
+    if "\x00" in text:
+        return f"The {what} contains a NUL character (\\x00) at position {text.index(chr(0)) + 1}; remove it."
+    bad = re.search("[\ud800-\udfff]", text)
+    if bad:
+        return (f"The {what} contains an invalid character (a lone surrogate, U+{ord(bad.group()):04X}) at "
+                f"position {bad.start() + 1}; remove it or paste the text again.")
+    return None
 
 
-def _interrupted(error: sqlite3.Error) -> bool:
+def _interrupted(error: BaseException) -> bool:
     return "interrupted" in str(error).lower()
 
 
-def load_schema(schema: str, seconds: float = TIME_LIMIT_S) -> sqlite3.Connection:
-    """A fresh in-memory database holding the schema (and its INSERT rows). Raises SchemaError."""
-    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+def _sqlite_message(error: BaseException, budget: Budget) -> str:
+    """SQLite's error in words a user can act on."""
+    if isinstance(error, MemoryError):
+        return "ran out of memory (the sandbox's memory budget); make the data or the query smaller"
+    if _interrupted(error):
+        return "stopped" if budget.stopped() else f"stopped after {budget.seconds:g} s (time limit)"
+    text = str(error)
+    if "database or disk is full" in text:
+        return f"the data exceeds the sandbox's {MAX_DB_BYTES // 2**20} MB; use fewer or smaller example rows"
+    if "string or blob too big" in text:
+        return f"a value exceeds {MAX_VALUE_BYTES:,} bytes (the sandbox's limit)"
+    return text
+
+
+def _run_authorizer(action, arg1, arg2, db_name, trigger):
+    """Reads only. A PRAGMA action here comes from a pragma table-valued function (pragma_table_info),
+    which SQLite provides only for pragmas without side effects: PRAGMA statements are refused
+    when compiled, before anything runs."""
+    if _refused(action, arg1, arg2) and action != sqlite3.SQLITE_PRAGMA:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK if is_read(action, arg1) or action == sqlite3.SQLITE_PRAGMA else sqlite3.SQLITE_DENY
+
+
+def _schema_authorizer(refusals: list[str]):
+    """Anything a schema does, but ATTACH, DETACH, load_extension() and PRAGMAs (but foreign_keys);
+    what it refused goes into `refusals`, for the message."""
+
+    def check(action, arg1, arg2, db_name, trigger):
+        if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() in SCHEMA_PRAGMAS:
+            return sqlite3.SQLITE_OK
+        refusal = _refused(action, arg1, arg2)
+        if refusal:
+            refusals.append(refusal.replace("; nothing was run.", " in the schema."))
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    return check
+
+
+def load_schema(schema: str, seconds: "float | Budget" = TIME_LIMIT_S) -> sqlite3.Connection:
+    """A fresh, limited in-memory database holding the schema (and its INSERT rows), then made
+    read-only (PRAGMA query_only). Raises SchemaError."""
+    budget = seconds if isinstance(seconds, Budget) else Budget(seconds)
+    problem = text_problem(schema, "schema")
+    if problem:
+        raise SchemaError(0, "", problem)
     statements = split_statements(schema or "")
+    conn, refusals = open_limited(), []
     try:
-        with authorizer(conn, _schema_authorizer), time_limit(conn, seconds):
+        with authorizer(conn, _schema_authorizer(refusals)), time_limit(conn, budget):
             for index, statement in enumerate(statements, start=1):
                 try:
                     conn.execute(statement)
-                except sqlite3.Error as error:
-                    message = f"stopped after {seconds:g} s (time limit)" if _interrupted(error) else str(error)
+                except (sqlite3.Error, MemoryError) as error:
+                    message = refusals[-1] if refusals else _sqlite_message(error, budget)
                     raise SchemaError(index, statement, message) from None
-                except ValueError as error:  # e.g. a NUL character
-                    raise SchemaError(index, statement, str(error)) from None
-    except SchemaError:
+        conn.execute("PRAGMA query_only = ON")
+    except BaseException:
         conn.close()
         raise
     return conn
 
 
-def schema_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:
-    """Table (and view) name -> column names, as SQLite sees them."""
-    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') ORDER BY rowid")]
-    return {name: [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (name,))] for name in names}
+def schema_tables(conn: sqlite3.Connection, seconds: "float | Budget" = TIME_LIMIT_S) -> dict[str, list[str]]:
+    """Table (and view) name -> column names, as SQLite sees them. Listing a view compiles it, so
+    it runs under the time limit too; a view SQLite cannot compile raises SchemaError."""
+    budget = seconds if isinstance(seconds, Budget) else Budget(seconds)
+    tables = {}
+    with authorizer(conn, _run_authorizer), time_limit(conn, budget):
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') ORDER BY rowid")]
+        for name in names:
+            try:
+                tables[name] = [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (name,))]
+            except (sqlite3.Error, MemoryError) as error:
+                raise SchemaError(0, "", f"`{name}`: {_sqlite_message(error, budget)}") from None
+    return tables
 
 
-def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
-    return {name: conn.execute(f'SELECT count(*) FROM "{name.replace(chr(34), chr(34) * 2)}"').fetchone()[0] for name in names}
+def row_counts(conn: sqlite3.Connection, seconds: "float | Budget" = TIME_LIMIT_S) -> dict[str, int]:
+    budget = seconds if isinstance(seconds, Budget) else Budget(seconds)
+    with time_limit(conn, budget):
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
+        try:
+            return {name: conn.execute(f'SELECT count(*) FROM "{name.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+                    for name in names}
+        except (sqlite3.Error, MemoryError) as error:
+            raise SchemaError(0, "", _sqlite_message(error, budget)) from None
+
+
+@dataclass
+class Database:
+    """A schema loaded once for a request: the connection, its tables and rows, and the time budget
+    every later step on it spends. Close it when the request ends."""
+    conn: sqlite3.Connection
+    tables: dict[str, list[str]]
+    rows: int
+    budget: Budget
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(schema: str, seconds: "float | Budget" = TIME_LIMIT_S) -> Database:
+    """Load `schema` and list it, all under one budget. Raises SchemaError."""
+    budget = seconds if isinstance(seconds, Budget) else Budget(seconds)
+    conn = load_schema(schema, budget)
+    try:
+        return Database(conn, schema_tables(conn, budget), sum(row_counts(conn, budget).values()), budget)
+    except BaseException:
+        conn.close()
+        raise
+
+
+# What sqlglot raises on SQL it cannot read; RecursionError on deep nesting (60 parentheses).
+_SQLGLOT_ERRORS = (sqlglot.errors.ParseError, sqlglot.errors.TokenError, RecursionError)
 
 
 def parse(sql: str) -> exp.Expression | None:
+    if len(sql) > MAX_SQL_CHARS:
+        return None
     try:
         return sqlglot.parse_one(sql, read="sqlite")
-    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError):
+    except _SQLGLOT_ERRORS:
         return None
 
 
@@ -112,8 +221,9 @@ _WRITE_NODES = (exp.DML, exp.DDL, exp.Drop, exp.Alter, exp.TruncateTable, exp.An
 
 
 def statement_kind(sql: str) -> str | None:
-    """'SELECT' (any read-only query) or the kind of statement that changes something
-    ('UPDATE', 'DROP', 'PRAGMA', ...); None if sqlglot cannot parse it."""
+    """A name for the statement in messages: 'SELECT' (a query) or the kind of statement ('UPDATE',
+    'DROP', 'REINDEX', ...); None if sqlglot cannot parse it. Whether it writes is SQLite's call
+    (check_sql), not this one."""
     tree = parse(sql)
     if tree is None:
         return None
@@ -124,11 +234,6 @@ def statement_kind(sql: str) -> str | None:
     if isinstance(tree, _WRITE_NODES):
         return tree.key.upper()
     return None  # an expression, not a statement ("hello world" reads as a column alias)
-
-
-def writes_data(sql: str) -> bool:
-    kind = statement_kind(sql)
-    return kind is not None and kind != "SELECT"
 
 
 SQL_KEYWORDS = {"SELECT", "WITH", "VALUES", "INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER",
@@ -145,9 +250,11 @@ def looks_like_sql(text: str) -> bool:
 
 def format_sql(sql: str) -> str:
     """Pretty SQLite SQL; the input unchanged if sqlglot cannot read it."""
+    if len(sql) > MAX_SQL_CHARS:
+        return sql.strip()
     try:
         return sqlglot.transpile(sql, read="sqlite", write="sqlite", pretty=True)[0]
-    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, IndexError):
+    except (*_SQLGLOT_ERRORS, IndexError):
         return sql.strip()
 
 
@@ -158,6 +265,13 @@ def unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
     subquery aliases and their output columns, output-column aliases (ORDER BY n), rowid, and
     double-quoted names that are no column at all (SQLite then reads them as strings).
     """
+    try:
+        return _unknown_identifiers(sql, tables)
+    except RecursionError:  # a tree too deep to walk: SQLite's own error says enough
+        return []
+
+
+def _unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
     tree = parse(sql)
     if tree is None or not isinstance(tree, (exp.Query, exp.Values, exp.DML, exp.DDL, exp.Drop, exp.Alter)):
         return []  # not a statement that names tables and columns
@@ -218,72 +332,120 @@ def _jsonable(value):
     return value
 
 
-def _run(conn: sqlite3.Connection, sql: str, seconds: float, max_rows: int) -> tuple[list[str], list[list], bool]:
-    with authorizer(conn, read_only_authorizer), time_limit(conn, seconds):
+def _run(conn: sqlite3.Connection, sql: str, budget: Budget, max_rows: int) -> tuple[list[str], list[list], bool]:
+    """At most `max_rows` rows and MAX_RESULT_BYTES of values, read-only, within the budget."""
+    rows, size = [], 0
+    with authorizer(conn, _run_authorizer), time_limit(conn, budget):
         cursor = conn.execute(sql)
         columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(max_rows + 1)
-    return columns, [[_jsonable(v) for v in row] for row in rows[:max_rows]], len(rows) > max_rows
+        for row in cursor:
+            if len(rows) == max_rows:
+                return columns, rows, True
+            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+            if size > MAX_RESULT_BYTES:
+                return columns, rows, True
+            rows.append([_jsonable(v) for v in row])
+    return columns, rows, False
 
 
-def check_sql(sql: str, schema: str, seconds: float = TIME_LIMIT_S, max_rows: int = MAX_ROWS) -> CheckResult:
+def _refused(action: int, arg1, arg2) -> str | None:
+    """Why SQLite must refuse this action of user SQL, or None."""
+    if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() in FORBIDDEN_FUNCTIONS:
+        return f"{arg2}() is not allowed here; nothing was run."
+    if action in FORBIDDEN_ACTIONS:
+        name = {sqlite3.SQLITE_ATTACH: "ATTACH", sqlite3.SQLITE_DETACH: "DETACH"}.get(action, f"PRAGMA {arg1}")
+        return f"Not allowed here: {name} (PRAGMA, ATTACH and DETACH are refused); nothing was run."
+    return None
+
+
+def classify(conn: sqlite3.Connection, sql: str, budget: Budget) -> tuple[str | None, bool, bool]:
+    """Compile `sql` (EXPLAIN, never executed) and ask SQLite what it does:
+    (error or None, writes: it would change the database or the transaction state, query: it returns rows)."""
+    writes, refusals = False, []
+
+    def watch(action, arg1, arg2, db_name, trigger):
+        nonlocal writes
+        if not is_read(action, arg1):
+            writes = True
+        refusal = _refused(action, arg1, arg2)
+        if refusal:
+            refusals.append(refusal)
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    try:
+        with authorizer(conn, watch), time_limit(conn, budget):
+            program = conn.execute("EXPLAIN " + sql).fetchall()
+    except (sqlite3.Error, MemoryError) as error:
+        message = refusals[0] if refusals else _sqlite_message(error, budget)
+        return message, writes, False
+    opcodes = {(row[1], row[3]) for row in program}  # (opcode, p2)
+    writes = writes or any(op in WRITE_OPCODES or (op == "Transaction" and p2) for op, p2 in opcodes)
+    return None, writes, any(op == "ResultRow" for op, _ in opcodes)
+
+
+def check_sql(sql: str, schema: "str | Database", seconds: float = TIME_LIMIT_S, max_rows: int = MAX_ROWS) -> CheckResult:
     """Is `sql` valid for `schema`? Which names does it use that the schema lacks? If the schema
-    holds rows and `sql` only reads, what does it return (at most `max_rows` rows, `seconds`)?"""
-    sql = (sql or "").strip().rstrip(";").strip()
-    result = CheckResult(sql=sql)
+    holds rows and `sql` only reads, what does it return (at most `max_rows` rows)? `schema` is the
+    text, or a Database already open for this request (its budget then bounds the time; it stays open)."""
+    problem = text_problem(sql, "SQL")
+    result = CheckResult(sql=sql.strip().rstrip(";").strip() if not problem else (sql if isinstance(sql, str) else ""))
+    if problem:
+        result.error = problem
+        return result
+    sql = result.sql
     if not sql:
         result.error = "No SQL to check."
         return result
-    try:
-        conn = load_schema(schema, seconds)
-    except SchemaError as error:
-        result.error = str(error)
+    if len(sql) > MAX_SQL_CHARS:
+        result.error = f"The SQL is {len(sql):,} characters long; at most {MAX_SQL_CHARS:,} are checked."
         return result
-    try:
-        tables = schema_tables(conn)
-        result.unknown_identifiers = unknown_identifiers(sql, tables)
-        statements = split_statements(sql)
-        result.writes_data = any(writes_data(s) for s in statements)
-        if len(statements) > 1:
-            result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
-            return result
-
-        # Compile only: EXPLAIN never executes, so a write can be checked against the schema too.
-        denied: list[int] = []
-
-        def compile_authorizer(action, arg1, *args):
-            if not is_read(action, arg1):
-                denied.append(action)
-            return sqlite3.SQLITE_DENY if action in FORBIDDEN_ACTIONS else sqlite3.SQLITE_OK
-
+    if isinstance(schema, Database):
+        database = schema
+    else:
         try:
-            with authorizer(conn, compile_authorizer), time_limit(conn, seconds):
-                conn.execute("EXPLAIN " + sql).fetchall()
-        except (sqlite3.Error, ValueError) as error:
+            database = open_database(schema, seconds)
+        except SchemaError as error:
             result.error = str(error)
-            if "not authorized" in result.error:
-                result.error = "Not allowed here: PRAGMA, ATTACH and DETACH are refused; nothing was run."
-            result.writes_data = result.writes_data or bool(denied)
             return result
-        result.valid = True
-        if denied:  # SQLite saw more than reads, whatever sqlglot thought
-            result.writes_data = True
-        if result.writes_data:
-            result.error = "This statement would change the database, so it was not run."
-            return result
-
-        if sum(row_counts(conn).values()) == 0:
-            return result  # no example rows to run it on
-        try:
-            result.columns, result.rows, result.truncated = _run(conn, sql, seconds, max_rows)
-        except sqlite3.Error as error:
-            if _interrupted(error):
-                result.error = f"Stopped after {seconds:g} s: the query ran too long on the example rows."
-            elif "not authorized" in str(error):
-                result.writes_data = True
-                result.error = "This statement would change the database, so it was not run."
-            else:
-                result.error = str(error)
-        return result
+    try:
+        return _check(result, database, max_rows)
     finally:
-        conn.close()
+        if database is not schema:
+            database.close()
+
+
+def _check(result: CheckResult, database: Database, max_rows: int) -> CheckResult:
+    sql, conn, budget = result.sql, database.conn, database.budget
+    result.unknown_identifiers = unknown_identifiers(sql, database.tables)
+    statements = split_statements(sql)
+    if len(statements) > 1:
+        result.writes_data = any(classify(conn, s, budget)[1] for s in statements)
+        result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
+        return result
+
+    error, writes, query = classify(conn, sql, budget)
+    result.writes_data = writes
+    result.stopped = budget.stopped()
+    if error:
+        result.error = error
+        return result
+    result.valid = True
+    if writes or not query:  # only a statement that returns rows and does nothing but read is run
+        result.writes_data = True
+        result.error = "This statement would change the database, so it was not run."
+        return result
+    if database.rows == 0:
+        return result  # no example rows to run it on
+    try:
+        result.columns, result.rows, result.truncated = _run(conn, sql, budget, max_rows)
+    except (sqlite3.Error, MemoryError) as error:
+        result.stopped = budget.stopped()
+        if _interrupted(error) and not result.stopped:
+            result.error = f"Stopped after {budget.seconds:g} s: the query ran too long on the example rows."
+        elif "not authorized" in str(error):  # the second guard: SQLite saw more than reads
+            result.writes_data = True
+            result.error = "This statement would change the database, so it was not run."
+        else:
+            result.error = _sqlite_message(error, budget)
+    return result
