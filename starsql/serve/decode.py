@@ -5,8 +5,10 @@ A backend streams one prompt's answer and says how many requests it serves at on
     backend.stream(prompt, max_new_tokens, temperature) -> Iterator[str]   # the text so far, growing
     backend.concurrency -> int                                              # answers generated at once
 
-`GenerateBackend` is plain `generate()`: any model, any device, greedy or sampled. `build_backend` picks
-the app's backend; `starsql.serve.fast` holds the dedicated-GPU one and is imported only when chosen.
+A backend that cannot answer (an endpoint down, slow or refusing) raises `BackendError`, whose message is
+for the user. `GenerateBackend` is plain `generate()`: any model, any device, greedy or sampled.
+`build_backend` picks the app's backend; `starsql.serve.fast` (a dedicated GPU) and `starsql.serve.remote`
+(an OpenAI-compatible endpoint) are imported only when chosen.
 Prompts come from `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
@@ -20,6 +22,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..prompt import extract_sql, first_statement_end
 
 GENERATE_CONCURRENCY = 2  # generate() calls at once; more mostly split the same GPU between them
+
+
+class BackendError(RuntimeError):
+    """A backend could not answer; the message says why, in words for the user."""
 
 
 def statement_finished(text: str) -> bool:
