@@ -38,9 +38,7 @@ all of them off the trainer is TRL's own SFTTrainer.
 import sys
 
 try:
-    from starsql.train.data import DataArguments
-    from starsql.train.model import ModelArguments
-    from starsql.train.sft import RunArguments, TrainingConfig, run
+    from starsql.train.cli import main
 except ModuleNotFoundError as error:
     if error.name != "starsql" and not str(error.name).startswith("starsql."):
         raise
@@ -48,14 +46,6 @@ except ModuleNotFoundError as error:
         "train_sft.py needs the `starsql` package beside it. Run it from the repository root, or on HF Jobs "
         "mount it: hf jobs uv run -v ./starsql:/opt/starsql/starsql -e PYTHONPATH=/opt/starsql train_sft.py ..."
     )
-from trl import TrlParser
-
-
-def main(argv=None) -> int:
-    parser = TrlParser((RunArguments, TrainingConfig, ModelArguments, DataArguments))
-    run_args, training_args, model_args, data_args = parser.parse_args_and_config(argv)
-    return run(run_args, training_args, model_args, data_args)
-
 
 if __name__ == "__main__":
     sys.exit(main())

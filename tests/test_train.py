@@ -1,5 +1,6 @@
 """The tiny recipe end to end: trains, writes adapter + curves + card, resumes after SIGTERM."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -49,8 +50,25 @@ def run_tiny(out, *extra, env=None):
                             cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+FAKE_TOKEN = "hf_FakeTokenNeverOnDisk0123456789"
+# What every CPU run printed, each with a cause now fixed or a known harmless source silenced (sft, cli).
+NOISE = ("gemm_4bit_forward", "FutureWarning", "pin_memory", "non_blocking", "Repo card metadata block")
+
+
+def files_holding(folder, secret: str) -> list[str]:
+    """Every file under `folder` whose bytes hold `secret` (pickles included)."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def last_token_count(checkpoint) -> int:
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return [e["num_tokens"] for e in history if "num_tokens" in e][-1]
+
+
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_to_the_same_loss(tmp_path, tiny_model_path):
-    args = ["--max_steps", "60", "--save_steps", "10", "--eval_steps", "30", "--logging_steps", "5"]
+    # Also: the interrupted folder's README says the run is unfinished and how to resume; TRL's token count goes on
+    # from the checkpoint; a --hub_token is in no file, pickle, card or log; a CPU run prints none of NOISE.
+    args = ["--max_steps", "60", "--save_steps", "10", "--eval_steps", "30", "--logging_steps", "5", "--hub_token", FAKE_TOKEN]
     straight = run_tiny(tmp_path / "straight", *args)
     interrupted_dir = tmp_path / "interrupted"
     interrupted = run_tiny(interrupted_dir, *args)
@@ -63,24 +81,92 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     assert "Run the same command again to resume" in output and not (interrupted_dir / "run_summary.json").exists()
     stopped_at = max(int(p.name.split("-")[1]) for p in interrupted_dir.glob("checkpoint-*"))
     assert 10 <= stopped_at < 60
+    note = (interrupted_dir / "README.md").read_text()
+    assert "# Unfinished training run" in note and f"step {stopped_at} of 60" in note and "[None]" not in note
+    assert f"--output_dir {interrupted_dir}" in note and "--resume_from_checkpoint" in note and "<HUB_TOKEN>" in note
+    assert json.loads((interrupted_dir / f"checkpoint-{stopped_at}" / "num_tokens.json").read_text())["num_tokens"] > 0
 
     resumed = run_tiny(interrupted_dir, *args)
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0 and f"Resuming from {interrupted_dir}/checkpoint-{stopped_at}" in output, output[-3000:]
-    straight.communicate(timeout=300)
+    resumed_output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and f"Resuming from {interrupted_dir}/checkpoint-{stopped_at}" in resumed_output, resumed_output[-3000:]
+    straight_output, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0
     a = json.loads((tmp_path / "straight" / "run_summary.json").read_text())
     b = json.loads((interrupted_dir / "run_summary.json").read_text())
     assert abs(a["train_loss_final"] - b["train_loss_final"]) < 1e-3
     assert abs(a["eval_loss_final"] - b["eval_loss_final"]) < 1e-3
+    assert last_token_count(interrupted_dir / "checkpoint-60") == last_token_count(tmp_path / "straight" / "checkpoint-60")
+    assert "# Unfinished training run" not in (interrupted_dir / "README.md").read_text()
+
+    assert files_holding(tmp_path, FAKE_TOKEN) == []
+    for log in (output, resumed_output, straight_output):
+        assert FAKE_TOKEN not in log
+    assert [noise for noise in NOISE if noise in straight_output] == []
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
+SIGTERM_WHILE_PREPARING = """
+import os, signal, sys, train_sft
+from starsql.train import sft
+prepare = sft.prepare_datasets
+def preparing(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # a preempted job, while the data is prepared
+    return prepare(*args, **kwargs)
+sft.prepare_datasets = preparing
+sys.exit(train_sft.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_preparing_data_exits_143_and_says_so(tmp_path, tiny_model_path):
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_PREPARING, *TINY, "--output_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Stopped by signal 15 before training started" in done.stdout and "Run the same command again" in done.stdout
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mistake", ["unknown-key", "missing-file", "missing-tracker"])
+def test_a_config_mistake_is_one_line_that_says_what_to_fix(tmp_path, mistake):
+    # A mistake found before training: one line on stderr, exit code 2, before any data is prepared; with
+    # STARSQL_DEBUG=1 the traceback.
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name_or_path: tiny-starcoder2\nlearning_rat: 0.1\n")
-    result = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--config", str(bad)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "learning_rat" in result.stderr
+    args, expected = {
+        "unknown-key": (["--config", str(bad)], "learning_rat"),
+        "missing-file": ([*TINY[:2], "--dataset_name", "no-such-rows.jsonl"], "Dataset file not found: no-such-rows.jsonl"),
+        "missing-tracker": ([*TINY, "--report_to", "trackio,tensorboard"], "--report_to tensorboard needs its package"),
+    }[mistake]
+    if mistake == "missing-tracker" and any(importlib.util.find_spec(p) for p in ("tensorboard", "tensorboardX")):
+        pytest.skip("tensorboard is installed here")
+
+    def train(**env):
+        return subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *args, "--output_dir", str(tmp_path / "out")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))  # fmt: skip
+
+    result = train()
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "STARSQL_DEBUG=1" in lines[0], result.stderr[-3000:]
+    assert "Data:" not in result.stdout
+    if mistake != "unknown-key":
+        return
+    debug = train(STARSQL_DEBUG="1")
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr and expected in debug.stderr
+
+
+def test_trackio_and_wandb_record_the_run_offline_and_never_the_token(tmp_path, tiny_model_path):
+    # The trackers this ecosystem uses, both at once and offline: trackio's local database, W&B's offline run.
+    import sqlite3
+
+    env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
+    proc = run_tiny(tmp_path / "out", "--report_to", "trackio,wandb", "--project", "starsql-test", "--max_steps", "2",
+                    "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--hub_token", FAKE_TOKEN, env=env)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    with sqlite3.connect(tmp_path / "trackio" / "starsql-test.db") as db:
+        logged = [json.loads(row[0]) for row in db.execute("SELECT metrics FROM metrics")]
+    assert [entry["train/loss"] for entry in logged if "train/loss" in entry] and any("eval/loss" in e for e in logged)
+    assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files_holding(tmp_path, FAKE_TOKEN) == [] and FAKE_TOKEN not in output
 
 
 def test_eval_spider_puts_execution_accuracy_in_the_card(tmp_path, tiny_model_path, spider_dir):
@@ -463,9 +549,15 @@ def test_compiled_training_logs_its_metrics_as_training_ones_after_an_evaluation
     assert [e["num_tokens"] for e in training] == sorted({e["num_tokens"] for e in training})  # counted on, per step
 
 
-def test_batches_are_copied_to_the_gpu_without_waiting_unless_configured():
+def test_batches_are_copied_to_the_gpu_without_waiting_unless_configured(monkeypatch):
+    from starsql.train import sft
     from starsql.train.sft import TrainingConfig
 
+    monkeypatch.setattr(sft, "accelerator_available", lambda: False)  # a CPU: nothing to pin or copy without waiting
+    cpu = TrainingConfig(output_dir="x", report_to="none")
+    assert cpu.dataloader_pin_memory is False and not cpu.accelerator_config.non_blocking
+    monkeypatch.setattr(sft, "accelerator_available", lambda: True)
+    assert TrainingConfig(output_dir="x", report_to="none").dataloader_pin_memory is True
     assert TrainingConfig(output_dir="x", report_to="none").accelerator_config.non_blocking is True
     chosen = TrainingConfig(output_dir="x", report_to="none", accelerator_config={"non_blocking": False})
     assert chosen.accelerator_config.non_blocking is False

@@ -8,10 +8,15 @@ same way in fewer host-GPU syncs and kernels; with all of them off the trainer i
 
 import gc
 import json
+import logging
 import os
+import shlex
 import shutil
 import signal
+import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +34,16 @@ from .plots import plot_training_curves
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect
 
 
+def accelerator_available() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 @dataclass
 class TrainingConfig(SFTConfig):
     """TRL's SFTConfig with the original recipe as defaults (all overridable), and the speed switches of
-    starsql.train.speed: sync_free_step, fused_lora, compile_regions. The batch's copies to the GPU do not wait
-    (accelerator_config non_blocking, unless the config gives its own value)."""
+    starsql.train.speed: sync_free_step, fused_lora, compile_regions. With an accelerator, the batch's copies to it
+    do not wait (accelerator_config non_blocking, unless the config gives its own value); without one, the
+    dataloader pins no memory."""
 
     output_dir: str | None = field(default="starcoder2-3b-sql")
     learning_rate: float = field(default=2e-4)
@@ -54,6 +64,16 @@ class TrainingConfig(SFTConfig):
     save_steps: float = field(default=100)
     save_total_limit: int | None = field(default=2)
     report_to: None | str | list[str] = field(default="none")
+    # transformers 5 renamed gradient checkpointing to activation checkpointing and warns on the old name, which TRL's
+    # SFTConfig sets by default (True); TRL's default, under the new name, so only a config that uses the old one warns.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default: true). "
+                          "Replaces gradient_checkpointing."},
+    )  # fmt: skip
     # DDP (`accelerate launch`): every LoRA weight gets a gradient at every step, so skip DDP's
     # per-step search for unused parameters.
     ddp_find_unused_parameters: bool | None = field(default=False)
@@ -90,7 +110,13 @@ class TrainingConfig(SFTConfig):
             self.ddp_backend, self.use_cpu = "gloo", True
         if self.compile_regions:
             self.torch_compile = True
-        if self.accelerator_config is None or isinstance(self.accelerator_config, dict):
+        if isinstance(self.report_to, str) and "," in self.report_to:  # --report_to trackio,wandb
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
+        if not accelerator_available():
+            self.dataloader_pin_memory = False  # pinned memory only speeds copies to an accelerator (torch warns)
+        if accelerator_available() and (self.accelerator_config is None or isinstance(self.accelerator_config, dict)):
             # The batch's copies to the GPU from the dataloader's pinned memory without waiting for them: a copy
             # that waits is a host-GPU sync. A value the user gives wins.
             self.accelerator_config = {"non_blocking": True, **(self.accelerator_config or {})}
@@ -113,19 +139,62 @@ class RunArguments:
     eval_generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
 
 
+class ConfigError(ValueError):
+    """A mistake in the command line or config (or what it points at), found before training: the command-line
+    entry point reports it in one line that says what to fix."""
+
+
+class TrainingInterrupted(BaseException):
+    """A SIGTERM outside the training loop: while preparing data and the model, or while saving after it. A
+    BaseException, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int, phase: str):
+        super().__init__(signum, phase)
+        self.signum, self.phase = signum, phase
+
+
+@contextmanager
+def config_mistakes():
+    """Errors of the set-up (bad values, missing files, an unknown model or tracker, the Hub refusing) as
+    ConfigError, whose message says what to fix."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError, ImportError) as error:
+        raise ConfigError(str(error).strip() or type(error).__name__) from error
+
+
 class StopOnSignal(TrainerCallback):
-    """On SIGTERM (a preempted job, Ctrl-C in a scheduler) save a checkpoint, then stop cleanly."""
+    """SIGTERM (a preempted job, a scheduler's stop), for the whole run: inside the training loop it saves a
+    checkpoint at the end of the step and stops the loop cleanly; before the loop (data preparation, model loading)
+    or after it (saving, evaluating, pushing) it stops at once with TrainingInterrupted."""
 
     def __init__(self):
         self.received = None
+        self.phase = "preparing"  # -> "training" -> "finishing"
         self._previous = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM,):
-            self._previous[sig] = signal.signal(sig, self._handle)
+    @contextmanager
+    def installed(self):
+        try:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
 
     def _handle(self, signum, frame):
         self.received = signum
+        if self.phase != "training":
+            raise TrainingInterrupted(signum, self.phase)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.phase = "training"
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
@@ -133,8 +202,84 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.phase = "finishing"
+
+
+TOKEN_COUNT_FILE = "num_tokens.json"
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "<HUB_TOKEN>") if secret else text
+
+
+class KeepRunState(TrainerCallback):
+    """What Trainer's checkpoints leave out, kept beside them:
+    - TRL's count of the tokens trained on (logged as num_tokens) lives in the trainer, not in TrainerState, so a
+      resumed run would count from zero: saved in every checkpoint (TOKEN_COUNT_FILE) and restored on resume.
+    - TRL writes a placeholder model card to output_dir at every checkpoint; until the run's own card replaces it,
+      output_dir's README.md says the run is unfinished and how to resume it."""
+
+    def __init__(self, trainer, command: str):
+        self.trainer, self.command = trainer, command
+
+    def resume(self, checkpoint: str):
+        """Before training from `checkpoint`: TRL's token count as it was there."""
+        saved = Path(checkpoint) / TOKEN_COUNT_FILE
+        if saved.is_file():
+            self.trainer._total_train_tokens = json.loads(saved.read_text())["num_tokens"]
+            return
+        state = Path(checkpoint) / "trainer_state.json"  # a checkpoint from before: the last logged count
+        if state.is_file():
+            history = json.loads(state.read_text()).get("log_history", [])
+            counts = [entry["num_tokens"] for entry in history if "num_tokens" in entry]
+            if counts:
+                self.trainer._total_train_tokens = int(counts[-1])
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir() and hasattr(self.trainer, "_total_train_tokens"):
+            (checkpoint / TOKEN_COUNT_FILE).write_text(json.dumps({"num_tokens": int(self.trainer._total_train_tokens)}))
+        write_unfinished_card(Path(args.output_dir), state.global_step, state.max_steps, self.command)
+
+
+def write_unfinished_card(output_dir: Path, step: int, max_steps: int, command: str) -> Path:
+    card = output_dir / "README.md"
+    card.write_text(
+        "---\ntags:\n- unfinished-training-run\n---\n\n# Unfinished training run\n\n"
+        f"This folder holds the checkpoints of a training run that has not finished: step {step} of {max_steps}. "
+        "There is no trained model here yet; the model card replaces this note when the run completes.\n\n"
+        "To resume, run the same command again from the same working directory. It continues from the last "
+        f"`checkpoint-*` folder here (or name one with `--resume_from_checkpoint {output_dir}/checkpoint-{step}`):\n\n"
+        f"```bash\n{command}\n```\n"
+    )
+    return card
+
+
+def check_trackers(report_to) -> None:
+    """Every tracker in --report_to is one transformers knows and is installed: a missing one fails here, before
+    the data is prepared, instead of when the trainer is built."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"--report_to {name}: unknown tracker; use one of {', '.join(INTEGRATION_TO_CALLBACK)} or none.")
+        try:
+            INTEGRATION_TO_CALLBACK[name]()  # each integration's callback checks its package when built
+        except (RuntimeError, ImportError) as error:
+            raise ConfigError(f"--report_to {name} needs its package, which is not installed: {error}") from error
+
+
+def command_line() -> str:
+    """The command that started this process, to repeat to resume (the token already taken out of sys.argv)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(".py"):
+        return shlex.join(["python", os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0], *argv[1:]])
+    return shlex.join([Path(sys.executable).name, *argv])
 
 
 def trainer_class(training_args: TrainingConfig) -> type[SFTTrainer]:
@@ -158,7 +303,7 @@ def used_hyperparameters(training_args: TrainingConfig, model_args: ModelArgumen
         "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
         "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim", "adam_beta1", "adam_beta2",
         "adam_epsilon", "weight_decay", "seed", "max_length", "packing", "packing_strategy", "bf16", "fp16",
-        "gradient_checkpointing", "compile_regions", "fused_lora", "sync_free_step",
+        "activation_checkpointing", "compile_regions", "fused_lora", "sync_free_step",
     ]  # fmt: skip
     used = {key: getattr(training_args, key) for key in keys}
     used["optim"] = str(used["optim"]).split(".")[-1].lower()
@@ -204,40 +349,64 @@ def add_spider_evaluation(info: CardInfo, run_args: RunArguments, model_args: Mo
 
 
 def run(run_args: RunArguments, training_args: TrainingConfig, model_args: ModelArguments, data_args: DataArguments):
-    """Train, then write adapter + tokenizer + curves + card to output_dir, then push. Returns an exit code."""
+    """Train, then write adapter + tokenizer + curves + card to output_dir, then push. Returns an exit code:
+    0, or EXIT_INTERRUPTED after a SIGTERM. A mistake in the set-up raises ConfigError before training starts."""
+    # The token is used here and never stored: Trainer pickles its arguments (training_args.bin) into output_dir
+    # and every checkpoint, and trackers record them.
+    token, training_args.hub_token = training_args.hub_token, None
+    stop = StopOnSignal()
+    with stop.installed():
+        try:
+            return _run(run_args, training_args, model_args, data_args, stop, token)
+        except TrainingInterrupted as interrupted:
+            if interrupted.phase == "preparing":
+                print(f"Stopped by signal {interrupted.signum} before training started (while preparing the data "
+                      "or the model); nothing was trained or pushed. Run the same command again to start.", flush=True)
+            else:
+                print(f"Stopped by signal {interrupted.signum} after training, while saving; the last checkpoint is "
+                      f"in {training_args.output_dir}. Run the same command again to finish. Nothing was pushed.",
+                      flush=True)  # fmt: skip
+            return EXIT_INTERRUPTED
+
+
+def _run(run_args, training_args, model_args, data_args, stop: StopOnSignal, token: str | None) -> int:
     push = training_args.push_to_hub
     training_args.push_to_hub = False  # one push, after success, with the card: never a half-trained upload
     repo_id = None
-    if push:
-        repo_id = preflight(training_args.hub_model_id, private=run_args.hub_private, token=training_args.hub_token)
-        print(f"Hub: will push to https://huggingface.co/{repo_id} after training.")
+    with config_mistakes():
+        check_trackers(training_args.report_to)
+        if push:
+            repo_id = preflight(training_args.hub_model_id, private=run_args.hub_private, token=token)
+            print(f"Hub: will push to https://huggingface.co/{repo_id} after training.")
 
-    # Tokenizer and data
-    tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset, report = prepare_datasets(data_args, tokenizer, training_args.max_length)
-    print(report.summary(), flush=True)
-    if eval_dataset is None:
-        training_args.eval_strategy = "no"
-    if data_args.dataset_format == "raw-sql" and training_args.packing_strategy == "bfd":
-        training_args.packing_strategy = "bfd_split"  # long SQL files are split across sequences, not cut
+        # Tokenizer and data
+        tokenizer = load_tokenizer(model_args)
+        train_dataset, eval_dataset, report = prepare_datasets(data_args, tokenizer, training_args.max_length)
+        print(report.summary(), flush=True)
+        if eval_dataset is None:
+            training_args.eval_strategy = "no"
+        if data_args.dataset_format == "raw-sql" and training_args.packing_strategy == "bfd":
+            training_args.packing_strategy = "bfd_split"  # long SQL files are split across sequences, not cut
 
-    # Model and trainer (PEFT wraps the model in the trainer: peft_config)
-    model = load_model(model_args)
-    stop = StopOnSignal()
-    trainer = trainer_class(training_args)(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args),
-        callbacks=[stop],
-    )
+        # Model and trainer (PEFT wraps the model in the trainer: peft_config)
+        model = load_model(model_args)
+        trainer = trainer_class(training_args)(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args),
+            callbacks=[stop],
+        )
+    run_state = KeepRunState(trainer, redact(command_line(), token))
+    trainer.add_callback(run_state)
 
     # Train
     resume = resume_checkpoint(training_args, run_args)
     if resume:
         print(f"Resuming from {resume}")
+        run_state.resume(resume)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     wall_time = time.time() - started
@@ -291,6 +460,6 @@ def run(run_args: RunArguments, training_args: TrainingConfig, model_args: Model
     card = write_model_card(output_dir, info)
     print(f"Saved {'adapter' if model_args.use_peft else 'model'}, tokenizer, {card.name} and curves to {output_dir}")
     if repo_id:
-        push_folder(output_dir, repo_id, token=training_args.hub_token)
+        push_folder(output_dir, repo_id, token=token)
         print(f"Pushed to https://huggingface.co/{repo_id}")
     return 0

@@ -256,6 +256,10 @@ class FastSFTTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         self._pending.clear()
 
+    def _save_checkpoint(self, model, trial):
+        self._flush_metrics()  # the token count a checkpoint keeps (sft.KeepRunState) includes every step before it
+        return super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self._flush_metrics()
         super().log(logs, start_time)
