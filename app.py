@@ -19,34 +19,43 @@ except ImportError:
     spaces = None
 
 import argparse
+import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import gradio as gr
 import torch
 
-from starsql.serve.decode import build_backend
-from starsql.serve.load import load_for_inference
-from starsql.prompt import build_prompt, extract_sql
+from starsql.prompt import build_prompt, extract_sql, fit_history
+from starsql.sandbox import Budget, limit_heap
 from starsql.schema import split_statements
 from starsql.serve.check import (
+    TIME_LIMIT_S,
     CheckResult,
     SchemaError,
     check_sql,
     format_sql,
-    load_schema,
     looks_like_sql,
-    row_counts,
-    schema_tables,
+    open_database,
     statement_kind,
+    text_problem,
 )
+from starsql.serve.decode import build_backend, statement_finished
+from starsql.serve.load import load_for_inference
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
 MAX_QUESTION_CHARS = 1_000
 MAX_SCHEMA_CHARS = 20_000
 DEFAULT_NEW_TOKENS = 256
 MAX_NEW_TOKENS = 512
+MAX_TEMPERATURE = 2.0
+MAX_HISTORY_TOKENS = 1_024  # earlier turns in the prompt; older ones are dropped first, and the user told
+# SQLite's memory in the app's process, all sandboxes together (at most QUEUE concurrency + 1 at once).
+SQLITE_HARD_HEAP_BYTES = 128 * 2**20
+SQLITE_SOFT_HEAP_BYTES = 48 * 2**20
 SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to starsql.serve.check.MAX_ROWS
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
@@ -147,53 +156,118 @@ def schema_for_prompt(schema: str) -> str:
     return "\n".join(s for s in split_statements(schema) if s.lstrip().upper().startswith("CREATE"))
 
 
-def input_problem(question: str, schema: str) -> str | None:
-    """What is wrong with the input, in words, or None if it is fine."""
-    if not (question or "").strip():
+def input_problem(question, schema) -> str | None:
+    """What is wrong with the question or the schema, in words, or None if they are fine to load."""
+    if isinstance(question, str) and not question.strip():
         return "Please type a question about the database."
+    problem = text_problem(question, "question")
+    if problem:
+        return problem
     if len(question) > MAX_QUESTION_CHARS:
         return f"The question is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,} are allowed."
-    if not (schema or "").strip():
+    if isinstance(schema, str) and not schema.strip():
         return "Please put the database schema (CREATE TABLE statements) in the schema box."
+    problem = text_problem(schema, "schema")
+    if problem:
+        return problem
     if len(schema) > MAX_SCHEMA_CHARS:
         return f"The schema is {len(schema):,} characters long; at most {MAX_SCHEMA_CHARS:,} are allowed."
-    try:
-        conn = load_schema(schema)
-    except SchemaError as error:
-        return f"The schema does not load. {error}"
-    try:
-        if not schema_tables(conn):
-            return "The schema has no tables: add CREATE TABLE statements."
-    finally:
-        conn.close()
     return None
 
 
+def history_problem(history) -> str | None:
+    """What is wrong with `history` (earlier [question, sql] pairs), or None."""
+    example = '[["How many singers?", "SELECT count(*) FROM singer"]]'
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+    ):
+        return f"`history` must be a list of [question, sql] pairs: {example}."
+    for number, turn in enumerate(history, start=1):
+        for text, what in zip(turn, ("question", "SQL")):
+            problem = text_problem(text, f"{what} of history turn {number}")
+            if problem:
+                return problem
+    return None
+
+
+def _number(value, integer: bool) -> float | None:
+    """A finite number (a whole one if `integer`), or None. Booleans and strings are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    if integer and value != int(value):
+        return None
+    return int(value) if integer else float(value)
+
+
+def settings_problem(max_new_tokens, temperature) -> str | None:
+    tokens = _number(max_new_tokens, integer=True)
+    if tokens is None or not 1 <= tokens <= MAX_NEW_TOKENS:
+        return f"`max_new_tokens` must be a whole number from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}."
+    heat = _number(temperature, integer=False)
+    if heat is None or not 0 <= heat <= MAX_TEMPERATURE:
+        return f"`temperature` must be a number from 0 (greedy) to {MAX_TEMPERATURE:g}; got {temperature!r}."
+    return None
+
+
+def count_tokens(text: str) -> int:
+    return len(TOKENIZER(text, add_special_tokens=False)["input_ids"])
+
+
 def answer(question: str, schema: str, history: list[tuple[str, str]] | None = None,
-           max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0) -> Iterator[tuple[str, CheckResult | None]]:
+           max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0,
+           stop: threading.Event | None = None) -> Iterator[tuple[str, CheckResult | None]]:
     """Stream (SQL so far, None) while the model writes, then (final SQL, its check).
 
-    Bad input or output ends in a CheckResult whose `error` says what went wrong."""
-    problem = input_problem(question, schema)
+    Bad input or output ends in a CheckResult whose `error` says what went wrong. The schema is
+    loaded once, before the model writes; loading, listing and checking share TIME_LIMIT_S. Setting
+    `stop` ends the answer within a token (or a SQLite progress step), with `stopped` set."""
+    problem = (input_problem(question, schema) or history_problem(history or [])
+               or settings_problem(max_new_tokens, temperature))
     if problem:
         yield "", CheckResult(sql="", error=problem)
         return
-    prompt = build_prompt(schema_for_prompt(schema), question, history)
-    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
-    temperature = max(0.0, min(float(temperature), 2.0))
-    text = ""
-    for text in generate(prompt, max_new_tokens, temperature):
-        yield extract_sql(text), None
-    raw = extract_sql(text)
-    if not looks_like_sql(raw):
-        yield raw, CheckResult(sql=raw, error="The model did not produce SQL. Try rephrasing the question, "
-                                              "or name the tables and columns you mean.")
+    stopped = stop.is_set if stop is not None else (lambda: False)
+    try:
+        database = open_database(schema, Budget(TIME_LIMIT_S, cancelled=stopped))
+    except SchemaError as error:
+        yield "", CheckResult(sql="", error=f"The schema does not load. {error}", stopped=stopped())
         return
-    pretty = format_sql(raw)
-    check = check_sql(pretty, schema)
-    if not check.valid and pretty != raw:  # sqlglot's rewrite must never be what breaks it
-        check = check_sql(raw, schema)
-    yield check.sql, check
+    try:
+        if not database.tables:
+            yield "", CheckResult(sql="", error="The schema has no tables: add CREATE TABLE statements.")
+            return
+        history, dropped = fit_history(history, count_tokens, MAX_HISTORY_TOKENS)
+        prompt = build_prompt(schema_for_prompt(schema), question, history)
+        text = ""
+        stream = generate(prompt, int(max_new_tokens), float(temperature))
+        try:
+            for piece in stream:
+                if stopped():
+                    break  # what was shown last stays the answer
+                text = piece
+                yield extract_sql(text), None
+        finally:
+            getattr(stream, "close", lambda: None)()  # ends generate() too, not just the stream
+        raw = extract_sql(text)
+        if stopped():
+            yield raw, CheckResult(sql=raw, error="Stopped.", stopped=True, dropped_turns=dropped)
+            return
+        cut = not statement_finished(text) and count_tokens(text) >= max_new_tokens
+        problem = text_problem(raw, "model's answer")
+        if problem or not looks_like_sql(raw):
+            error = (f"{problem} Ask again." if problem else
+                     "The model did not produce SQL. Try rephrasing the question, or name the tables and columns you mean.")
+            shown = raw.replace("\x00", "\\x00") if problem and "\x00" in raw else ("" if problem else raw)
+            yield shown, CheckResult(sql=shown, error=error, cut=cut, dropped_turns=dropped)
+            return
+        pretty = format_sql(raw)
+        check = check_sql(pretty, database)
+        if not check.valid and pretty != raw and not check.stopped:  # sqlglot's rewrite must never be what breaks it
+            check = check_sql(raw, database)
+        check.cut, check.dropped_turns = cut, dropped
+        yield check.sql, check
+    finally:
+        database.close()
 
 
 def markdown_table(columns: list[str], rows: list[list], limit: int = SHOWN_ROWS) -> str:
@@ -205,19 +279,34 @@ def markdown_table(columns: list[str], rows: list[list], limit: int = SHOWN_ROWS
     return "\n".join(lines)
 
 
+def notes_markdown(check: CheckResult) -> list[str]:
+    """What the user should know about how the answer was made: cut short, history shortened."""
+    notes = []
+    if check.cut:
+        notes.append("✂ **Cut short:** the model reached *Max new tokens* before the statement's end, "
+                     "so the SQL may be incomplete. Raise *Max new tokens* and ask again.")
+    if check.dropped_turns:
+        turns = f"{check.dropped_turns} earlier turn{'s' if check.dropped_turns != 1 else ''}"
+        notes.append(f"_The conversation is long: the model saw the latest turns only ({turns} left out, "
+                     f"a {MAX_HISTORY_TOKENS:,}-token budget). Press Clear to start afresh._")
+    return notes
+
+
 def reply_markdown(sql: str, check: CheckResult | None) -> str:
     """The assistant's message: the SQL in a ```sql block, then the verdict and any result."""
     if check is None:  # still writing
         return f"```sql\n{sql}\n```\n{WRITING}" if sql else WRITING
+    if check.stopped:  # the SQL as far as it got, and no verdict
+        return "\n\n".join([f"```sql\n{sql}\n```\n{STOPPED}" if sql else STOPPED, *notes_markdown(check)])
     if not check.sql:  # bad input: nothing was generated
-        return f"⚠ {check.error}"
+        return "\n\n".join([f"⚠ {check.error}", *notes_markdown(check)])
     if not looks_like_sql(check.sql) and check.error:
         shown = check.sql if len(check.sql) <= 300 else check.sql[:300] + "…"
-        return f"{check.error}\n\nIt wrote: `{shown.replace('`', '')}`"
+        return "\n\n".join([f"{check.error}\n\nIt wrote: `{shown.replace('`', '')}`", *notes_markdown(check)])
     parts = [f"```sql\n{check.sql}\n```"]
     if check.writes_data and check.valid:
         kind = statement_kind(check.sql) or "this statement"
-        parts.append(f"⚠ **Changes data ({kind}).** Valid for this schema, but not run. "
+        parts.append(f"⚠ **Changes the database ({kind}).** Valid for this schema, but not run. "
                      "Review it before running it on a real database.")
     elif not check.valid:
         parts.append(f"✗ **Not valid for this schema:** {check.error}")
@@ -234,24 +323,25 @@ def reply_markdown(sql: str, check: CheckResult | None) -> str:
             parts.append(f"Result on the example rows ({count}):\n\n" + markdown_table(check.columns, check.rows))
             if len(check.rows) > SHOWN_ROWS:
                 parts.append(f"_…first {SHOWN_ROWS} shown._")
-    return "\n\n".join(parts)
+    return "\n\n".join(parts + notes_markdown(check))
 
 
 def sql_api(question: str, schema: str = CONCERT_DB) -> dict:
     """SQL for `question` on `schema`, greedy, checked: {sql, valid, error, unknown_identifiers,
-    rows, columns, writes_data, truncated}. `rows` holds the result on the schema's INSERT rows."""
+    rows, columns, writes_data, truncated, cut, ...}. `rows` holds the result on the schema's INSERT
+    rows; `cut` is true when the model stopped at its token limit before the statement's end."""
     *_, (_, check) = answer(question, schema)  # the last item holds the check
     return check.to_dict()
 
 
 def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | None = None,
              max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0) -> Iterator[str]:
-    """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql] pairs."""
-    history = history or []
-    if not isinstance(history, list) or not all(
-        isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
-    ):
-        yield '⚠ `history` must be a list of [question, sql] pairs: [["How many singers?", "SELECT count(*) FROM singer"]].'
+    """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql]
+    pairs; the latest that fit MAX_HISTORY_TOKENS go into the prompt, and the reply says if any did not."""
+    history = [] if history is None else history
+    problem = history_problem(history)
+    if problem:
+        yield f"⚠ {problem}"
         return
     for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature):
         yield reply_markdown(sql, check)
@@ -276,54 +366,79 @@ def history_pairs(messages: list[dict]) -> list[tuple[str, str]]:
         text = message_text(message.get("content"))
         if message.get("role") == "user":
             question = text
-        elif question is not None and not text.endswith((WRITING, STOPPED)) and (block := _SQL_BLOCK.search(text)):
+        elif question is not None and WRITING not in text and STOPPED not in text and (block := _SQL_BLOCK.search(text)):
             pairs.append((question, block.group(1)))
             question = None
     return pairs
 
 
+# Stop: each browser session's current answer has an Event that the Stop button sets; the answer
+# checks it between tokens (and SQLite between steps) and ends with its own "Stopped" message, so
+# what the chat shows last always comes from the answer itself.
+_STOP_EVENTS: "OrderedDict[str, threading.Event]" = OrderedDict()
+_STOP_LOCK = threading.Lock()
+MAX_SESSIONS = 10_000  # sessions remembered; the oldest are forgotten first
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def start_turn(request: gr.Request | None) -> threading.Event:
+    """A new answer for this session: a fresh Stop event (an older answer of the session is stopped)."""
+    with _STOP_LOCK:
+        old = _STOP_EVENTS.pop(_session(request), None)
+        if old is not None:
+            old.set()
+        event = _STOP_EVENTS[_session(request)] = threading.Event()
+        while len(_STOP_EVENTS) > MAX_SESSIONS:
+            _STOP_EVENTS.popitem(last=False)
+    return event
+
+
+def request_stop(request: gr.Request) -> None:
+    """The Stop button: the session's current answer ends within a token."""
+    with _STOP_LOCK:
+        event = _STOP_EVENTS.get(_session(request))
+    if event is not None:
+        event.set()
+
+
 def respond(question: str, messages: list[dict], schema: str, max_new_tokens: int, decoding: str,
-            temperature: float) -> Iterator[list[dict]]:
+            temperature: float, request: gr.Request = None) -> Iterator[list[dict]]:
     """The chat: append the question, stream the answer into the last message."""
     messages = list(messages or [])
-    if not (question or "").strip():  # nothing to answer: a notice, and the chat stays as it was
+    if not isinstance(question, str) or not question.strip():  # nothing to answer: a notice, the chat unchanged
         gr.Warning(input_problem(question, schema))
         yield messages
         return
-    temperature = float(temperature) if decoding == "Sample" else 0.0
+    with _STOP_LOCK:
+        stop = _STOP_EVENTS.get(_session(request)) if request is not None else None
+    temperature = temperature if decoding == "Sample" else 0.0
     history = history_pairs(messages)
     messages.append({"role": "user", "content": question})
-    for sql, check in answer(question, schema, history, max_new_tokens, temperature):
+    for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop):
         yield messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
-
-
-def mark_stopped(messages: list[dict]) -> list[dict]:
-    """An answer cut short by Stop says so, instead of "Writing SQL…" for ever."""
-    if messages and messages[-1].get("role") == "assistant":
-        text = message_text(messages[-1].get("content"))
-        if text.endswith(WRITING):
-            messages[-1] = {**messages[-1], "content": text.removesuffix(WRITING) + STOPPED}
-    return messages
 
 
 def describe_schema(schema: str) -> str:
     """One line under the schema box: what loaded, or which statement failed."""
-    if len(schema or "") > MAX_SCHEMA_CHARS:
+    if isinstance(schema, str) and len(schema) > MAX_SCHEMA_CHARS:
         return f"⚠ {len(schema):,} characters; at most {MAX_SCHEMA_CHARS:,} are allowed."
+    problem = text_problem(schema, "schema")
+    if problem:
+        return f"⚠ {problem}"
     try:
-        conn = load_schema(schema or "")
+        database = open_database(schema)
     except SchemaError as error:
         return f"⚠ {error}"
-    try:
-        tables, counts = schema_tables(conn), row_counts(conn)
-    finally:
-        conn.close()
-    if not tables:
+    database.close()
+    if not database.tables:
         return "⚠ No tables yet: add CREATE TABLE statements."
-    rows = sum(counts.values())
-    names = ", ".join(f"`{name}`" for name in tables)
-    data = f"{rows} example rows: valid queries are run on them" if rows else "no rows: add INSERTs to see results"
-    return f"✓ {len(tables)} table{'s' if len(tables) != 1 else ''} ({names}); {data}."
+    names = ", ".join(f"`{name}`" for name in database.tables)
+    data = (f"{database.rows} example rows: valid queries are run on them" if database.rows
+            else "no rows: add INSERTs to see results")
+    return f"✓ {len(database.tables)} table{'s' if len(database.tables) != 1 else ''} ({names}); {data}."
 
 
 def about_markdown() -> str:
@@ -392,20 +507,27 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
     run = dict(fn=respond, inputs=[pending, chat, schema, max_new_tokens, decoding, temperature], outputs=chat,
                concurrency_id="model", api_visibility="undocumented")
 
-    def take_question(text: str) -> tuple[str, str]:
-        return "", text
+    def take_question(text: str, request: gr.Request) -> tuple:
+        """Move the question out of the box and lock Ask and the box until the answer is written."""
+        start_turn(request)
+        return gr.update(value="", interactive=False), text, gr.update(interactive=False)
 
-    take = dict(fn=take_question, inputs=question, outputs=[question, pending], queue=False, api_visibility="undocumented")
-    submitted = question.submit(**take).then(**run)
-    clicked = ask.click(**take).then(**run)
+    def unlock() -> tuple:
+        return gr.update(interactive=True), gr.update(interactive=True)
+
+    take = dict(fn=take_question, inputs=question, outputs=[question, pending, ask], queue=False,
+                api_visibility="undocumented")
+    done = dict(fn=unlock, outputs=[ask, question], queue=False, api_visibility="undocumented")
+    question.submit(**take).then(**run).then(**done)
+    ask.click(**take).then(**run).then(**done)
     # An example starts a new conversation: its database may not be the one the chat was about.
-    example_run = examples.load_input_event.then(lambda: [], None, chat, queue=False).then(**take).then(**run)
-    stop.click(mark_stopped, chat, chat, cancels=[submitted, clicked, example_run], queue=False,
-               api_visibility="undocumented")
+    examples.load_input_event.then(lambda: [], None, chat, queue=False).then(**take).then(**run).then(**done)
+    stop.click(request_stop, None, None, queue=False, api_visibility="undocumented")
     decoding.change(lambda mode: gr.update(interactive=mode == "Sample"), decoding, temperature, queue=False,
                     api_visibility="undocumented")
-    schema.change(describe_schema, schema, schema_status, queue=False, show_progress="hidden",
-                  api_visibility="undocumented")
+    # Loading a schema runs user SQL: queued, one at a time, like the answers.
+    schema.change(describe_schema, schema, schema_status, show_progress="hidden", concurrency_id="schema",
+                  concurrency_limit=1, trigger_mode="always_last", api_visibility="undocumented")
 
     gr.api(sql_api, api_name="sql", concurrency_id="model")
     gr.api(chat_api, api_name="chat", concurrency_id="model")
@@ -413,5 +535,7 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
 demo.queue(default_concurrency_limit=BACKEND.concurrency, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
+    # The served process caps SQLite's memory (process-wide; `import app` in tests leaves it alone).
+    limit_heap(SQLITE_HARD_HEAP_BYTES, SQLITE_SOFT_HEAP_BYTES)
     # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).
     demo.launch(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)

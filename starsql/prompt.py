@@ -27,6 +27,22 @@ def build_prompt(schema: str, question: str, history: list[tuple[str, str]] | No
     return PROMPT_TEMPLATE.format(schema=normalize_schema(schema), history=turns, question=_one_line(question))
 
 
+def fit_history(history: list[tuple[str, str]] | None, count_tokens, max_tokens: int) -> tuple[list[tuple[str, str]], int]:
+    """The latest turns whose rendered text (TURN_TEMPLATE) takes at most `max_tokens` tokens
+    together, in order, and how many older turns were dropped to fit. `count_tokens(text)` is the
+    model's tokenizer. A turn far longer than the budget is not even tokenized."""
+    kept, used = [], 0
+    for question, sql in reversed(history or []):
+        turn = TURN_TEMPLATE.format(question=_one_line(question), sql=format_completion(sql))
+        cost = count_tokens(turn) if len(turn) <= 32 * max_tokens else max_tokens + 1
+        if used + cost > max_tokens:
+            break
+        kept.append((question, sql))
+        used += cost
+    kept.reverse()
+    return kept, len(history or []) - len(kept)
+
+
 def format_completion(sql: str) -> str:
     """The training target: one statement ending in ';'. The trainer appends the tokenizer's EOS."""
     sql = " ".join(str(sql).split()).rstrip(";").strip()
@@ -63,6 +79,7 @@ def first_statement_end(text: str) -> int | None:
     """Index just past the ';' that ends the first complete statement (string literals may hold
     ';', and sqlite3 knows where a statement really ends), or None while it is unfinished."""
     position = text.find(";")
+    text = text.replace("\x00", " ")  # sqlite3 refuses NUL; a sampled answer may hold one
     while position != -1:
         if sqlite3.complete_statement(text[: position + 1]):
             return position + 1

@@ -39,3 +39,18 @@ def test_spider_schema_renders_every_table(spider_dir):
     concert = schemas["concert_singer"].splitlines()
     assert len(concert) == 4 and concert[1].startswith("CREATE TABLE singer (Singer_ID INTEGER, Name VARCHAR")
     assert '"Home Town" VARCHAR' in schemas["perpetrator"]
+
+
+def test_history_fits_its_token_budget_newest_first():
+    from starsql.prompt import fit_history
+
+    history = [(f"question {i}", f"SELECT {i}") for i in range(10)]
+    words = lambda text: len(text.split())  # noqa: E731 -- a stand-in tokenizer
+    kept, dropped = fit_history(history, words, max_tokens=20)
+    assert kept == history[-2:] and dropped == 8  # 8 words a turn: the newest two fit in 20
+    assert fit_history([("q" * 10_000, "SELECT 1")], lambda text: 1 / 0, max_tokens=10) == ([], 1)  # not even tokenized
+    assert fit_history(None, words, 20) == ([], 0)
+
+
+def test_extract_sql_takes_a_nul():
+    assert extract_sql("SELECT 'a\x00b'; SELECT 2") == "SELECT 'a\x00b'"
