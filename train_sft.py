@@ -12,6 +12,7 @@
 #     "sqlglot==30.30.0",
 #     "matplotlib>=3.8",
 #     "pyyaml>=6",
+#     "trackio==0.43.0",
 # ]
 #
 # [tool.hf-jobs]

@@ -205,7 +205,7 @@ class StopOnSignal(TrainerCallback):
         self.phase = "finishing"
 
 
-TOKEN_COUNT_FILE = "num_tokens.json"
+RUN_STATE_FILE = "run_state-{rank}.json"  # in each checkpoint, one per process
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -213,20 +213,30 @@ def redact(text: str, secret: str | None) -> str:
 
 
 class KeepRunState(TrainerCallback):
-    """What Trainer's checkpoints leave out, kept beside them:
-    - TRL's count of the tokens trained on (logged as num_tokens) lives in the trainer, not in TrainerState, so a
-      resumed run would count from zero: saved in every checkpoint (TOKEN_COUNT_FILE) and restored on resume.
-    - TRL writes a placeholder model card to output_dir at every checkpoint; until the run's own card replaces it,
-      output_dir's README.md says the run is unfinished and how to resume it."""
+    """What Trainer's checkpoints leave out, kept beside them (RUN_STATE_FILE), so a resumed run logs and computes
+    what the uninterrupted one did:
+    - TRL's count of the tokens trained on (logged as num_tokens) lives in the trainer, not in TrainerState: a
+      resumed run would count from zero.
+    - Trainer's loss summed since the last log, and that log's step: a resumed run's first logged loss would
+      average only the steps after the checkpoint.
+    - TRL trains a 4-bit base's LoRA weights in bf16, but resuming loads the adapter through PEFT, which upcasts it
+      to fp32 (and the optimizer's state with it when it is loaded): a resumed run would go on in another
+      precision, its losses parting from the uninterrupted run's from the first step. The trainable weights and
+      their optimizer state go back to the dtypes the trainer built them in (bf16 -> fp32 -> bf16 is exact).
+    And TRL writes a placeholder model card to output_dir at every checkpoint; until the run's own card replaces
+    it, output_dir's README.md says the run is unfinished and how to resume it."""
 
     def __init__(self, trainer, command: str):
         self.trainer, self.command = trainer, command
+        self.dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+        self.saved: dict = {}
 
     def resume(self, checkpoint: str):
-        """Before training from `checkpoint`: TRL's token count as it was there."""
-        saved = Path(checkpoint) / TOKEN_COUNT_FILE
+        """Before training from `checkpoint`: read what this process kept there; TRL's token count as it was."""
+        saved = Path(checkpoint) / RUN_STATE_FILE.format(rank=self.trainer.args.process_index)
         if saved.is_file():
-            self.trainer._total_train_tokens = json.loads(saved.read_text())["num_tokens"]
+            self.saved = json.loads(saved.read_text())
+            self.trainer._total_train_tokens = self.saved["num_tokens"]
             return
         state = Path(checkpoint) / "trainer_state.json"  # a checkpoint from before: the last logged count
         if state.is_file():
@@ -235,13 +245,32 @@ class KeepRunState(TrainerCallback):
             if counts:
                 self.trainer._total_train_tokens = int(counts[-1])
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        optimizer_state = getattr(getattr(optimizer, "optimizer", optimizer), "state", {})
+        for name, param in self.trainer.model.named_parameters():
+            dtype = self.dtypes.get(name)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            for key, value in optimizer_state.get(param, {}).items():  # Adam's moments, not its step count
+                if torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape:
+                    optimizer_state[param][key] = value.to(dtype)
+        trainer = self.trainer
+        if self.saved.get("step") == state.global_step and hasattr(trainer, "_tr_loss"):
+            # Trainer has just set these to zero and the resumed step; its train_loss then averages the same steps.
+            trainer._tr_loss.fill_(self.saved["loss_since_log"])
+            trainer._globalstep_last_logged = trainer._initial_global_step = self.saved["last_logged_step"]
+
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        trainer = self.trainer
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir() and hasattr(self.trainer, "_total_train_tokens"):
-            (checkpoint / TOKEN_COUNT_FILE).write_text(json.dumps({"num_tokens": int(self.trainer._total_train_tokens)}))
-        write_unfinished_card(Path(args.output_dir), state.global_step, state.max_steps, self.command)
+        if checkpoint.is_dir() and hasattr(trainer, "_total_train_tokens"):
+            kept = {"step": state.global_step, "num_tokens": int(trainer._total_train_tokens)}
+            if hasattr(trainer, "_tr_loss") and hasattr(trainer, "_globalstep_last_logged"):
+                kept |= {"loss_since_log": trainer._tr_loss.item(), "last_logged_step": trainer._globalstep_last_logged}
+            (checkpoint / RUN_STATE_FILE.format(rank=args.process_index)).write_text(json.dumps(kept))
+        if state.is_world_process_zero:
+            write_unfinished_card(Path(args.output_dir), state.global_step, state.max_steps, self.command)
 
 
 def write_unfinished_card(output_dir: Path, step: int, max_steps: int, command: str) -> Path:
@@ -380,7 +409,10 @@ def _run(run_args, training_args, model_args, data_args, stop: StopOnSignal, tok
             print(f"Hub: will push to https://huggingface.co/{repo_id} after training.")
 
         # Tokenizer and data
-        tokenizer = load_tokenizer(model_args)
+        try:
+            tokenizer = load_tokenizer(model_args)
+        except (OSError, ValueError) as error:  # neither a local folder nor a Hub model (or the Hub unreachable)
+            raise ConfigError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
         train_dataset, eval_dataset, report = prepare_datasets(data_args, tokenizer, training_args.max_length)
         print(report.summary(), flush=True)
         if eval_dataset is None:
