@@ -10,7 +10,7 @@ import pytest
 
 from starsql.evaluate import cli, metrics, report, score, spider
 from starsql.evaluate.cli import main
-from starsql.evaluate.metrics import execution_match, normalize_sql, order_matters
+from starsql.evaluate.metrics import execution_match, normalize_sql, order_matters, remove_distinct
 from starsql.evaluate.score import score_predictions, score_schema_only
 from starsql.evaluate.spider import (
     CorruptDatabaseError,
@@ -39,8 +39,8 @@ def database(tmp_path):
     return Database.open_read_only(path)
 
 
-def matches(database, gold, predicted, timeout=10.0):
-    return execution_match(database, gold, predicted, timeout=timeout)[0]
+def matches(database, gold, predicted, timeout=10.0, keep_distinct=False):
+    return execution_match(database, gold, predicted, timeout=timeout, keep_distinct=keep_distinct)[0]
 
 
 def test_row_order_counts_only_when_gold_orders(database):
@@ -53,9 +53,27 @@ def test_row_order_counts_only_when_gold_orders(database):
 
 
 def test_rows_are_bags_duplicates_count(database):
-    assert not matches(database, "SELECT kind FROM pet", "SELECT DISTINCT kind FROM pet")
+    assert not matches(database, "SELECT kind FROM pet", "SELECT DISTINCT kind FROM pet", keep_distinct=True)
+    assert not matches(database, "SELECT kind FROM pet", "SELECT kind FROM pet UNION ALL SELECT 'dog'")
     assert matches(database, "SELECT kind FROM pet", "SELECT kind FROM pet ORDER BY id DESC")
     assert not matches(database, "SELECT kind FROM pet WHERE id < 4", "SELECT kind FROM pet WHERE id > 1")  # same set, other bag
+
+
+def test_distinct_is_removed_from_both_queries_unless_kept(database):
+    # Only DISTINCT differs: gold gives dog, cat; the prediction dog, cat, dog, cat. The test-suite
+    # evaluator's default drops DISTINCT from both before running them: right; with keep_distinct: wrong.
+    assert matches(database, "SELECT DISTINCT kind FROM pet", "SELECT kind FROM pet")
+    assert not matches(database, "SELECT DISTINCT kind FROM pet", "SELECT kind FROM pet", keep_distinct=True)
+    assert matches(database, "SELECT kind FROM pet", "SELECT DISTINCT kind FROM pet")  # the other way round too
+    # Every DISTINCT keyword goes, as in the official evaluator: inside aggregates and subqueries too.
+    assert matches(database, "SELECT count(DISTINCT kind) FROM pet", "SELECT count(kind) FROM pet")
+    assert not matches(database, "SELECT count(DISTINCT kind) FROM pet", "SELECT count(kind) FROM pet", keep_distinct=True)
+    assert matches(database, "SELECT count(*) FROM (SELECT DISTINCT kind FROM pet)", "SELECT 4")
+    # Only the keyword: strings, quoted names and IS [NOT] DISTINCT FROM (a comparison) stay as written.
+    kept = """SELECT 'distinct', "distinct" FROM t WHERE a IS NOT DISTINCT FROM b"""
+    assert remove_distinct(kept) == kept
+    assert remove_distinct("select Distinct(kind) from pet").split() == ["select", "(kind)", "from", "pet"]
+    assert remove_distinct("SELECT 'unterminated") == "SELECT 'unterminated"  # cannot tokenize: unchanged
 
 
 def test_columns_may_come_in_any_order(database):
@@ -266,6 +284,8 @@ def test_cli_scores_gold_file_and_schema_only_file(spider_dir, tmp_path, capsys)
     assert json.loads((out / "report.json").read_text())["execution_accuracy"] == 1.0
     assert "EX on 972/1,034 (no wta_1)" in capsys.readouterr().out
 
+    assert json.loads((out / "report.json").read_text())["keep_distinct"] is False
+
     rows = tmp_path / "heldout.jsonl"
     rows.write_text(json.dumps({"question": "q", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT a FROM t"}) + "\n")
     predictions = tmp_path / "preds.sql"
@@ -273,6 +293,21 @@ def test_cli_scores_gold_file_and_schema_only_file(spider_dir, tmp_path, capsys)
     assert main(["--predictions", str(predictions), "--schema_only", str(rows), "--out", str(tmp_path / "s")]) == 0
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["exact_match"] == 1.0 and report["valid_sql_rate"] == 1.0
+    assert "keep_distinct" not in report  # nothing executed: no DISTINCT rule to state
+
+
+def test_cli_removes_distinct_by_default_and_keep_distinct_keeps_it(spider_dir, tmp_path):
+    # Dev questions 8 and 9 (SELECT DISTINCT country FROM singer WHERE age > 20): 3 countries, 6 without DISTINCT.
+    gold = gold_predictions(spider_dir)[:10]
+    predictions = tmp_path / "preds.sql"
+    predictions.write_text("".join(sql.replace("DISTINCT ", "") + "\n" for sql in gold))
+    assert sum("DISTINCT" in sql for sql in gold) == 2
+    for flags, right, rule in (([], 10, "DISTINCT removed"), (["--keep_distinct"], 8, "DISTINCT kept")):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["--predictions", str(predictions), "--spider", str(spider_dir), "--limit", "10", "--out", str(out), *flags]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["execution_accuracy"] * 10 == pytest.approx(right) and report["keep_distinct"] == bool(flags)
+        assert f"Execution match: {rule}" in (out / "report.md").read_text()  # the table the model card gets
 
 
 def test_schema_only_model_mode(tiny_model_path, tmp_path):

@@ -10,6 +10,10 @@ Predictions are Spider's official format: one SQL per line, in dev.json order; a
 Spider's shared dev copy lacks the `wta_1` database, so its 62 questions are skipped and the
 report says so: "EX on 972/1,034 (no wta_1)".
 
+Execution match removes DISTINCT from gold and predicted SQL before running them, as the
+test-suite evaluator does by default (published Spider execution accuracies use that default);
+--keep_distinct runs them as written. The report says which rule was used.
+
 Outputs in --out: report.json, report.md, accuracy_by_hardness.png, per_example.jsonl and, in
 model mode, preds.sql. With --compare each model's report.json / per_example.jsonl / preds.sql
 go to out/base/ and out/adapter/, and out/report.json maps "base" and "adapter" to their reports.
@@ -78,11 +82,13 @@ def evaluate_model(
     schema_only: str | Path | None = None,
     load_in_4bit: bool = False,
     skip_missing: bool = False,
+    keep_distinct: bool = False,
 ) -> dict[str, dict]:
     """Generate and score; returns {"base": report} / {"adapter": report} / both with compare=True.
 
     Evaluates on Spider dev (`spider_dir`) or a schema-only file (`schema_only`). Inputs are
-    checked (databases present and readable) before any model is loaded."""
+    checked (databases present and readable) before any model is loaded. keep_distinct: execution
+    match runs DISTINCT as written (default: removed from both queries, the test-suite default)."""
     if (spider_dir is None) == (schema_only is None):
         raise InputError("Give exactly one of spider_dir (Spider dev) and schema_only (.jsonl of question/context/answer).")
     examples = load_spider(spider_dir, limit) if spider_dir is not None else load_schema_only(schema_only, limit)
@@ -95,11 +101,12 @@ def evaluate_model(
             predictions[label] = generate_predictions(base, run_adapter, examples, batch_size, max_new_tokens, load_in_4bit)
             if spider_dir is not None:
                 details[label] = score_examples(
-                    predictions[label], examples, spider_dir, timeout, skip_missing=skip_missing, cache=cache
+                    predictions[label], examples, spider_dir, timeout, skip_missing=skip_missing, cache=cache,
+                    keep_distinct=keep_distinct,
                 )
             else:
                 details[label] = score_schema_only_examples(predictions[label], examples, cache=cache)
-            reports[label] = summarize(details[label]) | {"model": base, "adapter": run_adapter}
+            reports[label] = summarize(details[label], keep_distinct) | {"model": base, "adapter": run_adapter}
     if out_dir is not None:
         write_outputs(reports, details, out_dir, predictions)
     return reports
@@ -125,6 +132,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip_missing_databases", action="store_true",
         help=f"Skip questions of any absent database, not only {', '.join(sorted(KNOWN_MISSING_DBS))}.",
     )
+    parser.add_argument(
+        "--keep_distinct", action="store_true",
+        help="Run gold and predicted SQL with their DISTINCT; by default it is removed from both before execution, "
+        "as the test-suite evaluator does (its --keep_distinct keeps it).",
+    )
     parser.add_argument("--out", default="runs/eval", help="Output folder (default: runs/eval).")
     args = parser.parse_args(argv)
     if args.model is None and (args.adapter or args.compare):
@@ -140,12 +152,13 @@ def _score_file(args) -> dict[str, dict]:
         examples = load_spider(args.spider, args.limit)
         predictions = read_predictions(args.predictions, examples)
         details = score_examples(
-            predictions, examples, args.spider, args.timeout, args.max_rows, args.skip_missing_databases
+            predictions, examples, args.spider, args.timeout, args.max_rows, args.skip_missing_databases,
+            keep_distinct=args.keep_distinct,
         )
     else:
         examples = load_schema_only(args.schema_only, args.limit)
         details = score_schema_only_examples(read_predictions(args.predictions, examples), examples)
-    reports = {"predictions": summarize(details) | {"predictions_file": str(args.predictions)}}
+    reports = {"predictions": summarize(details, args.keep_distinct) | {"predictions_file": str(args.predictions)}}
     write_outputs(reports, {"predictions": details}, args.out)
     return reports
 
@@ -160,6 +173,7 @@ def main(argv=None) -> int:
             reports = evaluate_model(
                 args.model, args.adapter, args.spider, args.out, args.limit, args.batch_size, args.compare,
                 args.max_new_tokens, args.timeout, args.schema_only, args.load_in_4bit, args.skip_missing_databases,
+                args.keep_distinct,
             )
     except (InputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

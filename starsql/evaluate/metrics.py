@@ -2,7 +2,9 @@
 
 Execution match follows the test-suite evaluator (taoyds/test-suite-sql-eval): result rows are
 compared as multisets, row order only when the gold query ends in ORDER BY, and columns may come
-in any order. Exact match compares both queries as text after sqlglot normalises them.
+in any order. By default DISTINCT is removed from both queries before they run, as that
+evaluator does unless given --keep_distinct (published Spider execution accuracies use its
+default). Exact match compares both queries as text after sqlglot normalises them.
 """
 
 import re
@@ -61,6 +63,37 @@ def results_match(gold: list[tuple], predicted: list[tuple], order_matters: bool
     return False
 
 
+def remove_distinct(sql: str) -> str:
+    """`sql` without its DISTINCT keywords: the test-suite evaluator's default before executing.
+
+    Like its `remove_distinct` (which drops every token spelled DISTINCT from sqlparse's tokens),
+    this cuts DISTINCT wherever it is a keyword: `SELECT DISTINCT` at any depth and inside
+    aggregates (`count(DISTINCT x)` counts every row). Strings and quoted names stay as they are.
+    Unlike it, `IS [NOT] DISTINCT FROM` (a comparison, not duplicate removal) is kept: without its
+    DISTINCT the query would not run. The rest of the text is kept byte for byte (each keyword
+    becomes a space), so nothing else a re-rendering could change reaches the database.
+    SQL sqlglot cannot tokenize (an unterminated string) is returned unchanged: it cannot run either."""
+    from sqlglot.dialects.sqlite import SQLite
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = SQLite().tokenize(sql)
+    except Exception:  # sqlglot raises TokenError and, on odd input, others
+        return sql
+    cuts = [
+        token for i, token in enumerate(tokens) if token.token_type == TokenType.DISTINCT
+        and not (i + 1 < len(tokens) and tokens[i + 1].token_type == TokenType.FROM)  # IS [NOT] DISTINCT FROM
+    ]
+    for token in reversed(cuts):
+        sql = sql[: token.start] + " " + sql[token.end + 1 :]
+    return sql
+
+
+def executed_sql(sql: str, keep_distinct: bool) -> str:
+    """The text that runs for `sql`: as given with keep_distinct, else without DISTINCT (the default)."""
+    return sql if keep_distinct else remove_distinct(sql)
+
+
 def run_gold(database: Database, gold_sql: str, timeout: float = DEFAULT_TIMEOUT_S,
              max_rows: float = DEFAULT_MAX_ROWS) -> Outcome:
     """The gold query's result, with at least GOLD_TIMEOUT_S to compute it."""
@@ -68,23 +101,28 @@ def run_gold(database: Database, gold_sql: str, timeout: float = DEFAULT_TIMEOUT
 
 
 def matches_gold(database: Database, gold_rows: list[tuple], ordered: bool, predicted_sql: str,
-                 timeout: float = DEFAULT_TIMEOUT_S, max_rows: float = DEFAULT_MAX_ROWS) -> tuple[bool, str | None]:
-    """(match, error) for one prediction against gold rows already computed (`ordered`: see order_matters)."""
+                 timeout: float = DEFAULT_TIMEOUT_S, max_rows: float = DEFAULT_MAX_ROWS,
+                 keep_distinct: bool = False) -> tuple[bool, str | None]:
+    """(match, error) for one prediction against gold rows already computed (`ordered`: see order_matters).
+
+    The gold rows come from the gold query run the same way: without DISTINCT unless keep_distinct."""
     if not predicted_sql.strip():
         return False, "empty prediction"
-    predicted = database.run(predicted_sql, timeout=timeout, max_rows=max_rows)
+    predicted = database.run(executed_sql(predicted_sql, keep_distinct), timeout=timeout, max_rows=max_rows)
     if predicted.error is not None:
         return False, predicted.error
     return results_match(gold_rows, predicted.rows, ordered), None
 
 
 def execution_match(database: Database, gold_sql: str, predicted_sql: str, timeout: float = DEFAULT_TIMEOUT_S,
-                    max_rows: int = DEFAULT_MAX_ROWS) -> tuple[bool, str | None]:
-    """(match, error) for one prediction: its result against the gold query's, test-suite rules."""
+                    max_rows: int = DEFAULT_MAX_ROWS, keep_distinct: bool = False) -> tuple[bool, str | None]:
+    """(match, error) for one prediction: its result against the gold query's, test-suite rules
+    (DISTINCT removed from both first, unless keep_distinct)."""
+    gold_sql = executed_sql(gold_sql, keep_distinct)
     gold = run_gold(database, gold_sql, timeout, max_rows)
     if gold.error is not None:
         return False, f"gold query failed: {gold.error}"
-    return matches_gold(database, gold.rows, order_matters(gold_sql), predicted_sql, timeout, max_rows)
+    return matches_gold(database, gold.rows, order_matters(gold_sql), predicted_sql, timeout, max_rows, keep_distinct)
 
 
 def _parse(sql: str):

@@ -24,6 +24,8 @@ def markdown_table(reports: dict[str, dict]) -> str:
         cells = " | ".join(_fmt(reports[label]["by_hardness"][level]["execution_accuracy"]) for label in labels)
         lines.append(f"| EX {level} (n={stats['count']}) | {cells} |")
     header = f"{first['label']}: {first['scored']:,} scored, {first['skipped']:,} skipped of {first['total']:,}."
+    if "distinct" in first:  # executed: say how DISTINCT was treated, the two rules give different numbers
+        header += f" Execution match: {first['distinct']}."
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 

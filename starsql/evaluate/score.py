@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .hardness import LEVELS
-from .metrics import matches_gold, normalize_sql, order_matters, run_gold
+from .metrics import executed_sql, matches_gold, normalize_sql, order_matters, run_gold
 from .spider import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT_S,
@@ -111,8 +111,12 @@ def check_databases(spider_dir: str | Path, examples: list[Example], skip_missin
 
 
 def _score_one(cache: ScoringCache, database: Database, example: Example, prediction: str, columns: set[str] | None,
-               timeout: float = DEFAULT_TIMEOUT_S, max_rows: float = DEFAULT_MAX_ROWS, execute: bool = True) -> dict:
-    """Exact match, validity and (when `execute`: the database holds rows) execution match of one prediction."""
+               timeout: float = DEFAULT_TIMEOUT_S, max_rows: float = DEFAULT_MAX_ROWS, execute: bool = True,
+               keep_distinct: bool = False) -> dict:
+    """Exact match, validity and (when `execute`: the database holds rows) execution match of one prediction.
+
+    Exact match and validity look at the prediction as written; execution match runs both queries
+    without DISTINCT unless keep_distinct (metrics.remove_distinct)."""
     result = {
         "index": example.index,
         "db_id": example.db_id,
@@ -127,14 +131,14 @@ def _score_one(cache: ScoringCache, database: Database, example: Example, predic
     if not execute:
         result["error"] = error
         return result
-    gold, ordered = cache.gold(database, example.gold, timeout, max_rows)
+    gold, ordered = cache.gold(database, executed_sql(example.gold, keep_distinct), timeout, max_rows)
     if gold.error is not None:
         result.update(execution_match=False, error=f"gold query failed: {gold.error}", gold_failed=True)
         return result
     if error is not None:
         result.update(execution_match=False, error=error)
         return result
-    match, error = matches_gold(database, gold.rows, ordered, prediction, timeout, max_rows)
+    match, error = matches_gold(database, gold.rows, ordered, prediction, timeout, max_rows, keep_distinct)
     result.update(execution_match=match, error=error)
     return result
 
@@ -165,8 +169,12 @@ def score_examples(
     skip_missing: bool = False,
     progress: bool = True,
     cache: ScoringCache | None = None,
+    keep_distinct: bool = False,
 ) -> list[dict]:
-    """Per-example results on Spider; examples whose database is missing get {"skipped": True}."""
+    """Per-example results on Spider; examples whose database is missing get {"skipped": True}.
+
+    keep_distinct: run gold and predicted SQL as written; by default DISTINCT is removed from both first,
+    the test-suite evaluator's default (summarize's report says which)."""
     if len(predictions) != len(examples):
         raise PredictionCountError(f"Got {len(predictions)} predictions, expected {len(examples)} (one per question).")
     with _owned(cache) as cache:
@@ -179,7 +187,8 @@ def score_examples(
                 results.append(_skipped(example))
             else:
                 results.append(
-                    _score_one(cache, database, example, prediction, columns.get(example.db_id), timeout, max_rows)
+                    _score_one(cache, database, example, prediction, columns.get(example.db_id), timeout, max_rows,
+                               keep_distinct=keep_distinct)
                 )
     return results
 
@@ -206,8 +215,18 @@ def _rate(results: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(results: list[dict]) -> dict:
-    """The report: overall metrics, counts and the same metrics per Spider hardness level."""
+def distinct_rule(keep_distinct: bool) -> str:
+    """How execution match treated DISTINCT, in words, for reports and the model card."""
+    if keep_distinct:
+        return "DISTINCT kept in gold and predicted SQL (--keep_distinct)"
+    return "DISTINCT removed from gold and predicted SQL before execution (test-suite evaluator's default)"
+
+
+def summarize(results: list[dict], keep_distinct: bool = False) -> dict:
+    """The report: overall metrics, counts and the same metrics per Spider hardness level.
+
+    `keep_distinct` is how the results were scored; a report with execution accuracy records it
+    (keep_distinct, distinct) since the two rules give different numbers on Spider dev."""
     scored = [r for r in results if not r.get("skipped")]
     skipped_dbs = sorted({r["db_id"] for r in results if r.get("skipped") and r.get("db_id")})
     report = {
@@ -222,6 +241,8 @@ def summarize(results: list[dict]) -> dict:
         "by_hardness": {},
     }
     metric = "EX" if report["execution_accuracy"] is not None else "EM"  # schema-only sets have no rows to execute
+    if report["execution_accuracy"] is not None:
+        report.update(keep_distinct=keep_distinct, distinct=distinct_rule(keep_distinct))
     report["label"] = f"{metric} on {len(scored):,}/{len(results):,}" + (f" (no {', '.join(skipped_dbs)})" if skipped_dbs else "")
     if any(r.get("hardness") for r in scored):
         for level in LEVELS:
@@ -237,15 +258,18 @@ def summarize(results: list[dict]) -> dict:
 
 def score_predictions(predictions: list[str], spider_dir: str | Path, timeout: float = DEFAULT_TIMEOUT_S,
                       limit: int | None = None, max_rows: int = DEFAULT_MAX_ROWS, skip_missing: bool = False,
-                      progress: bool = True) -> dict:
-    """Report for predictions of all Spider dev questions, or of the first `limit` ones."""
+                      progress: bool = True, keep_distinct: bool = False) -> dict:
+    """Report for predictions of all Spider dev questions, or of the first `limit` ones (keep_distinct:
+    see score_examples)."""
     examples = load_spider(spider_dir, limit)
     if len(predictions) != len(examples):
         raise PredictionCountError(
             f"Got {len(predictions)} predictions, expected {len(examples)} (one per dev question, in dev.json order"
             f"{'' if limit is not None else '; pass limit=N to score only the first N questions'})."
         )
-    return summarize(score_examples(predictions, examples, spider_dir, timeout, max_rows, skip_missing, progress))
+    results = score_examples(predictions, examples, spider_dir, timeout, max_rows, skip_missing, progress,
+                             keep_distinct=keep_distinct)
+    return summarize(results, keep_distinct)
 
 
 def score_schema_only(predictions: list[str], rows: list[dict], progress: bool = True) -> dict:
