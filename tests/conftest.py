@@ -47,3 +47,17 @@ def spider_dir():
     if not (path / "dev.json").is_file():
         pytest.skip("../shared/spider_dev is not here")
     return path
+
+
+# What bench/learning_proof.py reads from ../shared (Spider dev, its training SQL, sql-create-context rows).
+LEARNING_PROOF_DATA = ("spider_dev/dev.json", "spider_dev/tables.json", "spider_train_gold.sql",
+                       "sql_create_context_spider/train.json")
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """../shared with the learning proof's data; the test skips in a clone without it (a user's clone)."""
+    missing = [name for name in LEARNING_PROOF_DATA if not (SHARED / name).is_file()]
+    if missing:
+        pytest.skip(f"../shared lacks {', '.join(missing)}")
+    return SHARED

@@ -5,12 +5,12 @@ import random
 import subprocess
 import sys
 
-from conftest import ROOT, SHARED
+from conftest import ROOT
 
 
-def test_learning_proof_smoke_runs_end_to_end(tmp_path, spider_dir, tiny_cache):
+def test_learning_proof_smoke_runs_end_to_end(tmp_path, shared_dir, tiny_cache):
     out = tmp_path / "proof"
-    done = subprocess.run([sys.executable, "bench/learning_proof.py", "--shared", str(SHARED), "--out", str(out), "--smoke"],
+    done = subprocess.run([sys.executable, "bench/learning_proof.py", "--shared", str(shared_dir), "--out", str(out), "--smoke"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     proof = json.loads((out / "proof.json").read_text())
@@ -18,7 +18,7 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, spider_dir, tiny_cache):
     assert proof["heldout_rows"] == 12
     for run in proof["runs"].values():
         assert {"base", "adapter", "heldout_base", "heldout_adapter"} <= set(run)
-        assert run["adapter"]["label"] == "EX on 12/12"
+        assert run["adapter"]["label"] == "EX on 12/12" and run["adapter"]["keep_distinct"] is False
         assert run["heldout_adapter"]["scored"] == 12 and run["heldout_adapter"]["execution_accuracy"] is None
         assert {"gained", "lost", "mcnemar_p", "gained_with_empty_or_zero_gold"} <= set(run["paired"])
     # Held-out rows stay out of fine-tuning and pretraining, SQL and questions alike.
@@ -54,14 +54,14 @@ def test_renamed_copies_rename_schema_queries_and_question_alike():
         assert f"{spelled['singer']}s" in question and f"{spelled['name']}s" in question  # plural kept
 
 
-def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path):
+def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path, shared_dir):
     sys.path.insert(0, str(ROOT / "bench"))
     from learning_proof import split_heldout, sql_key
 
     import sqlglot
 
-    rows = json.loads((SHARED / "sql_create_context_spider" / "train.json").read_text())
-    train_file, heldout_file, heldout = split_heldout(SHARED, tmp_path, 300)
+    rows = json.loads((shared_dir / "sql_create_context_spider" / "train.json").read_text())
+    train_file, heldout_file, heldout = split_heldout(shared_dir, tmp_path, 300)
     train = json.loads(train_file.read_text())
     key = lambda row: sql_key(sqlglot.parse_one(row["answer"], read="sqlite"))  # noqa: E731
     held = {key(r) for r in heldout}

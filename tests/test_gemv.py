@@ -42,7 +42,8 @@ def check_kernel(device: str):
                     torch.testing.assert_close(out.float(), expected, **tolerance)
                     out = torch.ops.starsql.gemv(x, weight, bias, gelu)  # the op, the shipped block shape
                     torch.testing.assert_close(out.float(), expected, **tolerance)
-                    torch.library.opcheck(torch.ops.starsql.gemv.default, (x, weight, bias, gelu))
+                    if (rows, cols) == SHAPES[0]:  # the fake's checks do not depend on the shape: one is enough
+                        torch.library.opcheck(torch.ops.starsql.gemv.default, (x, weight, bias, gelu))
     # GELU sees the linear output rounded to the model's dtype, as the unfused layers give it. fp16: the
     # interpreter rounds to nearest there. Without the rounding about 30% of these outputs differ by an ulp.
     rows, cols = 2048, 64
