@@ -76,6 +76,18 @@ def test_distinct_is_removed_from_both_queries_unless_kept(database):
     assert remove_distinct("SELECT 'unterminated") == "SELECT 'unterminated"  # cannot tokenize: unchanged
 
 
+def test_report_and_table_say_which_distinct_rule_was_used():
+    # The model card gets report.markdown_table: a reader must see which rule the accuracy used.
+    results = [{"index": 0, "db_id": "x", "hardness": "easy", "execution_match": True, "exact_match": False, "valid_sql": True}]
+    for keep, rule in ((False, "DISTINCT removed"), (True, "DISTINCT kept")):
+        summary = score.summarize(results, keep)
+        assert summary["keep_distinct"] is keep and summary["distinct"].startswith(rule)
+        assert f"Execution match: {rule}" in report.markdown_table({"base": summary, "adapter": summary})
+    unexecuted = [{k: v for k, v in results[0].items() if k != "execution_match"}]  # schema-only: nothing ran
+    assert "keep_distinct" not in score.summarize(unexecuted) and "Execution match" not in report.markdown_table(
+        {"base": score.summarize(unexecuted)})
+
+
 def test_columns_may_come_in_any_order(database):
     assert matches(database, "SELECT name, kind FROM pet", "SELECT kind, name FROM pet")
     assert matches(database, "SELECT name, kind FROM pet ORDER BY id", "SELECT kind, name FROM pet ORDER BY id")
