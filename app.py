@@ -21,6 +21,7 @@ except ImportError:
 import argparse
 import math
 import os
+import queue
 import re
 import threading
 from collections import OrderedDict
@@ -60,6 +61,7 @@ SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up t
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
+STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -213,6 +215,41 @@ def count_tokens(text: str) -> int:
     return len(TOKENIZER(text, add_special_tokens=False)["input_ids"])
 
 
+def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
+    """The stream's pieces until it ends or `stopped()`. The stream is read in a thread of its own,
+    so Stop is seen within STOP_POLL_S even while the model is still on a piece (a streamer yields
+    whole words); that thread closes the stream, which ends the generation, at its next piece."""
+    pieces: queue.Queue = queue.Queue()
+    end, gone = object(), threading.Event()  # gone: nobody reads any more (Stop, or the client left)
+
+    def pump() -> None:
+        try:
+            for piece in stream:
+                pieces.put(piece)
+                if gone.is_set() or stopped():
+                    break
+        except Exception as error:  # noqa: BLE001 -- handed to the reader, which raises it
+            pieces.put(error)
+        finally:
+            getattr(stream, "close", lambda: None)()
+            pieces.put(end)
+
+    threading.Thread(target=pump, daemon=True, name="starsql-stream").start()
+    try:
+        while not stopped():
+            try:
+                item = pieces.get(timeout=STOP_POLL_S)
+            except queue.Empty:
+                continue
+            if item is end:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        gone.set()
+
+
 def answer(question: str, schema: str, history: list[tuple[str, str]] | None = None,
            max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0,
            stop: threading.Event | None = None) -> Iterator[tuple[str, CheckResult | None]]:
@@ -239,15 +276,11 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
         history, dropped = fit_history(history, count_tokens, MAX_HISTORY_TOKENS)
         prompt = build_prompt(schema_for_prompt(schema), question, history)
         text = ""
-        stream = generate(prompt, int(max_new_tokens), float(temperature))
-        try:
-            for piece in stream:
-                if stopped():
-                    break  # what was shown last stays the answer
-                text = piece
-                yield extract_sql(text), None
-        finally:
-            getattr(stream, "close", lambda: None)()  # ends generate() too, not just the stream
+        for piece in pieces_until_stopped(generate(prompt, int(max_new_tokens), float(temperature)), stopped):
+            if stopped():
+                break  # what was shown last stays the answer
+            text = piece
+            yield extract_sql(text), None
         raw = extract_sql(text)
         if stopped():
             yield raw, CheckResult(sql=raw, error="Stopped.", stopped=True, dropped_turns=dropped)

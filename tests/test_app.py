@@ -485,6 +485,9 @@ def test_stop_ends_the_answer_with_a_consistent_message(app, monkeypatch):
         replies.append(app.reply_markdown(sql, check))
         if len(replies) == 5:
             stop.set()
+    deadline = time.monotonic() + 5
+    while written[-1] != "closed" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert written[-1] == "closed"  # the generation itself was ended, not just the stream
     assert replies[-1].endswith(app.STOPPED) and app.WRITING not in replies[-1]
     assert replies[-1].startswith(replies[-2].removesuffix(app.WRITING).rstrip())  # nothing shorter than shown
@@ -498,3 +501,21 @@ def test_describe_schema_handles_hostile_schemas(app):
         line = app.describe_schema(HOSTILE_SCHEMAS[name][0])
         assert time.monotonic() - start < 3 and line.startswith(("✓", "⚠")), (name, line)
     assert app.describe_schema(None).startswith("⚠")
+
+
+def test_stop_is_seen_while_the_model_is_still_on_a_piece(app, monkeypatch):
+    import threading
+
+    def slow(prompt, max_new_tokens, temperature):
+        yield "SELECT name"
+        time.sleep(3)  # a long word, or a slow step: no piece to look at Stop between
+        yield "SELECT name FROM singer;"
+
+    monkeypatch.setattr(app, "generate", slow)
+    stop = threading.Event()
+    replies = app.answer("Names?", SCHEMA, stop=stop)
+    assert next(replies) == ("SELECT name", None)
+    stop.set()
+    start = time.monotonic()
+    *_, (sql, check) = replies
+    assert time.monotonic() - start < 1 and check.stopped and sql == "SELECT name"

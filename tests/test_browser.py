@@ -5,7 +5,9 @@ test is skipped when chromium or playwright is missing; in CI (CI set) it fails 
 """
 
 import os
+import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -39,38 +41,100 @@ def browser():
         browser.close()
 
 
-def test_example_click_shows_sql_and_verdict(browser, tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def app_url(tiny_run, tmp_path_factory):
+    with running_app(tiny_run, tmp_path_factory.mktemp("browser-app") / "app.log") as url:
+        yield url
+
+
+def test_example_click_shows_sql_and_verdict(browser, app_url):
     from playwright.sync_api import expect
 
-    with running_app(tiny_run, tmp_path / "app.log") as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(url, wait_until="domcontentloaded")
-        chat = page.locator("#chat")
-        expect(chat).to_be_visible(timeout=60_000)
-        expect(page.get_by_text("4 tables")).to_be_visible()  # the example database, loaded
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app_url, wait_until="domcontentloaded")
+    chat = page.locator("#chat")
+    expect(chat).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("4 tables")).to_be_visible()  # the example database, loaded
 
-        # One click: the example fills the question and its database, and runs.
-        page.get_by_text("Having: Which departments have more than 2 employees?").click()
-        expect(page.get_by_text("2 tables")).to_be_visible(timeout=30_000)  # the company database now
-        bot = chat.locator('[data-testid="bot"]')
-        expect(chat.locator('[data-testid="user"]').first).to_contain_text("Which departments")
-        expect(bot.first).to_contain_text("for this schema", timeout=60_000)  # the verdict
-        expect(bot.first.locator("pre code")).to_contain_text("SELECT")  # the SQL, in a code block
+    # One click: the example fills the question and its database, and runs.
+    page.get_by_text("Having: Which departments have more than 2 employees?").click()
+    expect(page.get_by_text("2 tables")).to_be_visible(timeout=30_000)  # the company database now
+    bot = chat.locator('[data-testid="bot"]')
+    expect(chat.locator('[data-testid="user"]').first).to_contain_text("Which departments")
+    expect(bot.first).to_contain_text("for this schema", timeout=60_000)  # the verdict
+    expect(bot.first.locator("pre code")).to_contain_text("SELECT")  # the SQL, in a code block
 
-        # A follow-up question, typed and sent with Enter, gets its own answer.
-        box = page.get_by_placeholder("e.g. Which singers are older than 40?")
-        box.fill("Only the ones hired after 2020.")
-        box.press("Enter")
-        expect(bot).to_have_count(2, timeout=60_000)
-        expect(bot.nth(1)).to_contain_text("for this schema", timeout=60_000)
+    # A follow-up question, typed and sent with Enter, gets its own answer.
+    box = page.get_by_placeholder("e.g. Which singers are older than 40?")
+    box.fill("Only the ones hired after 2020.")
+    box.press("Enter")
+    expect(bot).to_have_count(2, timeout=60_000)
+    expect(bot.nth(1)).to_contain_text("for this schema", timeout=60_000)
 
-        # Ask with nothing typed: a notice, not an error, and the conversation stays as it was.
-        page.get_by_role("button", name="Ask").click()
-        expect(page.get_by_text("Please type a question")).to_be_visible(timeout=30_000)
-        expect(bot).to_have_count(2)
+    # Ask with nothing typed: a notice, not an error, and the conversation stays as it was.
+    page.get_by_role("button", name="Ask").click()
+    expect(page.get_by_text("Please type a question")).to_be_visible(timeout=30_000)
+    expect(bot).to_have_count(2)
 
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-        assert not errors, errors
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    assert not errors, errors
+
+
+# The last answer's text and whether Ask is disabled, read in one go (no answer can finish in between).
+SNAPSHOT_JS = """() => {
+    const bots = document.querySelectorAll('#chat [data-testid="bot"]');
+    const ask = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Ask');
+    return [bots.length ? bots[bots.length - 1].innerText : '', ask.disabled];
+}"""
+
+
+def test_stop_stops_within_a_second_ten_times(browser, app_url):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app_url, wait_until="domcontentloaded")
+    chat = page.locator("#chat")
+    expect(chat).to_be_visible(timeout=60_000)
+    page.get_by_text("Generation settings").click()
+    tokens = page.get_by_label("Max new tokens").first
+    tokens.fill("512")  # long answers, so that Stop lands while the model writes
+    tokens.press("Enter")
+    box = page.get_by_placeholder("e.g. Which singers are older than 40?")
+    ask, stop = page.get_by_role("button", name="Ask"), page.get_by_role("button", name="Stop")
+    bot = chat.locator('[data-testid="bot"]')
+    moments = random.Random(7)
+    stopped_while_writing, took = 0, []
+    for i in range(10):
+        expect(ask).to_be_enabled(timeout=10_000)
+        box.fill(f"Which singers are older than {30 + i}?")
+        ask.click()
+        expect(bot).to_have_count(i + 1, timeout=20_000)
+        time.sleep(moments.uniform(0.0, 1.0))
+        text, ask_disabled = page.evaluate(SNAPSHOT_JS)
+        if "Writing SQL" in text:
+            assert ask_disabled, "Ask must be disabled while an answer is being written"
+        start = time.monotonic()
+        # force: no wait for Playwright's "stable element" check, which the streaming chat delays by
+        # seconds; a person's click is not delayed, and that is the latency measured here.
+        stop.click(force=True)
+        expect(bot.nth(i)).not_to_contain_text("Writing SQL", timeout=5_000)
+        took.append(time.monotonic() - start)
+        final = bot.nth(i).inner_text()
+        time.sleep(0.5)
+        assert bot.nth(i).inner_text() == final, f"try {i}: the answer changed after Stop"
+        assert "Stopped." in final or "for this schema" in final or "did not produce SQL" in final, final
+        if "Stopped." in final:
+            stopped_while_writing += 1
+            shown = text.replace("Writing SQL…", "").strip()
+            assert len(final.split("Stopped.")[0].strip()) >= len(shown), "the final text is shorter than what was shown"
+        expect(ask).to_be_enabled(timeout=2_000)
+    assert stopped_while_writing >= 5  # most tries stopped a running answer, not a finished one
+    # Within a second; the slowest try gets a margin for a machine shared with other work.
+    took.sort()
+    assert took[len(took) // 2] < 1.0 and took[-1] < 2.0, ", ".join(f"{t:.2f} s" for t in took)
+    assert not errors, errors
