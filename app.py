@@ -24,6 +24,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -62,6 +63,7 @@ QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
 STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
+CHAT_UPDATE_S = 0.1  # the chat redraws a growing answer at most this often (the browser keeps up, Stop stays quick)
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -450,7 +452,11 @@ def respond(question: str, messages: list[dict], schema: str, max_new_tokens: in
     temperature = temperature if decoding == "Sample" else 0.0
     history = history_pairs(messages)
     messages.append({"role": "user", "content": question})
+    shown = 0.0
     for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop):
+        if check is None and time.monotonic() - shown < CHAT_UPDATE_S:
+            continue  # a newer piece comes soon; the final reply always goes out
+        shown = time.monotonic()
         yield messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
 
 
