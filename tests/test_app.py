@@ -519,3 +519,22 @@ def test_stop_is_seen_while_the_model_is_still_on_a_piece(app, monkeypatch):
     start = time.monotonic()
     *_, (sql, check) = replies
     assert time.monotonic() - start < 1 and check.stopped and sql == "SELECT name"
+
+
+def test_schema_is_loaded_once_per_request(app, monkeypatch):
+    import starsql.serve.check as sqlcheck
+
+    loads, load = [], sqlcheck.load_schema
+    monkeypatch.setattr(sqlcheck, "load_schema", lambda *args: loads.append(1) or load(*args))
+    monkeypatch.setattr(app, "generate", fake_generate(["SELECT  name FROM singer;"], []))  # pretty != raw
+    *_, (_, check) = app.answer("Names?", SCHEMA)
+    assert check.valid and check.rows and len(loads) == 1
+
+
+def test_every_step_that_runs_user_sql_is_queued(app):
+    # The schema line under the box loads the schema too: queued, one at a time, not beside the queue.
+    (describe,) = [f for f in app.demo.fns.values() if getattr(f.fn, "__name__", "") == "describe_schema"]
+    assert describe.queue and describe.concurrency_limit == 1
+    for name in ("respond", "sql_api", "chat_api"):
+        dependencies = [f for f in app.demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+        assert dependencies and all(d.queue and d.concurrency_id == "model" for d in dependencies)
