@@ -303,7 +303,7 @@ def main() -> int:
             from starsql.evaluate.cli import evaluate_model
 
             held = evaluate_model(str(args.out / "base"), str(out), schema_only=heldout_file, out_dir=out / "eval_heldout",
-                                  batch_size=64, compare=True)
+                                  batch_size=64, compare=True, max_new_tokens=32 if args.smoke else 256)  # smoke: wiring only
             reports.update({f"heldout_{label}": report for label, report in held.items()})
         summary = {"wall_s": round(time.time() - t0), "paired": paired_gains(out / "eval_spider", spider)}
         for label, report in reports.items():
