@@ -45,8 +45,8 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import build_backend, statement_finished
-from starsql.serve.load import load_for_inference
+from starsql.serve.decode import BackendError, build_backend, statement_finished
+from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
 MAX_QUESTION_CHARS = 1_000
@@ -76,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load_in_4bit", action="store_true",
                         default=os.environ.get("LOAD_IN_4BIT", "").lower() in ("1", "true", "yes"),
                         help="4-bit NF4 base for GPUs with little memory (env LOAD_IN_4BIT=1).")
+    parser.add_argument("--inference_url", default=os.environ.get("INFERENCE_URL", ""),
+                        help="An OpenAI-compatible endpoint (vLLM, TGI, transformers serve) that serves the model "
+                             "(env INFERENCE_URL); the app then loads only the tokenizer. Its key: env INFERENCE_API_KEY.")
+    parser.add_argument("--inference_model", default=os.environ.get("INFERENCE_MODEL", ""),
+                        help="The model name the endpoint knows the adapter by (env INFERENCE_MODEL; default: --adapter, "
+                             "else --base_model).")
+    parser.add_argument("--inference_concurrency", type=int, default=int(os.environ.get("INFERENCE_CONCURRENCY", "8")),
+                        help="Answers sent to the endpoint at once (env INFERENCE_CONCURRENCY); the queue holds the rest.")
     return parser.parse_args(argv)
 
 
@@ -84,16 +92,24 @@ ARGS = parse_args(None if __name__ == "__main__" else [])
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 # FAST_DECODE=0: plain generate() on a dedicated GPU too (no CUDA graphs, no Triton kernel).
 FAST_DECODE = os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")
-if ZERO_GPU:
-    # Merge the adapter on the CPU (no GPU is attached at start-up), then place the bf16 weights
-    # on CUDA as ZeroGPU asks; it lends a GPU only inside @spaces.GPU. bitsandbytes has no place here.
-    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, device="cpu")
-    MODEL = MODEL.to(torch.bfloat16).to("cuda")
+if ARGS.inference_url:
+    # A thin front end: the endpoint generates; the prompt, checks and UI stay here.
+    from starsql.serve.remote import RemoteBackend
+
+    MODEL, TOKENIZER = None, load_tokenizer(ARGS.base_model, ARGS.adapter or None)
+    BACKEND = RemoteBackend(ARGS.inference_url, ARGS.inference_model or ARGS.adapter or ARGS.base_model,
+                            api_key=os.environ.get("INFERENCE_API_KEY"), concurrency=ARGS.inference_concurrency)
 else:
-    MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-# The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
-DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
-BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
+    if ZERO_GPU:
+        # Merge the adapter on the CPU (no GPU is attached at start-up), then place the bf16 weights
+        # on CUDA as ZeroGPU asks; it lends a GPU only inside @spaces.GPU. bitsandbytes has no place here.
+        MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, device="cpu")
+        MODEL = MODEL.to(torch.bfloat16).to("cuda")
+    else:
+        MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
+    # The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
+    DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
+    BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
 
 
 def gpu(duration: int):
@@ -278,11 +294,15 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
         history, dropped = fit_history(history, count_tokens, MAX_HISTORY_TOKENS)
         prompt = build_prompt(schema_for_prompt(schema), question, history)
         text = ""
-        for piece in pieces_until_stopped(generate(prompt, int(max_new_tokens), float(temperature)), stopped):
-            if stopped():
-                break  # what was shown last stays the answer
-            text = piece
-            yield extract_sql(text), None
+        try:
+            for piece in pieces_until_stopped(generate(prompt, int(max_new_tokens), float(temperature)), stopped):
+                if stopped():
+                    break  # what was shown last stays the answer
+                text = piece
+                yield extract_sql(text), None
+        except BackendError as error:  # an endpoint down, slow or refusing: say so, keep what was written
+            yield extract_sql(text), CheckResult(sql=extract_sql(text), error=str(error), dropped_turns=dropped)
+            return
         raw = extract_sql(text)
         if stopped():
             yield raw, CheckResult(sql=raw, error="Stopped.", stopped=True, dropped_turns=dropped)

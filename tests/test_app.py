@@ -37,10 +37,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(adapter, log_path: Path, timeout: float = 120):
+def running_app(adapter, log_path: Path, timeout: float = 120, **extra_env: str):
     """`python app.py` on a free port (GRADIO_SERVER_PORT), until it answers; killed afterwards."""
     port = free_port()
-    env = {**app_env(adapter), "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env = {**app_env(adapter), "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", **extra_env}
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -365,10 +365,10 @@ def test_space_files_are_exactly_what_app_needs(tiny_run, tmp_path):
     imported = {m.replace(".", "/") + ("/__init__.py" if (ROOT / m.replace(".", "/")).is_dir() else ".py")
                 for m in modules}
     assert "trl" not in modules  # the Space does not install it
-    # The dedicated-GPU backend ships with the Space, and is imported only when chosen (not on a CPU).
-    fast = {f for f in files if f.startswith("starsql/serve/fast/")}
-    assert "starsql/serve/fast/decoder.py" in fast and not imported & fast
-    assert imported == set(files) - {"app.py"} - fast
+    # The dedicated-GPU and endpoint backends ship with the Space, and are imported only when chosen.
+    chosen = {f for f in files if f.startswith("starsql/serve/fast/")} | {"starsql/serve/remote.py"}
+    assert {"starsql/serve/fast/decoder.py", "starsql/serve/remote.py"} <= set(files) and not imported & chosen
+    assert imported == set(files) - {"app.py"} - chosen
 
 
 def test_deploy_dry_run_and_upload(monkeypatch, capsys):

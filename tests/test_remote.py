@@ -136,6 +136,26 @@ def test_an_endpoint_that_hangs_times_out_with_a_message():
         server.close()
 
 
+def test_the_app_answers_through_the_endpoint_and_says_when_it_is_down(served, tiny_run, tmp_path):
+    # INFERENCE_URL makes app.py a thin front end: its prompt, checks and API, the endpoint's model.
+    from gradio_client import Client
+
+    from test_app import running_app
+
+    url, name, model, tokenizer = served
+    schema = "CREATE TABLE singer (name VARCHAR, age INTEGER);"
+    question = "Names of singers older than 30?"
+    expected = list(RemoteBackend(url, model=name).stream(build_prompt(schema, question), 256))[-1]
+    with running_app(tiny_run, tmp_path / "app.log", INFERENCE_URL=url, INFERENCE_MODEL=name) as app_url:
+        result = Client(app_url, verbose=False).predict(question, schema, api_name="/sql")
+    assert result["sql"] and result["sql"].split()[0] == expected.split()[0]  # the endpoint's answer, checked
+    with running_app(tiny_run, tmp_path / "down.log", INFERENCE_URL=f"http://127.0.0.1:{free_port()}",
+                     INFERENCE_API_KEY="secret-key-123") as app_url:
+        result = Client(app_url, verbose=False).predict(question, schema, api_name="/sql")
+    assert "Cannot reach the inference endpoint" in result["error"] and not result["valid"]
+    assert "secret-key-123" not in (tmp_path / "down.log").read_text()
+
+
 def test_bad_settings_are_refused_up_front():
     with pytest.raises(ValueError, match="http"):
         RemoteBackend("127.0.0.1:8000", model="sql")

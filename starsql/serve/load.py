@@ -13,7 +13,7 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
     """(model, tokenizer) ready for `generate()`, in eval mode. The adapter is merged into the base's weights
     (bf16 on a GPU, fp32 on a CPU), so inference runs one matmul per layer; on a 4-bit base it stays a separate
     LoRA layer, as it was trained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or inference_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -26,14 +26,22 @@ def load_for_inference(base_model: str, adapter: str | None = None, load_in_4bit
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quantization)
     if quantization is None:
         model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(adapter or base_path)
+    tokenizer = load_tokenizer(base_model, adapter)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
         if not load_in_4bit:
             model = model.merge_and_unload()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(base_model: str, adapter: str | None = None):
+    """The tokenizer the adapter was trained with (saved beside it), else the base's; padding with EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter or resolve_model_path(base_model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
