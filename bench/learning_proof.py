@@ -225,7 +225,7 @@ def paired_gains(eval_dir: Path, spider: Path) -> dict:
             "gained_with_empty_or_zero_gold": sum(map(trivial, gained))}  # fmt: skip
 
 
-SMOKE_SFT = ["--max_steps", "10", "--eval_steps", "5", "--save_steps", "10"]
+SMOKE_SFT = ["--max_steps", "4", "--eval_steps", "4", "--save_steps", "4"]  # one evaluation, one checkpoint
 
 
 def main() -> int:
@@ -267,7 +267,7 @@ def main() -> int:
         "--packing_strategy", "wrapped",
         "--output_dir", str(args.out / "base"), "--max_steps", str(steps), "--learning_rate", "1e-3",
         "--warmup_steps", str(steps // 20), "--per_device_train_batch_size", str(pretrain_batch_size), "--gradient_accumulation_steps", "1",
-        "--gradient_checkpointing", "false", "--eval_fraction", "0.02", "--eval_steps", str(max(steps // 5, 1)),
+        "--gradient_checkpointing", "false", "--eval_fraction", "0.02", "--eval_steps", str(steps if args.smoke else max(steps // 5, 1)),
         "--save_steps", str(steps), "--logging_steps", str(max(steps // 50, 1)), "--weight_decay", "0.1",
         "--license", "cc-by-sa-4.0", "--auto_resume", "false",
     ])
