@@ -61,7 +61,7 @@ def files_holding(folder, secret: str) -> list[str]:
 
 
 def losses_after(output_dir, step: int) -> list[tuple[int, float, float | None]]:
-    history = json.loads((output_dir / "checkpoint-60" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((output_dir / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
     return [(e["step"], e.get("loss"), e.get("eval_loss")) for e in history if e["step"] > step and ("loss" in e or "eval_loss" in e)]
 
 
@@ -74,7 +74,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     # The resumed run's losses are the uninterrupted run's, to the bit. Also: the interrupted folder's README says the
     # run is unfinished and how to resume; TRL's token count goes on from the checkpoint; a --hub_token is in no
     # file, pickle, card or log; a CPU run prints none of NOISE.
-    args = ["--max_steps", "60", "--save_steps", "10", "--eval_steps", "30", "--logging_steps", "5", "--hub_token", FAKE_TOKEN]
+    args = ["--max_steps", "30", "--save_steps", "10", "--eval_steps", "15", "--logging_steps", "5", "--hub_token", FAKE_TOKEN]
     straight = run_tiny(tmp_path / "straight", *args)
     interrupted_dir = tmp_path / "interrupted"
     interrupted = run_tiny(interrupted_dir, *args)
@@ -86,9 +86,9 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     assert interrupted.returncode == 143, output[-3000:]
     assert "Run the same command again to resume" in output and not (interrupted_dir / "run_summary.json").exists()
     stopped_at = max(int(p.name.split("-")[1]) for p in interrupted_dir.glob("checkpoint-*"))
-    assert 10 <= stopped_at < 60
+    assert 10 <= stopped_at < 30
     note = (interrupted_dir / "README.md").read_text()
-    assert "# Unfinished training run" in note and f"step {stopped_at} of 60" in note and "[None]" not in note
+    assert "# Unfinished training run" in note and f"step {stopped_at} of 30" in note and "[None]" not in note
     assert f"--output_dir {interrupted_dir}" in note and "--resume_from_checkpoint" in note and "<HUB_TOKEN>" in note
     assert json.loads((interrupted_dir / f"checkpoint-{stopped_at}" / "run_state-0.json").read_text())["num_tokens"] > 0
 
@@ -103,7 +103,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     # and its first log averages the same steps (sft.KeepRunState).
     assert (a["train_loss_final"], a["eval_loss_final"]) == (b["train_loss_final"], b["eval_loss_final"])
     assert losses_after(tmp_path / "straight", stopped_at) == losses_after(interrupted_dir, stopped_at)
-    assert last_token_count(interrupted_dir / "checkpoint-60") == last_token_count(tmp_path / "straight" / "checkpoint-60")
+    assert last_token_count(interrupted_dir / "checkpoint-30") == last_token_count(tmp_path / "straight" / "checkpoint-30")
     assert "# Unfinished training run" not in (interrupted_dir / "README.md").read_text()
 
     assert files_holding(tmp_path, FAKE_TOKEN) == []
