@@ -47,15 +47,23 @@ def app_url(tiny_run, tmp_path_factory):
         yield url
 
 
-def test_example_click_shows_sql_and_verdict(browser, app_url):
+def open_app(browser, app_url):
+    """A new page on the app, once its chat shows; and the list its JavaScript errors go to."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(app_url, wait_until="domcontentloaded")
+    expect(page.locator("#chat")).to_be_visible(timeout=60_000)
+    return page, errors
+
+
+def test_example_click_shows_sql_and_verdict(browser, app_url):
+    from playwright.sync_api import expect
+
+    page, errors = open_app(browser, app_url)
     chat = page.locator("#chat")
-    expect(chat).to_be_visible(timeout=60_000)
     expect(page.get_by_text("4 tables")).to_be_visible()  # the example database, loaded
 
     # One click: the example fills the question and its database, and runs.
@@ -94,12 +102,8 @@ SNAPSHOT_JS = """() => {
 def test_stop_stops_within_a_second_ten_times(browser, app_url):
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(app_url, wait_until="domcontentloaded")
+    page, errors = open_app(browser, app_url)
     chat = page.locator("#chat")
-    expect(chat).to_be_visible(timeout=60_000)
     page.get_by_text("Generation settings").click()
     tokens = page.get_by_label("Max new tokens").first
     tokens.fill("512")  # long answers, so that Stop lands while the model writes
