@@ -37,8 +37,25 @@ def test_split_statements_respects_string_literals():
 def test_spider_schema_renders_every_table(spider_dir):
     schemas = load_spider_schemas(spider_dir / "tables.json")
     concert = schemas["concert_singer"].splitlines()
-    assert len(concert) == 4 and concert[1].startswith("CREATE TABLE singer (Singer_ID INTEGER, Name VARCHAR")
+    assert len(concert) == 4 and concert[1].startswith("CREATE TABLE singer (Singer_ID INTEGER PRIMARY KEY, Name VARCHAR")
+    assert concert[2].endswith("FOREIGN KEY (Stadium_ID) REFERENCES stadium(Stadium_ID));")
     assert '"Home Town" VARCHAR' in schemas["perpetrator"]
+    assert "sqlite_sequence" not in schemas["world_1"]  # SQLite's own table is no part of the schema
+
+
+def test_rendered_schema_reads_back_the_same_from_sqlite():
+    import sqlite3
+
+    from starsql.schema import Column, ForeignKey, Table, render_schema, sqlite_tables
+
+    tables = [Table("artist", [Column("id", "INTEGER"), Column("From", "TEXT")], ["id"]),
+              Table("song", [Column("artist_id", "INTEGER"), Column("title", "VARCHAR(20)"), Column("Home Town", "TEXT")],
+                    ["artist_id", "title"], [ForeignKey(["artist_id"], "artist", ["id"])])]
+    text = render_schema(tables)
+    assert text.splitlines()[0] == 'CREATE TABLE artist (id INTEGER PRIMARY KEY, "From" TEXT);'  # a keyword is quoted
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(text)
+    assert sqlite_tables(conn) == tables
 
 
 def test_history_fits_its_token_budget_newest_first():
