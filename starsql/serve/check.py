@@ -12,6 +12,8 @@ and bytes. Identifiers the SQL uses but the schema lacks are listed (sqlglot rea
 table_info the schema). Nothing generated ever touches a real database.
 """
 
+import datetime
+import decimal
 import logging
 import re
 import sqlite3
@@ -67,6 +69,9 @@ class CheckResult:
     cut: bool = False  # the model stopped at max_new_tokens, before the statement's end
     stopped: bool = False  # the user pressed Stop before the check finished
     dropped_turns: int = 0  # earlier turns of the conversation left out of the prompt to fit its budget
+    dialect: str = "sqlite"  # the dialect `sql` is written in (starsql/db/dialects.py)
+    skipped: list[str] = field(default_factory=list)  # schema statements with no schema or data, skipped
+    not_verified: str | None = None  # what the embedded engine's check cannot verify for this dialect
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,11 +211,11 @@ def open_database(schema: str, seconds: "float | Budget" = TIME_LIMIT_S) -> Data
 _SQLGLOT_ERRORS = (sqlglot.errors.ParseError, sqlglot.errors.TokenError, RecursionError)
 
 
-def parse(sql: str) -> exp.Expression | None:
+def parse(sql: str, dialect: str = "sqlite") -> exp.Expression | None:
     if len(sql) > MAX_SQL_CHARS:
         return None
     try:
-        return sqlglot.parse_one(sql, read="sqlite")
+        return sqlglot.parse_one(sql, read=dialect)
     except _SQLGLOT_ERRORS:
         return None
 
@@ -220,11 +225,11 @@ _WRITE_NODES = (exp.DML, exp.DDL, exp.Drop, exp.Alter, exp.TruncateTable, exp.An
                 exp.Attach, exp.Detach, exp.Transaction, exp.Commit, exp.Rollback, exp.Set, exp.Use)
 
 
-def statement_kind(sql: str) -> str | None:
+def statement_kind(sql: str, dialect: str = "sqlite") -> str | None:
     """A name for the statement in messages: 'SELECT' (a query) or the kind of statement ('UPDATE',
-    'DROP', 'REINDEX', ...); None if sqlglot cannot parse it. Whether it writes is SQLite's call
+    'DROP', 'REINDEX', ...); None if sqlglot cannot parse it. Whether it writes is the engine's call
     (check_sql), not this one."""
-    tree = parse(sql)
+    tree = parse(sql, dialect)
     if tree is None:
         return None
     if isinstance(tree, (exp.Query, exp.Values)) and not any(isinstance(node, _WRITE_NODES) for node in tree.walk()):
@@ -258,7 +263,7 @@ def format_sql(sql: str) -> str:
         return sql.strip()
 
 
-def unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
+def unknown_identifiers(sql: str, tables: dict[str, list[str]], dialect: str = "sqlite") -> list[str]:
     """Tables and columns the SQL names that the schema does not have.
 
     Lenient where SQL allows a name without a table behind it: table aliases, CTE names,
@@ -266,13 +271,13 @@ def unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
     double-quoted names that are no column at all (SQLite then reads them as strings).
     """
     try:
-        return _unknown_identifiers(sql, tables)
+        return _unknown_identifiers(sql, tables, dialect)
     except RecursionError:  # a tree too deep to walk: SQLite's own error says enough
         return []
 
 
-def _unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
-    tree = parse(sql)
+def _unknown_identifiers(sql: str, tables: dict[str, list[str]], dialect: str) -> list[str]:
+    tree = parse(sql, dialect)
     if tree is None or not isinstance(tree, (exp.Query, exp.Values, exp.DML, exp.DDL, exp.Drop, exp.Alter)):
         return []  # not a statement that names tables and columns
     schema = {name.lower(): {c.lower() for c in columns} for name, columns in tables.items()}
@@ -326,25 +331,46 @@ def _unknown_identifiers(sql: str, tables: dict[str, list[str]]) -> list[str]:
     return list(dict.fromkeys(unknown))
 
 
-def _jsonable(value):
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
+def jsonable(value):
+    """A result value as JSON carries it: bytes as hex, dates and times as ISO text, decimals as
+    numbers, lists and structs (DuckDB) element by element, anything else as its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() and abs(value) < 2**63 else float(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return str(value)  # UUID, timedelta, ...
 
 
 def _run(conn: sqlite3.Connection, sql: str, budget: Budget, max_rows: int) -> tuple[list[str], list[list], bool]:
     """At most `max_rows` rows and MAX_RESULT_BYTES of values, read-only, within the budget."""
-    rows, size = [], 0
     with authorizer(conn, _run_authorizer), time_limit(conn, budget):
-        cursor = conn.execute(sql)
-        columns = [d[0] for d in cursor.description or []]
-        for row in cursor:
+        return fetch_capped(conn.execute(sql), max_rows)
+
+
+def fetch_capped(cursor, max_rows: int) -> tuple[list[str], list[list], bool]:
+    """(columns, rows, truncated) of an executed DB-API cursor (SQLite's or DuckDB's): at most
+    `max_rows` rows and MAX_RESULT_BYTES of values, fetched no further than needed."""
+    columns = [d[0] for d in cursor.description or []]
+    rows, size = [], 0
+    while batch := cursor.fetchmany(min(64, max_rows + 1 - len(rows))):
+        for row in batch:
             if len(rows) == max_rows:
                 return columns, rows, True
-            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+            row = [jsonable(v) for v in row]
+            size += sum(len(v) if isinstance(v, str) else len(str(v)) if isinstance(v, (list, dict)) else 8 for v in row)
             if size > MAX_RESULT_BYTES:
                 return columns, rows, True
-            rows.append([_jsonable(v) for v in row])
+            rows.append(row)
     return columns, rows, False
 
 
@@ -384,21 +410,27 @@ def classify(conn: sqlite3.Connection, sql: str, budget: Budget) -> tuple[str | 
     return None, writes, any(op == "ResultRow" for op, _ in opcodes)
 
 
+def new_result(sql, dialect: str = "sqlite") -> CheckResult:
+    """The result every engine's check starts from: `sql` without its final ';', or an error already
+    when it is no text, empty or too long to check."""
+    problem = text_problem(sql, "SQL")
+    result = CheckResult(sql=sql.strip().rstrip(";").strip() if not problem else (sql if isinstance(sql, str) else ""),
+                         dialect=dialect)
+    if problem:
+        result.error = problem
+    elif not result.sql:
+        result.error = "No SQL to check."
+    elif len(result.sql) > MAX_SQL_CHARS:
+        result.error = f"The SQL is {len(result.sql):,} characters long; at most {MAX_SQL_CHARS:,} are checked."
+    return result
+
+
 def check_sql(sql: str, schema: "str | Database", seconds: float = TIME_LIMIT_S, max_rows: int = MAX_ROWS) -> CheckResult:
     """Is `sql` valid for `schema`? Which names does it use that the schema lacks? If the schema
     holds rows and `sql` only reads, what does it return (at most `max_rows` rows)? `schema` is the
     text, or a Database already open for this request (its budget then bounds the time; it stays open)."""
-    problem = text_problem(sql, "SQL")
-    result = CheckResult(sql=sql.strip().rstrip(";").strip() if not problem else (sql if isinstance(sql, str) else ""))
-    if problem:
-        result.error = problem
-        return result
-    sql = result.sql
-    if not sql:
-        result.error = "No SQL to check."
-        return result
-    if len(sql) > MAX_SQL_CHARS:
-        result.error = f"The SQL is {len(sql):,} characters long; at most {MAX_SQL_CHARS:,} are checked."
+    result = new_result(sql)
+    if result.error:
         return result
     if isinstance(schema, Database):
         database = schema
