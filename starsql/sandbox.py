@@ -1,9 +1,9 @@
 """The read-only SQLite sandbox that generated SQL runs in: the app's schema check and the
 evaluation harness share one definition of "only reads" and one time limit.
 
-`open_limited` adds the app's bounds on an in-memory database that holds untrusted SQL: SQLite's
-own limits (value length, SQL length, expression depth, columns, ...), a cap on the database's
-size, and a `printf`/`format` whose width and precision are capped (SQLite's builtin spends seconds
+`open_limited` adds the app's bounds on an in-memory database (or an uploaded file, read-only)
+that holds untrusted SQL: SQLite's own limits (value length, SQL length, expression depth,
+columns, ...), a cap on the database's size, and a `printf`/`format` whose width and precision are capped (SQLite's builtin spends seconds
 on `printf('%.*c', 2147483647, 'x')` without ever reaching the progress handler). `limit_heap`
 caps all of SQLite's memory in the process, for a server that runs several sandboxes at once.
 """
@@ -13,6 +13,8 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
 
 READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
@@ -121,13 +123,23 @@ def _capped_printf(name: str):
     return printf
 
 
-def open_limited(max_db_bytes: int = MAX_DB_BYTES) -> sqlite3.Connection:
+def open_limited(max_db_bytes: int = MAX_DB_BYTES, path: "str | Path | None" = None) -> sqlite3.Connection:
     """A fresh in-memory database with LIMITS, at most `max_db_bytes` of pages, temporary
-    structures in memory (under the heap limit, not on disk) and a capped printf/format."""
-    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    structures in memory (under the heap limit, not on disk) and a capped printf/format.
+
+    With `path`, that SQLite file instead, opened read-only (`mode=ro`) and immutable: SQLite then
+    neither locks it nor looks for a journal or WAL file beside it, so nothing is ever written next to
+    it. Only for a file nobody changes while it is open (an upload's own copy); `PRAGMA query_only`
+    refuses writes once more."""
+    if path is None:
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    else:
+        uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only = ON")
     for limit, value in LIMITS.items():
         conn.setlimit(limit, value)
-    conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
+    conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")  # no effect on an existing file
     conn.execute("PRAGMA temp_store = MEMORY")
     for schema in ("main", "temp"):  # CREATE TEMP TABLE fills the temp database
         conn.execute(f"PRAGMA {schema}.max_page_count = {max(1, max_db_bytes // PAGE_BYTES)}")
