@@ -3,9 +3,10 @@ evaluation harness share one definition of "only reads" and one time limit.
 
 `open_limited` adds the app's bounds on an in-memory database (or an uploaded file, read-only)
 that holds untrusted SQL: SQLite's own limits (value length, SQL length, expression depth,
-columns, ...), a cap on the database's size, and a `printf`/`format` whose width and precision are capped (SQLite's builtin spends seconds
-on `printf('%.*c', 2147483647, 'x')` without ever reaching the progress handler). `limit_heap`
-caps all of SQLite's memory in the process, for a server that runs several sandboxes at once.
+columns, ...), a cap on the database's size, and a `printf`/`format` whose width and precision are
+capped (SQLite's builtin spends seconds on `printf('%.*c', 2147483647, 'x')` without ever reaching
+the progress handler). `limit_heap` caps all of SQLite's memory in the process, for a server that
+runs several sandboxes at once.
 """
 
 import re
