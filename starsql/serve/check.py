@@ -10,6 +10,10 @@ rows. Only a statement that returns rows and does nothing but read is run, on th
 there are any, read-only (authorizer and `PRAGMA query_only`), under the time limit and caps on rows
 and bytes. Identifiers the SQL uses but the schema lacks are listed (sqlglot reads the SQL, PRAGMA
 table_info the schema). Nothing generated ever touches a real database.
+
+`open_database(path=...)` opens an uploaded SQLite file instead, read-only with the same limits;
+other dialects, uploads and live databases go through starsql/db/workspace.py, which calls this
+module for SQLite and starsql/db/duck.py for DuckDB.
 """
 
 import datetime
@@ -18,6 +22,7 @@ import logging
 import re
 import sqlite3
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import sqlglot
 from sqlglot import exp
@@ -196,10 +201,11 @@ class Database:
         self.conn.close()
 
 
-def open_database(schema: str, seconds: "float | Budget" = TIME_LIMIT_S) -> Database:
-    """Load `schema` and list it, all under one budget. Raises SchemaError."""
+def open_database(schema: str, seconds: "float | Budget" = TIME_LIMIT_S, path: "str | Path | None" = None) -> Database:
+    """Load `schema` and list it, all under one budget; or, given `path`, open that SQLite file
+    read-only with the same limits (an upload; `schema` is then not used). Raises SchemaError."""
     budget = seconds if isinstance(seconds, Budget) else Budget(seconds)
-    conn = load_schema(schema, budget)
+    conn = load_schema(schema, budget) if path is None else open_limited(path=path)
     try:
         return Database(conn, schema_tables(conn, budget), sum(row_counts(conn, budget).values()), budget)
     except BaseException:

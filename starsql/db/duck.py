@@ -1,0 +1,291 @@
+"""The DuckDB sandbox: SQL of the PostgreSQL-like dialects checked and run with the same guarantees
+as the SQLite one (starsql/sandbox.py, starsql/serve/check.py).
+
+A connection is in-memory (a dump loaded into it) or a database file opened read-only. It gets a
+memory limit, one thread, no temporary directory (nothing spills to disk), then no access to files,
+extensions or settings (`enable_external_access = false`, `lock_configuration = true`): whatever the
+SQL says, it reads only what was loaded. DuckDB's own parser says what a statement is
+(`extract_statements`): only a SELECT is run, inside a transaction that is rolled back, under the
+shared time Budget (a watchdog calls `conn.interrupt()`) and caps on rows and bytes. Anything else is
+compiled with EXPLAIN, never executed, or refused outright when it would touch files or settings.
+"""
+
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from ..sandbox import Budget
+from ..schema import Column, ForeignKey, Table
+from ..serve.check import CheckResult, SchemaError, fetch_capped
+from .live import sqlite_type
+
+MAX_MEMORY_BYTES = 256 * 2**20  # one connection's memory (DuckDB's buffer manager): data and query together
+THREADS = 1
+WATCH_S = 0.02  # how often the watchdog looks at the deadline and the Stop button
+
+# Statements that run: queries only (SHOW, DESCRIBE, SUMMARIZE and FROM-first queries are SELECTs too).
+READ = duckdb.StatementType.SELECT
+# Statements refused without being compiled: they reach files, extensions, settings or prepared state.
+REFUSED = {getattr(duckdb.StatementType, name) for name in (
+    "ATTACH", "DETACH", "PRAGMA", "SET", "VARIABLE_SET", "LOAD", "EXTENSION", "COPY", "COPY_DATABASE", "EXPORT",
+    "CALL", "PREPARE", "EXECUTE", "EXPLAIN", "LOGICAL_PLAN", "RELATION", "INVALID")}
+# A type name as a dump spells it (after the DUMPS normalisation): a word or two and optional (p[, s]).
+_TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*( [A-Za-z][A-Za-z0-9_]*)*\s*(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def open_duck(path: "str | Path | None" = None, settings: tuple[str, ...] = ()) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB (or the DuckDB file at `path`, read-only) with the memory limit, one thread,
+    no spilling to disk and no extension autoloading. `settings` (a dialect's ENGINE_SETTINGS) run
+    before `lock` freezes them; loading data in between is the caller's (`load_tables`)."""
+    config = {"memory_limit": f"{MAX_MEMORY_BYTES // 2**20}MB", "threads": THREADS, "temp_directory": "",
+              "autoload_known_extensions": False, "autoinstall_known_extensions": False}
+    conn = duckdb.connect(str(path) if path else ":memory:", read_only=path is not None, config=config)
+    try:
+        for statement in settings:
+            conn.execute(statement)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def lock(conn: duckdb.DuckDBPyConnection) -> None:
+    """No files, extensions or settings from now on: what user SQL meets."""
+    conn.execute("SET enable_external_access = false")
+    conn.execute("SET lock_configuration = true")
+
+
+@contextmanager
+def time_limit(conn: duckdb.DuckDBPyConnection, budget: Budget):
+    """Interrupt whatever `conn` runs once the budget is spent or cancelled (DuckDB raises
+    InterruptException); the time used is taken from the budget."""
+    start = time.monotonic()
+    deadline, done = start + budget.left, threading.Event()
+
+    def watch():
+        while not done.wait(WATCH_S):
+            if time.monotonic() > deadline or budget.stopped():
+                conn.interrupt()
+                return
+
+    watchdog = threading.Thread(target=watch, daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watchdog.join()
+        budget.left = max(0.0, budget.left - (time.monotonic() - start))
+
+
+def message(error: BaseException, budget: Budget) -> str:
+    """DuckDB's error in words a user can act on: its first paragraph, without the error class noise."""
+    if isinstance(error, duckdb.InterruptException):
+        return "stopped" if budget.stopped() else f"stopped after {budget.seconds:g} s (time limit)"
+    if isinstance(error, (duckdb.OutOfMemoryException, MemoryError)):
+        return (f"ran out of memory (the sandbox's {MAX_MEMORY_BYTES // 2**20} MB); "
+                "make the data or the query smaller")
+    if isinstance(error, duckdb.PermissionException):
+        return "Not allowed here: files, extensions and settings are off limits; nothing was run."
+    return " ".join(str(error).split("\n\n")[0].split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading tables and reading them back
+
+
+def engine_type(conn: duckdb.DuckDBPyConnection, type_name: str) -> str:
+    """The DuckDB type for a dump's column type: INTEGER widened to BIGINT (SQLite's and MySQL's
+    integers are 64-bit), a name DuckDB knows as is, anything else VARCHAR."""
+    name = (type_name or "").strip().upper()
+    if name in ("INT", "INTEGER", "MEDIUMINT"):
+        return "BIGINT"
+    if not _TYPE_NAME.fullmatch(name):
+        return "VARCHAR"
+    try:
+        conn.execute(f"SELECT CAST(NULL AS {name})")
+        return name
+    except duckdb.Error:
+        return "VARCHAR"
+
+
+def _arrow_column(values: list) -> pa.Array:
+    """One column's values as Arrow; mixed types (text in a number column) as text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([None if v is None else v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                         for v in values], pa.string())
+
+
+def insert_rows(conn: duckdb.DuckDBPyConnection, table: str, columns: list[str], rows: list[tuple]) -> None:
+    """Append `rows` (tuples in column order) to `table`; DuckDB casts each value to its column's type."""
+    data = pa.table({f"c{i}": _arrow_column([row[i] if i < len(row) else None for row in rows])
+                     for i in range(len(columns))})
+    conn.register("starsql_rows", data)
+    try:
+        conn.execute(f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) SELECT * FROM starsql_rows")
+    finally:
+        conn.unregister("starsql_rows")
+
+
+def load_tables(conn: duckdb.DuckDBPyConnection, tables: list[Table], rows: dict[str, list[tuple]],
+                budget: Budget) -> None:
+    """Create `tables` (views too, as tables of their columns) and insert their rows, under the
+    budget. Raises SchemaError naming the table that does not load."""
+    with time_limit(conn, budget):
+        for table in tables:
+            try:
+                columns = ", ".join(f"{quote(c.name)} {engine_type(conn, c.type)}" for c in table.columns)
+                conn.execute(f"CREATE TABLE {quote(table.name)} ({columns})")
+                if rows.get(table.name):
+                    insert_rows(conn, table.name, table.column_names(), rows[table.name])
+            except (duckdb.Error, MemoryError) as error:
+                raise SchemaError(0, "", f"table `{table.name}` does not load into DuckDB: {message(error, budget)}") from None
+
+
+def duck_tables(conn: duckdb.DuckDBPyConnection) -> list[Table]:
+    """The tables and views of the main schema of `conn`'s database, with primary and foreign keys and
+    the SQLite-style type names every schema shows the model."""
+    tables: dict[str, Table] = {}
+    for name, kind in conn.execute(
+            "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = 'main' "
+            "AND table_catalog = current_database() ORDER BY table_type, table_name").fetchall():
+        tables[name] = Table(name, [], view=kind == "VIEW")
+    for name, column, column_type in conn.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_catalog = current_database() ORDER BY table_name, ordinal_position").fetchall():
+        if name in tables:
+            tables[name].columns.append(Column(column, sqlite_type(column_type, "duckdb")))
+    for name, kind, columns, ref_table, ref_columns in conn.execute(
+            "SELECT table_name, constraint_type, constraint_column_names, referenced_table, referenced_column_names "
+            "FROM duckdb_constraints() WHERE schema_name = 'main' AND database_name = current_database() "
+            "AND constraint_type IN ('PRIMARY KEY', 'FOREIGN KEY')").fetchall():
+        if name not in tables:
+            continue
+        if kind == "PRIMARY KEY":
+            tables[name].primary_key = list(columns)
+        else:
+            tables[name].foreign_keys.append(ForeignKey(list(columns), ref_table, list(ref_columns) or list(columns)))
+    return list(tables.values())
+
+
+def row_count(conn: duckdb.DuckDBPyConnection, tables: list[Table], budget: Budget) -> int:
+    """Rows in all base tables together, under the budget."""
+    with time_limit(conn, budget):
+        try:
+            return sum(conn.execute(f"SELECT count(*) FROM {quote(t.name)}").fetchone()[0] for t in tables if not t.view)
+        except (duckdb.Error, MemoryError) as error:
+            raise SchemaError(0, "", message(error, budget)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and running SQL
+
+
+@dataclass
+class DuckDatabase:
+    """A DuckDB connection ready for one request's checks: its tables' columns (for unknown
+    identifiers), its row count and the budget every step spends. Close it when the request ends."""
+    conn: duckdb.DuckDBPyConnection
+    tables: dict[str, list[str]]
+    rows: int
+    budget: Budget
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(tables: list[Table], budget: Budget, path: "str | Path | None" = None,
+                  rows: dict[str, list[tuple]] | None = None, settings: tuple[str, ...] = ()) -> DuckDatabase:
+    """`tables` with their `rows` loaded into a fresh in-memory DuckDB, or the DuckDB file at `path`
+    (read-only; `tables` then describes it), locked for user SQL. Raises SchemaError."""
+    conn = open_duck(path, settings)
+    try:
+        if path is None:
+            load_tables(conn, tables, rows or {}, budget)
+            count = sum(len(rows.get(t.name, ())) for t in tables) if rows else 0
+        else:
+            count = row_count(conn, tables, budget)
+        lock(conn)
+        return DuckDatabase(conn, {t.name: t.column_names() for t in tables}, count, budget)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def classify(conn: duckdb.DuckDBPyConnection, sql: str, budget: Budget) -> tuple[str | None, bool, bool]:
+    """(error or None, writes: it is no query, query: it returns rows and only reads), as DuckDB's
+    parser and planner see `sql` (one statement). A non-query is compiled with EXPLAIN, never run."""
+    try:
+        (statement,) = conn.extract_statements(sql)
+    except duckdb.Error as error:
+        return message(error, budget), False, False
+    if statement.type in REFUSED:
+        return (f"Not allowed here: {statement.type.name} (only queries run; files, extensions and settings "
+                "are off limits); nothing was run."), True, False
+    try:
+        with time_limit(conn, budget):
+            conn.execute("EXPLAIN " + sql).fetchall()
+    except (duckdb.Error, MemoryError) as error:
+        if statement.type != READ and "read-only mode" in str(error):
+            return None, True, False  # a file opened read-only refuses to plan a write at all: it writes
+        return message(error, budget), statement.type != READ, False
+    return None, statement.type != READ, statement.type == READ
+
+
+def run(conn: duckdb.DuckDBPyConnection, sql: str, budget: Budget, max_rows: int) -> tuple[list[str], list[list], bool]:
+    """A query's first `max_rows` rows (and MAX_RESULT_BYTES), in a transaction that is rolled back."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        with time_limit(conn, budget):
+            return fetch_capped(conn.execute(sql), max_rows)
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def check(result: CheckResult, engine_sql: str, database: DuckDatabase, max_rows: int) -> CheckResult:
+    """Fill in `result` (started by check.new_result on the user's SQL) for `engine_sql`, that SQL as
+    DuckDB runs it: valid, writes, and the rows when it is a query and there are rows to run it on."""
+    conn, budget = database.conn, database.budget
+    try:
+        statements = conn.extract_statements(engine_sql)
+    except duckdb.Error as error:
+        result.error = message(error, budget)
+        return result
+    if len(statements) > 1:
+        result.writes_data = any(s.type != READ for s in statements)
+        result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
+        return result
+    error, writes, query = classify(conn, engine_sql, budget)
+    result.writes_data = writes
+    result.stopped = budget.stopped()
+    if error:
+        result.error = error
+        return result
+    result.valid = True
+    if writes or not query:
+        result.writes_data = True
+        result.error = "This statement would change the database, so it was not run."
+        return result
+    if database.rows == 0:
+        return result  # no rows to run it on: compiled only, as on SQLite
+    try:
+        result.columns, result.rows, result.truncated = run(conn, engine_sql, budget, max_rows)
+    except (duckdb.Error, MemoryError) as error:
+        result.stopped = budget.stopped()
+        if isinstance(error, duckdb.InterruptException) and not result.stopped:
+            result.error = f"Stopped after {budget.seconds:g} s: the query ran too long on the rows."
+        else:
+            result.error = message(error, budget)
+    return result

@@ -1,0 +1,453 @@
+"""Uploaded databases: a SQLite file (.sqlite/.db), a DuckDB file (.duckdb), or data files (CSV,
+Parquet, JSON lines: one table per file, named after the file, read through DuckDB).
+
+An upload is looked at once (its SHA-256 names it): a database file's header, integrity and tables;
+data files are read into a DuckDB file. When the dialect's engine is not the one that reads the
+upload as it is (a SQLite file checked as PostgreSQL runs on DuckDB; a DuckDB file checked as SQLite
+on SQLite), the data is copied into that engine's file once, in a cache under the temp directory, and
+every later request opens that copy. Engines open files read-only; the uploaded file itself is never
+written, and a bad file raises UploadError before anything is kept.
+"""
+
+import csv
+import datetime
+import decimal
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import duckdb
+import pyarrow as pa
+
+from ..sandbox import Budget, time_limit
+from ..schema import Table, render_table, sqlite_tables
+from . import duck
+
+MAX_UPLOAD_BYTES = 50 * 2**20  # one uploaded file
+MAX_FILES = 20  # data files in one upload
+PREPARE_LIMIT_S = 30.0  # once per upload: checking a file, reading data files, copying into the other engine
+MAX_COPY_BYTES = 4 * MAX_UPLOAD_BYTES  # a copy in the other engine's format
+MAX_CACHE_BYTES = 2 * 2**30  # all copies together; the oldest go first
+CACHE_DIR = Path(tempfile.gettempdir()) / "starsql-uploads"
+BATCH_ROWS = 10_000  # rows per step of a copy: memory stays small whatever the table's size
+
+DATABASE_SUFFIXES = {".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite", ".duckdb": "duckdb"}
+DATA_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of a DuckDB file
+
+
+class UploadError(ValueError):
+    """What is wrong with an uploaded file and what to do; nothing of it was kept."""
+
+
+@dataclass
+class Upload:
+    """One upload, checked: the engine that reads it as uploaded ("sqlite" or "duckdb"), its tables
+    (as the prompt shows them, keys included) and the files behind it."""
+    key: str  # SHA-256 of the files' names and contents
+    native: str
+    tables: list[Table]
+    paths: list[Path]
+    data_files: bool  # CSV/Parquet/JSON lines (their DuckDB file is a copy in the cache)
+
+
+_checked: dict[str, tuple[str, list[Table]]] = {}  # key -> (native engine, tables): each upload is read once
+_hashes: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256
+_build_lock = threading.Lock()
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**20:g} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def table_name(path: Path) -> str:
+    """A data file's table: its name without the extension, in letters, digits and underscores."""
+    name = re.sub(r"\W+", "_", path.stem).strip("_") or "data"
+    return "t_" + name if name[0].isdigit() else name
+
+
+def _paths(database) -> list[Path]:
+    items = database if isinstance(database, (list, tuple)) else [database]
+    paths = [Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
+             if not isinstance(item, (str, Path)) else Path(item) for item in items]
+    if not paths:
+        raise UploadError("No file was uploaded.")
+    return paths
+
+
+def _check_file(path: Path) -> str:
+    """The file's kind by its extension, after the checks every upload gets."""
+    kind = DATABASE_SUFFIXES.get(path.suffix.lower()) or DATA_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        known = ", ".join(sorted(DATABASE_SUFFIXES) + sorted(DATA_SUFFIXES))
+        raise UploadError(f"`{path.name}`: unsupported file type {path.suffix or '(no extension)'!r}; "
+                          f"upload one of {known}.")
+    if not path.is_file():
+        raise UploadError(f"`{path.name}` was not found; upload it again.")
+    size = path.stat().st_size
+    if size == 0:
+        raise UploadError(f"`{path.name}` is empty (0 bytes); upload the file with its data.")
+    if size > MAX_UPLOAD_BYTES:
+        raise UploadError(f"`{path.name}` is {size:,} bytes, over the limit of {_size_text(MAX_UPLOAD_BYTES)} per "
+                          "file: upload a smaller extract of the data.")
+    return kind
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    known = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if known not in _hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(2**20):
+                digest.update(chunk)
+        _hashes[known] = digest.hexdigest()
+    return _hashes[known]
+
+
+def read_upload(database) -> Upload:
+    """Check an upload (a path, or a list of data file paths) and read its tables; the work is done
+    once per upload, later calls find it by the files' hash. Raises UploadError."""
+    paths = _paths(database)
+    kinds = [_check_file(path) for path in paths]
+    database_files = [p for p, kind in zip(paths, kinds) if kind in ("sqlite", "duckdb")]
+    if database_files and len(paths) > 1:
+        raise UploadError("Upload one database file (.sqlite, .db or .duckdb) on its own, or data files "
+                          "(CSV, Parquet, JSON lines), not several files with a database.")
+    if len(paths) > MAX_FILES:
+        raise UploadError(f"{len(paths)} files were uploaded; at most {MAX_FILES} data files are accepted.")
+    names = [table_name(p) for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if not database_files and twice:
+        raise UploadError(f"Several files would become table `{twice[0]}`: rename them so each file name is different.")
+    digest = hashlib.sha256()
+    for path, kind, name in zip(paths, kinds, names):
+        digest.update(f"{kind}:{name}:{_sha256(path)};".encode())
+    key = digest.hexdigest()
+    if key not in _checked:
+        if kinds[0] == "sqlite":
+            _checked[key] = ("sqlite", _inspect_sqlite(paths[0]))
+        elif kinds[0] == "duckdb":
+            _checked[key] = ("duckdb", _inspect_duckdb(paths[0]))
+        else:
+            copy = _build(key, "duckdb", lambda target: _data_to_duckdb(paths, kinds, names, target))
+            _checked[key] = ("duckdb", _duckdb_tables(copy))
+    native, tables = _checked[key]
+    return Upload(key, native, tables, paths, data_files=not database_files)
+
+
+def engine_file(upload: Upload, engine: str) -> Path:
+    """The file `engine` ("sqlite" or "duckdb") opens read-only for this upload: the uploaded
+    database itself, or its copy in that engine's format, made on first use."""
+    if engine == upload.native and not upload.data_files:
+        return upload.paths[0]
+    source = upload.paths[0]
+    if upload.data_files:  # read into DuckDB first (again, if the cache dropped that copy)
+        source = _build(upload.key, "duckdb", lambda target: _data_to_duckdb(
+            upload.paths, [_check_file(p) for p in upload.paths], [table_name(p) for p in upload.paths], target))
+        if engine == "duckdb":
+            return source
+    if engine == "duckdb":
+        return _build(upload.key, "duckdb", lambda target: _sqlite_to_duckdb(source, upload.tables, target))
+    return _build(upload.key, "sqlite", lambda target: _duckdb_to_sqlite(source, upload.tables, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking database files
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(16)
+
+
+def _open_sqlite(path: Path) -> sqlite3.Connection:
+    """Read-only and immutable (nothing is written beside it), like the sandbox's open_limited(path=...)
+    but without its limits on value sizes: copies read every value as it is."""
+    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+
+def _inspect_sqlite(path: Path) -> list[Table]:
+    header = _header(path)
+    if header != SQLITE_HEADER:
+        if header[8:12] == DUCKDB_MAGIC:
+            raise UploadError(f"`{path.name}` is a DuckDB database, not SQLite: rename it to end in .duckdb.")
+        raise UploadError(f"`{path.name}` is not a SQLite database (or it is encrypted): upload an unencrypted "
+                          "SQLite file (.sqlite or .db), or export the data as CSV or Parquet.")
+    conn = _open_sqlite(path)
+    try:
+        with time_limit(conn, Budget(PREPARE_LIMIT_S)):
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise UploadError(f"`{path.name}` is a damaged SQLite database ({'; '.join(problems)[:300]}): "
+                                  "upload an intact copy (sqlite3 file.db .recover can rescue data).")
+            tables = sqlite_tables(conn)
+    except sqlite3.Error as error:
+        raise UploadError(f"`{path.name}` cannot be read as a SQLite database ({error}): it may be damaged, "
+                          "encrypted or still being written; upload an intact, unencrypted copy.") from None
+    finally:
+        conn.close()
+    if not tables:
+        raise UploadError(f"`{path.name}` has no tables: upload a database with data.")
+    return tables
+
+
+def _duckdb_tables(path: Path) -> list[Table]:
+    conn = duck.open_duck(path)
+    try:
+        return duck.duck_tables(conn)
+    finally:
+        conn.close()
+
+
+def _inspect_duckdb(path: Path) -> list[Table]:
+    if _header(path)[8:12] != DUCKDB_MAGIC:
+        hint = " It is a SQLite file: rename it to end in .sqlite." if _header(path) == SQLITE_HEADER else ""
+        raise UploadError(f"`{path.name}` is not a DuckDB database.{hint or ' Upload a file that DuckDB wrote.'}")
+    try:
+        tables = _duckdb_tables(path)
+    except duckdb.Error as error:
+        raise UploadError(f"`{path.name}` cannot be read as a DuckDB database ({duck.message(error, Budget(0))}): "
+                          "it may be damaged, encrypted or written by a newer DuckDB.") from None
+    if not tables:
+        raise UploadError(f"`{path.name}` has no tables in its main schema: upload a database with data.")
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies, made once per upload and engine
+
+
+def _build(key: str, engine: str, write) -> Path:
+    """CACHE_DIR/<key>.<engine>, written by `write(temporary path)` unless it is there already; a
+    failed write leaves nothing behind."""
+    target = CACHE_DIR / f"{key}.{engine}"
+    with _build_lock:
+        if target.exists():
+            os.utime(target)  # recently used: evicted last
+            return target
+        CACHE_DIR.mkdir(mode=0o700, exist_ok=True)
+        temporary = CACHE_DIR / f"{key}.{os.getpid()}.tmp.{engine}"
+        try:
+            write(temporary)
+            os.replace(temporary, target)
+        finally:
+            for leftover in (temporary, Path(f"{temporary}.wal")):
+                leftover.unlink(missing_ok=True)
+        _evict(keep=target)
+    return target
+
+
+def _evict(keep: Path) -> None:
+    files = sorted((p for p in CACHE_DIR.iterdir() if p.is_file() and ".tmp." not in p.name), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    for path in files:
+        if total <= MAX_CACHE_BYTES:
+            break
+        if path != keep:
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+class _Deadline:
+    def __init__(self, what: str):
+        self.what, self.end = what, time.monotonic() + PREPARE_LIMIT_S
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise UploadError(f"Reading {self.what} took longer than {PREPARE_LIMIT_S:g} s: upload a smaller extract.")
+
+    def budget(self) -> Budget:
+        return Budget(max(0.0, self.end - time.monotonic()))
+
+
+def _copy_connection(path: Path) -> duckdb.DuckDBPyConnection:
+    """A writable DuckDB file for a copy, with the sandbox's memory limit; only our own SQL runs on it."""
+    return duckdb.connect(str(path), config={"memory_limit": f"{duck.MAX_MEMORY_BYTES // 2**20}MB",
+                                             "threads": duck.THREADS, "temp_directory": "",
+                                             "autoload_known_extensions": False, "autoinstall_known_extensions": False})
+
+
+def _csv_delimiter(path: Path) -> str:
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with open(path, newline="", encoding="utf-8", errors="replace") as file:
+        sample = file.read(64 * 1024)
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def _check_csv(path: Path, delimiter: str, deadline: _Deadline) -> None:
+    """Every row has as many values as the header (DuckDB's reader would guess around ragged rows)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.reader(file, delimiter=delimiter)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise UploadError(f"`{path.name}` has no header row: its first line must name the columns.")
+            for number, record in enumerate(reader):
+                if record and len(record) != len(header):
+                    raise UploadError(
+                        f"`{path.name}` line {reader.line_num} has {len(record)} values but the header has "
+                        f"{len(header)}: make every row have the same number of columns (quote values that "
+                        f"contain {'a tab' if delimiter == chr(9) else repr(delimiter)}).")
+                if number % 100_000 == 0:
+                    deadline.check()
+    except UnicodeDecodeError as error:
+        raise UploadError(f"`{path.name}` is not UTF-8 text (byte {error.start + 1}): save it as UTF-8 CSV.") from None
+    except csv.Error as error:
+        raise UploadError(f"`{path.name}` is not a readable CSV file ({error}): upload CSV text.") from None
+
+
+def _data_to_duckdb(paths: list[Path], kinds: list[str], names: list[str], target: Path) -> None:
+    deadline = _Deadline("the data files")
+    conn = _copy_connection(target)
+    try:
+        for path, kind, name in zip(paths, kinds, names):
+            if kind == "csv":
+                delimiter = _csv_delimiter(path)
+                _check_csv(path, delimiter, deadline)
+                reader = "read_csv(?, delim = ?, header = true, quote = '\"', escape = '\"', sample_size = -1)"
+                parameters = [str(path), delimiter]
+            elif kind == "parquet":
+                reader, parameters = "read_parquet(?)", [str(path)]
+            else:
+                reader, parameters = "read_json(?, format = 'newline_delimited')", [str(path)]
+            try:
+                with duck.time_limit(conn, deadline.budget()):
+                    conn.execute(f"CREATE TABLE {duck.quote(name)} AS SELECT * FROM {reader}", parameters)
+            except (duckdb.Error, MemoryError) as error:
+                what = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON lines (one JSON object per line)"}[kind]
+                raise UploadError(f"`{path.name}` cannot be read as {what}: "
+                                  f"{duck.message(error, deadline.budget()).rstrip('.')}. Check the file's format.") from None
+    finally:
+        conn.close()
+
+
+def _column_plan(conn: sqlite3.Connection, table: Table) -> list[str]:
+    """The DuckDB type of each column of a SQLite table, from the values it holds (SQLite lets a
+    column mix types): text anywhere -> VARCHAR, else blobs -> BLOB, reals -> DOUBLE, integers ->
+    BIGINT; a column of NULLs keeps its declared type where DuckDB knows it."""
+    flags = ", ".join(f"max(typeof({duck.quote(c.name)}) = '{kind}')"
+                      for c in table.columns for kind in ("text", "blob", "real", "integer"))
+    row = conn.execute(f"SELECT {flags} FROM {duck.quote(table.name)}").fetchone()
+    plan = []
+    for index, column in enumerate(table.columns):
+        text, blob, real, integer = (row[4 * index + i] for i in range(4))
+        if text or (blob and (real or integer)):
+            plan.append("VARCHAR")
+        elif blob:
+            plan.append("BLOB")
+        elif real:
+            plan.append("DOUBLE")
+        elif integer:
+            plan.append("BIGINT")
+        else:
+            plan.append(None)  # only NULLs (or no rows)
+    return plan
+
+
+_ARROW = {"VARCHAR": pa.string(), "BLOB": pa.binary(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
+_CONVERT = {"VARCHAR": lambda v: v.decode(errors="replace") if isinstance(v, bytes) else str(v),
+            "BLOB": bytes, "DOUBLE": float, "BIGINT": int}
+# Declared types whose text values become real DATE/TIMESTAMP/BOOLEAN columns when every value converts.
+_TYPED_TEXT = [(re.compile(r"(?i)^date$"), "DATE"), (re.compile(r"(?i)datetime|timestamp"), "TIMESTAMP"),
+               (re.compile(r"(?i)bool"), "BOOLEAN")]
+
+
+def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
+    deadline = _Deadline(f"`{source.name}` into DuckDB")
+    src, conn = _open_sqlite(source), _copy_connection(target)
+    try:
+        with time_limit(src, deadline.budget()):
+            for table in tables:
+                plan = _column_plan(src, table)
+                types = [kind or duck.engine_type(conn, column.type) for kind, column in zip(plan, table.columns)]
+                conn.execute(f"CREATE TABLE {duck.quote(table.name)} ("
+                             + ", ".join(f"{duck.quote(c.name)} {t}" for c, t in zip(table.columns, types)) + ")")
+                cursor = src.execute(f"SELECT * FROM {duck.quote(table.name)}")
+                while batch := cursor.fetchmany(BATCH_ROWS):
+                    deadline.check()
+                    columns = {}
+                    for index, kind in enumerate(plan):
+                        values = [None if row[index] is None or kind is None else _CONVERT[kind](row[index]) for row in batch]
+                        columns[f"c{index}"] = pa.array(values, _ARROW.get(kind, pa.null()))
+                    conn.register("starsql_rows", pa.table(columns))
+                    conn.execute(f"INSERT INTO {duck.quote(table.name)} SELECT * FROM starsql_rows")
+                    conn.unregister("starsql_rows")
+                _type_text_columns(conn, table, types)
+    except sqlite3.Error as error:
+        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {error}.") from None
+    except (duckdb.Error, MemoryError) as error:
+        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {duck.message(error, Budget(0))}.") from None
+    finally:
+        src.close()
+        conn.close()
+
+
+def _type_text_columns(conn: duckdb.DuckDBPyConnection, table: Table, types: list[str]) -> None:
+    """A text column declared DATE, DATETIME/TIMESTAMP or BOOLEAN becomes that type when all its
+    values convert: PostgreSQL-like SQL then compares and extracts as on the user's server."""
+    name = duck.quote(table.name)
+    for column, kind in zip(table.columns, types):
+        target = next((t for pattern, t in _TYPED_TEXT if pattern.search(column.type or "")), None)
+        if target is None or kind == target or kind not in ("VARCHAR", "BIGINT"):
+            continue
+        quoted = duck.quote(column.name)
+        failing = conn.execute(f"SELECT count(*) FROM {name} WHERE {quoted} IS NOT NULL "
+                               f"AND TRY_CAST({quoted} AS {target}) IS NULL").fetchone()[0]
+        if not failing:
+            conn.execute(f"ALTER TABLE {name} ALTER {quoted} TYPE {target}")
+
+
+def _sqlite_value(value):
+    """A DuckDB value as SQLite stores it."""
+    if value is None or isinstance(value, (int, float, str, bytes)):
+        return int(value) if isinstance(value, bool) else value
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
+    deadline = _Deadline(f"`{source.name}` into SQLite")
+    src, conn = duck.open_duck(source), sqlite3.connect(target, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA max_page_count = {MAX_COPY_BYTES // 4096}")
+        conn.execute("BEGIN")
+        with duck.time_limit(src, deadline.budget()):
+            for table in tables:
+                conn.execute(render_table(table))  # the prompt's CREATE TABLE: SQLite-style types and keys
+                cursor = src.execute(f"SELECT * FROM {duck.quote(table.name)}")
+                marks = ", ".join("?" * len(table.columns))
+                while batch := cursor.fetchmany(BATCH_ROWS):
+                    deadline.check()
+                    conn.executemany(f"INSERT INTO {duck.quote(table.name)} VALUES ({marks})",
+                                     [[_sqlite_value(v) for v in row] for row in batch])
+        conn.execute("COMMIT")
+    except sqlite3.Error as error:
+        full = "database or disk is full" in str(error)
+        raise UploadError(f"`{source.name}` could not be copied into SQLite: "
+                          + (f"the copy exceeds {_size_text(MAX_COPY_BYTES)}." if full else f"{error}.")) from None
+    except (duckdb.Error, MemoryError) as error:
+        raise UploadError(f"`{source.name}` could not be copied into SQLite: {duck.message(error, Budget(0))}.") from None
+    finally:
+        src.close()
+        conn.close()
