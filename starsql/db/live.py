@@ -30,6 +30,7 @@ from sqlglot import exp
 from ..sandbox import authorizer, read_only_authorizer, time_limit
 from ..serve.check import fetch_capped, parse, statement_kind
 from ..schema import Column, ForeignKey, Table, sqlite_tables
+from .dumps import sqlite_type as dump_type
 
 CONNECT_TIMEOUT_S = 10.0  # reaching the server and reading its catalog
 SESSION_TIMEOUT_S = 60  # a server-side cap on any statement of our sessions, introspection included
@@ -109,40 +110,16 @@ def _scrubber(url: str):
 # ---------------------------------------------------------------------------------------------
 # Types, as the prompt spells them
 
-_T = exp.DataType.Type
-_CHAR_TYPES = {_T.CHAR, _T.NCHAR, _T.VARCHAR, _T.NVARCHAR, _T.NAME, _T.ENUM, _T.SET, _T.UUID}
-_FLOAT_TYPES = {_T.FLOAT, _T.DOUBLE, _T.UDOUBLE}
-_DATE_TYPES = {_T.DATE, _T.DATE32}
-_TIME_TYPES = {_T.TIME, _T.TIMETZ}
-
 
 def sqlite_type(type_text: str, dialect: str) -> str:
-    """A column type as `dialect` spells it (`character varying(20)`, `int unsigned`, `HUGEINT`), in
-    the SQLite-style names the model was trained on: INTEGER, REAL, NUMERIC, VARCHAR, TEXT, BOOLEAN,
-    DATE, TIME, DATETIME, BLOB (TEXT for anything else: JSON, arrays, user-defined types)."""
+    """A column type as `dialect` spells it (`character varying(20)`, `int unsigned`, `HUGEINT`) in the
+    SQLite-style name a dump of the same column gets (dumps.sqlite_type), so a live database, a dump
+    and a file of one schema give the model the same prompt."""
     try:
-        kind = exp.DataType.build(type_text, dialect=dialect).this
-    except (sqlglot.errors.ParseError, ValueError):
-        return "TEXT"
-    if kind == _T.BOOLEAN:
-        return "BOOLEAN"
-    if kind in exp.DataType.INTEGER_TYPES or kind == _T.YEAR:
-        return "INTEGER"
-    if kind in _FLOAT_TYPES:
-        return "REAL"
-    if kind in exp.DataType.REAL_TYPES:  # decimals and money
-        return "NUMERIC"
-    if kind in _CHAR_TYPES:
-        return "VARCHAR"
-    if kind in _DATE_TYPES:
-        return "DATE"
-    if kind in _TIME_TYPES:
-        return "TIME"
-    if kind in exp.DataType.TEMPORAL_TYPES:
-        return "DATETIME"
-    if kind in exp.DataType.BINARY_TYPES:
-        return "BLOB"
-    return "TEXT"
+        kind = exp.DataType.build(type_text, dialect=dialect, udt=True)
+    except (sqlglot.errors.SqlglotError, ValueError):
+        kind = None  # TEXT
+    return dump_type(kind, dialect)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +213,8 @@ class LiveDatabase:
         except (ImportError, sqlalchemy.exc.NoSuchModuleError):
             raise LiveError(f"No driver for {scheme}:// databases: pip install {package}.", "driver") from None
         except (sqlalchemy.exc.ArgumentError, ValueError) as error:
-            raise LiveError(f"The database URL cannot be read ({self._scrub(error)}): it looks like "
-                            "postgresql://user:password@host:5432/dbname.", "url") from None
+            raise LiveError(f"The database URL cannot be read ({self._scrub(error)}): write it as "
+                            f"{scheme}://user:password@host:port/dbname.", "url") from None
         self.ping()  # a wrong host, password or database name fails here, not at the first query
 
     def __repr__(self) -> str:
@@ -342,10 +319,6 @@ class LiveDatabase:
         return tables
 
     def _type(self, column_type) -> str:
-        import sqlalchemy
-
-        if isinstance(column_type, sqlalchemy.Enum):  # PostgreSQL spells an enum by its own name
-            return "VARCHAR"
         try:
             text = column_type.compile(dialect=self._engine.dialect)
         except Exception:  # a type SQLAlchemy reflects but cannot spell (NullType)
