@@ -13,6 +13,7 @@ started here (for a pytest skip). `dump_postgres` / `dump_mariadb` run the real 
 """
 
 import contextlib
+import ctypes
 import glob
 import os
 import pwd
@@ -76,6 +77,16 @@ def mariadb_available() -> str | None:
     if missing:
         return f"MariaDB binaries not found ({', '.join(missing)}): apt-get install mariadb-server mariadb-client"
     return None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the server's process (preexec_fn): SIGTERM it when the test process dies, even by SIGKILL,
+    which skips every `finally`."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -154,7 +165,8 @@ def postgres_server():
                 [bin_dir / "postgres", "-D", data, "-p", str(port), "-h", "127.0.0.1", "-k", root,
                  "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                  "-c", "shared_buffers=16MB", "-c", "max_connections=40", "-c", "logging_collector=off"],
-                cwd=root, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, **as_owner)
+                cwd=root, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent, **as_owner)
         try:
             def ready() -> bool:
                 return subprocess.run([bin_dir / "pg_isready", "-q", "-h", root, "-p", str(port)],
@@ -191,7 +203,8 @@ def mariadb_server():
              "--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M",
              "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0", "--innodb-flush-method=nosync",
              "--performance-schema=0", "--max-connections=40"],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent)
         try:
             root_client = ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot", "--batch"]
 

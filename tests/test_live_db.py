@@ -1,5 +1,6 @@
 """Live databases: real PostgreSQL and MariaDB servers (tests/servers.py), started once per module."""
 
+import concurrent.futures
 import glob
 import hashlib
 import logging
@@ -197,6 +198,16 @@ def test_a_slow_query_is_stopped_by_the_server(shop):
     # The pooled connection is back to normal: a longer limit lets the next query finish.
     assert db.run("SELECT count(*) FROM orders", seconds=5, max_rows=1) == (["count"] if dialect == "postgres"
                                                                              else ["count(*)"], [[3]], False)
+
+
+def test_requests_at_once_share_the_pool(shop):
+    """More requests at once than the pool keeps open: each gets a connection (overflow) and its rows."""
+    dialect, url, db = shop
+    sleep = {"postgres": "SELECT pg_sleep(0.3), {n} AS n", "mysql": "SELECT SLEEP(0.3), {n} AS n"}[dialect]
+    with concurrent.futures.ThreadPoolExecutor(live.POOL_SIZE + live.POOL_OVERFLOW) as pool:
+        results = list(pool.map(lambda n: live.connect(url).run(sleep.format(n=n), 5, 1)[1][0][1],
+                                range(live.POOL_SIZE + live.POOL_OVERFLOW)))
+    assert results == list(range(live.POOL_SIZE + live.POOL_OVERFLOW))
 
 
 def test_wrong_password_unknown_database_and_closed_port_say_what_to_fix(shop, caplog):
