@@ -191,7 +191,7 @@ def test_a_two_source_mixture_interleaves_by_weight_and_filters_contamination_in
     evalset.write_text(json.dumps([{"question": "How many animals do we have", "db_id": "farm"}]))
     mixture = [
         {"path": str(create_context), "format": "sql-create-context", "weight": 3, "schema_distractors": 1},
-        {"path": str(spider), "format": "spider", "weight": 1, "columns": {"question": "q", "sql": "gold"},
+        {"path": str(spider), "format": "spider", "split": "train", "weight": 1, "columns": {"question": "q", "sql": "gold"},
          "spider_tables": f"zip://spider/tables.json::file://{tmp_path / 'spider.zip'}"},
     ]
     args = DataArguments(datasets=mixture, contamination_eval=str(evalset), eval_fraction=0.1)
@@ -233,3 +233,25 @@ def test_the_summary_gives_prompt_lengths_of_training_spider_dev_and_the_app_exa
     assert lengths["Spider dev (whole schemas)"]["p50"] > lengths["train: sql_create_context_sample.jsonl (sql-create-context)"]["p50"]  # whole schemas are longer
     assert "Spider dev (whole schemas)" in report.summary() and "p99" in report.summary()
     assert report.as_dict()["prompt_lengths"] == lengths
+
+
+@pytest.mark.parametrize("recipe", ["starcoder2-3b-sql.yaml", "starcoder2-3b-sql-fast.yaml"])
+def test_the_recommended_recipes_train_on_the_mixture(recipe):
+    # Parsed as train_sft.py parses them, resolved to their sources without downloading anything.
+    from trl import TrlParser
+
+    from starsql.train.data import mixture_sources
+    from starsql.train.model import ModelArguments
+    from starsql.train.sft import RunArguments, TrainingConfig
+
+    parser = TrlParser((RunArguments, TrainingConfig, ModelArguments, DataArguments))
+    _, training, _, data = parser.parse_args_and_config(["--config", str(ROOT / "configs" / recipe)])
+    (scc, scc_weight), (spider, spider_weight) = mixture_sources(data)
+    assert (scc.dataset_name, scc.dataset_format, scc.schema_distractors) == ("b-mc2/sql-create-context", "sql-create-context", 6)
+    assert (spider.dataset_name, spider.dataset_format, spider.dataset_train_split) == ("xlangai/spider", "spider", "train")
+    assert spider.columns() == {"question": "question", "sql": "query", "db_id": "db_id"}  # xlangai/spider's columns
+    assert spider.spider_tables.startswith("zip://spider/tables.json::hf://datasets/xlangai/spider@")
+    assert scc_weight == 4 * spider_weight and spider.schema_distractors == 0
+    # Whole schemas need room: 2,048-token rows, the same 2,048 tokens an optimizer step per GPU as before.
+    assert training.max_length == 2048
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps * training.max_length in (2048, 8192)

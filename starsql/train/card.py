@@ -108,6 +108,38 @@ print(result["sql"], result["valid"], result["error"])
 """
 
 
+def _source_line(name: str, report: dict) -> str:
+    """One source's counts: loaded, dropped by reason, distractor tables added, rows kept (and mixed)."""
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(report.get("dropped", {}).items())) or "none"
+    line = f"{name} ({report.get('format', '')}); {report.get('loaded', 0):,} rows loaded, dropped: {dropped};"
+    if report.get("distractors_added"):
+        line += (f" {report['distractors_added']:,} distractor tables added to {report['rows_with_distractors']:,}"
+                 " schemas (other tables of the row's database first, then other rows');")
+    line += f" {report.get('train_rows', 0):,} training rows, {report.get('eval_rows', 0):,} eval rows"
+    if report.get("mixture_rows") is not None:
+        line += f"; weight {report['weight']:g}: {report['mixture_rows']:,} rows of the mixture"
+    return line + "."
+
+
+def _data_section(info: CardInfo) -> str:
+    """The data: each source's counts, the mixture, the filters and the prompts' lengths."""
+    report = info.data_report
+    if report.get("sources"):
+        lines = [f"- Data: a mixture of {len(report['sources'])} sources ({report.get('mixture')}); "
+                 f"{report.get('train_rows', 0):,} training rows, {report.get('eval_rows', 0):,} eval rows:"]
+        lines += [f"  - {_source_line(source['source'], source)}" for source in report["sources"]]
+    else:
+        lines = [f"- Data: {_source_line(', '.join(info.datasets), report)}"]
+    if report.get("filters"):
+        lines.append(f"- Filters (every source): {'; '.join(report['filters'])}.")
+    lengths = report.get("prompt_lengths")
+    if lengths:
+        rows = "\n".join(f"| {name} | {p['rows']:,} | {p['p50']:,} | {p['p90']:,} | {p['p99']:,} | {p['max']:,} |"
+                         for name, p in lengths.items())
+        lines.append(f"\nPrompt lengths (tokens):\n\n| prompts | rows | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|---:|\n{rows}\n")
+    return "\n".join(lines)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -115,8 +147,6 @@ def _fmt(value) -> str:
 def render_model_card(info: CardInfo) -> str:
     meta = card_metadata(info).to_yaml()
     hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in info.hyperparameters.items())
-    report = info.data_report
-    dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(report.get("dropped", {}).items())) or "none"
     versions = ", ".join(f"{k} {v}" for k, v in framework_versions().items())
     metrics = "\n".join(f"| {m['dataset']} | {m['name']} | {_fmt(m['value'])} |" for m in info.metrics)
     metrics_section = (
@@ -133,7 +163,7 @@ def render_model_card(info: CardInfo) -> str:
 
 A text-to-SQL {kind} for [{info.base_model}](https://huggingface.co/{info.base_model}): give it CREATE TABLE
 statements and a question in plain English, it writes one SQL query. Trained with TRL's `SFTTrainer`
-on question/schema/SQL pairs, packed into 512-token sequences, loss on the SQL only.
+on question/schema/SQL pairs, packed into {info.hyperparameters.get("max_length", 512)}-token sequences, loss on the SQL only.
 
 ## Prompt template
 
@@ -148,8 +178,7 @@ ends with the tokenizer's EOS token.
 {_usage_snippets(info)}
 {metrics_section}## Training
 
-- Data: {", ".join(info.datasets)} ({report.get("format", "")}); {report.get("loaded", 0):,} rows loaded, dropped: {dropped};
-  {report.get("train_rows", 0):,} training rows, {report.get("eval_rows", 0):,} eval rows.
+{_data_section(info)}
 - Final train loss: {_fmt(info.final_train_loss)}; final eval loss: {_fmt(info.final_eval_loss)}.
 - Hardware: {info.hardware}; wall time: {info.wall_time_s / 60:.1f} min.
 - Frameworks: {versions}.

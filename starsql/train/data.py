@@ -125,8 +125,10 @@ class DataReport:
     rows_with_distractors: int = 0
     weight: float | None = None  # a mixture's source: its weight, and its rows in the mixed training set
     mixture_rows: int | None = None
-    lengths: dict = field(default_factory=dict)  # "training prompts" / "Spider dev" / ... -> percentiles (tokens)
+    lengths: dict = field(default_factory=dict)  # "train: SOURCE" / "Spider dev" / ... -> percentiles (tokens)
     sources: list["DataReport"] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)  # what dropped rows, in words (the card lists them)
+    mixture: str | None = None  # how the sources were mixed, in words
 
     def summary(self) -> str:
         if self.sources:
@@ -172,6 +174,9 @@ class DataReport:
             counts |= {"weight": self.weight, "mixture_rows": self.mixture_rows}
         if self.sources:
             counts["sources"] = [report.as_dict() for report in self.sources]
+            counts["mixture"] = self.mixture
+        if self.filters:
+            counts["filters"] = self.filters
         if self.lengths:
             counts["prompt_lengths"] = self.lengths
         return counts
@@ -498,12 +503,10 @@ def mixture_sources(args: DataArguments) -> list[tuple[DataArguments, float]]:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise ValueError(f"datasets entry {number} ({entry['path']}): weight must be a positive number, got {weight!r}.")
-        source = dataclasses.replace(
-            args, datasets=[], dataset_config=None, dataset_data_dir=None, dataset_train_split="train",
-            dataset_eval_split=None, **{f"{role}_column": columns.get(role) for role in roles},
-            **{SOURCE_KEYS[key]: value for key, value in entry.items() if key in SOURCE_KEYS},
-            **{key: value for key, value in entry.items() if key in SOURCE_OPTIONS},
-        )
+        overrides = {"datasets": [], "dataset_config": None, "dataset_data_dir": None, "dataset_train_split": "train",
+                     "dataset_eval_split": None, **{f"{role}_column": columns.get(role) for role in roles}}
+        overrides |= {SOURCE_KEYS[key]: value for key, value in entry.items() if key in SOURCE_KEYS}
+        source = dataclasses.replace(args, **overrides, **{key: entry[key] for key in SOURCE_OPTIONS if key in entry})
         source.columns()  # a bad format fails here, naming the formats
         sources.append((source, float(weight)))
     if len({source.dataset_format == "raw-sql" for source, _ in sources}) > 1:
@@ -583,6 +586,13 @@ def prepare_datasets(args: DataArguments, tokenizer, max_length: int):
                             dropped=sum((r.dropped for r in reports), Counter()),
                             distractors_added=sum(r.distractors_added for r in reports),
                             rows_with_distractors=sum(r.rows_with_distractors for r in reports))
+        report.mixture = (f"datasets.interleave_datasets, weights {', '.join(f'{w:g}' for _, w in sources)}, "
+                          f"seed {args.mixture_seed}, stopping strategy {args.mixture_stopping_strategy}")
     report.train_rows, report.eval_rows = len(train), len(eval_) if eval_ is not None else 0
     report.lengths = lengths
+    report.filters = ["empty or non-string fields", "exact duplicates"]
+    if report.dataset_format != "raw-sql":
+        report.filters.append(f"prompt + SQL + EOS over {max_length} tokens")
+    if args.contamination_eval:
+        report.filters.append(f"questions or databases shared with {args.contamination_eval}")
     return train, eval_, report

@@ -471,7 +471,7 @@ def _run(run_args, training_args, model_args, data_args, stop: StopOnSignal, tok
     info = CardInfo(
         base_model=model_args.model_name_or_path,
         model_id=repo_id or str(output_dir),
-        datasets=[data_args.dataset_name],
+        datasets=[source["source"] for source in report.as_dict().get("sources", [])] or [data_args.dataset_name],
         hyperparameters=summary["hyperparameters"],
         data_report=report.as_dict(),
         final_train_loss=summary["train_loss_final"],
