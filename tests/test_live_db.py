@@ -297,5 +297,8 @@ def test_sqlite_and_duckdb_files_are_read_only(tmp_path):
                 db.run(sql, 2, 10)
         with pytest.raises(live.LiveError, match="stopped after 0.3 s"):
             db.run(slow[db.dialect], 0.3, 10)
+        if db.dialect == "duckdb":  # a SELECT, but of another file: the sandbox has no file access
+            with pytest.raises(live.LiveError, match="Not allowed here"):
+                db.run(f"SELECT * FROM read_csv('{sqlite_path}')", 2, 10)
     live.close_all()
     assert {path: _hash(path) for path in hashes} == hashes

@@ -4,13 +4,14 @@
     db.tables()                                   # tables and views, columns, types, keys
     db.run("SELECT ...", seconds=2, max_rows=50)  # (columns, rows, truncated)
 
-PostgreSQL and MySQL go through SQLAlchemy (its URL parsing, connection pool and inspector), SQLite
-through SQLAlchemy on a read-only (`mode=ro`) connection, DuckDB through its own Python API on a
-read-only connection. Every query is one SELECT (sqlglot reads it first; anything else is refused
-before it reaches the server), runs in a read-only transaction under a statement timeout that the
-server enforces, fetches at most max_rows + 1 rows through a streaming cursor, and is always rolled
-back. Whatever goes wrong becomes a LiveError that says what to fix; the URL's password never
-appears in it, nor in any repr.
+PostgreSQL and MySQL/MariaDB go through SQLAlchemy (its connection pool and inspector) with psycopg
+and pymysql, SQLite through SQLAlchemy on read-only (`mode=ro`) connections, DuckDB through its own
+Python API in the DuckDB sandbox (starsql/db/duck.py, read-only). Every query must be one SELECT
+(sqlglot reads it first: anything else is refused before it reaches the server), runs in a read-only
+transaction under a statement timeout that the server enforces, is read through a streaming cursor
+no further than max_rows + 1 rows, and is always rolled back. Whatever goes wrong becomes a LiveError
+that says what to fix; the URL's password never appears in it, nor in any repr. One pool per URL
+serves every request (`connect` is called per request; `close_all` at shutdown).
 """
 
 import contextlib
@@ -27,7 +28,7 @@ from urllib.parse import quote, unquote
 import sqlglot
 from sqlglot import exp
 
-from ..sandbox import authorizer, read_only_authorizer, time_limit
+from ..sandbox import Budget, authorizer, read_only_authorizer, time_limit
 from ..serve.check import fetch_capped, parse, statement_kind
 from ..schema import Column, ForeignKey, Table, sqlite_tables
 from .dumps import sqlite_type as dump_type
@@ -168,7 +169,7 @@ def connect(url: str, seconds: float = CONNECT_TIMEOUT_S) -> "LiveDatabase":
     if database is not None:
         database.ping()
         return database
-    database = (DuckDatabase if scheme == "duckdb" else LiveDatabase)(url, seconds)
+    database = (DuckFile if scheme == "duckdb" else LiveDatabase)(url, seconds)
     with _OPEN_LOCK:
         opened, database = database, _OPEN.setdefault(url, database)  # another request may have opened it too
         evicted = [_OPEN.popitem(last=False)[1] for _ in range(len(_OPEN) - MAX_OPEN)]
@@ -403,57 +404,46 @@ def _file_path(url: str, engine: str, suffix: str) -> Path:
     return path
 
 
-class DuckDatabase(LiveDatabase):
-    """A DuckDB file, opened read-only with DuckDB's own Python API (one connection, a cursor per query)."""
+class DuckFile(LiveDatabase):
+    """A DuckDB file in the DuckDB sandbox (starsql/db/duck.py): read-only, its memory limit, no other
+    files or settings; each query on a cursor of its own (DuckDB's connections share one database)."""
 
     def __init__(self, url: str, seconds: float = CONNECT_TIMEOUT_S):
         import duckdb
+
+        from . import duck
 
         self._scrub, self._redacted, self.dialect = _scrubber(url), redact(url), "duckdb"
         self._tables, self._tables_at = None, 0.0
         path = _file_path(url, "DuckDB", ".duckdb")
         try:
-            # Queries read this database only: no other files, no extensions fetched or loaded.
-            self._conn = duckdb.connect(str(path), read_only=True, config={
-                "enable_external_access": False, "autoload_known_extensions": False})
+            self._conn = duck.open_duck(path)
+            duck.lock(self._conn)
         except duckdb.Error as error:
             raise LiveError(f"Cannot open {path} read-only with DuckDB ({self._scrub(error)}).", "database") from None
 
     def ping(self) -> None:
-        self._conn.cursor().close()
+        """A file has no server to lose."""
 
     def _introspect(self) -> list[Table]:
-        cursor = self._conn.cursor()
-        where = "table_schema = current_schema() AND table_catalog = current_database()"
-        tables = []
-        for name, kind in cursor.execute(f"SELECT table_name, table_type FROM information_schema.tables "
-                                         f"WHERE {where} ORDER BY table_name").fetchall():
-            columns = cursor.execute(f"SELECT column_name, data_type FROM information_schema.columns WHERE {where} "
-                                     "AND table_name = ? ORDER BY ordinal_position", [name]).fetchall()
-            table = Table(name, [Column(c, sqlite_type(t, "duckdb")) for c, t in columns], view=kind == "VIEW")
-            for constraint, names, ref_table, ref_names in cursor.execute(
-                    "SELECT constraint_type, constraint_column_names, referenced_table, referenced_column_names "
-                    "FROM duckdb_constraints() WHERE schema_name = current_schema() AND database_name = "
-                    "current_database() AND table_name = ? ORDER BY constraint_index", [name]).fetchall():
-                if constraint == "PRIMARY KEY":
-                    table.primary_key = list(names)
-                elif constraint == "FOREIGN KEY":
-                    table.foreign_keys.append(ForeignKey(list(names), ref_table, list(ref_names)))
-            tables.append(table)
-        return tables
+        from . import duck
+
+        return duck.duck_tables(self._conn.cursor())
 
     def run(self, sql: str, seconds: float, max_rows: int) -> tuple[list[str], list[list], bool]:
+        import duckdb
+
+        from . import duck
+
         check_query(sql, self.dialect)
-        cursor = self._conn.cursor()  # its own connection to the same database: queries run side by side
-        timer = threading.Timer(seconds, cursor.interrupt)  # DuckDB has no statement timeout of its own
-        timer.start()
+        budget, cursor = Budget(seconds), self._conn.cursor()
         try:
-            cursor.execute(sql)
-            return fetch_capped(cursor, max_rows)
-        except Exception as error:
-            raise self._error(error, seconds) from None
+            return duck.run(cursor, sql, budget, max_rows)
+        except (duckdb.Error, MemoryError) as error:
+            if isinstance(error, duckdb.InterruptException):
+                raise self._error(error, seconds) from None
+            raise LiveError(f"The database refused the query: {duck.message(error, budget)}", "sql") from None
         finally:
-            timer.cancel()
             cursor.close()
 
     def _dispose(self) -> None:
