@@ -253,6 +253,7 @@ def test_bad_urls_and_a_missing_driver_say_what_to_fix(monkeypatch):
     cases = [("oracle://ann:s3cret@db/shop", "url", "use postgresql://"),
              ("postgresql://ann:s3cret@db:notaport/shop", "url", "postgresql://user:password@host:port/dbname"),
              ("shop.db", "url", "sqlite:///path/to.db"),
+             ("postgresql://ann:s3cret@127.0.0.1:1/shop?colour=blue", "url", 'invalid connection option "colour"'),
              ("sqlite:///no/such/file.db", "database", "No SQLite database at no/such/file.db")]
     monkeypatch.setitem(sys.modules, "pymysql", None)  # as if pymysql were not installed
     cases.append(("mysql://ann:s3cret@127.0.0.1:3306/shop", "driver", "pip install pymysql"))

@@ -251,9 +251,9 @@ class LiveDatabase:
         try:
             return _Returning(self._engine.raw_connection())
         except Exception as error:
-            raise self._error(error) from None
+            raise self._error(error, connecting=True) from None
 
-    def _error(self, error: Exception, seconds: float | None = None) -> LiveError:
+    def _error(self, error: Exception, seconds: float | None = None, connecting: bool = False) -> LiveError:
         """`error` (SQLAlchemy's, the driver's or the engine's) as a LiveError that says what to fix."""
         if isinstance(error, LiveError):
             return error
@@ -283,6 +283,8 @@ class LiveDatabase:
                              f"and port right? ({text})", "unreachable")
         if "file is not a database" in lower or "unable to open" in lower:
             return LiveError(f"{where} is not a database this app can open read-only ({text}).", "database")
+        if connecting:
+            return LiveError(f"Cannot connect with {where}: {text}. Check the URL.", "url")
         return LiveError(f"The database refused the query: {text}", "sql")
 
     # -- the schema
