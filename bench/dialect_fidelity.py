@@ -123,7 +123,7 @@ def _table_name(name: str, dialect: str) -> str:
     return exp.to_table(quote_identifier(name), dialect="sqlite").sql(dialect=dialect)
 
 
-def _normal(value):
+def normal_value(value):
     """One spelling per value whatever the driver returns: numbers to 10 significant digits."""
     if isinstance(value, bool):
         return int(value)
@@ -140,6 +140,14 @@ def _normal(value):
 
 # ------------------------------------------------------------------------------------------ servers
 
+def _introspect(columns: list[tuple]) -> list[Table]:
+    """The schema as the server reports it (names as it spells them): what the app's workspace holds."""
+    tables: dict[str, Table] = {}
+    for table, column, data_type in columns:
+        tables.setdefault(table, Table(table, [])).columns.append(Column(column, data_type.upper()))
+    return list(tables.values())
+
+
 class Outcome(dict):
     """{"rows": [...]} or {"error": kind, "message": text}."""
 
@@ -155,7 +163,7 @@ class PostgresTarget:
         self.version = self.connection.execute("SHOW server_version").fetchone()[0]
         self.connection.execute(f"SET statement_timeout = {TIMEOUT_S * 1000}")
 
-    def load(self, db_id: str, tables: list[Table], rows: dict[str, list[tuple]]) -> None:
+    def load(self, db_id: str, tables: list[Table], rows: dict[str, list[tuple]]) -> list[Table]:
         schema = '"' + db_id + '"'
         self.connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         self.connection.execute(f"CREATE SCHEMA {schema}")
@@ -166,12 +174,18 @@ class PostgresTarget:
                 with cursor.copy(f"COPY {_table_name(table.name, 'postgres')} FROM STDIN") as copy:
                     for row in rows[table.name]:
                         copy.write_row(row)
+        return _introspect(self.connection.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position").fetchall())
+
+    def close(self) -> None:
+        self.connection.close()
 
     def run(self, sql: str) -> Outcome:
         try:
             with self.connection.cursor() as cursor:
                 cursor.execute(sql)
-                return Outcome(rows=[tuple(map(_normal, row)) for row in cursor.fetchall()])
+                return Outcome(rows=[tuple(map(normal_value, row)) for row in cursor.fetchall()])
         except self.psycopg.Error as error:
             return Outcome(error=type(error).__name__, message=str(error).splitlines()[0][:300])
 
@@ -204,7 +218,7 @@ class MysqlTarget:
                 cursor.executemany(sql, rows)
             return cursor.fetchall()
 
-    def load(self, db_id: str, tables: list[Table], rows: dict[str, list[tuple]]) -> None:
+    def load(self, db_id: str, tables: list[Table], rows: dict[str, list[tuple]]) -> list[Table]:
         # One database per server (the test user's rights): each Spider database replaces the last.
         for (name,) in self._execute("SHOW TABLES"):
             self._execute(f"DROP TABLE `{name}`")
@@ -213,10 +227,16 @@ class MysqlTarget:
             if rows[table.name]:
                 marks = ", ".join(["%s"] * len(table.columns))
                 self._execute(f"INSERT INTO {_table_name(table.name, 'mysql')} VALUES ({marks})", rows[table.name])
+        return _introspect(self._execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() ORDER BY table_name, ordinal_position"))
+
+    def close(self) -> None:
+        self.connection.close()
 
     def run(self, sql: str) -> Outcome:
         try:
-            return Outcome(rows=[tuple(map(_normal, row)) for row in self._execute(sql)])
+            return Outcome(rows=[tuple(map(normal_value, row)) for row in self._execute(sql)])
         except self.pymysql.Error as error:
             code = error.args[0] if error.args and isinstance(error.args[0], int) else None
             kind = self.codes.get(code, type(error).__name__)
@@ -244,7 +264,7 @@ class DuckdbEngine:
         try:
             for setting in ENGINE_SETTINGS.get(dialect, ()):
                 cursor.execute(setting)
-            return Outcome(rows=[tuple(map(_normal, row)) for row in cursor.execute(engine_sql).fetchall()])
+            return Outcome(rows=[tuple(map(normal_value, row)) for row in cursor.execute(engine_sql).fetchall()])
         except duckdb.Error as error:
             return Outcome(error=type(error).__name__, message=str(error).splitlines()[0][:300])
         finally:
@@ -264,11 +284,32 @@ def verdict(gold: list[tuple], outcome: Outcome, ordered: bool) -> str:
     return "different"
 
 
-def _translations(sql: str, dialect: str) -> dict[str, str | Outcome]:
-    """{mode: translated SQL, or an Outcome error when the translator failed}."""
+MODES = {"sqlglot": "sqlglot alone", "translate": "translate()", "schema": "translate(schema=)"}
+
+
+def _tie_breaks(sql: str) -> list[str]:
+    """`sql` with its ORDER BY completed by every output column, ascending and descending: when these
+    answer differently, rows tie under the ORDER BY and which come first (or within LIMIT) is arbitrary."""
+    tree = sqlglot.parse_one(sql, read="sqlite")
+    order = tree.args.get("order")
+    if order is None:
+        return []
+    variants = []
+    for desc in (False, True):
+        variant = tree.copy()
+        variant.args["order"].set("expressions", variant.args["order"].expressions + [
+            exp.Ordered(this=exp.Literal.number(i + 1), desc=desc) for i in range(len(tree.selects))])
+        variants.append(variant.sql(dialect="sqlite"))
+    return variants
+
+
+def _translations(sql: str, dialect: str, schema: list[Table]) -> dict[str, str | Outcome]:
+    """{mode: translated SQL, or an Outcome error when the translator failed}: sqlglot alone,
+    translate() without the schema, translate() with the schema the server reports (as the app has it)."""
     out = {}
     for mode, function in (("sqlglot", lambda: ";\n".join(sqlglot.transpile(sql, read="sqlite", write=dialect))),
-                           ("translate", lambda: translate(sql, dialect))):
+                           ("translate", lambda: translate(sql, dialect)),
+                           ("schema", lambda: translate(sql, dialect, schema=schema))):
         try:
             out[mode] = function()
         except (sqlglot.errors.SqlglotError, DialectError) as error:
@@ -292,11 +333,12 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
         path = database_path(spider_dir, db_id)
         tables, rows, notes = load_sqlite(path)
         loading[db_id] = notes
-        for target in targets.values():
-            target.load(db_id, tables, rows)
+        schemas = {dialect: target.load(db_id, tables, rows) for dialect, target in targets.items()}
         if engine:
             engine.load(db_id, tables, rows)
-        sqlite = Database.open_read_only(path)
+        sqlite, reversed_scans = Database.open_read_only(path), Database.open_read_only(path)
+        reversed_scans.connection.set_authorizer(None)  # its own read-only connection; the pragma needs it
+        reversed_scans.connection.execute("PRAGMA reverse_unordered_selects = ON")
         for query in db_queries:
             gold = sqlite.run(query["sql"], timeout=TIMEOUT_S)
             record = {"index": query["index"], "db_id": db_id, "sql": query["sql"]}
@@ -306,15 +348,21 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
                 bar.update()
                 continue
             ordered = order_matters(query["sql"])
+            # SQLite's answer itself depends on the order rows are scanned in (ties under ORDER BY ...
+            # LIMIT, a bare column of a group): a server may answer otherwise and be as right.
+            agains = [reversed_scans.run(query["sql"], timeout=TIMEOUT_S)]
+            agains += [sqlite.run(variant, timeout=TIMEOUT_S) for variant in _tie_breaks(query["sql"])]
+            record["scan_order_dependent"] = any(again.error is None and not results_match(gold.rows, again.rows, ordered)
+                                                 for again in agains)
             for dialect, target in targets.items():
                 result = record[dialect] = {}
-                for mode, translated in _translations(query["sql"], dialect).items():
+                for mode, translated in _translations(query["sql"], dialect, schemas[dialect]).items():
                     outcome = translated if isinstance(translated, Outcome) else target.run(translated)
                     entry = result[mode] = {"sql": translated if isinstance(translated, str) else None,
                                             "verdict": verdict(gold.rows, outcome, ordered)}
                     if "error" in outcome:
                         entry.update(error=outcome["error"], message=outcome["message"])
-                    if mode == "translate" and engine and isinstance(translated, str):
+                    if mode == "schema" and engine and isinstance(translated, str):
                         checked = engine.run(translated, dialect)
                         result["engine"] = {"verdict_vs_sqlite": verdict(gold.rows, checked, ordered),
                                             "agrees_with_server": _agree(outcome, checked, ordered)}
@@ -323,6 +371,7 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
             records.append(record)
             bar.update()
         sqlite.close()
+        reversed_scans.close()
     bar.close()
     versions = {dialect: target.version for dialect, target in targets.items()}
     return {"queries": len(queries), "servers": versions, "duckdb": duckdb.__version__,
@@ -344,10 +393,12 @@ def _agree(server: Outcome, engine: Outcome, ordered: bool) -> str:
 def summarize(records: list[dict], dialects: list[str]) -> dict:
     counts = {}
     for dialect in dialects:
-        for mode in ("sqlglot", "translate"):
+        for mode in MODES:
             entries = [r[dialect][mode] for r in records if dialect in r]
+            differing = [r for r in records if dialect in r and r[dialect][mode]["verdict"] in ("different", "order")]
             counts[f"{dialect}/{mode}"] = {
                 "verdicts": dict(Counter(e["verdict"] for e in entries)),
+                "different_where_sqlite_depends_on_scan_order": sum(r["scan_order_dependent"] for r in differing),
                 "errors": dict(Counter(e["error"] for e in entries if "error" in e).most_common()),
             }
         engine = [r[dialect]["engine"] for r in records if dialect in r and "engine" in r[dialect]]
@@ -362,18 +413,18 @@ def summarize(records: list[dict], dialects: list[str]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    names = {"postgres": f"PostgreSQL {result['servers'].get('postgres', '')}",
+    names = {"postgres": f"PostgreSQL {result['servers'].get('postgres', '').split(' ')[0]}",
              "mysql": f"MariaDB {result['servers'].get('mysql', '').split('-')[0]}"}
     lines = [f"Spider dev gold queries: {result['queries']} (SQLite errors: {result['counts']['sqlite_errors']})", "",
-             "| target | translation | same rows | different rows (of which tie order only) | error | top errors |",
+             "| target | translation | same rows | different rows (SQLite's own answer depends on scan order) | error | top errors |",
              "|---|---|---|---|---|---|"]
     for dialect in result["servers"]:
-        for mode, label in (("sqlglot", "sqlglot alone"), ("translate", "translate()")):
+        for mode, label in MODES.items():
             counts = result["counts"][f"{dialect}/{mode}"]
             v = counts["verdicts"]
             errors = ", ".join(f"{kind} {n}" for kind, n in list(counts["errors"].items())[:3])
             lines.append(f"| {names[dialect]} | {label} | {v.get('same', 0)} | {v.get('different', 0) + v.get('order', 0)}"
-                         f" ({v.get('order', 0)}) | {v.get('error', 0)} | {errors} |")
+                         f" ({counts['different_where_sqlite_depends_on_scan_order']}) | {v.get('error', 0)} | {errors} |")
     engine_rows = [d for d in result["servers"] if f"{d}/duckdb-check" in result["counts"]]
     if engine_rows:
         lines += ["", "The app's check (DuckDB runs `to_engine` of the translation) against the real server:", "",
@@ -414,6 +465,8 @@ def main(argv=None) -> int:
         if "mysql" in args.targets:
             targets["mysql"] = MysqlTarget(stack.enter_context(mariadb_server()))
         result = run_benchmark(args.spider, targets, duck=not args.no_duckdb, indices=indices)
+        for target in targets.values():
+            target.close()  # a server shuts down at once only when no client holds a connection
     result["seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -120,20 +120,244 @@ def _derived_limit_subqueries(tree: exp.Expression) -> None:
             node.set(key, exp.Subquery(this=derived) if key == "query" else derived)
 
 
-def translate(sql: str, write: str, read: str = "sqlite", columns: set[str] | None = None) -> str:
-    """`sql`, written in `read`'s dialect, in `write`'s (statements joined by ";\\n").
+def _affinity(type_name: str) -> str:
+    """SQLite's affinity of a declared type (its documented rules, in order); schemas here use such names."""
+    upper = (type_name or "").upper()
+    if "INT" in upper:
+        return "integer"
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return "text"
+    if "BLOB" in upper or not upper:
+        return "blob"
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB")):
+        return "real"
+    return "numeric"
 
-    `columns` (optional, lower-case column names of the schema) tells SQLite's "double-quoted" strings
-    from quoted column names exactly; without it a heuristic decides. DialectError if `sql` is unreadable."""
+
+class _Schema:
+    """The user's tables, looked up as SQLite looks names up (case-insensitively), spelled as the target has them."""
+
+    def __init__(self, tables: list, write: str):
+        from sqlglot.dialects.dialect import Dialect, NormalizationStrategy
+
+        self.tables = {table.name.lower(): table for table in tables}
+        self.columns = {column.name.lower() for table in tables for column in table.columns}
+        dialect = Dialect.get_or_raise(write)
+        folds = dialect.NORMALIZATION_STRATEGY in (NormalizationStrategy.LOWERCASE, NormalizationStrategy.UPPERCASE)
+        self.needs_quotes = lambda name: folds and dialect.case_sensitive(name)
+
+    def identifier(self, name: str) -> exp.Identifier:
+        identifier = exp.to_identifier(name)
+        identifier.set("quoted", identifier.quoted or self.needs_quotes(name))
+        return identifier
+
+    def column_type(self, table_name: str | None, column_name: str) -> str | None:
+        table = self.tables.get((table_name or "").lower())
+        for column in table.columns if table else ():
+            if column.name.lower() == column_name.lower():
+                return column.type
+        return None
+
+
+def _resolve(tree: exp.Expression, schema: "_Schema | None") -> dict[int, str]:
+    """Fix each name's spelling to the schema's (MySQL's table names and PostgreSQL's quoted names are
+    case-sensitive; SQLite's are not) and each table qualifier to its alias's spelling; return the
+    declared type of each column found, by id(), for the comparisons below."""
+    from sqlglot.optimizer.scope import traverse_scope
+
+    types, done = {}, set()
+    for scope in traverse_scope(tree):  # innermost first; a correlated name is left to the scope that has it
+        sources = {}  # lower-case alias or name -> (its identifier as the query must spell it, schema table or None)
+        for alias, source in scope.sources.items():
+            table_name = None
+            if isinstance(source, exp.Table) and schema and source.name.lower() in schema.tables:
+                table_name = schema.tables[source.name.lower()].name
+                if source.name != table_name or schema.needs_quotes(table_name):
+                    source.set("this", schema.identifier(table_name))
+            spelled = source.alias if isinstance(source, exp.Table) and source.alias else (
+                table_name if table_name else alias)
+            qualifier = schema.identifier(spelled) if schema and spelled == table_name else exp.to_identifier(spelled)
+            sources[alias.lower()] = (qualifier, table_name)
+        for column in scope.columns:
+            if id(column) in done:
+                continue
+            if column.table:
+                if column.table.lower() not in sources:
+                    continue
+                qualifier, table_name = sources[column.table.lower()]
+                if qualifier.name != column.table or qualifier.quoted and not column.args["table"].quoted:
+                    column.set("table", qualifier.copy())
+                candidates = [table_name]
+            else:
+                candidates = [name for _, name in sources.values() if name]
+            found = [(name, schema.column_type(name, column.name)) for name in candidates if name and schema]
+            found = [(name, type_) for name, type_ in found if type_ is not None]
+            if column.table or len(found) == 1:
+                done.add(id(column))
+            if len(found) == 1:
+                table = schema.tables[found[0][0].lower()]
+                exact = next(c.name for c in table.columns if c.name.lower() == column.name.lower())
+                if schema.needs_quotes(exact) and (exact != column.name or not column.this.quoted):
+                    column.set("this", schema.identifier(exact))
+                types[id(column)] = found[0][1]
+    return types
+
+
+def _cast(node: exp.Expression, to: str) -> None:
+    """Wrap `node` in CAST(node AS to) in place (the node itself stays in the tree: its type stays known)."""
+    cast = exp.Cast(this=exp.null(), to=exp.DataType.build(to))
+    node.replace(cast)
+    cast.set("this", node)
+
+
+def _number(node: exp.Expression) -> bool:
+    inner = node.this if isinstance(node, exp.Neg) else node
+    return isinstance(inner, exp.Literal) and not inner.is_string
+
+
+def _text_against_numbers(tree: exp.Expression, types: dict[int, str]) -> None:
+    """SQLite compares a text column with a number or any operand of no affinity (a literal, an aggregate,
+    arithmetic) as text: `year = 2014` is `year = '2014'`; typed dialects refuse or compare numbers. Those
+    operands become text. Against a numeric column SQLite compares numbers; for = and IN, casting the
+    numeric side to text gives the same answer on the canonical integers such columns hold."""
+    def affinity(node):
+        node = node.unnest() if isinstance(node, exp.Paren) else node
+        if isinstance(node, exp.Column):
+            return _affinity(types[id(node)]) if id(node) in types else "unknown"
+        if isinstance(node, exp.Cast):
+            return _affinity(node.to.sql(dialect="sqlite"))
+        if isinstance(node, exp.Subquery) and isinstance(node.this, exp.Select) and len(node.this.expressions) == 1:
+            return affinity(node.this.expressions[0].unalias())
+        if isinstance(node, exp.Literal) and node.is_string:
+            return "text"
+        return None
+
+    def align(node, other, equality: bool):
+        if affinity(node) != "text":
+            return
+        if _number(other):
+            other.replace(exp.Literal.string(other.sql(dialect="sqlite")))
+        elif affinity(other) is None and not isinstance(other, exp.Null) or (
+                equality and affinity(other) in ("integer", "real", "numeric")):
+            _cast(other, "TEXT")
+
+    for comparison in list(tree.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        equality = isinstance(comparison, (exp.EQ, exp.NEQ))
+        align(comparison.this, comparison.expression, equality)
+        align(comparison.expression, comparison.this, equality)
+    for between in list(tree.find_all(exp.Between)):
+        for bound in (between.args.get("low"), between.args.get("high")):
+            if bound is not None:
+                align(between.this, bound, False)
+    for in_ in list(tree.find_all(exp.In)):
+        for value in list(in_.expressions):
+            align(in_.this, value, True)
+        query = in_.args.get("query")
+        query = query.unnest() if query is not None else None
+        if isinstance(query, exp.Select) and len(query.expressions) == 1:
+            picked = query.expressions[0].unalias()
+            align(in_.this, picked, True)
+            align(picked, in_.this, True)
+
+
+def _numeric_aggregates_of_text(tree: exp.Expression, types: dict[int, str], write: str) -> None:
+    """SQLite's AVG and SUM read numbers out of text; typed dialects refuse text (MySQL converts, as SQLite)."""
+    if write == "mysql":
+        return
+    for aggregate in list(tree.find_all(exp.Avg, exp.Sum)):
+        argument = aggregate.this
+        if isinstance(argument, exp.Column) and id(argument) in types and _affinity(types[id(argument)]) == "text":
+            _cast(argument, "DOUBLE")
+
+
+def _aggregates(select: exp.Select) -> list[exp.AggFunc]:
+    return [node for projection in select.expressions for node in projection.find_all(exp.AggFunc)
+            if node.find_ancestor(exp.Select) is select]
+
+
+def _bare_grouped_columns(tree: exp.Expression) -> None:
+    """SQLite lets a grouped query show a column that is neither grouped nor aggregated (Spider's gold
+    does: `SELECT T2.name ... GROUP BY T1.id`); PostgreSQL (unless it is the table's key) and MySQL
+    with ONLY_FULL_GROUP_BY refuse it. Where the column has one value per group, MIN() of it is that
+    value. Not when the only aggregate is one MIN or MAX: then SQLite takes that row's value, which
+    MIN() would not give, so the query is left to fail rather than answer differently."""
+    for select in list(tree.find_all(exp.Select)):
+        group = select.args.get("group")
+        aggregates = _aggregates(select)
+        if not group and not aggregates:
+            continue
+        if len(aggregates) == 1 and isinstance(aggregates[0], (exp.Max, exp.Min)):
+            continue
+        grouped = {node.sql(dialect="sqlite").lower() for node in (group.expressions if group else [])}
+        grouped_names = {node.name.lower() for node in (group.expressions if group else []) if isinstance(node, exp.Column)}
+        order = select.args.get("order")
+        for expression in select.expressions + (order.expressions if order else []):
+            for column in list(expression.find_all(exp.Column)):
+                if column.find_ancestor(exp.Select) is not select or column.find_ancestor(exp.AggFunc, exp.Window):
+                    continue
+                if any(node.sql(dialect="sqlite").lower() in grouped for node in [column, *column.iter_expressions()]):
+                    continue
+                if any(ancestor.sql(dialect="sqlite").lower() in grouped for ancestor in _ancestors(column, expression)):
+                    continue
+                if not column.table and column.name.lower() in grouped_names:
+                    continue
+                if group and column.table and column.name.lower() in grouped_names and any(
+                        isinstance(g, exp.Column) and not g.table and g.name.lower() == column.name.lower() for g in group.expressions):
+                    continue
+                if not isinstance(expression, exp.Ordered) and column.parent is select:
+                    column.replace(exp.alias_(exp.Min(this=column.copy()), column.name))
+                elif isinstance(expression, exp.Ordered) and column.name.lower() in {
+                        p.alias_or_name.lower() for p in select.expressions} and not column.table:
+                    continue  # ORDER BY an output column's name
+                else:
+                    column.replace(exp.Min(this=column.copy()))
+
+
+def _ancestors(node: exp.Expression, stop: exp.Expression):
+    while node is not stop and node.parent is not None:
+        node = node.parent
+        yield node
+
+
+def _aliased_derived_tables(tree: exp.Expression) -> None:
+    """PostgreSQL (before 16) and MySQL require an alias on a subquery in FROM; SQLite does not."""
+    for subquery in list(tree.find_all(exp.Subquery)):
+        if not subquery.alias and isinstance(subquery.parent, (exp.From, exp.Join)):
+            subquery.set("alias", exp.TableAlias(this=exp.to_identifier("derived")))
+
+
+def _float_averages(tree: exp.Expression) -> None:
+    """SQLite's AVG is a float; MySQL's AVG of integers or decimals keeps 4 decimal digits (12.3333)."""
+    for average in list(tree.find_all(exp.Avg)):
+        if not isinstance(average.this, exp.Cast):
+            _cast(average.this, "DOUBLE")
+
+
+def translate(sql: str, write: str, read: str = "sqlite", schema: list | None = None) -> str:
+    """`sql`, written in `read`'s dialect, in `write`'s (statements joined by ";\n").
+
+    `schema` (optional: the database's starsql.schema.Table list, names spelled as the database has
+    them) lets the SQLite fixes know names and types: table names spelled as the target needs them,
+    "double-quoted" strings told exactly from quoted column names, text columns compared with numbers
+    as SQLite compares them. Without it a heuristic finds the double-quoted strings.
+    DialectError if `sql` cannot be read as `read`."""
     write, read = check_dialect(write), check_dialect(read)
     if read == write:
         return sql
+    known = _Schema(schema, write) if schema else None
     out = []
     for tree in _parse(sql, read):
         if read == "sqlite":
-            _double_quoted_strings(tree, columns)
+            _double_quoted_strings(tree, known.columns if known else None)
+            types = _resolve(tree, known)
+            _text_against_numbers(tree, types)
+            _numeric_aggregates_of_text(tree, types, write)
+            _bare_grouped_columns(tree)
+            _aliased_derived_tables(tree)
             if write in _CASE_SENSITIVE_LIKE:
                 _case_insensitive_like(tree, write)
+            if write == "mysql":
+                _float_averages(tree)
         if write == "mysql":
             _derived_limit_subqueries(tree)
         out.append(tree.sql(dialect=write))
