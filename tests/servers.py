@@ -17,6 +17,7 @@ import ctypes
 import glob
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -39,7 +40,7 @@ class ServerError(RuntimeError):
 def _postgres_bin() -> Path | None:
     """The directory holding initdb/postgres/pg_dump: $STARSQL_PG_BIN, else the newest Debian one."""
     candidates = [os.environ.get("STARSQL_PG_BIN", "")] + sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(n) for n in re.findall(r"\d+", p)], reverse=True)
     for directory in candidates:
         if directory and all((Path(directory) / name).is_file() for name in ("initdb", "postgres", "pg_dump")):
             return Path(directory)
@@ -132,7 +133,10 @@ def _tail(log: Path) -> str:
 @contextlib.contextmanager
 def _server_dir(prefix: str, owner: pwd.struct_passwd | None = None):
     """A temporary directory (owned by `owner`, so an unprivileged server can write it), always removed."""
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    base = tempfile.gettempdir()
+    if owner is not None and not os.stat(base).st_mode & 0o001:  # `owner` could not even reach its directory
+        base = "/tmp"
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     try:
         if owner is not None:
             os.chown(directory, owner.pw_uid, owner.pw_gid)
