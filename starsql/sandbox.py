@@ -124,6 +124,11 @@ def _capped_printf(name: str):
     return printf
 
 
+def read_only_uri(path: "str | Path") -> str:
+    """The URI that opens a SQLite file read-only and immutable (for sqlite3.connect(..., uri=True))."""
+    return f"file:{quote(str(Path(path).resolve()))}?mode=ro&immutable=1"
+
+
 def open_limited(max_db_bytes: int = MAX_DB_BYTES, path: "str | Path | None" = None) -> sqlite3.Connection:
     """A fresh in-memory database with LIMITS, at most `max_db_bytes` of pages, temporary
     structures in memory (under the heap limit, not on disk) and a capped printf/format.
@@ -135,8 +140,7 @@ def open_limited(max_db_bytes: int = MAX_DB_BYTES, path: "str | Path | None" = N
     if path is None:
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     else:
-        uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro&immutable=1"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA query_only = ON")
     for limit, value in LIMITS.items():
         conn.setlimit(limit, value)

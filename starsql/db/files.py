@@ -9,6 +9,7 @@ every later request opens that copy. Engines open files read-only; the uploaded 
 written, and a bad file raises UploadError before anything is kept.
 """
 
+import copy
 import csv
 import datetime
 import decimal
@@ -22,12 +23,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import duckdb
 import pyarrow as pa
 
-from ..sandbox import Budget, time_limit
+from ..sandbox import Budget, read_only_uri, time_limit
 from ..schema import Table, render_table, sqlite_tables
 from . import duck
 
@@ -37,6 +37,7 @@ PREPARE_LIMIT_S = 30.0  # once per upload: checking a file, reading data files, 
 MAX_COPY_BYTES = 4 * MAX_UPLOAD_BYTES  # a copy in the other engine's format
 MAX_CACHE_BYTES = 2 * 2**30  # all copies together; the oldest go first
 CACHE_DIR = Path(tempfile.gettempdir()) / "starsql-uploads"
+MAX_REMEMBERED = 256  # uploads whose check and hash are kept in memory
 BATCH_ROWS = 10_000  # rows per step of a copy: memory stays small whatever the table's size
 
 DATABASE_SUFFIXES = {".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite", ".duckdb": "duckdb"}
@@ -62,7 +63,7 @@ class Upload:
 
 _checked: dict[str, tuple[str, list[Table]]] = {}  # key -> (native engine, tables): each upload is read once
 _hashes: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256
-_build_lock = threading.Lock()
+_build_lock, _memory_lock = threading.Lock(), threading.Lock()
 
 
 def _size_text(n: int) -> str:
@@ -110,8 +111,15 @@ def _sha256(path: Path) -> str:
         with open(path, "rb") as file:
             while chunk := file.read(2**20):
                 digest.update(chunk)
-        _hashes[known] = digest.hexdigest()
+        _remember(_hashes, known, digest.hexdigest())
     return _hashes[known]
+
+
+def _remember(memory: dict, key, value) -> None:
+    with _memory_lock:
+        memory[key] = value
+        while len(memory) > MAX_REMEMBERED:
+            memory.pop(next(iter(memory)))
 
 
 def read_upload(database) -> Upload:
@@ -135,14 +143,14 @@ def read_upload(database) -> Upload:
     key = digest.hexdigest()
     if key not in _checked:
         if kinds[0] == "sqlite":
-            _checked[key] = ("sqlite", _inspect_sqlite(paths[0]))
+            _remember(_checked, key, ("sqlite", _inspect_sqlite(paths[0])))
         elif kinds[0] == "duckdb":
-            _checked[key] = ("duckdb", _inspect_duckdb(paths[0]))
+            _remember(_checked, key, ("duckdb", _inspect_duckdb(paths[0])))
         else:
-            copy = _build(key, "duckdb", lambda target: _data_to_duckdb(paths, kinds, names, target))
-            _checked[key] = ("duckdb", _duckdb_tables(copy))
+            read = _build(key, "duckdb", lambda target: _data_to_duckdb(paths, kinds, names, target))
+            _remember(_checked, key, ("duckdb", _duckdb_tables(read)))
     native, tables = _checked[key]
-    return Upload(key, native, tables, paths, data_files=not database_files)
+    return Upload(key, native, copy.deepcopy(tables)  # the caller's to change, paths, data_files=not database_files)
 
 
 def engine_file(upload: Upload, engine: str) -> Path:
@@ -173,7 +181,7 @@ def _header(path: Path) -> bytes:
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     """Read-only and immutable (nothing is written beside it), like the sandbox's open_limited(path=...)
     but without its limits on value sizes: copies read every value as it is."""
-    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+    return sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
 
 
 def _inspect_sqlite(path: Path) -> list[Table]:
