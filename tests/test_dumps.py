@@ -154,6 +154,203 @@ def test_a_dump_read_in_the_wrong_dialect_says_which_to_choose(name):
     assert str(caught.value).count("\n- ") == min(len(problems), 20)
 
 
+# -- other dialects, plain DDL ------------------------------------------------------------------------
+
+SMALL_SCHEMA = """\
+CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(100), born DATE, paid NUMERIC(8,2), active BOOLEAN);
+CREATE TABLE visits (person_id INTEGER, at DATETIME, PRIMARY KEY (person_id, at), FOREIGN KEY (person_id) REFERENCES people(id));"""
+
+SMALL_DDL = {
+    "sqlite": "CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(100), born DATE, paid NUMERIC(8, 2), "
+              "active BOOLEAN);\nCREATE TABLE visits (person_id INTEGER REFERENCES people, at DATETIME, "
+              "PRIMARY KEY (person_id, at));",
+    "postgres": "CREATE TABLE public.people (id serial PRIMARY KEY, name character varying(100), born date, "
+                "paid numeric(8,2), active boolean DEFAULT true);\nCREATE TABLE public.visits (person_id integer "
+                "REFERENCES public.people(id), at timestamp with time zone DEFAULT now(), PRIMARY KEY (person_id, at));",
+    "mysql": "CREATE TABLE `people` (`id` bigint unsigned NOT NULL AUTO_INCREMENT, `name` varchar(100), `born` date, "
+             "`paid` decimal(8,2), `active` tinyint(1) DEFAULT 1, PRIMARY KEY (`id`)) ENGINE=InnoDB;\n"
+             "CREATE TABLE `visits` (`person_id` bigint unsigned, `at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP "
+             "ON UPDATE CURRENT_TIMESTAMP, PRIMARY KEY (`person_id`, `at`), KEY `at` (`at`), "
+             "CONSTRAINT `fk` FOREIGN KEY (`person_id`) REFERENCES `people` (`id`)) ENGINE=InnoDB;",
+    "duckdb": "CREATE TABLE people (id HUGEINT PRIMARY KEY, name VARCHAR(100), born DATE, paid DECIMAL(8,2), "
+              "active BOOL);\nCREATE TABLE visits (person_id INTEGER REFERENCES people (id), at TIMESTAMPTZ, "
+              "PRIMARY KEY (person_id, at));",
+    "tsql": "SET ANSI_NULLS ON\nGO\nCREATE TABLE [dbo].[people] ([id] [int] IDENTITY(1,1) NOT NULL, [name] "
+            "[nvarchar](100) NULL, [born] [date], [paid] [decimal](8, 2), [active] [bit], CONSTRAINT [PK_people] "
+            "PRIMARY KEY CLUSTERED ([id] ASC)) ON [PRIMARY]\nGO\nCREATE TABLE [dbo].[visits] ([person_id] [int], "
+            "[at] [datetime2](7), PRIMARY KEY ([person_id], [at]), FOREIGN KEY ([person_id]) REFERENCES "
+            "[dbo].[people] ([id]))\nGO",
+    "snowflake": "create or replace TABLE DB.PUBLIC.people (id NUMBER(38,0) autoincrement start 1 increment 1, name "
+                 "VARCHAR(100), born DATE, paid NUMBER(8,2), active BOOLEAN, primary key (id));\ncreate or replace "
+                 "TABLE DB.PUBLIC.visits (person_id INT, at TIMESTAMP_NTZ(9), primary key (person_id, at), "
+                 "foreign key (person_id) references DB.PUBLIC.people(id));",
+    "bigquery": "CREATE TABLE `proj.shop.people` (id INT64 NOT NULL, name STRING(100), born DATE, paid NUMERIC(8, 2), "
+                "active BOOL, PRIMARY KEY (id) NOT ENFORCED);\nCREATE TABLE `proj.shop.visits` (person_id INT64, "
+                "at DATETIME, PRIMARY KEY (person_id, at) NOT ENFORCED, FOREIGN KEY (person_id) REFERENCES "
+                "`proj.shop.people`(id) NOT ENFORCED);",
+}
+
+
+@pytest.mark.parametrize("dialect", SMALL_DDL)
+def test_one_schema_in_every_dialect_gives_one_prompt_text(dialect):
+    dump = parse_dump(SMALL_DDL[dialect], dialect)
+    rendered = render_schema(dump.tables)
+    if dialect == "snowflake":  # Snowflake's NUMBER(38,0) is its integer, written with its precision
+        rendered = rendered.replace("id NUMERIC(38,0)", "id INTEGER")
+    if dialect == "duckdb":  # DuckDB ignores VARCHAR lengths, and so does sqlglot's reading of them
+        rendered = rendered.replace("name TEXT", "name VARCHAR(100)")
+    assert rendered == SMALL_SCHEMA
+
+
+def test_plain_sqlite_ddl_views_and_rows():
+    text = """
+        -- a comment above the statement
+        CREATE TABLE b (x, y TEXT, PRIMARY KEY (x));
+        CREATE TABLE a (id INTEGER PRIMARY KEY, b_id REFERENCES b, n INT);
+        INSERT INTO a VALUES (1, 'k', -2), (2, NULL, 3.5e1);
+        INSERT INTO a (n, id) VALUES (7, 3);
+        INSERT INTO b VALUES ('k', replace('one\\ntwo', '\\n', char(10)));
+        CREATE VIEW both_ AS SELECT a.*, b.y AS why FROM a JOIN b ON a.b_id = b.x;
+        CREATE VIEW lost AS SELECT * FROM not_in_this_dump;
+        CREATE VIRTUAL TABLE docs USING fts5(title, body, tokenize = 'porter');
+        CREATE TABLE sqlite_stat1(tbl, idx, stat);
+        PRAGMA foreign_keys = ON;
+    """
+    dump = parse_dump(text, "sqlite")
+    assert render_schema(dump.tables) == (
+        "CREATE TABLE b (x TEXT PRIMARY KEY, y TEXT);\n"
+        "CREATE TABLE a (id INTEGER PRIMARY KEY, b_id TEXT, n INTEGER, FOREIGN KEY (b_id) REFERENCES b(x));\n"
+        "CREATE TABLE both_ (id INTEGER, b_id TEXT, n INTEGER, why TEXT);\n"
+        "CREATE TABLE docs (title TEXT, body TEXT);")
+    assert dump.rows == {"a": [(1, "k", -2), (2, None, 35.0), (3, None, 7)], "b": [("k", "one\ntwo")]}
+    skipped = {entry.words.split()[2]: (entry.line, entry.reason) for entry in dump.skipped if entry.words.startswith("CREATE")}
+    assert skipped["lost"][0] == 9 and "cannot be told" in skipped["lost"][1]
+    assert skipped["sqlite_stat1(tbl,"] == (11, "SQLite's own table")
+
+
+def test_postgres_details():
+    text = (
+        "\\connect shop\n"
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $body$ SELECT 1; $body$;\n"
+        "CREATE DOMAIN public.money_amount AS numeric(12,2) CHECK (VALUE >= 0);\n"
+        "CREATE TABLE public.m (id bigint GENERATED BY DEFAULT AS IDENTITY, at date, amount public.money_amount, "
+        "raw bytea, tags text[]) PARTITION BY RANGE (at);\n"
+        "CREATE TABLE public.m_2024 PARTITION OF public.m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');\n"
+        "COPY public.m_2024 (id, at, amount, raw, tags) FROM stdin;\n"
+        "1\t2024-05-01\t9.99\t\\\\x00ff\t{a,\"b c\"}\n"
+        "2\t2024-06-01\t\\N\t\\N\ttab\\there\n"
+        "\\.\n"
+        "INSERT INTO public.m OVERRIDING SYSTEM VALUE VALUES (3, '2024-07-01'::date, 1, '\\x01'::bytea, NULL);\n")
+    dump = parse_dump(text, "postgres")
+    assert render_schema(dump.tables) == "CREATE TABLE m (id INTEGER, at DATE, amount NUMERIC(12,2), raw BLOB, tags TEXT);"
+    assert dump.rows["m"] == [(1, "2024-05-01", 9.99, b"\x00\xff", '{a,"b c"}'), (2, "2024-06-01", None, None, "tab\there"),
+                              (3, "2024-07-01", 1, b"\x01", None)]
+    assert [(e.line, e.reason.split(":")[0]) for e in dump.skipped] == [
+        (1, "a psql command"), (2, "code or server objects, not tables"), (3, "the domain money_amount"),
+        (5, "a partition of m")]
+
+
+def test_mysql_details():
+    text = (
+        "/*!40101 SET NAMES utf8mb4 */;\n"
+        "DELIMITER ;;\n"
+        "CREATE PROCEDURE p() BEGIN SELECT 1; SELECT 2; END ;;\n"
+        "DELIMITER ;\n"
+        "# a MySQL comment\n"
+        "CREATE TABLE `t` (`id` int(10) unsigned NOT NULL AUTO_INCREMENT, `y` year(4), `flag` tinyint(1), "
+        "`e` enum('a','b'), `s` set('x','y'), `body` mediumtext, FULLTEXT KEY `ft` (`body`), UNIQUE KEY `u` (`y`), "
+        "PRIMARY KEY (`id`)) ENGINE=MyISAM AUTO_INCREMENT=3 DEFAULT CHARSET=utf8mb4 COMMENT='it''s';\n"
+        "INSERT IGNORE INTO `t` VALUES (1,1999,1,'a','x,y','line\\nbreak \\'q\\' \\\\ \\0 \\Z'),(2,NULL,0,'b','',x'41');\n"
+        "REPLACE INTO `t` (`id`, `body`) VALUES (3, _utf8mb4'z');\n")
+    dump = parse_dump(text, "mysql")
+    assert render_schema(dump.tables) == (
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, y INTEGER, flag BOOLEAN, e TEXT, s TEXT, body TEXT);")
+    assert dump.rows["t"] == [(1, 1999, 1, "a", "x,y", "line\nbreak 'q' \\ \x00 \x1a"), (2, None, 0, "b", "", b"A"),
+                              (3, None, None, None, None, "z")]
+    assert [(e.line, e.reason) for e in dump.skipped][:3] == [
+        (1, "a session setting"), (2, "a mysql client command"), (3, "code or server objects, not tables")]
+
+
+# -- problems: all at once, each where it is ---------------------------------------------------------
+
+def test_problems_are_reported_all_at_once_with_line_and_first_words():
+    text = (
+        "CREATE TABLE a (id INTEGER PRIMARY KEY);\n"
+        "-- the comment above is not what is quoted\n"
+        "CREATE TABLE b (id INTEGER,\n  x DEFAULT (((;\n"   # line 3: sqlglot cannot read it
+        "INSERT INTO nowhere VALUES (1);\n"                  # line 5: no such table
+        "INSERT INTO a VALUES (1, 2);\n"                     # line 6: too many values
+        "CREATE TABLE a (id INTEGER);\n")                    # line 7: created twice
+    with pytest.raises(DumpError) as caught:
+        parse_dump(text, "sqlite")
+    problems = caught.value.problems
+    assert [p.split(" (`")[0] for p in problems] == ["line 3", "line 5", "line 6", "line 7"]
+    assert problems[0].startswith("line 3 (`CREATE TABLE b (id INTEGER, x DEFAULT (((`): sqlite cannot read it")
+    assert "`nowhere`" in problems[1] and "CREATE TABLE first" in problems[1]
+    assert "2 values for 1 column of `a`" in problems[2]
+    assert "created twice (first on line 1)" in problems[3]
+    assert all(problem in str(caught.value) for problem in problems)
+
+
+@pytest.mark.parametrize("text, dialect, expected", [
+    ("CREATE TABLE t (a int);\n\nCREATE TABLE u (b\x00 int);", "sqlite", "line 3: a NUL character"),
+    ("CREATE TABLE t (a int);\n\ud800", "sqlite", "line 2: an invalid character (U+D800"),
+    ("CREATE TABLE t (a int);\nCREATE VIEW v AS SELECT " + "(" * 5000 + "a" + ")" * 5000 + " FROM t;", "sqlite",
+     "line 2 (`CREATE VIEW v AS SELECT ((((((((((((((((((((((((((((((((((...`): nested too deeply"[:30]),
+    ("CREATE TABLE t (" + ", ".join(f"c{i} int" for i in range(30000)) + ");", "postgres",
+     "more than the 200,000 a statement may have; split it"),
+    ("CREATE TABLE t (a int);\nINSERT INTO t VALUES ('abc);\n", "sqlite", "line 2 (`'abc);`): the ' quote opened here is never closed"),
+    ("CREATE TABLE t (a int);\n/* no end\nCREATE TABLE u (b int);", "mysql", "line 2 (`/* no end CREATE TABLE u (b int);`): the comment"),
+    (b"CREATE TABLE t (a int)", "sqlite", "must be text (a string), not bytes"),
+    ("CREATE TABLE `t` (`a` int) ENGINE=InnoDB;", "postgres", "choose the dialect mysql"),
+    ("CREATE TABLE t (a int);\nINSERT INTO t VALUES (now());", "postgres", "the value `CURRENT_TIMESTAMP` is not a constant"),
+], ids=["nul", "surrogate", "deep", "huge", "quote", "comment", "bytes", "dialect", "not-constant"])
+def test_bad_input_gets_a_clear_error(text, dialect, expected):
+    with pytest.raises(DumpError) as caught:
+        parse_dump(text, dialect)
+    assert expected in str(caught.value)
+
+
+def test_unknown_dialect_names_the_valid_ones():
+    with pytest.raises(DialectError, match="choose one of sqlite, postgres, mysql"):
+        parse_dump("CREATE TABLE t (a int);", "oracle")
+
+
+def test_too_large_a_dump_is_refused_before_reading(monkeypatch):
+    from starsql.db import dumps
+
+    monkeypatch.setattr(dumps, "MAX_DUMP_CHARS", 1000)
+    with pytest.raises(DumpError, match="more than 1,000; dump the schema with fewer rows"):
+        parse_dump("CREATE TABLE t (a int);\n" + "INSERT INTO t VALUES (1);\n" * 100, "sqlite")
+
+
+# -- big dumps --------------------------------------------------------------------------------------
+
+def test_big_dumps_read_their_rows_without_sqlglot_per_row(monkeypatch):
+    """Thousands of rows, as each tool writes them: sqlglot reads each distinct statement head once."""
+    from starsql.db import dumps
+
+    calls = []
+    parse = dumps.sqlglot.parse
+    monkeypatch.setattr(dumps.sqlglot, "parse", lambda *a, **k: calls.append(1) or parse(*a, **k))
+    n = 20_000
+    values = [f"({i},'O\\'Brien; -- {i}',{i / 4},NULL)" for i in range(n)]
+    mysql = "CREATE TABLE `t` (`id` int, `name` text, `x` double, `n` int);\n" + "".join(
+        "INSERT INTO `t` VALUES " + ",".join(values[k:k + 1000]) + ";\n" for k in range(0, n, 1000))
+    postgres = ("CREATE TABLE public.t (id integer, name text, x double precision, n integer);\n"
+                "COPY public.t (id, name, x, n) FROM stdin;\n"
+                + "".join(f"{i}\tO'Brien; -- {i}\t{i / 4}\t\\N\n" for i in range(n)) + "\\.\n")
+    sqlite = "CREATE TABLE t (id INTEGER, name TEXT, x REAL, n INTEGER);\n" + "".join(
+        f"INSERT INTO t VALUES({i},'O''Brien; -- {i}',{i / 4},NULL);\n" for i in range(n))
+    for text, dialect in ((mysql, "mysql"), (postgres, "postgres"), (sqlite, "sqlite")):
+        calls.clear()
+        started = time.monotonic()
+        rows = parse_dump(text, dialect).rows["t"]
+        assert len(rows) == n and rows[n - 1] == (n - 1, f"O'Brien; -- {n - 1}", (n - 1) / 4, None), dialect
+        assert len(calls) <= 3, dialect
+        assert time.monotonic() - started < 30, dialect  # a backstop: about a second on a shared 2-core machine
+
+
 # -- live servers -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

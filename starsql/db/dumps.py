@@ -315,9 +315,11 @@ class Reader:
 
     def dispatch(self, statement: Statement):
         sql = statement.sql
-        head = " ".join(sql[:300].split()).upper()
-        if re.match(r"INSERT\b|REPLACE\s+INTO\b", head):
+        if sql[:6].upper() == "INSERT" or sql[:7].upper() == "REPLACE":  # the many statements of a big dump
             return self.insert(statement)
+        if sql.startswith("\\") and self.dialect != "postgres":
+            raise _Problem("a psql command")  # the hint names the dialect
+        head = " ".join(sql[:300].split()).upper()
         if statement.data is not None:
             return self.copy(statement)
         if head.startswith("COPY "):
@@ -433,9 +435,13 @@ class Reader:
 
     def add_constraint(self, table: Table, item: exp.Expression):
         """A table constraint: PRIMARY KEY and FOREIGN KEY go into the table; UNIQUE, CHECK, KEY... do not show."""
-        for part in item.expressions if isinstance(item, exp.Constraint) else [item]:
+        parts = item.expressions if isinstance(item, exp.Constraint) else [item]
+        for index, part in enumerate(parts):
             if isinstance(part, exp.PrimaryKey):
                 table.primary_key = _names(part.expressions)
+            elif isinstance(part, exp.PrimaryKeyColumnConstraint) and index + 1 < len(parts):  # T-SQL's
+                listed = parts[index + 1].this  # PRIMARY KEY CLUSTERED (a ASC, b)
+                table.primary_key = _names(listed if isinstance(listed, list) else [])
             elif isinstance(part, exp.ForeignKey):
                 ref_table, ref_columns = _reference(part.args["reference"])
                 table.foreign_keys.append(ForeignKey(_names(part.expressions), ref_table, ref_columns))
@@ -510,6 +516,12 @@ class Reader:
     # -- rows ---------------------------------------------------------------------------------
 
     def insert(self, statement: Statement):
+        # sqlglot reads neither MySQL's REPLACE INTO nor PostgreSQL's OVERRIDING SYSTEM VALUE (pg_dump
+        # --inserts of identity columns); for the rows they mean INSERT INTO ... VALUES.
+        sql = re.sub(r"^REPLACE\b", "INSERT", statement.sql[:2000], flags=re.IGNORECASE)
+        sql = re.sub(r"\bOVERRIDING\s+(SYSTEM|USER)\s+VALUE\b", "", sql, count=1, flags=re.IGNORECASE)
+        if sql != statement.sql[:2000]:
+            statement = Statement(statement.line, sql + statement.sql[2000:])
         head = _INSERT_HEAD.match(statement.sql)
         rows = head and literal_rows(statement.sql, head.end(), self.dialect)
         if rows is not None:  # the INSERT INTO ... part is read once for all statements that share it
@@ -527,7 +539,7 @@ class Reader:
         """A VALUES item as a Python value. SQLite's .dump writes text with newlines as
         replace('a\\nb','\\n',char(10)): in the sqlite dialect, SQLite itself computes such constants."""
         try:
-            return _constant(value)
+            return _constant(value, self.dialect)
         except _Problem:
             if self.dialect != "sqlite" or value.find(exp.Column, exp.Query) is not None:
                 raise
@@ -557,8 +569,8 @@ class Reader:
         for offset, line in enumerate(lines[:-1] if lines[-1] == "" else lines):  # the data ends with a newline
             fields = line.split("\t")
             if len(fields) != len(column_types):
-                raise _Problem(f"{len(fields)} tab-separated values for {len(column_types)} columns of "
-                               f"`{table.name}`", statement.data_line + offset)
+                raise _Problem(f"{_count(len(fields), 'tab-separated value')} for {_count(len(column_types), 'column')} "
+                               f"of `{table.name}`", statement.data_line + offset)
             rows.append(tuple(_copy_value(field, kind) for field, kind in zip(fields, column_types)))
         self.add_rows(statement, table.name, names, rows)
 
@@ -575,7 +587,8 @@ class Reader:
             raise _Problem(f"table `{table.name}` has no column {', '.join(map(repr, unknown))}")
         for index, row in enumerate(rows):
             if len(row) != width:
-                raise _Problem(f"row {index + 1} has {len(row)} values for {width} columns of `{table.name}`")
+                raise _Problem(f"row {index + 1} has {_count(len(row), 'value')} for {_count(width, 'column')} "
+                               f"of `{table.name}`")
         if columns:
             order = [columns.index(n) if n in columns else None for n in names]
             rows = [tuple(None if i is None else row[i] for i in order) for row in rows]
@@ -610,6 +623,10 @@ def _insert_target(head: str, dialect: str) -> tuple[str, list[str] | None]:
     return _target(insert.this)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _unquote(name: str) -> str:
     name = name.strip()
     if len(name) >= 2 and name[0] + name[-1] in ('""', "``", "[]"):
@@ -634,69 +651,77 @@ def _short_error(error: Exception, line: int = 0) -> str:
 _IDENT = r'(?:"[^"]*(?:""[^"]*)*"|`[^`]*(?:``[^`]*)*`|\[[^\]]*\]|[\w$]+)'
 _INSERT_HEAD = re.compile(rf"\s*(?:INSERT|REPLACE)\s+(?:(?:IGNORE|OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY)\s+)?"
                           rf"INTO\s+{_IDENT}(?:\s*\.\s*{_IDENT})*\s*(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\))?\s*"
-                          rf"(?:OVERRIDING\s+(?:SYSTEM|USER)\s+VALUE\s+)?VALUES\b", re.IGNORECASE)
+                          rf"VALUES\b", re.IGNORECASE)
 _PARTITION = re.compile(rf"CREATE\s+(?:\w+\s+)*?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?P<child>{_IDENT}(?:\.{_IDENT})?)"
                         rf"\s+PARTITION\s+OF\s+(?P<parent>{_IDENT}(?:\.{_IDENT})?)", re.IGNORECASE)
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 
 
-def _value_pattern(backslash: bool) -> re.Pattern:
-    string = r"'(?P<text>[^'\\]*(?:(?:\\.|'')[^'\\]*)*)'" if backslash else r"'(?P<text>[^']*(?:''[^']*)*)'"
-    return re.compile(rf"\s*(?:{string}|(?P<number>{_NUMBER})(?![\w.])|(?P<word>NULL|TRUE|FALSE)\b|"
-                      rf"[xX]'(?P<hex>[0-9a-fA-F]*)'|(?P<punct>[(),]))", re.IGNORECASE | re.DOTALL)
+def _value_patterns(backslash: bool) -> tuple[re.Pattern, re.Pattern]:
+    """(one value or parenthesis, with a group per kind; a whole `(...), (...)` list of literal rows)."""
+    string = r"'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'" if backslash else r"'[^']*(?:''[^']*)*'"
+    number, word, hexadecimal = rf"{_NUMBER}(?![\w.])", r"(?:NULL|TRUE|FALSE)\b", r"[xX]'[0-9a-fA-F]*'"
+    value = rf"(?:{string}|{number}|{word}|{hexadecimal})"
+    row = rf"\(\s*(?:{value}\s*(?:,\s*{value}\s*)*)?\)"
+    tokens = rf"({string})|({number})|({word})|[xX]'([0-9a-fA-F]*)'|([()])"
+    return (re.compile(tokens, re.IGNORECASE | re.DOTALL),
+            re.compile(rf"\s*{row}(?:\s*,\s*{row})*\s*", re.IGNORECASE | re.DOTALL))
 
 
-_VALUES = {True: _value_pattern(True), False: _value_pattern(False)}
+_VALUES = {True: _value_patterns(True), False: _value_patterns(False)}
+_MYSQL_ESCAPE = re.compile(r"\\(.)|''", re.DOTALL)
 _MYSQL_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a", "%": "\\%", "_": "\\_"}
 _WORDS = {"NULL": None, "TRUE": True, "FALSE": False}
 
 
+def _mysql_unescape(match: re.Match) -> str:
+    return _MYSQL_ESCAPES.get(match.group(1), match.group(1)) if match.group(1) else "'"
+
+
 def literal_rows(sql: str, start: int, dialect: str) -> list[tuple] | None:
-    """The rows of `VALUES (...), (...)` from `start` when every value is a literal, else None."""
+    """The rows of `VALUES (...), (...)` from `start` when every value is a literal, else None. One
+    regular expression checks the whole list; the values are then taken in order (commas and spaces
+    between them are all that findall passes over)."""
     backslash = dialect in ("mysql", "bigquery")
-    pattern, rows, row, pos, state = _VALUES[backslash], [], [], start, "row"
-    while True:
-        match = pattern.match(sql, pos)
-        if match is None:
-            return rows if state == "between" and not sql[pos:].strip() else None
-        pos, punct = match.end(), match.group("punct")
-        if state == "row" and punct == "(":
-            row, state = [], "first"
-        elif state in ("first", "next") and punct == ")":
+    tokens, row_list = _VALUES[backslash]
+    if not row_list.fullmatch(sql, start):
+        return None
+    rows, row = [], []
+    for string, number, word, hexadecimal, paren in tokens.findall(sql, start):
+        if string:
+            text = string[1:-1]
+            if backslash and ("\\" in text or "''" in text):
+                text = _MYSQL_ESCAPE.sub(_mysql_unescape, text)
+            elif "''" in text:
+                text = text.replace("''", "'")
+            row.append(text)
+        elif number:
+            try:
+                row.append(int(number))
+            except ValueError:
+                row.append(float(number))
+        elif word:
+            row.append(_WORDS[word.upper()])
+        elif paren == "(":
+            row = []
+        elif paren == ")":
             rows.append(tuple(row))
-            state = "between"
-        elif state == "next" and punct == ",":
-            state = "value"
-        elif state == "between" and punct == ",":
-            state = "row"
-        elif state in ("first", "value") and not punct:
-            row.append(_literal(match, backslash))
-            state = "next"
         else:
-            return None
+            row.append(bytes.fromhex(hexadecimal))
+    return rows
 
 
-def _literal(match: re.Match, backslash: bool):
-    if match.group("text") is not None:
-        text = match.group("text")
-        if backslash:
-            return re.sub(r"\\(.)|''", lambda m: _MYSQL_ESCAPES.get(m.group(1), m.group(1)) if m.group(1) else "'",
-                          text, flags=re.DOTALL)
-        return text.replace("''", "'")
-    if match.group("number") is not None:
-        number = match.group("number")
-        return int(number) if re.fullmatch(r"[-+]?\d+", number) else float(number)
-    if match.group("word") is not None:
-        return _WORDS[match.group("word").upper()]
-    return bytes.fromhex(match.group("hex"))
-
-
-def _constant(value: exp.Expression):
+def _constant(value: exp.Expression, dialect: str):
     """A VALUES item as a Python value; anything but a constant is a problem."""
+    if isinstance(value, exp.Introducer):  # MySQL's _utf8mb4'text'
+        return _constant(value.expression, dialect)
     if isinstance(value, exp.Cast):
-        return _constant(value.this)
+        inner = _constant(value.this, dialect)
+        if isinstance(inner, str) and inner.startswith("\\x") and sqlite_type(value.to, "postgres") == "BLOB":
+            return bytes.fromhex(inner[2:])  # PostgreSQL's '\x0102'::bytea
+        return inner
     if isinstance(value, exp.Neg):
-        number = _constant(value.this)
+        number = _constant(value.this, dialect)
         if isinstance(number, (int, float)):
             return -number
     elif isinstance(value, exp.Null):
@@ -711,7 +736,8 @@ def _constant(value: exp.Expression):
         return int(value.this) if re.fullmatch(r"[-+]?\d+", value.this) else float(value.this)
     elif isinstance(value, (exp.ByteString, exp.RawString, exp.National)):
         return value.this
-    raise _Problem(f"the value `{value.sql()[:40]}` is not a constant; rows must be written as literal values")
+    raise _Problem(f"the value `{value.sql(dialect=dialect)[:40]}` is not a constant; rows must be written as "
+                   "literal values")
 
 
 _COPY_ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
@@ -760,6 +786,7 @@ _TYPES = [
     ("NUMERIC", _type_set("DECIMAL", "UDECIMAL", "BIGDECIMAL", "MONEY", "SMALLMONEY", "DECIMAL32", "DECIMAL64",
                           "DECIMAL128", "DECIMAL256")),
     ("VARCHAR", _type_set("VARCHAR", "NVARCHAR")),
+    ("TEXT", _type_set("TEXT")),
     ("CHAR", _type_set("CHAR", "NCHAR")),
     ("DATE", _type_set("DATE", "DATE32")),
     ("DATETIME", _type_set("DATETIME", "DATETIME2", "DATETIME64", "SMALLDATETIME", "TIMESTAMP", "TIMESTAMPTZ",
@@ -796,10 +823,14 @@ def sqlite_type(kind: exp.DataType | None, dialect: str, named: dict[str, str] |
         if name.lower() in (named or {}):
             return named[name.lower()]
         return _affinity(name) if dialect == "sqlite" else "TEXT"
-    if params == ["1"] and (kind.this == exp.DataType.Type.BIT or (dialect == "mysql" and kind.this in _type_set("TINYINT", "UTINYINT"))):
+    if kind.this == exp.DataType.Type.BIT and (params == ["1"] or dialect == "tsql"):
+        return "BOOLEAN"  # SQL Server's BIT is its boolean
+    if dialect == "mysql" and params == ["1"] and kind.this in _type_set("TINYINT", "UTINYINT"):
         return "BOOLEAN"  # MySQL writes BOOLEAN as tinyint(1)
     for name, types in _TYPES:
         if kind.this in types:
+            if name == "TEXT" and numbers and len(params) == 1:
+                return f"VARCHAR({params[0]})"  # DuckDB's and BigQuery's lengths on their text type
             if name in ("VARCHAR", "CHAR", "NUMERIC") and numbers:
                 return f"{name}({','.join(params)})"
             if name == "CHAR":
@@ -837,6 +868,11 @@ def parse_dump(text: str, dialect: str = "sqlite") -> Dump:
         raise DumpError(problems)
     text = text.lstrip("\ufeff").replace("\r\n", "\n")
     reader, unclosed = Reader(dialect), None
+    directive = re.search(r"^/\*!\d{5}", text, re.MULTILINE)
+    if directive and dialect != "mysql":  # another dialect reads them as comments, and would read the rest wrongly
+        line = text.count("\n", 0, directive.start()) + 1
+        reader.problems.append(f"line {line} (`{first_words(text[directive.start():directive.start() + 200])}`): "
+                               f"MySQL's /*!NNNNN ... */ directives ({dialect_hint(directive.group(), dialect)})")
     try:
         statements = split_dump(text, dialect)
     except _Unclosed as error:
