@@ -150,7 +150,7 @@ def read_upload(database) -> Upload:
             read = _build(key, "duckdb", lambda target: _data_to_duckdb(paths, kinds, names, target))
             _remember(_checked, key, ("duckdb", _duckdb_tables(read)))
     native, tables = _checked[key]
-    return Upload(key, native, copy.deepcopy(tables)  # the caller's to change, paths, data_files=not database_files)
+    return Upload(key, native, copy.deepcopy(tables), paths, data_files=not database_files)  # tables: the caller's to change
 
 
 def engine_file(upload: Upload, engine: str) -> Path:
