@@ -167,6 +167,18 @@ def test_select_runs_with_a_row_limit(shop):
     assert rows == [["Ada", 270.5], ["Bob", 120]] and not truncated  # decimals as JSON numbers
 
 
+def test_a_huge_result_is_read_no_further_than_the_row_limit(shop):
+    """Millions of rows: the first ones come back at once, not after the server has sent them all."""
+    dialect, url, db = shop
+    huge = {"postgres": "SELECT a.g * 100000 + b.g AS n FROM generate_series(1, 100000) a(g), "
+                        "generate_series(1, 100000) b(g)",  # 10^10 rows, made as they are read
+            "mysql": "SELECT seq AS n FROM seq_1_to_100000000"}[dialect]
+    start = time.monotonic()
+    columns, rows, truncated = db.run(huge, seconds=20, max_rows=3)
+    assert (columns, len(rows), truncated) == (["n"], 3, True)
+    assert time.monotonic() - start < 5
+
+
 WRITES = ["DELETE FROM orders", "UPDATE customers SET name = 'Eve'", "INSERT INTO customers (name) VALUES ('Eve')",
           "DROP TABLE order_items", "TRUNCATE TABLE order_items", "SELECT 1; DELETE FROM orders",
           "CREATE TABLE t (x int)", "SELECT * INTO copy FROM customers"]

@@ -335,14 +335,14 @@ class LiveDatabase:
         check_query(sql, self.dialect)
         with self._connection() as raw:
             try:
-                with self._read_only(raw, seconds) as cursor:
+                with self._read_only(raw, seconds, max_rows) as cursor:
                     cursor.execute(sql)
                     return fetch_capped(cursor, max_rows)
             except Exception as error:
                 raise self._error(error, seconds) from None
 
     @contextlib.contextmanager
-    def _read_only(self, raw, seconds: float):
+    def _read_only(self, raw, seconds: float, max_rows: int):
         """A cursor in a fresh read-only transaction whose statements stop after `seconds`; rolled back,
         and the session's settings undone, whatever happens."""
         undo = contextlib.ExitStack()
@@ -359,7 +359,10 @@ class LiveDatabase:
             setup = raw.cursor()
             setup.execute(f"SET SESSION {variable} = {seconds:.3f}" if mariadb
                           else f"SET SESSION {variable} = {max(1, round(seconds * 1000))}")
-            undo.callback(lambda: raw.cursor().execute(f"SET SESSION {variable} = DEFAULT"))
+            # The server sends at most max_rows + 1 rows (a LIMIT in the query wins): closing an unbuffered
+            # cursor reads whatever rows are left.
+            setup.execute(f"SET SESSION sql_select_limit = {max_rows + 1}")
+            undo.callback(lambda: raw.cursor().execute(f"SET SESSION {variable} = DEFAULT, sql_select_limit = DEFAULT"))
             setup.execute("START TRANSACTION READ ONLY")
             cursor = raw.cursor(pymysql.cursors.SSCursor)  # unbuffered: rows arrive as fetched
         else:  # SQLite: the file is open read-only; the authorizer refuses writes, the progress handler stops it
