@@ -206,9 +206,11 @@ def test_answers_queue_for_the_decoder_only_when_its_graphs_are_captured(tuned):
     assert fast.concurrency == fast.plain.concurrency == 2
 
 
-def test_a_backend_that_cannot_be_built_falls_back_to_generate(tiny_run, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_backend_that_cannot_be_built_falls_back_to_generate(tiny_run, monkeypatch, batch):
     import starsql.serve.fast as fast_package
     from starsql.serve.decode import GenerateBackend, build_backend
+    from starsql.serve.fast.batched import BatchedDecoder
 
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
     routed = []
@@ -218,13 +220,14 @@ def test_a_backend_that_cannot_be_built_falls_back_to_generate(tiny_run, monkeyp
     def broken_warm_up(self):
         raise RuntimeError("Triton cannot compile this model")
 
-    monkeypatch.setattr(GreedyDecoder, "warm_up", broken_warm_up)
+    monkeypatch.setattr(GreedyDecoder if batch == 1 else BatchedDecoder, "warm_up", broken_warm_up)
     with pytest.warns(UserWarning, match="Fast decoding is off.*Triton cannot compile"):
-        chosen = build_backend(model, tokenizer, fast=True)
-    assert type(chosen) is GenerateBackend
-    assert routed == [True, False]  # the kernel was turned off again: generate() runs on cuBLAS
+        warming = build_backend(model, tokenizer, fast=True, batch=batch)
+        chosen = warming.wait(60)  # built in a background thread
+    assert type(chosen) is GenerateBackend and warming.fast is None
+    assert routed[0] is True and routed[-1] is False  # the kernel was turned off again: generate() runs on cuBLAS
     prompt = build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?")
-    assert list(chosen.stream(prompt, 16))
+    assert list(warming.stream(prompt, 16))
 
 
 def test_the_fast_backend_fuses_and_decodes_what_generate_decodes(tiny_run):
@@ -232,7 +235,7 @@ def test_the_fast_backend_fuses_and_decodes_what_generate_decodes(tiny_run):
 
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
     *_, expected = stream_sql(model, tokenizer, PROMPTS[1], max_new_tokens=32)
-    chosen = build_backend(model, tokenizer, fast=True)  # on a CPU: no graphs, no kernel, the same loop
+    chosen = build_backend(model, tokenizer, fast=True, batch=1).wait(60)  # on a CPU: no graphs, no kernel, the same loop
     assert type(chosen) is FastDecodeBackend and all(slot.prepared for slot in chosen.decoder.caches)
     assert all(type(m) is FusedQKVAttention for m in model.modules() if "Attention" in type(m).__name__)
     *_, got = chosen.stream(PROMPTS[1], 32)

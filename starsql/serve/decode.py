@@ -8,13 +8,16 @@ A backend streams one prompt's answer and says how many requests it serves at on
 A backend that cannot answer (an endpoint down, slow or refusing) raises `BackendError`, whose message is
 for the user. `GenerateBackend` is plain `generate()`: any model, any device, greedy or sampled.
 `build_backend` picks the app's backend; `starsql.serve.fast` (a dedicated GPU) and `starsql.serve.remote`
-(an OpenAI-compatible endpoint) are imported only when chosen.
+(an OpenAI-compatible endpoint) are imported only when chosen. The fast backend takes minutes to compile the
+first time: `WarmingBackend` answers through plain generate() until it is ready.
 Prompts come from `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
+import os
+import time
 import warnings
-from collections.abc import Iterator
-from threading import Event, Thread
+from collections.abc import Callable, Iterator
+from threading import Event, Semaphore, Thread
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -22,6 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..prompt import extract_sql, first_statement_end
 
 GENERATE_CONCURRENCY = 2  # generate() calls at once; more mostly split the same GPU between them
+DECODE_BATCH = 16  # answers the fast backend decodes together (env DECODE_BATCH; 1: the one-stream decoder)
 
 
 class BackendError(RuntimeError):
@@ -123,24 +127,75 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
 
 
 class GenerateBackend:
-    """Plain `generate()`, streamed: the default backend, and the fallback of every other."""
+    """Plain `generate()`, streamed: the default backend, and the fallback of every other. At most `concurrency`
+    answers at once (app.py's queue sends no more; backends that fall back to it may): the others wait."""
 
     def __init__(self, model, tokenizer, concurrency: int = GENERATE_CONCURRENCY):
         self.model, self.tokenizer, self.concurrency = model, tokenizer, concurrency
+        self._running = Semaphore(concurrency)
 
     def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        return stream_sql(self.model, self.tokenizer, prompt, max_new_tokens, temperature)
+        with self._running:
+            yield from stream_sql(self.model, self.tokenizer, prompt, max_new_tokens, temperature)
 
 
-def build_backend(model, tokenizer, fast: bool = False):
-    """The app's backend. `fast` (a dedicated CUDA GPU, bf16 weights): greedy answers through
-    `starsql.serve.fast`'s CUDA-graph decoder. If that cannot be built for this model (torch.compile or
-    Triton fails), a warning, and plain generate() on the model as it was."""
-    if fast:
-        from .fast import FastDecodeBackend
+class WarmingBackend:
+    """Plain generate() until the backend that `build()` makes in a background thread is ready, then that one.
+    `concurrency` is the built backend's from the start (app.py's queue reads it once); until then at most
+    `plain`'s concurrency answer at once, the others wait. If the build fails, a warning, and plain generate()
+    for good."""
 
+    def __init__(self, plain: GenerateBackend, build: Callable[[], object], concurrency: int):
+        self.plain, self.concurrency = plain, concurrency
+        self.fast = None
+        self.ready = Event()  # set once the build ended, built or failed
+        self.build_s: float | None = None
+        Thread(target=self._build, args=(build,), daemon=True, name="starsql-fast-backend-build").start()
+
+    def _build(self, build: Callable[[], object]):
+        started = time.perf_counter()
         try:
-            return FastDecodeBackend.build(model, tokenizer)
+            self.fast = build()
         except Exception as error:  # noqa: BLE001 -- a model the fast path cannot take still serves, via generate()
             warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
-    return GenerateBackend(model, tokenizer)
+        finally:
+            self.build_s = time.perf_counter() - started
+            self.ready.set()
+
+    def wait(self, timeout: float | None = None):
+        """The backend that answers once the build ended (the fast one, or plain if it failed); None on timeout."""
+        if not self.ready.wait(timeout):
+            return None
+        return self.fast or self.plain
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+        return (self.fast or self.plain).stream(prompt, max_new_tokens, temperature)
+
+
+def decode_batch() -> int:
+    """DECODE_BATCH from the environment: how many answers the fast backend decodes together."""
+    value = os.environ.get("DECODE_BATCH", str(DECODE_BATCH))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DECODE_BATCH must be a whole number of answers, 1 or more (1: one at a time), not {value!r}")
+    return int(value)
+
+
+def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):
+    """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
+    answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
+    one-stream decoder). The fast backend is compiled and captured in a background thread (a WarmingBackend:
+    plain generate() answers meanwhile); if it cannot be built for this model (torch.compile or Triton
+    fails), a warning, and plain generate() on the model as it was."""
+    if not fast:
+        return GenerateBackend(model, tokenizer)
+    from . import fast as fast_package
+
+    batch = decode_batch() if batch is None else batch
+    try:
+        # Changes the model in place: done here, before any request, not beside a running generate().
+        fast_package.prepare_model(model)
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
+        return GenerateBackend(model, tokenizer)
+    return WarmingBackend(GenerateBackend(model, tokenizer), lambda: fast_package.build(model, tokenizer, batch),
+                          concurrency=fast_package.concurrency(model, batch))  # fmt: skip

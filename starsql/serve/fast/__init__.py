@@ -1,23 +1,90 @@
-"""The dedicated-GPU backend: greedy answers through a CUDA-graph decoder.
+"""The dedicated-GPU backends: greedy answers through CUDA-graph decoders.
 
-`starsql.serve.decode.build_backend(..., fast=True)` imports this package; nothing else does. Three pieces,
-all turned on by `FastDecodeBackend.build`, each computing what the plain model computes:
+`starsql.serve.decode.build_backend(..., fast=True)` imports this package; nothing else does. Its pieces, all
+turned on by `build`, each computing what the plain model computes:
 - `fused_qkv`: q, k and v as one projection, and a new token's attention over the shared K/V heads;
 - `gemv`: the one-token linear layers through a Triton matrix-vector kernel instead of cuBLAS;
-- `decoder`: static KV caches, the one-token step compiled and replayed as a CUDA graph, the prompt's
-  forward replayed as one too.
-The decoder serves one stream at a time. Sampled answers, prompts longer than its caches, and requests
-that arrive while it is busy go through plain `generate()`.
+- `decoder`: one stream: static KV caches, the one-token step compiled and replayed as a CUDA graph, the
+  prompt's forward replayed as one too (`FastDecodeBackend`, batch 1);
+- `batched`: many streams: continuous batching over a static cache with a slot per request, a CUDA graph per
+  batch-size bucket (`BatchedDecodeBackend`, the default, batch 16).
+Sampled answers and prompts longer than the caches go through plain `generate()`; so do requests that arrive
+while the one-stream decoder is busy.
+Compiled artefacts (torch.compile's caches, Triton's kernels) are kept in `compile_cache_dir()`, so that a
+restart on the same hardware loads them instead of compiling again.
 """
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
-from ..decode import GenerateBackend
+from ..decode import GENERATE_CONCURRENCY, GenerateBackend
+from .batched import BatchedDecoder
 from .decoder import GreedyDecoder, stream_greedy
 from .fused_qkv import fuse_qkv_projections
 from .gemv import gemv_available, use_gemv
 
-DECODER_TOKENS = 4096  # prompt + answer the decoder holds (at most StarCoder2's window); longer requests use generate()
+DECODER_TOKENS = 4096  # prompt + answer the one-stream decoder holds (at most StarCoder2's window); longer requests use generate()
+BATCH_TOKENS = 2048  # prompt + answer of each batched slot: every step attends over the whole slot, for every row
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile and Triton keep what they compiled, unless TORCHINDUCTOR_CACHE_DIR says otherwise: a
+    Space's persistent storage (/data) if it has one, else the Hugging Face cache; both outlive a restart, where
+    PyTorch's default (/tmp) does not on a Space."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    from huggingface_hub import constants
+
+    root = Path("/data") if os.path.isdir("/data") and os.access("/data", os.W_OK) else Path(constants.HF_HOME)
+    return root / "starsql-compile-cache"
+
+
+def keep_compiled_artefacts() -> Path:
+    """Point torch.compile's caches (inductor's FX graphs and AOT autograd, with their Triton kernels) and
+    Triton's own at compile_cache_dir(), before anything compiles; variables already set are kept."""
+    directory = compile_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
+    return directory
+
+
+def prepare_model(model) -> bool:
+    """Fuse `model`'s q/k/v and, on a GPU with Triton, route its one-token linears to the kernel, in place (quick:
+    no compiling). Returns whether the kernel is on. Plain generate() runs on the prepared model too."""
+    fuse_qkv_projections(model)
+    kernel = gemv_available(model)
+    if kernel:
+        use_gemv(model)
+    return kernel
+
+
+def build(model, tokenizer, batch: int, max_length: int | None = None):
+    """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
+    (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
+    DECODER_TOKENS, BATCH_TOKENS). If that fails, the kernel is turned off again before the error propagates,
+    so generate() runs on cuBLAS."""
+    keep_compiled_artefacts()
+    kernel = prepare_model(model)
+    try:
+        if batch == 1:
+            decoder = GreedyDecoder(model, max_length=max_length or DECODER_TOKENS)
+            decoder.warm_up()
+            return FastDecodeBackend(model, tokenizer, decoder)
+        decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS)
+        decoder.start()  # warms up first
+        return BatchedDecodeBackend(model, tokenizer, decoder)
+    except Exception:
+        if kernel:
+            use_gemv(model, enabled=False)
+        raise
+
+
+def concurrency(model, batch: int) -> int:
+    """The answers the fast backend of `batch` will serve at once, known before it is built (app.py's queue
+    reads it at start-up): the batch; the one-stream decoder, once captured, serves one at a time."""
+    return batch if batch > 1 else (1 if next(model.parameters()).is_cuda else GENERATE_CONCURRENCY)
 
 
 class FastDecodeBackend:
@@ -26,24 +93,6 @@ class FastDecodeBackend:
     def __init__(self, model, tokenizer, decoder: GreedyDecoder):
         self.decoder, self.tokenizer = decoder, tokenizer
         self.plain = GenerateBackend(model, tokenizer)
-
-    @classmethod
-    def build(cls, model, tokenizer, max_length: int = DECODER_TOKENS) -> "FastDecodeBackend":
-        """Fuse `model`'s q/k/v, route its one-token linears to the kernel (GPU with Triton), then compile and
-        capture the decoder for every cache length now (minutes), not during users' requests. If that fails,
-        the kernel is turned off again before the error propagates, so generate() runs on cuBLAS."""
-        fuse_qkv_projections(model)
-        kernel = gemv_available(model)
-        if kernel:
-            use_gemv(model)
-        try:
-            decoder = GreedyDecoder(model, max_length=max_length)
-            decoder.warm_up()
-        except Exception:
-            if kernel:
-                use_gemv(model, enabled=False)
-            raise
-        return cls(model, tokenizer, decoder)
 
     @property
     def concurrency(self) -> int:
@@ -63,3 +112,26 @@ class FastDecodeBackend:
                 self.decoder.lock.release()
             return
         yield from self.plain.stream(prompt, max_new_tokens, temperature)
+
+
+class BatchedDecodeBackend:
+    """A backend (see starsql.serve.decode) over a BatchedDecoder: greedy answers decoded together, up to its
+    batch at once; sampled answers and prompts longer than a slot through plain generate() beside it."""
+
+    def __init__(self, model, tokenizer, decoder: BatchedDecoder):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.plain = GenerateBackend(model, tokenizer)
+
+    @property
+    def concurrency(self) -> int:
+        return self.decoder.max_batch
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+        if max_new_tokens <= 0:
+            return
+        input_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        fits = input_ids.shape[-1] + max_new_tokens <= self.decoder.max_length
+        if temperature == 0 and fits and self.decoder.error is None:
+            yield from stream_greedy(self.decoder, self.tokenizer, input_ids, max_new_tokens)
+        else:  # at most the plain backend's concurrency at once: the others wait for it
+            yield from self.plain.stream(prompt, max_new_tokens, temperature)

@@ -15,6 +15,27 @@ from ..decode import statement_finished
 from .gemv import routing
 
 
+
+def capture_graph(run, side: torch.cuda.Stream, warmups: int, what: str, pool=None):
+    """`run` warmed up on the `side` stream (cuBLAS picks and allocates its workspaces outside the capture),
+    then one call of it captured: (graph, what that call returned), or (None, None) with a warning if
+    the capture fails."""
+    current = torch.cuda.current_stream(side.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            run()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            output = run()
+    except RuntimeError as error:
+        warnings.warn(f"CUDA graph capture of {what} failed, running it eagerly: {str(error).splitlines()[0]}")
+        graph = output = None
+    current.wait_stream(side)
+    return graph, output
+
 class _CacheGraph:
     """One static KV cache of `length` positions, with the fixed inputs, output and CUDA graph of the
     one-token step over it."""
@@ -154,24 +175,7 @@ class GreedyDecoder:
         return graph
 
     def _capture(self, run, warmups: int, what: str, pool=None):
-        """`run` warmed up on the side stream (cuBLAS picks and allocates its workspaces outside the capture),
-        then one call of it captured: (graph, what that call returned), or (None, None) with a warning if
-        the capture fails."""
-        side = self._side
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                run()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
-            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                output = run()
-        except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture of {what} failed, running it eagerly: {str(error).splitlines()[0]}")
-            graph = output = None
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return graph, output
+        return capture_graph(run, self._side, warmups, what, pool)
 
     def _advance(self, slot: _CacheGraph) -> torch.Tensor:
         """One step: the token after `slot.token` at `slot.position`, which then become that token and
@@ -257,9 +261,10 @@ class GreedyDecoder:
                     self._prepare(slot)
 
 
-def stream_greedy(decoder: GreedyDecoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[str]:
+def stream_greedy(decoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[str]:
     """The decoder's tokens as the text so far, as `starsql.serve.decode.stream_sql` yields it: whole characters
-    only, up to EOS or the end of the first statement. The caller holds `decoder.lock`."""
+    only, up to EOS or the end of the first statement. `decoder`: a GreedyDecoder (the caller holds its `lock`)
+    or a starsql.serve.fast.batched.BatchedDecoder; closing the stream ends the request."""
     generated: list[int] = []
     for token in decoder.tokens(input_ids, max_new_tokens, tokenizer.eos_token_id):
         if token == tokenizer.eos_token_id:

@@ -1,0 +1,268 @@
+"""Continuous batching of greedy answers: many requests decoded together, each one token a step.
+
+A decoding step of a 3B model is bound by memory bandwidth: it reads every weight once whatever the number of
+rows, so 16 requests decoded together cost little more than one. `BatchedDecoder` keeps a static KV cache with
+a slot (a batch row) per request. One engine thread runs everything on the model: between two steps it admits
+waiting requests (each prompt's forward runs alone, through a GreedyDecoder's prefill, and its K/V are copied
+into a free slot) and drops the ones that are done (EOS, their token budget, or their stream closed), so a
+request joins the running batch at the next step and leaves as soon as it is done. A step runs the first
+`rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each bucket's step is
+compiled and captured as a CUDA graph. Each row writes and reads only its own cache row, up to its own
+position, so a request's tokens are the ones it gets decoded alone.
+"""
+
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from .decoder import GreedyDecoder, capture_graph
+from .gemv import routing
+
+BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
+SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
+
+
+class SlotCache:
+    """The K/V of the first rows of the decoder's cache, for the model's attention layers as a transformers Cache
+    (they call `update` only): each row's new token's K/V go to that row's own position, and each row gets its
+    whole cache row back; the mask hides what lies past its position. One-token steps only."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        where = self.positions.view(-1, 1, 1, 1).expand_as(key_states)  # (rows, kv heads, 1, head dim)
+        self.keys[layer_idx].scatter_(2, where, key_states)
+        self.values[layer_idx].scatter_(2, where, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _Bucket:
+    """The step over the first `rows` slots: views of the decoder's tensors (fixed inputs of its CUDA graph)."""
+
+    def __init__(self, decoder: "BatchedDecoder", rows: int):
+        self.rows = rows
+        self.tokens = decoder.step_tokens[:rows]
+        self.live = decoder.live[:rows]
+        self.cache = SlotCache([k[:rows] for k in decoder.keys], [v[:rows] for v in decoder.values], decoder.positions[:rows])
+        self.graph = None
+        self.prepared = False
+
+
+class Request:
+    """One request: its prompt and budget, and the queue its tokens arrive on (then None; or an exception)."""
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None):
+        self.input_ids, self.max_new_tokens, self.eos_token_id = input_ids.view(1, -1), max_new_tokens, eos_token_id
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.produced = 0
+        self.closed = False  # its stream was closed (Stop, a client gone): it leaves at the next step
+
+    def deliver(self, token: int) -> bool:
+        """Hand one token over; True once the request is done."""
+        self.produced += 1
+        self.out.put(token)
+        done = token == self.eos_token_id or self.produced >= self.max_new_tokens
+        if done:
+            self.out.put(None)
+        return done
+
+
+class BatchedDecoder:
+    """Greedy decoding of up to `max_batch` requests at once over a static cache of `max_length` positions a
+    slot. `tokens()` is safe to call from many threads: each call is one request, served by the engine thread.
+    On a GPU each bucket's step is compiled (`compile`) and replayed as a CUDA graph; on a CPU the same loop
+    runs eagerly."""
+
+    def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
+                 compile: bool | None = None, prefill_bucket: int = 64):  # fmt: skip
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
+        # The prompts' forward: a one-stream decoder's prefill into its own cache of the same length.
+        self.prefiller = GreedyDecoder(model, max_length=max_length, lengths=(), compile=False, prefill_bucket=prefill_bucket)
+        self.model, self.device, self.max_batch = model, model.device, max_batch
+        self.max_length = self.prefiller.max_length  # at most the model's sliding window
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (max_batch, config.num_key_value_heads, self.max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        # Each slot's next input token and its position; `live` is 1 where a request decodes (its position advances).
+        self.step_tokens = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.live = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.buckets = {rows: _Bucket(self, rows) for rows in sorted({b for b in buckets if b < max_batch} | {max_batch})}
+        self.use_graph = self.device.type == "cuda"
+        self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # buckets never run at once
+        self._host = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.use_graph)
+        compile = self.use_graph if compile is None else compile
+        self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False) if compile else self._forward_step
+        if compile:  # one compile per bucket, all of _forward_step's budget
+            import torch._dynamo as dynamo
+
+            dynamo.config.recompile_limit += len(self.buckets)
+        self.incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self.slots: dict[int, Request] = {}  # busy slot -> its request; only the engine thread touches it
+        self.error: BaseException | None = None  # what stopped the engine; requests then fail with it
+        self._engine: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    # --- the step ---
+
+    def _forward_step(self, tokens: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        # Each row sees its own cache row up to its own position (our mask: transformers' would read the
+        # cache's length as a Python int, one compile per length).
+        positions = cache.positions
+        visible = torch.arange(self.max_length, device=positions.device) <= positions[:, None]
+        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[:, None, None, :]
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions[:, None], past_key_values=cache,
+                         use_cache=True)  # fmt: skip
+        return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
+
+    def _advance(self, bucket: _Bucket):
+        """One step of the bucket's rows: each gets its next token and, where live, the next position."""
+        with routing():  # one row (the 1 bucket): the linears through starsql.serve.fast.gemv's kernel, if the model has it
+            next_tokens = self._step(bucket.tokens, bucket.cache)
+        bucket.tokens.copy_(next_tokens)
+        bucket.cache.positions.add_(bucket.live)
+
+    def _prepare(self, bucket: _Bucket):
+        """Compile and warm up the bucket's step (and capture it on a GPU). Only while no slot is busy: the
+        warm-up steps overwrite every row's token (no position moves: no row is live)."""
+        if self.use_graph:
+            bucket.graph, _ = capture_graph(lambda: self._advance(bucket), self._side, warmups=3,
+                                            what=f"the {bucket.rows}-row decoding step", pool=self._pool)  # fmt: skip
+            self.use_graph = bucket.graph is not None
+        elif self._step is not self._forward_step:
+            self._advance(bucket)  # compiles it
+        bucket.prepared = True
+
+    @torch.inference_mode()
+    def warm_up(self):
+        """Compile and capture every bucket's step now (on a GPU, tens of seconds each the first time), not
+        during users' requests. Before the engine starts."""
+        if self._engine is not None:
+            raise RuntimeError("warm_up() runs before the first request, not while the engine serves")
+        for bucket in self.buckets.values():
+            if not bucket.prepared:
+                self._prepare(bucket)
+
+    # --- the engine ---
+
+    def _prefill(self, request: Request, slot: int) -> int:
+        """The prompt's forward into the prefiller's cache, its K/V copied into `slot`, and the slot's first
+        step input set; returns the first new token."""
+        cache = self.prefiller.caches[0]
+        self.prefiller._prefill(cache, request.input_ids.to(self.device))
+        length = request.input_ids.shape[-1]
+        for layer, keys, values in zip(cache.cache.layers, self.keys, self.values):
+            keys[slot, :, :length].copy_(layer.keys[0, :, :length])
+            values[slot, :, :length].copy_(layer.values[0, :, :length])
+        self.step_tokens[slot].copy_(cache.token[0])
+        self.positions[slot].copy_(cache.position[0])
+        return int(cache.token)
+
+    def _admit(self, wait: bool):
+        """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`)."""
+        for slot in [slot for slot, request in self.slots.items() if request.closed]:
+            self._leave(slot)
+        while len(self.slots) < self.max_batch:
+            try:
+                request = self.incoming.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if request.closed:
+                continue
+            slot = min(set(range(self.max_batch)) - self.slots.keys())  # the lowest: smaller buckets
+            try:
+                first = self._prefill(request, slot)
+            except BaseException as error:
+                request.out.put(error)
+                raise
+            if not request.deliver(first):
+                self.slots[slot] = request
+                self.live[slot] = 1
+
+    def _leave(self, slot: int):
+        del self.slots[slot]
+        self.live[slot] = 0
+
+    def _decode(self):
+        """One step of every busy slot, and each new token handed to its request."""
+        bucket = next(b for rows, b in self.buckets.items() if rows > max(self.slots))
+        if not bucket.prepared:
+            raise RuntimeError("the decoder was not warmed up")
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        else:
+            self._advance(bucket)
+        host = self._host[: bucket.rows]
+        host.copy_(bucket.tokens.view(-1), non_blocking=self.use_graph)
+        if self.use_graph:
+            torch.cuda.current_stream(self.device).synchronize()  # releases the GIL while the step runs
+        tokens = host.tolist()
+        for slot, request in list(self.slots.items()):
+            if request.closed or request.deliver(tokens[slot]):
+                self._leave(slot)
+
+    @torch.inference_mode()
+    def run_once(self, wait: bool = False) -> int:
+        """Admit waiting requests (waiting for one if `wait` and none decodes), then one step of all. The engine
+        thread loops over it; tests call it to set when requests arrive. Returns how many requests decode."""
+        self._admit(wait and not self.slots)
+        if self.slots:
+            self._decode()
+        return len(self.slots)
+
+    def _serve(self):
+        try:
+            while True:
+                self.run_once(wait=True)
+        except BaseException as error:  # noqa: BLE001 -- every request, now and later, fails with it
+            self.error = error
+            for request in self.slots.values():
+                request.out.put(error)
+            while True:
+                self.incoming.get().out.put(error)
+
+    def start(self):
+        """Start the engine thread (once); `tokens()` does."""
+        with self._start_lock:
+            if self._engine is None:
+                self.warm_up()
+                # Request threads decode text while the engine steps: it must not wait 5 ms for the GIL.
+                sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+                self._engine = threading.Thread(target=self._serve, daemon=True, name="starsql-batched-decoder")
+                self._engine.start()
+
+    def submit(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Request:
+        """Queue a request for the engine (which admits it at its next step); read its tokens from `request.out`."""
+        length = input_ids.shape[-1]
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
+                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
+            )
+        request = Request(input_ids, max_new_tokens, eos_token_id)
+        self.incoming.put(request)
+        return request
+
+    def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
+        """Yield greedy token ids one by one, up to and including EOS, at most `max_new_tokens`; closing the
+        generator ends the request."""
+        if max_new_tokens <= 0:
+            return
+        request = self.submit(input_ids, max_new_tokens, eos_token_id)
+        self.start()
+        try:
+            while (token := request.out.get()) is not None:
+                if isinstance(token, BaseException):
+                    raise RuntimeError(f"The batched decoder stopped: {token!r}") from token
+                yield token
+        finally:
+            request.closed = True

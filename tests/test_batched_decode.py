@@ -1,0 +1,161 @@
+"""Continuous batching (starsql.serve.fast.batched): requests join the running batch at the next step and leave
+when done, and each gets exactly the greedy tokens it gets decoded alone; the backend over it, and the
+warming backend that answers through plain generate() until the fast one is built."""
+
+import threading
+
+import pytest
+import torch
+
+from starsql.prompt import build_prompt
+from starsql.serve.decode import GenerateBackend, WarmingBackend, build_backend, stream_sql
+from starsql.serve.fast import BatchedDecodeBackend
+from starsql.serve.fast.batched import BatchedDecoder
+from starsql.serve.fast.fused_qkv import fuse_qkv_projections
+from starsql.serve.load import load_for_inference
+from test_fast_decode import PROMPTS, chaotic_unfused, plain_greedy
+
+# Prompts of different lengths: short, long, and one with a previous turn.
+MORE_PROMPTS = PROMPTS + [
+    build_prompt("CREATE TABLE t (id INTEGER, v TEXT)", "List every v."),
+    build_prompt("CREATE TABLE orders (id INTEGER, total REAL, day TEXT); CREATE TABLE items (order_id INTEGER, sku TEXT)",
+                 "Total per day of orders with more than two items?"),
+]
+
+
+@pytest.fixture(scope="module")
+def chaotic(tiny_model_path):
+    """The tiny model with large random weights, q/k/v fused as the fast backend serves it: every prompt token
+    and position changes its output, and its logits are far from ties (fp32, CPU)."""
+    model, tokenizer = chaotic_unfused()
+    fuse_qkv_projections(model)
+    return model, tokenizer
+
+
+def ids_of(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def drain(request) -> list[int]:
+    tokens = []
+    while not request.out.empty():
+        token = request.out.get()
+        if token is None:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(chaotic):
+    model, tokenizer = chaotic
+    budgets = [40, 6, 30, 40, 12]  # the 6- and 12-token requests leave early; later ones take their slots
+    arrivals = [0, 0, 3, 5, 9]  # the step at which each request is submitted
+    expected = [plain_greedy(model, tokenizer, p, n) for p, n in zip(MORE_PROMPTS, budgets)]
+    assert len({len(ids_of(tokenizer, p)[0]) for p in MORE_PROMPTS}) == len(MORE_PROMPTS)  # all lengths differ
+    assert len({tuple(e) for e in expected}) == len(expected)  # and all answers: a mixed-up row would show
+
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(1, 2, 4))
+    decoder.warm_up()
+    requests, batch_sizes, slots_seen = [None] * len(budgets), [], []
+    for step in range(200):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                requests[i] = decoder.submit(ids_of(tokenizer, MORE_PROMPTS[i]), budgets[i], tokenizer.eos_token_id)
+        busy = decoder.run_once()
+        batch_sizes.append(busy)
+        slots_seen.append(dict(decoder.slots))
+        if not busy and all(r is not None for r in requests):
+            break
+    got = [drain(r) for r in requests]
+    assert got == expected
+    assert max(batch_sizes) == 4  # four decoded together at the peak, the batch's size
+    # The 6-token request left after its last token, and its slot went to a request that came after it.
+    six = requests[1]
+    left_at = next(i for i, slots in enumerate(slots_seen) if six not in slots.values())
+    assert left_at == 5 - 1  # its first token came from the prefill, its 5 others from steps 0..4
+    assert any(slots.get(1) in (requests[3], requests[4]) for slots in slots_seen)
+    assert not decoder.slots and int(decoder.live.sum()) == 0
+
+
+def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic):
+    # As the app calls it: each request from its own thread, through the engine thread; one stream closed
+    # early (Stop) leaves the others unchanged and frees its slot.
+    model, tokenizer = chaotic
+    expected = [plain_greedy(model, tokenizer, p, 24) for p in MORE_PROMPTS]
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(2, 4))
+    results = [None] * len(MORE_PROMPTS)
+    go = threading.Barrier(len(MORE_PROMPTS) + 1)
+
+    def ask(i):
+        go.wait()
+        results[i] = list(decoder.tokens(ids_of(tokenizer, MORE_PROMPTS[i]), 24, tokenizer.eos_token_id))
+
+    stopped = decoder.tokens(ids_of(tokenizer, PROMPTS[0]), 24)
+    assert next(stopped) == expected[0][0]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(MORE_PROMPTS))]
+    for thread in threads:
+        thread.start()
+    go.wait()
+    stopped.close()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == expected  # five requests through four slots: one waited for a free one
+    assert decoder.error is None and not decoder.slots
+
+
+def test_the_batched_backend_streams_what_generate_streams_and_falls_back_for_sampling(tiny_run):
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    expected = [list(stream_sql(model, tokenizer, prompt, max_new_tokens=48))[-1] for prompt in PROMPTS]
+    fuse_qkv_projections(model)
+    fast = BatchedDecodeBackend(model, tokenizer, BatchedDecoder(model, max_batch=2, max_length=256))
+    assert fast.concurrency == 2
+    assert [list(fast.stream(prompt, 48))[-1] for prompt in PROMPTS] == expected
+    decoded = fast.decoder.tokens
+    fast.decoder.tokens = None  # sampling and a prompt too long for a slot must not reach the decoder
+    assert list(fast.stream(PROMPTS[0], 8, temperature=0.7))
+    assert list(fast.stream(PROMPTS[0], 256))[-1] == list(stream_sql(model, tokenizer, PROMPTS[0], 256))[-1]
+    fast.decoder.tokens = decoded
+
+
+def test_build_backend_answers_with_generate_while_the_fast_backend_warms_up(tiny_run, monkeypatch):
+    import starsql.serve.fast as fast_package
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    prompt = PROMPTS[1]
+    *_, expected = stream_sql(model, tokenizer, prompt, max_new_tokens=32)
+    release, building = threading.Event(), threading.Event()
+    build = fast_package.build
+
+    def slow_build(*args, **kwargs):  # compiling and capturing takes minutes on a GPU
+        building.set()
+        assert release.wait(60)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(fast_package, "build", slow_build)
+    monkeypatch.setenv("DECODE_BATCH", "3")
+    chosen = build_backend(model, tokenizer, fast=True)
+    assert type(chosen) is WarmingBackend and chosen.concurrency == 3  # the batch, from the start: Gradio reads it once
+    assert building.wait(60) and not chosen.ready.is_set()
+    *_, meanwhile = chosen.stream(prompt, 32)
+    assert meanwhile == expected and chosen.fast is None  # answered by plain generate() while warming up
+    release.set()
+    ready = chosen.wait(60)
+    assert type(ready) is BatchedDecodeBackend and ready.decoder.max_batch == 3 and chosen.build_s is not None
+    calls = []
+    tokens = ready.decoder.tokens
+    ready.decoder.tokens = lambda *a, **k: (calls.append(1), (yield from tokens(*a, **k)))[1]
+    *_, after = chosen.stream(prompt, 32)
+    assert after == expected and calls  # now through the batched decoder
+
+
+def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(tiny_run, monkeypatch):
+    from starsql.serve.fast import FastDecodeBackend
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    monkeypatch.setenv("DECODE_BATCH", "1")
+    chosen = build_backend(model, tokenizer, fast=True)
+    assert type(chosen.wait(60)) is FastDecodeBackend
+    assert type(build_backend(model, tokenizer)) is GenerateBackend  # not fast: plain generate(), as before
+    monkeypatch.setenv("DECODE_BATCH", "many")
+    with pytest.raises(ValueError, match="DECODE_BATCH must be a whole number"):
+        build_backend(model, tokenizer, fast=True)
