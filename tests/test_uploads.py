@@ -230,3 +230,16 @@ def test_limits_hold_on_uploaded_data(tmp_path):
         assert time.monotonic() - start < 2.0 and "Stopped after 1 s" in result.error
     finally:
         ws.close()
+
+
+def test_requests_in_different_dialects_share_a_file_at_once(tmp_path):
+    """Each workspace is its own DuckDB instance: its dialect's settings and lock are its own."""
+    path = make_upload(tmp_path, "duckdb")
+    postgres = open_workspace("", "postgres", database=path)
+    mysql = open_workspace("", "mysql", database=path)
+    try:
+        assert postgres.check("SELECT age / 10 FROM people WHERE id = 1").rows == [[3]]  # integer division
+        assert mysql.check("SELECT age / 10 FROM people WHERE id = 1").rows == [[3.4]]
+    finally:
+        postgres.close()
+        mysql.close()

@@ -1,7 +1,7 @@
 """The DuckDB sandbox: SQL of the PostgreSQL-like dialects checked and run with the same guarantees
 as the SQLite one (starsql/sandbox.py, starsql/serve/check.py).
 
-A connection is in-memory (a dump loaded into it) or a database file opened read-only. It gets a
+A connection is in-memory (a dump loaded into it) or a database file attached read-only. It gets a
 memory limit, one thread, no temporary directory (nothing spills to disk), then no access to files,
 extensions or settings (`enable_external_access = false`, `lock_configuration = true`): whatever the
 SQL says, it reads only what was loaded. DuckDB's own parser says what a statement is
@@ -44,13 +44,18 @@ def quote(name: str) -> str:
 
 
 def open_duck(path: "str | Path | None" = None, settings: tuple[str, ...] = ()) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB (or the DuckDB file at `path`, read-only) with the memory limit, one thread,
-    no spilling to disk and no extension autoloading. `settings` (a dialect's ENGINE_SETTINGS) run
-    before `lock` freezes them; loading data in between is the caller's (`load_tables`)."""
+    """A fresh in-memory DuckDB with the memory limit, one thread, no spilling to disk and no
+    extension autoloading; with `path`, the DuckDB file there attached read-only as its current
+    database. Each call is a database instance of its own (DuckDB shares one instance between
+    connections to the same file, and with it their settings and lock). `settings` (a dialect's
+    ENGINE_SETTINGS) run before `lock` freezes them; loading data in between is the caller's."""
     config = {"memory_limit": f"{MAX_MEMORY_BYTES // 2**20}MB", "threads": THREADS, "temp_directory": "",
               "autoload_known_extensions": False, "autoinstall_known_extensions": False}
-    conn = duckdb.connect(str(path) if path else ":memory:", read_only=path is not None, config=config)
+    conn = duckdb.connect(":memory:", config=config)
     try:
+        if path is not None:
+            conn.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS upload (READ_ONLY)")
+            conn.execute("USE upload")
         for statement in settings:
             conn.execute(statement)
     except BaseException:
