@@ -227,3 +227,12 @@ def test_live_database_runs_the_sql_itself(tmp_path):
     finally:
         ws.close()
     assert path.read_bytes() == before
+
+
+def test_numbers_keep_their_precision():
+    ws = open_workspace("CREATE TABLE m (a real, b numeric, c numeric(10,2), d bigint);"
+                        "INSERT INTO m VALUES (0.1, 1.23456, 3.14159, 9007199254740993);", "postgres")
+    try:
+        assert ws.check("SELECT a, b, c, d FROM m").rows == [[0.1, 1.23456, 3.14, 9007199254740993]]
+    finally:
+        ws.close()

@@ -35,6 +35,10 @@ READ = duckdb.StatementType.SELECT
 REFUSED = {getattr(duckdb.StatementType, name) for name in (
     "ATTACH", "DETACH", "PRAGMA", "SET", "VARIABLE_SET", "LOAD", "EXTENSION", "COPY", "COPY_DATABASE", "EXPORT",
     "CALL", "PREPARE", "EXECUTE", "EXPLAIN", "LOGICAL_PLAN", "RELATION", "INVALID")}
+# Type names DuckDB reads narrower than the dumps' databases do: 32-bit INTEGER and REAL/FLOAT, and
+# NUMERIC/DECIMAL without a precision, which DuckDB rounds to 3 decimals (PostgreSQL keeps them all).
+WIDENED = {"INT": "BIGINT", "INTEGER": "BIGINT", "MEDIUMINT": "BIGINT", "REAL": "DOUBLE", "FLOAT": "DOUBLE",
+           "NUMERIC": "DOUBLE", "DECIMAL": "DOUBLE"}
 # A type name as a dump spells it (after the DUMPS normalisation): a word or two and optional (p[, s]).
 _TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*( [A-Za-z][A-Za-z0-9_]*)*\s*(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
 
@@ -110,11 +114,11 @@ def message(error: BaseException, budget: Budget) -> str:
 
 
 def engine_type(conn: duckdb.DuckDBPyConnection, type_name: str) -> str:
-    """The DuckDB type for a dump's column type: INTEGER widened to BIGINT (SQLite's and MySQL's
-    integers are 64-bit), a name DuckDB knows as is, anything else VARCHAR."""
+    """The DuckDB type for a dump's column type: a name DuckDB knows as is, but for WIDENED; anything
+    else VARCHAR."""
     name = (type_name or "").strip().upper()
-    if name in ("INT", "INTEGER", "MEDIUMINT"):
-        return "BIGINT"
+    if name in WIDENED:
+        return WIDENED[name]
     if not _TYPE_NAME.fullmatch(name):
         return "VARCHAR"
     try:
