@@ -309,8 +309,11 @@ class LiveDatabase:
         tables = []
         with warnings.catch_warnings():  # "Did not recognize type ...": such a column becomes TEXT
             warnings.simplefilter("ignore", sqlalchemy.exc.SAWarning)
-            names = [(name, False) for name in inspector.get_table_names()]
-            for name, view in names + [(name, True) for name in inspector.get_view_names()]:
+            views = inspector.get_view_names()
+            if self.dialect == "postgres":
+                views += inspector.get_materialized_view_names()
+            names = [(name, False) for name in inspector.get_table_names()] + [(name, True) for name in views]
+            for name, view in names:
                 columns = [Column(c["name"], self._type(c["type"])) for c in inspector.get_columns(name)]
                 table = Table(name, columns, view=view)
                 if not view:
