@@ -6,6 +6,7 @@ again from servers started from the Debian packages (tests/servers.py), and test
 fresh dumps still read the same wherever the binaries exist.
 """
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -46,15 +47,26 @@ SHOP_ROWS = {
     "products": [("A-1", "Widget 'deluxe'", 12.5, 0.25, "2024-01-01"), ("B-2", "Gadget\\N", 3.0, None, None)],
 }
 
-# fixture file -> the dialect it is written in; the *_schema dumps hold no rows.
+# fixture file -> the dialect it is written in; the *_schema dumps hold no rows. The _inserts and
+# _compact ones are the tools' other row formats: pg_dump --column-inserts --rows-per-insert=2, and
+# mysqldump --compact --skip-extended-insert --complete-insert --routines.
 DUMPS = {
-    "shop.pg_dump.sql": "postgres", "shop.pg_dump_schema.sql": "postgres",
-    "shop.mysqldump.sql": "mysql", "shop.mysqldump_schema.sql": "mysql",
+    "shop.pg_dump.sql": "postgres", "shop.pg_dump_schema.sql": "postgres", "shop.pg_dump_inserts.sql": "postgres",
+    "shop.mysqldump.sql": "mysql", "shop.mysqldump_schema.sql": "mysql", "shop.mysqldump_compact.sql": "mysql",
     "shop.sqlite_dump.sql": "sqlite", "shop.sqlite_schema.sql": "sqlite",
 }
 
 
 # -- making the dumps with the real tools ------------------------------------------------------
+
+def run_dump(command: list, url: str, password_variable: str) -> str:
+    """A dump tool's output for the database at `url` (the password through the environment)."""
+    parts = urlsplit(url)
+    command = [*command, "-h", parts.hostname, "-P" if password_variable == "MYSQL_PWD" else "-p", str(parts.port),
+               "-u" if password_variable == "MYSQL_PWD" else "-U", parts.username, parts.path.lstrip("/")]
+    env = {**os.environ, password_variable: parts.password}
+    return subprocess.run(command, capture_output=True, text=True, check=True, env=env, timeout=60).stdout
+
 
 def postgres_dumps() -> dict[str, str]:
     import psycopg
@@ -62,8 +74,11 @@ def postgres_dumps() -> dict[str, str]:
     with servers.postgres_server() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute((FIXTURES / "shop_postgres.sql").read_text())
+        pg_dump = str(servers._postgres_bin() / "pg_dump")
         return {"shop.pg_dump.sql": servers.dump_postgres(url),
-                "shop.pg_dump_schema.sql": servers.dump_postgres(url, schema_only=True)}
+                "shop.pg_dump_schema.sql": servers.dump_postgres(url, schema_only=True),
+                "shop.pg_dump_inserts.sql": run_dump([pg_dump, "--column-inserts", "--rows-per-insert=2"], url,
+                                                     "PGPASSWORD")}
 
 
 def mariadb_dumps() -> dict[str, str]:
@@ -79,7 +94,9 @@ def mariadb_dumps() -> dict[str, str]:
             while cursor.nextset():
                 pass
         return {"shop.mysqldump.sql": servers.dump_mariadb(url),
-                "shop.mysqldump_schema.sql": servers.dump_mariadb(url, no_data=True)}
+                "shop.mysqldump_schema.sql": servers.dump_mariadb(url, no_data=True),
+                "shop.mysqldump_compact.sql": run_dump(["mysqldump", "--no-defaults", "--compact", "--routines",
+                                                        "--skip-extended-insert", "--complete-insert"], url, "MYSQL_PWD")}
 
 
 def sqlite_dumps(directory: Path) -> dict[str, str]:
@@ -138,6 +155,16 @@ def test_what_holds_no_schema_is_skipped_with_its_line_and_a_reason():
     assert {e.reason for e in mysql if e.words.startswith(("LOCK TABLES", "UNLOCK TABLES"))} == {"locks tables"}
     assert any(e.words.startswith("SET @OLD_CHARACTER_SET_CLIENT") for e in mysql)  # a /*!40101 ... */ directive
     assert any("TRIGGER" in e.words for e in mysql)  # inside DELIMITER ;; ... ;;
+    compact = parse_dump(read_fixture("shop.mysqldump_compact.sql"), "mysql").skipped
+    procedure = [e for e in compact if "PROCEDURE" in e.words]  # a body with ';' inside, one statement
+    assert len(procedure) == 1 and procedure[0].reason == "code or server objects, not tables"
+
+
+def test_views_keep_their_query_with_the_names_the_tables_have():
+    for name in ("shop.pg_dump.sql", "shop.mysqldump.sql"):
+        views = parse_dump(read_fixture(name), DUMPS[name]).views
+        assert list(views) == ["sales"] and "public." not in views["sales"]
+        assert "JOIN" in views["sales"] and "COUNT(" in views["sales"]
 
 
 @pytest.mark.parametrize("name", ["shop.pg_dump.sql", "shop.mysqldump.sql"])
@@ -309,6 +336,22 @@ def test_bad_input_gets_a_clear_error(text, dialect, expected):
     with pytest.raises(DumpError) as caught:
         parse_dump(text, dialect)
     assert expected in str(caught.value)
+
+
+def test_a_failed_create_table_is_reported_once_not_again_for_each_insert():
+    text = "CREATE TABLE t (a int, b DEFAULT ((;\n" + "INSERT INTO t VALUES (1, 2);\n" * 50
+    with pytest.raises(DumpError) as caught:
+        parse_dump(text, "sqlite")
+    assert len(caught.value.problems) == 1 and caught.value.problems[0].startswith("line 1 (`CREATE TABLE t")
+
+
+def test_mysqldump_in_ansi_mode_says_to_dump_without_it():
+    text = ("/*!40101 SET @OLD_SQL_MODE=@@SQL_MODE, SQL_MODE='NO_AUTO_VALUE_ON_ZERO,ANSI' */;\n"
+            'CREATE TABLE "t" ("a" int(11) NOT NULL, "b" varchar(5), PRIMARY KEY ("a"), KEY "b" ("b"));\n')
+    with pytest.raises(DumpError) as caught:
+        parse_dump(text, "mysql")
+    assert caught.value.problems[0].startswith("line 1 (`SQL_MODE='NO_AUTO_VALUE_ON_ZERO,ANSI`): the dump sets SQL_MODE ANSI")
+    assert "dump again without --compatible" in caught.value.problems[0]
 
 
 def test_unknown_dialect_names_the_valid_ones():

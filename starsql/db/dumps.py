@@ -51,6 +51,7 @@ class Dump:
     tables: list[Table] = field(default_factory=list)  # in the dump's order; views are tables with view=True
     rows: dict[str, list[tuple]] = field(default_factory=dict)  # table name -> rows, in its columns' order
     skipped: list[Skipped] = field(default_factory=list)
+    views: dict[str, str] = field(default_factory=dict)  # view name -> its SELECT, in the dump's dialect
 
 
 class DumpError(ValueError):
@@ -283,6 +284,10 @@ class _Problem(Exception):
         self.line = line
 
 
+class _Failed(_Problem):
+    """Rows of a table whose CREATE TABLE already has a problem: nothing new to report."""
+
+
 class Reader:
     """Reads statements in order into tables, rows and skipped statements, collecting problems."""
 
@@ -296,6 +301,8 @@ class Reader:
         self.types: dict[str, str] = {}  # enum and domain names -> normalised type
         self.partitions: dict[str, str] = {}  # a partition's name -> its parent's (rows go to the parent)
         self.sqlite: sqlite3.Connection | None = None  # computes constant row values (sqlite dialect)
+        self.failed: set[str] = set()  # lower-cased names of tables whose CREATE had a problem
+        self.views: dict[str, str] = {}  # view name -> its query, in the dump's dialect
 
     def problem(self, statement: Statement, message: str, line: int | None = None):
         hint = dialect_hint(statement.sql, self.dialect)
@@ -309,9 +316,15 @@ class Reader:
         try:
             self.dispatch(statement)
         except _Problem as problem:
-            self.problem(statement, str(problem), problem.line)
+            if not isinstance(problem, _Failed):
+                self.problem(statement, str(problem), problem.line)
         except RecursionError:
             self.problem(statement, "nested too deeply to read; simplify the statement")
+        else:
+            return
+        created = _CREATED_NAME.match(statement.sql)
+        if created:  # its rows would only repeat the problem
+            self.failed.add(_unquote(created.group("name").split(".")[-1]).lower())
 
     def dispatch(self, statement: Statement):
         sql = statement.sql
@@ -480,6 +493,12 @@ class Reader:
             return self.skip(statement, f"the columns of `{name}` cannot be told from its query (a `*` over a "
                                         "table this dump does not create?)")
         self.add_table(statement, Table(name, columns, view=view))
+        if view:  # its query, with names as the tables now have them (public.x is x)
+            query = query.copy()
+            for table in query.find_all(exp.Table):
+                table.set("db", None)
+                table.set("catalog", None)
+            self.views[name] = query.sql(dialect=self.dialect)
 
     def alter_table(self, statement: Statement):
         if re.search(r"\bADD\s+GENERATED\b.*\bAS\s+IDENTITY\b", statement.sql, re.IGNORECASE | re.DOTALL):
@@ -509,6 +528,8 @@ class Reader:
     def table(self, name: str, what: str) -> Table:
         name = self.partitions.get(name, name)
         table = self.tables.get(name) or next((t for t in self.tables.values() if t.name.lower() == name.lower()), None)
+        if table is None and name.lower() in self.failed:
+            raise _Failed(name)
         if table is None:
             raise _Problem(f"table `{name}` is {what} here but not created before; put its CREATE TABLE first")
         return table
@@ -605,7 +626,8 @@ class Reader:
             width = len(table.columns)  # rows loaded before an ADD COLUMN get NULL there
             if table.name in self.rows and any(len(row) < width for row in self.rows[table.name]):
                 self.rows[table.name] = [row + (None,) * (width - len(row)) for row in self.rows[table.name]]
-        return Dump(tables, self.rows, self.skipped)
+        views = {name: sql for name, sql in self.views.items() if name in by_name}
+        return Dump(tables, self.rows, self.skipped, views)
 
 
 def _target(target: exp.Expression) -> tuple[str, list[str] | None]:
@@ -652,6 +674,8 @@ _IDENT = r'(?:"[^"]*(?:""[^"]*)*"|`[^`]*(?:``[^`]*)*`|\[[^\]]*\]|[\w$]+)'
 _INSERT_HEAD = re.compile(rf"\s*(?:INSERT|REPLACE)\s+(?:(?:IGNORE|OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY)\s+)?"
                           rf"INTO\s+{_IDENT}(?:\s*\.\s*{_IDENT})*\s*(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\))?\s*"
                           rf"VALUES\b", re.IGNORECASE)
+_CREATED_NAME = re.compile(rf"CREATE\s+(?:\w+\s+)*?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+                           rf"(?P<name>{_IDENT}(?:\s*\.\s*{_IDENT})*)", re.IGNORECASE)
 _PARTITION = re.compile(rf"CREATE\s+(?:\w+\s+)*?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?P<child>{_IDENT}(?:\.{_IDENT})?)"
                         rf"\s+PARTITION\s+OF\s+(?P<parent>{_IDENT}(?:\.{_IDENT})?)", re.IGNORECASE)
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
@@ -882,6 +906,12 @@ def parse_dump(text: str, dialect: str = "sqlite") -> Dump:
             reader.read(statement)
     finally:
         reader.close()
+    ansi = dialect == "mysql" and re.search(r"SQL_MODE\s*=\s*'[^']*\bANSI", text, re.IGNORECASE)
+    if ansi and reader.problems:
+        line = text.count("\n", 0, ansi.start()) + 1
+        reader.problems.insert(0, f"line {line} (`{first_words(ansi.group())}`): the dump sets SQL_MODE ANSI "
+                                  "(mysqldump --compatible=ansi), so its names are in double quotes, which MySQL "
+                                  "reads as strings; dump again without --compatible")
     if unclosed:
         hint = dialect_hint(text, dialect)
         reader.problems.append(f"line {unclosed.line} (`{unclosed.words}`): {unclosed.what} opened here is never "
