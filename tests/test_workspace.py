@@ -11,6 +11,7 @@ import pytest
 from starsql.db import duck
 from starsql.db.dialects import DialectError
 from starsql.db.dumps import DumpError
+from starsql.db.live import close_all
 from starsql.db.workspace import open_workspace
 from starsql.sandbox import Budget
 from starsql.serve.check import SchemaError, check_sql, new_result
@@ -236,3 +237,51 @@ def test_numbers_keep_their_precision():
         assert ws.check("SELECT a, b, c, d FROM m").rows == [[0.1, 1.23456, 3.14, 9007199254740993]]
     finally:
         ws.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    from servers import postgres_available, postgres_server
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server() as url:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE orders (id integer PRIMARY KEY, customer varchar(40), "
+                         "placed_at timestamp, quantity integer, paid boolean)")
+            conn.execute("INSERT INTO orders VALUES (1, 'Alice', '2024-01-05 10:00', 7, true), "
+                         "(2, 'bob', '2024-02-10 11:30', 3, false), (3, 'ALICIA', '2024-02-11 09:00', 10, true)")
+        yield url
+        close_all()  # the pooled connections, so that the server stops at once
+
+
+FIDELITY_SQL = [
+    "SELECT customer FROM orders WHERE customer ILIKE 'ali%' ORDER BY id",
+    "SELECT customer FROM orders WHERE customer LIKE 'Ali%' ORDER BY id",
+    "SELECT id, quantity / 2, placed_at::date FROM orders ORDER BY id",
+    "SELECT paid, count(*) FROM orders GROUP BY paid ORDER BY paid",
+]
+
+
+def test_live_postgres_and_its_dump_answer_alike(postgres_url):
+    """The same SQL on the real server (live workspace) and on its pg_dump checked through DuckDB."""
+    from servers import dump_postgres
+
+    live = open_workspace("", "postgres", url=postgres_url)
+    dumped = open_workspace(dump_postgres(postgres_url), "postgres")
+    try:
+        assert live.schema_text == dumped.schema_text
+        for sql in FIDELITY_SQL:
+            on_server, on_duckdb = live.check(sql), dumped.check(sql)
+            assert on_server.valid and on_server.not_verified is None, on_server.error
+            assert on_duckdb.rows == on_server.rows, sql
+        refused = live.check("DELETE FROM orders")
+        assert refused.writes_data and refused.rows is None
+        assert postgres_url.split(":")[2].split("@")[0] not in str(live.check("SELECT nosuch FROM orders").to_dict())
+        assert live.check("SELECT count(*) FROM orders").rows == [[3]]
+    finally:
+        live.close()
+        dumped.close()
