@@ -413,30 +413,42 @@ def _file_path(url: str, engine: str, suffix: str) -> Path:
 
 
 class DuckFile(LiveDatabase):
-    """A DuckDB file in the DuckDB sandbox (starsql/db/duck.py): read-only, its memory limit, no other
-    files or settings; each query on a cursor of its own (DuckDB's connections share one database)."""
+    """A DuckDB file in the DuckDB sandbox (starsql/db/duck.py): attached read-only to an instance of
+    its own per query (its memory limit, no other files or settings), so queries run side by side."""
 
     def __init__(self, url: str, seconds: float = CONNECT_TIMEOUT_S):
+        self._scrub, self._redacted, self.dialect = _scrubber(url), redact(url), "duckdb"
+        self._tables, self._tables_at = None, 0.0
+        self._path = _file_path(url, "DuckDB", ".duckdb")
+        with self._sandbox():  # a file that is not a DuckDB database fails here
+            pass
+
+    @contextlib.contextmanager
+    def _sandbox(self):
         import duckdb
 
         from . import duck
 
-        self._scrub, self._redacted, self.dialect = _scrubber(url), redact(url), "duckdb"
-        self._tables, self._tables_at = None, 0.0
-        path = _file_path(url, "DuckDB", ".duckdb")
         try:
-            self._conn = duck.open_duck(path)
-            duck.lock(self._conn)
+            conn = duck.open_duck(self._path)
+            duck.lock(conn)
         except duckdb.Error as error:
-            raise LiveError(f"Cannot open {path} read-only with DuckDB ({self._scrub(error)}).", "database") from None
+            raise LiveError(f"Cannot open {self._path} read-only with DuckDB ({self._scrub(error)}).",
+                            "database") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def ping(self) -> None:
-        """A file has no server to lose."""
+        """LiveError if the file is gone."""
+        _file_path(f"duckdb:///{self._path}", "DuckDB", ".duckdb")
 
     def _introspect(self) -> list[Table]:
         from . import duck
 
-        return duck.duck_tables(self._conn.cursor())
+        with self._sandbox() as conn:
+            return duck.duck_tables(conn)
 
     def run(self, sql: str, seconds: float, max_rows: int) -> tuple[list[str], list[list], bool]:
         import duckdb
@@ -444,15 +456,14 @@ class DuckFile(LiveDatabase):
         from . import duck
 
         check_query(sql, self.dialect)
-        budget, cursor = Budget(seconds), self._conn.cursor()
-        try:
-            return duck.run(cursor, sql, budget, max_rows)
-        except (duckdb.Error, MemoryError) as error:
-            if isinstance(error, duckdb.InterruptException):
-                raise self._error(error, seconds) from None
-            raise LiveError(f"The database refused the query: {duck.message(error, budget)}", "sql") from None
-        finally:
-            cursor.close()
+        budget = Budget(seconds)
+        with self._sandbox() as conn:
+            try:
+                return duck.run(conn, sql, budget, max_rows)
+            except (duckdb.Error, MemoryError) as error:
+                if isinstance(error, duckdb.InterruptException):
+                    raise self._error(error, seconds) from None
+                raise LiveError(f"The database refused the query: {duck.message(error, budget)}", "sql") from None
 
     def _dispose(self) -> None:
-        self._conn.close()
+        """Nothing stays open between queries."""
