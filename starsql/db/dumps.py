@@ -33,7 +33,7 @@ from .dialects import check_dialect
 # sqlglot warns when it falls back to a generic Command; here that only means "not schema".
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
-MAX_DUMP_CHARS = 64 * 2**20  # a larger dump is refused before it is read
+MAX_DUMP_CHARS = 32 * 2**20  # a larger dump is refused before it is read (upload a database file instead)
 MAX_STATEMENT_CHARS = 200_000  # longest statement sqlglot is asked to read (literal-only INSERTs may be longer)
 MAX_PROBLEMS_SHOWN = 20  # str(DumpError) lists this many; .problems holds them all
 
@@ -66,8 +66,10 @@ class DumpError(ValueError):
 
 
 def first_words(sql: str, limit: int = 60) -> str:
-    words = " ".join(sql.split()[:8])
-    return words if len(words) <= limit and len(sql.split()) <= 8 else words[:limit - 3].rstrip() + "..."
+    """How a problem or a skipped statement is quoted: its first words, cut at `limit` characters."""
+    words = sql[:limit * 4].split()
+    short = " ".join(words[:8])
+    return short if len(short) <= limit and len(words) <= 8 else short[:limit - 3].rstrip() + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +170,6 @@ def split_dump(text: str, dialect: str) -> list[Statement]:
                                first_words(text[match.start():match.start() + 200]), statements)
             pos = close + len(match.group())
         elif kind in ("client", "delimiter") and first is None and not text[segment:match.start()].strip():
-            add(text[segment:match.start()], segment)
-            finish(match.start())
             statements.append(Statement(line_of(match.start() + len(match.group()) - len(match.group().lstrip())),
                                         match.group().strip()))
             segment = pos
@@ -233,21 +233,25 @@ _CREATE = re.compile(r"CREATE\s+(?:(?:OR\s+REPLACE|TEMP|TEMPORARY|UNLOGGED|GLOBA
                      r"TRANSIENT|SECURE|ALGORITHM\s*=\s*\S+|DEFINER\s*=\s*\S+|SQL\s+SECURITY\s+\w+)\s+)*"
                      r"(TABLE|VIEW|TYPE|DOMAIN|VIRTUAL TABLE)\b")
 
-# Signs that a statement is written in another dialect than the chosen one: (dialect, pattern, name).
-_DIALECT_SIGNS = [
-    ("mysql", r"`|/\*!\d|\bAUTO_INCREMENT\b|\bENGINE\s*=|\bUNSIGNED\b|\bLOCK TABLES\b|\\'", "MySQL/MariaDB (mysqldump)"),
-    ("postgres", r"::\s*[a-z]|\bnextval\s*\(|\bFROM\s+stdin\b|\bOWNER\s+TO\b|\bpg_catalog\.|\bcharacter varying\b|"
-                 r"\bSERIAL\b|\bwithout time zone\b|^\\", "PostgreSQL (pg_dump)"),
-    ("tsql", r"\[dbo\]|\bIDENTITY\s*\(|\bNVARCHAR\s*\(\s*MAX\b|^GO$", "SQL Server (T-SQL)"),
-    ("sqlite", r"\bAUTOINCREMENT\b|\bWITHOUT\s+ROWID\b|\bPRAGMA\b", "SQLite"),
+def _sign(pattern: str) -> re.Pattern:
+    return re.compile(pattern, re.IGNORECASE | re.MULTILINE)
+
+
+# Marks of a dialect in a statement: (dialect, its marks, its name, the dialects that share the marks).
+DIALECT_SIGNS = [
+    ("mysql", _sign(r"`|/\*!\d|\bAUTO_INCREMENT\b|\bENGINE\s*=|\bUNSIGNED\b|\bLOCK TABLES\b|\\'"),
+     "MySQL/MariaDB (mysqldump)", {"bigquery"}),
+    ("postgres", _sign(r"::\s*[a-z]|\bnextval\s*\(|\bFROM\s+stdin\b|\bOWNER\s+TO\b|\bpg_catalog\.|"
+                       r"\bcharacter varying\b|\bwithout time zone\b|^\\"), "PostgreSQL (pg_dump)", {"duckdb"}),
+    ("tsql", _sign(r"\[dbo\]|\bIDENTITY\s*\(|\bNVARCHAR\s*\(\s*MAX\b|^GO$"), "SQL Server (T-SQL)", set()),
+    ("sqlite", _sign(r"\bAUTOINCREMENT\b|\bWITHOUT\s+ROWID\b|\bPRAGMA\b"), "SQLite", set()),
 ]
-_DIALECT_SIGNS = [(name, re.compile(pattern, re.IGNORECASE | re.MULTILINE), words) for name, pattern, words in _DIALECT_SIGNS]
 
 
 def dialect_hint(sql: str, dialect: str) -> str | None:
-    """'this looks like MySQL...; choose mysql' when `sql` shows another dialect's marks."""
-    for name, pattern, words in _DIALECT_SIGNS:
-        if name != dialect and pattern.search(sql):
+    """'this looks like MySQL...; choose the dialect mysql' when `sql` shows another dialect's marks."""
+    for name, pattern, words, sharing in DIALECT_SIGNS:
+        if dialect != name and dialect not in sharing and pattern.search(sql):
             return f"this looks like {words}; choose the dialect {name}"
     return None
 
@@ -330,11 +334,11 @@ class Reader:
         sql = statement.sql
         if sql[:6].upper() == "INSERT" or sql[:7].upper() == "REPLACE":  # the many statements of a big dump
             return self.insert(statement)
+        if statement.data is not None:
+            return self.copy(statement)
         if sql.startswith("\\") and self.dialect != "postgres":
             raise _Problem("a psql command")  # the hint names the dialect
         head = " ".join(sql[:300].split()).upper()
-        if statement.data is not None:
-            return self.copy(statement)
         if head.startswith("COPY "):
             raise _Problem("COPY reads a file on the server; use pg_dump's `COPY ... FROM stdin;` blocks or INSERTs")
         match = _CREATE.match(head)
@@ -460,9 +464,10 @@ class Reader:
                 table.foreign_keys.append(ForeignKey(_names(part.expressions), ref_table, ref_columns))
 
     def create_view(self, statement: Statement):
-        sql = re.sub(r"\b(ALGORITHM\s*=\s*\w+|DEFINER\s*=\s*\S+|SQL\s+SECURITY\s+\w+)\s*", "", statement.sql,
-                     count=3, flags=re.IGNORECASE)  # mysqldump's view options, which sqlglot need not read
-        create = self.parse(Statement(statement.line, sql))
+        view = re.search(r"\bVIEW\b", statement.sql, re.IGNORECASE)
+        options = re.sub(r"\b(ALGORITHM\s*=\s*\w+|DEFINER\s*=\s*\S+|SQL\s+SECURITY\s+\w+)\s*", "",
+                         statement.sql[:view.start()], flags=re.IGNORECASE)  # mysqldump's, which sqlglot need not read
+        create = self.parse(Statement(statement.line, options + statement.sql[view.start():]))
         if not isinstance(create, exp.Create) or not isinstance(create.expression, exp.Query):
             return self.skip(statement, "a view sqlglot reads without a query: its columns are unknown")
         self.add_query_table(statement, create, view=True)
@@ -603,9 +608,12 @@ class Reader:
             raise _Problem(f"`{table.name}` is a view; rows go into tables")
         width = len(columns) if columns else len(table.columns)
         names = table.column_names()
-        unknown = [c for c in columns or [] if c not in names]
-        if unknown:
-            raise _Problem(f"table `{table.name}` has no column {', '.join(map(repr, unknown))}")
+        if columns:  # as the table spells them (PostgreSQL folds unquoted names to lower case)
+            spelled = {name.lower(): name for name in names}
+            columns = [c if c in names else spelled.get(c.lower(), c) for c in columns]
+            unknown = [c for c in columns if c not in names]
+            if unknown:
+                raise _Problem(f"table `{table.name}` has no column {', '.join(map(repr, unknown))}")
         for index, row in enumerate(rows):
             if len(row) != width:
                 raise _Problem(f"row {index + 1} has {_count(len(row), 'value')} for {_count(width, 'column')} "
@@ -866,11 +874,11 @@ def sqlite_type(kind: exp.DataType | None, dialect: str, named: dict[str, str] |
 # ---------------------------------------------------------------------------------------------
 
 def _text_problems(text: str) -> list[str]:
+    """Characters no database reads: a NUL, a lone surrogate (each with its line)."""
     problems = []
-    for char, name in (("\x00", "a NUL character (\\x00)"),):
-        if char in text:
-            index = text.index(char)
-            problems.append(f"line {text.count(chr(10), 0, index) + 1}: {name}; remove it (a binary file?)")
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        problems.append(f"line {line}: a NUL character (\\x00); remove it (is this a binary file?)")
     surrogate = re.search("[\ud800-\udfff]", text)
     if surrogate:
         problems.append(f"line {text.count(chr(10), 0, surrogate.start()) + 1}: an invalid character "
