@@ -90,7 +90,7 @@ def test_writes_are_refused_and_the_file_never_changes(tmp_path, kind):
     folder.mkdir()
     path = make_upload(folder, kind)
     before, neighbours = sha256(path), sorted(os.listdir(folder))
-    for dialect in ("sqlite", "postgres", "mysql", "duckdb"):
+    for dialect in ("sqlite", "postgres"):  # each engine, on the file itself and on its copy
         ws = open_workspace("", dialect, database=path)
         try:
             for sql in WRITES:

@@ -239,48 +239,60 @@ def test_numbers_keep_their_precision():
         ws.close()
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    from servers import postgres_available, postgres_server
+SERVER_TABLE = ("CREATE TABLE orders (id integer PRIMARY KEY, customer varchar(40), placed_at timestamp NULL, "
+                "quantity integer, paid boolean)")
+SERVER_ROWS = ("INSERT INTO orders VALUES (1, 'Alice', '2024-01-05 10:00:00', 7, true), "
+               "(2, 'bob', '2023-02-10 11:30:00', 3, false), (3, 'ALICIA', '2024-02-11 09:00:00', 10, true)")
+FIDELITY_SQL = {
+    "postgres": ["SELECT customer FROM orders WHERE customer ILIKE 'ali%' ORDER BY id",
+                 "SELECT customer FROM orders WHERE customer LIKE 'Ali%' ORDER BY id",
+                 "SELECT id, quantity / 2, placed_at::date FROM orders ORDER BY id",
+                 "SELECT paid, count(*) FROM orders GROUP BY paid ORDER BY paid"],
+    "mysql": ["SELECT `customer` FROM `orders` WHERE customer LIKE 'ali%' ORDER BY id",
+              "SELECT YEAR(placed_at), count(*) FROM orders GROUP BY YEAR(placed_at) ORDER BY 1",
+              "SELECT id, quantity DIV 2, DATE(placed_at) FROM orders ORDER BY id",
+              "SELECT id FROM orders WHERE paid ORDER BY id"],
+}
 
-    reason = postgres_available()
+
+@pytest.fixture(scope="module", params=["postgres", "mysql"])
+def server(request):
+    """A real server of the dialect with the orders table: (dialect, URL, its dump)."""
+    import servers
+
+    dialect = request.param
+    name = "postgres" if dialect == "postgres" else "mariadb"
+    reason = getattr(servers, f"{name}_available")()
     if reason:
         pytest.skip(reason)
-    with postgres_server() as url:
-        import psycopg
+    with getattr(servers, f"{name}_server")() as url:
+        import sqlalchemy
 
-        with psycopg.connect(url) as conn:
-            conn.execute("CREATE TABLE orders (id integer PRIMARY KEY, customer varchar(40), "
-                         "placed_at timestamp, quantity integer, paid boolean)")
-            conn.execute("INSERT INTO orders VALUES (1, 'Alice', '2024-01-05 10:00', 7, true), "
-                         "(2, 'bob', '2024-02-10 11:30', 3, false), (3, 'ALICIA', '2024-02-11 09:00', 10, true)")
-        yield url
+        engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://")
+                                          .replace("mysql://", "mysql+pymysql://"))
+        with engine.begin() as conn:
+            conn.exec_driver_sql(SERVER_TABLE)
+            conn.exec_driver_sql(SERVER_ROWS)
+        engine.dispose()
+        yield dialect, url, getattr(servers, f"dump_{name}")(url)
         close_all()  # the pooled connections, so that the server stops at once
 
 
-FIDELITY_SQL = [
-    "SELECT customer FROM orders WHERE customer ILIKE 'ali%' ORDER BY id",
-    "SELECT customer FROM orders WHERE customer LIKE 'Ali%' ORDER BY id",
-    "SELECT id, quantity / 2, placed_at::date FROM orders ORDER BY id",
-    "SELECT paid, count(*) FROM orders GROUP BY paid ORDER BY paid",
-]
-
-
-def test_live_postgres_and_its_dump_answer_alike(postgres_url):
-    """The same SQL on the real server (live workspace) and on its pg_dump checked through DuckDB."""
-    from servers import dump_postgres
-
-    live = open_workspace("", "postgres", url=postgres_url)
-    dumped = open_workspace(dump_postgres(postgres_url), "postgres")
+def test_live_server_and_its_dump_answer_alike(server):
+    """The same SQL on the real server (live workspace) and on its dump checked through DuckDB."""
+    dialect, url, dump = server
+    live = open_workspace("", dialect, url=url)
+    dumped = open_workspace(dump, dialect)
     try:
         assert live.schema_text == dumped.schema_text
-        for sql in FIDELITY_SQL:
+        for sql in FIDELITY_SQL[dialect]:
             on_server, on_duckdb = live.check(sql), dumped.check(sql)
             assert on_server.valid and on_server.not_verified is None, on_server.error
-            assert on_duckdb.rows == on_server.rows, sql
+            assert on_duckdb.valid and on_duckdb.rows == on_server.rows, (sql, on_duckdb.error)
         refused = live.check("DELETE FROM orders")
         assert refused.writes_data and refused.rows is None
-        assert postgres_url.split(":")[2].split("@")[0] not in str(live.check("SELECT nosuch FROM orders").to_dict())
+        password = url.split("@")[0].rsplit(":", 1)[1]
+        assert password not in str(live.check("SELECT nosuch FROM orders").to_dict())
         assert live.check("SELECT count(*) FROM orders").rows == [[3]]
     finally:
         live.close()
