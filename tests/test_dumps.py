@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -376,7 +377,7 @@ def test_big_dumps_read_their_rows_without_sqlglot_per_row(monkeypatch):
     calls = []
     parse = dumps.sqlglot.parse
     monkeypatch.setattr(dumps.sqlglot, "parse", lambda *a, **k: calls.append(1) or parse(*a, **k))
-    n = 20_000
+    n = 10_000
     values = [f"({i},'O\\'Brien; -- {i}',{i / 4},NULL)" for i in range(n)]
     mysql = "CREATE TABLE `t` (`id` int, `name` text, `x` double, `n` int);\n" + "".join(
         "INSERT INTO `t` VALUES " + ",".join(values[k:k + 1000]) + ";\n" for k in range(0, n, 1000))
@@ -400,9 +401,11 @@ def test_big_dumps_read_their_rows_without_sqlglot_per_row(monkeypatch):
 def live_dumps(tmp_path_factory):
     """Fresh dumps from real servers, where the binaries exist (each part skips on its own)."""
     made = sqlite_dumps(tmp_path_factory.mktemp("sqlite"))
-    for available, make in ((servers.postgres_available, postgres_dumps), (servers.mariadb_available, mariadb_dumps)):
-        if available() is None:
-            made.update(make())
+    makers = [make for available, make in ((servers.postgres_available, postgres_dumps),
+                                           (servers.mariadb_available, mariadb_dumps)) if available() is None]
+    with ThreadPoolExecutor(2) as pool:  # both servers start at once
+        for dumps in pool.map(lambda make: make(), makers):
+            made.update(dumps)
     return made
 
 
