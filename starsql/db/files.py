@@ -200,6 +200,9 @@ def _inspect_sqlite(path: Path) -> list[Table]:
                                   "upload an intact copy (sqlite3 file.db .recover can rescue data).")
             tables = sqlite_tables(conn)
     except sqlite3.Error as error:
+        if "interrupted" in str(error):
+            raise UploadError(f"Checking `{path.name}` took longer than {PREPARE_LIMIT_S:g} s: upload a smaller "
+                              "database.") from None
         raise UploadError(f"`{path.name}` cannot be read as a SQLite database ({error}): it may be damaged, "
                           "encrypted or still being written; upload an intact, unencrypted copy.") from None
     finally:
