@@ -90,7 +90,8 @@ def _die_with_parent() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -153,7 +154,7 @@ def postgres_server():
         raise ServerError(reason)
     bin_dir, owner = _postgres_bin(), _unprivileged_user()
     as_owner = dict(user=owner.pw_uid, group=owner.pw_gid, extra_groups=[]) if owner else {}
-    password, port = secrets.token_urlsafe(12), _free_port()
+    password, port = secrets.token_urlsafe(12), free_port()
     with _server_dir("starsql-pg-", owner) as root:
         data, log, password_file = root / "data", root / "server.log", root / "password"
         password_file.write_text(password + "\n")
@@ -194,7 +195,7 @@ def mariadb_server():
     if reason:
         raise ServerError(reason)
     mariadbd = shutil.which("mariadbd", path=os.environ.get("PATH", "") + ":/usr/sbin")
-    password, port = secrets.token_urlsafe(12), _free_port()
+    password, port = secrets.token_urlsafe(12), free_port()
     with _server_dir("starsql-mariadb-") as root:
         data, log, sock = root / "data", root / "server.log", root / "mysqld.sock"
         _run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", *_mariadb_user_args(),

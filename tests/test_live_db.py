@@ -13,12 +13,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from servers import (dump_mariadb, dump_postgres, free_port, mariadb_available, mariadb_server, postgres_available,
+                     postgres_server)
+
 from starsql.db import live
 from starsql.db.dumps import parse_dump
 from starsql.schema import render_schema
-
-from servers import (dump_mariadb, dump_postgres, mariadb_available, mariadb_server, postgres_available,
-                           postgres_server)
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +44,38 @@ def _port_open(url: str) -> bool:
         return probe.connect_ex(("127.0.0.1", urlsplit(url).port)) == 0
 
 
-def test_servers_answer_and_dump(postgres_url, mariadb_url):
-    """Both servers answer SELECT 1 with the URL's password, and pg_dump / mysqldump dump their tables."""
-    import psycopg
+def _execute(url: str, statements: list[str]) -> list[tuple]:
+    """Run statements with the server's own driver (the tests' setup, not the code under test); the
+    rows of the last one."""
+    if url.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                cursor = conn.execute(statement)
+            return cursor.fetchall() if cursor.description else []
     import pymysql
 
-    with psycopg.connect(postgres_url) as conn:
-        conn.execute("CREATE TABLE smoke (id integer PRIMARY KEY)")
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    maria = urlsplit(mariadb_url)
-    conn = pymysql.connect(host=maria.hostname, port=maria.port, user=maria.username, password=maria.password,
-                           database=maria.path.lstrip("/"))
-    with conn.cursor() as cursor:
-        cursor.execute("CREATE TABLE smoke (id integer PRIMARY KEY)")
-        cursor.execute("SELECT 1")
-        assert cursor.fetchone() == (1,)
-    conn.close()
+    parts = urlsplit(url)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username, password=parts.password,
+                           database=parts.path.lstrip("/"), autocommit=True)
+    try:
+        with conn.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+            return list(cursor.fetchall())
+    finally:
+        conn.close()
+
+
+def test_servers_answer_and_dump(postgres_url, mariadb_url):
+    """Both servers answer with the URL's password, and pg_dump / mysqldump dump their tables."""
+    for url in (postgres_url, mariadb_url):
+        assert _execute(url, ["CREATE TABLE smoke (id integer PRIMARY KEY)", "SELECT 1"]) == [(1,)]
     assert "CREATE TABLE public.smoke" in dump_postgres(postgres_url, schema_only=True)
     assert "CREATE TABLE `smoke`" in dump_mariadb(mariadb_url, no_data=True)
-    _execute(postgres_url, ["DROP TABLE smoke"])
-    _execute(mariadb_url, ["DROP TABLE smoke"])
+    for url in (postgres_url, mariadb_url):
+        _execute(url, ["DROP TABLE smoke"])
 
 
 def test_server_is_torn_down_when_the_block_fails():
@@ -111,26 +123,6 @@ CREATE TABLE customers (id INTEGER PRIMARY KEY, name VARCHAR(40), joined DATE);
 CREATE TABLE order_items (order_id INTEGER, line INTEGER, product TEXT, PRIMARY KEY (order_id, line), FOREIGN KEY (order_id) REFERENCES orders(id));
 CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER, total NUMERIC(10,2), placed DATETIME, FOREIGN KEY (customer_id) REFERENCES customers(id));"""
 SLEEP = {"postgres": "SELECT pg_sleep(5)", "mysql": "SELECT SLEEP(5)"}
-
-
-def _execute(url: str, statements: list[str]) -> None:
-    """Run statements as the server's own client would (the test's setup, not the code under test)."""
-    if url.startswith("postgresql"):
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            for statement in statements:
-                conn.execute(statement)
-        return
-    import pymysql
-
-    parts = urlsplit(url)
-    conn = pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username, password=parts.password,
-                           database=parts.path.lstrip("/"), autocommit=True)
-    with conn.cursor() as cursor:
-        for statement in statements:
-            cursor.execute(statement)
-    conn.close()
 
 
 @pytest.fixture(scope="module", params=["postgres", "mysql"])
@@ -234,7 +226,7 @@ def test_wrong_password_unknown_database_and_closed_port_say_what_to_fix(shop, c
     secret = _password_of(url)
     wrong = url.replace(f":{secret}@", ":Wrong-Pass-word-42@")
     no_database = url.rsplit("/", 1)[0] + "/no_such_db"
-    closed_port = url.replace(f":{parts.port}/", f":{_closed_port()}/")
+    closed_port = url.replace(f":{parts.port}/", f":{free_port()}/")
     for bad_url, kind, words in [(wrong, "login", "check the user name and password"),
                                  (no_database, "database", "does not exist"),
                                  (closed_port, "unreachable", "Cannot reach the database server")]:
@@ -244,13 +236,7 @@ def test_wrong_password_unknown_database_and_closed_port_say_what_to_fix(shop, c
         assert failed.value.kind == kind and words in message, message
         assert secret not in message and "Wrong-Pass-word-42" not in message and ":***@" in message
     assert secret not in caplog.text and "Wrong-Pass-word-42" not in caplog.text
-    assert secret not in repr(db) and secret not in str(db.__dict__.get("_redacted"))
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # nothing listens there once the probe is closed
+    assert secret not in repr(db)
 
 
 # ---------------------------------------------------------------------------------------------

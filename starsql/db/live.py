@@ -271,7 +271,7 @@ class LiveDatabase:
             return LiveError(f"The database named in {where} does not exist on that server, or this user may "
                              f"not use it: check the name after the last / ({text}).", "database")
         if codes & {"57014", 1969, 3024} or "interrupted" in lower or "statement timeout" in lower:
-            return LiveError(f"The query was stopped after {seconds or 0:g} s (the time limit): make it "
+            return LiveError(f"The query was stopped after {seconds or 0:.3g} s (the time limit): make it "
                              "simpler or more selective.", "timeout")
         if codes & {"25006", 1792} or "read-only" in lower or "readonly" in lower or "not authorized" in lower:
             return LiveError(f"{READ_ONLY}: the database refused a write in a read-only transaction ({text}).",
