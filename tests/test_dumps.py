@@ -299,6 +299,29 @@ def test_mysql_details():
         (1, "a session setting"), (2, "a mysql client command"), (3, "code or server objects, not tables")]
 
 
+def test_spider_databases_read_as_sqlite_itself_sees_them(spider_dir):
+    """Every Spider dev database's .schema and .dump (Python's): the tables, columns and keys SQLite
+    reports (starsql.schema.sqlite_tables), and all its rows."""
+    from starsql.schema import sqlite_tables
+
+    def keys(tables):
+        return sorted((t.name, t.column_names(), t.primary_key,
+                       [(k.columns, k.ref_table.lower(), k.ref_columns) for k in t.foreign_keys]) for t in tables)
+
+    paths = sorted(spider_dir.glob("database/*/*.sqlite"))
+    assert len(paths) >= 19
+    for path in paths:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            schema = "".join(sql + ";\n" for (sql,) in conn.execute("SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL"))
+            full = "\n".join(conn.iterdump())
+            expected = sqlite_tables(conn)
+            row_count = sum(conn.execute(f'SELECT count(*) FROM "{t.name}"').fetchone()[0] for t in expected if not t.view)
+        assert keys(parse_dump(schema, "sqlite").tables) == keys(expected), path.name
+        dump = parse_dump(full, "sqlite")
+        assert keys(dump.tables) == keys(expected), path.name
+        assert sum(len(rows) for rows in dump.rows.values()) == row_count, path.name
+
+
 # -- problems: all at once, each where it is ---------------------------------------------------------
 
 def test_problems_are_reported_all_at_once_with_line_and_first_words():

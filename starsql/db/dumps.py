@@ -62,7 +62,8 @@ class DumpError(ValueError):
         shown = "\n".join(f"- {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN])
         more = len(problems) - MAX_PROBLEMS_SHOWN
         noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"The schema has {len(problems)} {noun}:\n{shown}" + (f"\n- ... and {more} more" if more > 0 else ""))
+        super().__init__(f"The schema has {len(problems)} {noun}:\n{shown}"
+                         + (f"\n- ... and {more} more" if more > 0 else ""))
 
 
 def first_words(sql: str, limit: int = 60) -> str:
@@ -437,7 +438,8 @@ class Reader:
                    if arg.strip() and "=" not in arg]
         if not columns:
             return self.skip(statement, "a virtual table whose columns cannot be told from its arguments")
-        self.add_table(statement, Table(_unquote(parsed.group("name").split(".")[-1]), [Column(c, "TEXT") for c in columns]))
+        name = _unquote(parsed.group("name").split(".")[-1])
+        self.add_table(statement, Table(name, [Column(column, "TEXT") for column in columns]))
 
     def add_column(self, table: Table, column: exp.ColumnDef):
         kind = column.args.get("kind")
@@ -595,8 +597,8 @@ class Reader:
         for offset, line in enumerate(lines[:-1] if lines[-1] == "" else lines):  # the data ends with a newline
             fields = line.split("\t")
             if len(fields) != len(column_types):
-                raise _Problem(f"{_count(len(fields), 'tab-separated value')} for {_count(len(column_types), 'column')} "
-                               f"of `{table.name}`", statement.data_line + offset)
+                raise _Problem(f"{_count(len(fields), 'tab-separated value')} for "
+                               f"{_count(len(column_types), 'column')} of `{table.name}`", statement.data_line + offset)
             rows.append(tuple(_copy_value(field, kind) for field, kind in zip(fields, column_types)))
         self.add_rows(statement, table.name, names, rows)
 
