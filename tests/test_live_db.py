@@ -103,7 +103,8 @@ SHOP = {
         "CREATE MATERIALIZED VIEW customer_count AS SELECT count(*) AS n FROM customers",
     ],
     "mysql": [
-        "CREATE TABLE customers (id int AUTO_INCREMENT PRIMARY KEY, name varchar(40) NOT NULL, joined date) ENGINE=InnoDB",
+        "CREATE TABLE customers (id int AUTO_INCREMENT PRIMARY KEY, name varchar(40) NOT NULL, joined date) "
+        "ENGINE=InnoDB",
         "CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total decimal(10,2), placed datetime, "
         "FOREIGN KEY (customer_id) REFERENCES customers(id)) ENGINE=InnoDB",
         "CREATE TABLE order_items (order_id int, line int, product text, PRIMARY KEY (order_id, line), "

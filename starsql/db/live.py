@@ -203,7 +203,8 @@ class LiveDatabase:
             else:
                 # The password goes in apart from the URL text: typed into a URL it may hold @ / ? unencoded.
                 _, user, after, password = _user_and_password(url)
-                sa_url = sqlalchemy.engine.make_url(f"{driver_scheme}://{user + after if after else url.split('://', 1)[1]}")
+                rest = user + after if after else url.split("://", 1)[1]
+                sa_url = sqlalchemy.engine.make_url(f"{driver_scheme}://{rest}")
                 if password is not None:
                     sa_url = sa_url.set(password=unquote(password))
                 self._engine = sqlalchemy.create_engine(
@@ -234,10 +235,13 @@ class LiveDatabase:
     def _sqlite_engine(path: Path):
         import sqlalchemy
 
-        uri = f"file:{quote(str(path.resolve()))}?mode=ro"  # opened read-only: nothing can change the file
-        return sqlalchemy.create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
-                                        poolclass=sqlalchemy.pool.QueuePool, pool_size=POOL_SIZE,
-                                        max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
+        # Read-only, not immutable (as an upload's copy is): others may be writing to a live database.
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+
+        def open_read_only():
+            return sqlite3.connect(uri, uri=True, check_same_thread=False)
+        return sqlalchemy.create_engine("sqlite://", creator=open_read_only, poolclass=sqlalchemy.pool.QueuePool,
+                                        pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
 
     # -- connections and errors
 
@@ -261,7 +265,8 @@ class LiveDatabase:
         text = " ".join(self._scrub(str(cause)).replace(f'DECLARE "{CURSOR}" CURSOR FOR ', "").split())  # one line
         text = text or type(cause).__name__
         # PostgreSQL's SQLSTATE, MySQL's error number (pymysql's errors carry both)
-        codes = {getattr(cause, "sqlstate", None), cause.args[0] if cause.args and isinstance(cause.args[0], int) else None}
+        number = cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
+        codes = {getattr(cause, "sqlstate", None), number}
         lower, where = text.lower(), self._redacted
         # PostgreSQL reports login problems before a session exists, so without a SQLSTATE: its words tell.
         if codes & {"28P01", "28000", 1045} or "password authentication failed" in lower:
