@@ -80,14 +80,15 @@ def mariadb_available() -> str | None:
     return None
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
 PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
     """In the server's process (preexec_fn): SIGTERM it when the test process dies, even by SIGKILL,
     which skips every `finally`."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
