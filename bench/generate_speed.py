@@ -11,13 +11,13 @@ requests.
 Plain generate():
 - 4bit-unmerged: 4-bit NF4 base, the adapter as separate LoRA layers (as it was trained); the baseline.
 - bf16-merged: bf16 base with the adapter merged, the model load_for_inference returns.
-Then the model is prepared as starsql.serve.fast.FastDecodeBackend.build prepares it: q/k/v fused into one
+Then the model is prepared as starsql.serve.fast.build prepares it: q/k/v fused into one
 projection and, on a GPU with Triton, the one-token linear layers routed to starsql.serve.fast.gemv's kernel.
 - bf16-merged-fused: plain generate() of that model (the app without the fast backend, FAST_DECODE=0).
 - gemv-shapes: each weight shape's one-token product alone: cuBLAS against the kernel with its fixed block
   shape and with the best of GEMV_SWEEP, and the custom op called eagerly.
 The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and captures its own first):
-- bf16-merged-graph: the app's decoder, built by FastDecodeBackend.build with --app_decoder_tokens: caches of
+- bf16-merged-graph: the one-stream decoder (DECODE_BATCH=1), built by starsql.serve.fast.build with --app_decoder_tokens: caches of
   512, 1,024, 2,048 and 4,096 positions, the shortest that holds prompt + max_new_tokens (here 512). Its tokens
   are compared with plain generate()'s on the timed prompt and on --identity_prompts more.
 - bf16-merged-graph-app-default: the same, asked for the app's default --app_max_new_tokens (so the 1,024
@@ -31,6 +31,11 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
 - app-concurrent16 (16: --concurrent): that many requests at once through the app's backend
   (FastDecodeBackend.stream), as many answered at a time as the backend's concurrency (app.py's queue limit):
   aggregate tokens/s and request latency. -eager-prefill: the same with the eager prefill.
+- batched-concurrent1, -4, -16 (--batch): that many requests at once through the batched backend app.py builds
+  by default (starsql.serve.fast.build, continuous batching, a CUDA graph per batch bucket), built once (its
+  build_s on the first); batched-identity: the identity prompts all at once through it, against plain generate().
+- fp32-batched-identity: the batched decoder on fp32 weights, the identity prompts submitted at once (one batch),
+  against plain generate() of the unfused fp32 model on cuBLAS.
 - fp32-identity: the decoder built as the app builds it, on fp32 weights, against plain generate() of the
   unfused fp32 model on cuBLAS, on the identity prompts. Kernels' rounding differences are ~2^16 times smaller
   than in bf16: a logic bug would still show, a near tie of random weights would not.
@@ -51,7 +56,8 @@ from common import (
     table,
 )  # fmt: skip
 from starsql.serve.decode import generation_kwargs
-from starsql.serve.fast import DECODER_TOKENS, FastDecodeBackend
+from starsql.serve.fast import DECODER_TOKENS, FastDecodeBackend, build
+from starsql.serve.fast.batched import BatchedDecoder
 from starsql.serve.fast.decoder import GreedyDecoder
 from starsql.serve.fast.fused_qkv import FusedQKVAttention, fuse_qkv_projections
 from starsql.serve.fast.gemv import GemvLinear, gemv_available, use_gemv
@@ -258,6 +264,7 @@ def main(argv=None) -> int:
                         help="The app's decoder's max_length (starsql.serve.fast.DECODER_TOKENS).")
     parser.add_argument("--app_max_new_tokens", type=int, default=256, help="app.py's DEFAULT_NEW_TOKENS.")
     parser.add_argument("--concurrent", type=int, default=16, help="Requests sent at once to the app's backend.")
+    parser.add_argument("--batch", type=int, default=16, help="The batched backend's batch (app.py's DECODE_BATCH).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -309,11 +316,19 @@ def main(argv=None) -> int:
 
     identity = [prompt_ids(tokenizer, args.prompt_tokens - 24 * i) for i in range(1, args.identity_prompts + 1)]
 
-    def identity_report(decoder, reference=None) -> dict:
+    def identity_report(decoder, reference=None, together: bool = False) -> dict:
         """The decoder's greedy tokens on the identity prompts against `reference`, by default plain generate's
-        of the model the decoder runs."""
+        of the model the decoder runs. `together`: all prompts at once, each from its own thread (the batched
+        decoder decodes them in one batch)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         reference = plain_tokens(decoder.model, identity) if reference is None else reference
-        decoded = [list(decoder.tokens(ids, args.new_tokens, tokenizer.eos_token_id)) for ids, _ in identity]
+        decode = lambda ids: list(decoder.tokens(ids, args.new_tokens, tokenizer.eos_token_id))  # noqa: E731
+        if together:
+            with ThreadPoolExecutor(len(identity)) as pool:
+                decoded = list(pool.map(decode, [ids for ids, _ in identity]))
+        else:
+            decoded = [decode(ids) for ids, _ in identity]
         mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference)]
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
@@ -328,7 +343,7 @@ def main(argv=None) -> int:
     def app_backend() -> FastDecodeBackend:
         """What app.py builds on a dedicated GPU: every cache compiled and captured."""
         try:
-            return FastDecodeBackend.build(model, tokenizer, max_length=args.app_decoder_tokens)
+            return build(model, tokenizer, 1, max_length=args.app_decoder_tokens)
         finally:  # a failed build turns the kernel off; the configurations after it keep the app's model
             if details["gemv_layers"]:
                 use_gemv(model)
@@ -435,14 +450,16 @@ def main(argv=None) -> int:
         if wanted(name):
             record(name, 1, guarded(run), cache="static", **details)
 
-    def app_concurrent(build) -> dict:
+    def app_concurrent(make_backend, concurrent: int = args.concurrent) -> dict:
         """--concurrent requests at once through the backend `build()` returns, as app.py serves them: its queue
         lets the backend's concurrency answer at a time (one on the decoder, any other on generate()). Statement
         ends are ignored (random weights): each request runs to new_tokens, or EOS."""
         from concurrent.futures import ThreadPoolExecutor
         from threading import Semaphore
 
-        backend = build()
+        building = time.perf_counter()
+        backend = make_backend()
+        build_s = time.perf_counter() - building
         gate = Semaphore(backend.concurrency)
         prompt = tokenizer.decode(single[0][0])
 
@@ -458,11 +475,12 @@ def main(argv=None) -> int:
             answer(0)  # warm-up: the first request on the decoder
             sync()
             start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrent) as pool:
-                results = list(pool.map(answer, range(args.concurrent)))
+            with ThreadPoolExecutor(concurrent) as pool:
+                results = list(pool.map(answer, range(concurrent)))
             wall = time.perf_counter() - start
         latencies = sorted(t for t, _ in results)
-        return {"tokens_per_s": round(args.concurrent * args.new_tokens / wall, 2), "wall_s": round(wall, 2),
+        return {"tokens_per_s": round(concurrent * args.new_tokens / wall, 2), "wall_s": round(wall, 2),
+                "build_s": round(build_s, 1),
                 "per_stream_tokens_per_s": round(args.new_tokens / statistics.median(latencies), 2),
                 "request_latency_median_s": round(statistics.median(latencies), 2), "request_latency_max_s": round(latencies[-1], 2),
                 "app_concurrency": backend.concurrency, "chunks_streamed": sum(c for _, c in results)}  # fmt: skip
@@ -477,15 +495,58 @@ def main(argv=None) -> int:
         record(name, args.concurrent, guarded(lambda: app_concurrent(app_backend)), **details)
     if wanted(f"{name}-eager-prefill"):
         record(f"{name}-eager-prefill", args.concurrent, guarded(lambda: app_concurrent(eager_prefill_backend)), **details)
+    batched = {}
+
+    def batched_backend():
+        """The batched backend app.py builds on a dedicated GPU (starsql.serve.fast.build), built once for all counts."""
+        if "backend" not in batched:
+            try:
+                batched["backend"] = build(model, tokenizer, args.batch)
+            finally:  # a failed build turns the kernel off; the configurations after it keep the app's model
+                if details["gemv_layers"]:
+                    use_gemv(model)
+        return batched["backend"]
+
+    for concurrent in sorted({1, 4, args.batch}):
+        name = f"batched-concurrent{concurrent}"
+        if wanted(name):
+            record(name, concurrent, guarded(lambda: app_concurrent(batched_backend, concurrent)), **details)
+    if wanted("batched-identity"):
+        def batched_identity() -> dict:
+            decoder = batched_backend().decoder
+            reference = plain_tokens(model, identity)
+            return {**identity_report(decoder, reference, together=True), "cache_length": decoder.max_length}
+
+        record("batched-identity", len(identity), guarded(batched_identity), **details)
+    batched.clear()
     del model
     free_memory()
+
+    def fp32_batched_identity() -> dict:
+        """The batched decoder on fp32 weights (prepared as the app prepares it, one bucket of all the identity
+        prompts, compiled and captured), every prompt submitted at once, against plain generate() of the
+        unfused fp32 model on cuBLAS."""
+        from transformers import AutoModelForCausalLM
+
+        model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
+        reference = plain_tokens(model32, identity)
+        from starsql.serve.fast import prepare_model
+
+        prepare_model(model32)
+        decoder = BatchedDecoder(model32, max_batch=len(identity), max_length=args.prompt_tokens + args.new_tokens + 8,
+                                 buckets=(len(identity),))
+        return {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True)}
+
+    if not args.skip_fp32 and wanted("fp32-batched-identity"):
+        record("fp32-batched-identity", len(identity), guarded(fp32_batched_identity), cache="static")
+        free_memory()
 
     def fp32_identity() -> dict:
         from transformers import AutoModelForCausalLM
 
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
         reference = plain_tokens(model32, identity)  # transformers' own attention, q/k/v unfused, cuBLAS
-        decoder = FastDecodeBackend.build(model32, tokenizer, max_length=args.prompt_tokens + args.new_tokens + 8).decoder
+        decoder = build(model32, tokenizer, 1, max_length=args.prompt_tokens + args.new_tokens + 8).decoder
         return {"dtype": "float32", **prepared_layers(model32), **decoder_graphs(decoder), **identity_report(decoder, reference)}
 
     if not args.skip_fp32 and wanted("fp32-identity"):

@@ -14,6 +14,7 @@ Prompts come from `starsql.prompt.build_prompt`, the template the adapter was tr
 """
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -156,6 +157,8 @@ class WarmingBackend:
         started = time.perf_counter()
         try:
             self.fast = build()
+            # One line in the log, which operators (and bench/serve_load.py) read.
+            print(f"Fast decoding is ready ({time.perf_counter() - started:.1f} s to build).", file=sys.stderr, flush=True)
         except Exception as error:  # noqa: BLE001 -- a model the fast path cannot take still serves, via generate()
             warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         finally:

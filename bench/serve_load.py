@@ -1,0 +1,253 @@
+"""The app as users meet it: app.py started as a process, driven over HTTP with gradio_client (/chat, streamed) by
+1, 4 and 16 users at once; the same questions at every count, 64 new tokens at most, greedy. Writes one JSON.
+
+    python3 bench/serve_load.py --out bench/results/serve_load.json                     # GPU: the random StarCoder2-3B
+    python3 bench/serve_load.py --smoke --users 1,2 --out /tmp/serve_load_smoke.json    # CPU, tiny model: wiring
+
+Each --app is one start of app.py with its environment (`name=VAR=value,VAR=value`), in order; by default the
+batched decoder (its first start, then a restart that finds the compiled artefacts kept by the first) and the
+one-stream decoder (DECODE_BATCH=1), all with the same --compile_cache, so a run's numbers sit side by side.
+For each start:
+- start: seconds from the process's start to its first streamed answer (`answers_after_s`: plain generate()
+  while the fast backend warms up), to the log's "Fast decoding is ready" line (`fast_ready_after_s`) and the
+  build's own seconds (`fast_build_s`, after the weights are loaded); `gradio_cost`: round trips of /check
+  (a SQL check with no model), Gradio's own cost per request (the queue, the event stream) plus a small check.
+- per user count: each user asks --rounds questions one after another (user u asks questions u, u + 1, ...
+  of the list), all users starting together. tokens = streamed updates while the model writes (the fast
+  decoders stream one a token; plain generate() streams words);
+  tokens_per_s in all (all tokens / wall time), per user (each user's tokens / its busy time, median), time to
+  the first streamed token p50/p95 (from sending), request latency p50/p95.
+Users are processes of their own, so that the client's parsing does not share one Python with the others.
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from common import ROOT, card, ensure_model
+
+SCHEMA = """\
+CREATE TABLE stadium (stadium_id INTEGER, name VARCHAR, location VARCHAR, capacity INTEGER);
+CREATE TABLE singer (singer_id INTEGER, name VARCHAR, country VARCHAR, age INTEGER, is_male VARCHAR);
+CREATE TABLE concert (concert_id INTEGER, concert_name VARCHAR, theme VARCHAR, stadium_id INTEGER, year INTEGER);
+CREATE TABLE singer_in_concert (concert_id INTEGER, singer_id INTEGER);
+"""
+QUESTIONS = [
+    "How many singers are there?",
+    "List the names of singers older than 40, oldest first.",
+    "Which stadium has the largest capacity?",
+    "How many concerts took place in each year?",
+    "Names of singers who performed in a concert in 2014.",
+    "What is the average age of singers from France?",
+    "Which concerts were held at stadiums with capacity over 5000?",
+    "Count the singers of each country, most first.",
+]
+WRITING = "Writing SQL"  # app.py's marker of a reply the model is still writing
+READY_LINE = "Fast decoding is ready"  # starsql.serve.decode.WarmingBackend's log line
+DEFAULT_APPS = ["batched=DECODE_BATCH=16", "batched-restart=DECODE_BATCH=16", "one-stream=DECODE_BATCH=1"]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))], 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """app.py as a process on a free port; its log lines are timed as they come."""
+
+    def __init__(self, model_dir: Path, env: dict, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lines: list[tuple[float, str]] = []
+        self.log = open(log_path, "w")
+        full_env = {**os.environ, "BASE_MODEL": str(model_dir), "ADAPTER": "", "GRADIO_ANALYTICS_ENABLED": "False",
+                    "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(self.port), "GRADIO_SERVER_NAME": "127.0.0.1",
+                    "PYTHONUNBUFFERED": "1", **env}  # fmt: skip
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append((time.perf_counter() - self.started, line))
+            self.log.write(line)
+            self.log.flush()
+
+    def seen(self, text: str) -> float | None:
+        """Seconds from the start to the first log line holding `text`."""
+        return next((at for at, line in self.lines if text in line), None)
+
+    def wait_for(self, text: str, timeout: float) -> float | None:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline and self.process.poll() is None:
+            at = self.seen(text)
+            if at is not None:
+                return at
+            time.sleep(0.2)
+        return self.seen(text)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)  # its own process group: it and its compile workers
+            self.process.wait()
+        self.log.close()
+
+
+# --- the users (worker processes) ---
+
+_client = None
+
+
+def connect(url: str, timeout: float = 600):
+    """A gradio_client Client of this worker, once the app answers HTTP."""
+    global _client
+    from gradio_client import Client
+
+    deadline = time.time() + timeout
+    while _client is None:
+        try:
+            _client = Client(url, verbose=False)
+        except Exception:  # noqa: BLE001 -- not up yet
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    return _client
+
+
+def ask(url: str, question: str, new_tokens: int) -> dict:
+    """One /chat request, streamed: wall-clock times of sending, the first streamed token and the end."""
+    client = connect(url)
+    sent = time.time()
+    job = client.submit(message=question, schema=SCHEMA, history=[], max_new_tokens=new_tokens, temperature=0.0,
+                        api_name="/chat")  # fmt: skip
+    first, tokens, last = None, 0, ""
+    for update in job:
+        last = update
+        if WRITING in update:  # the reply while the model writes: one update a streamed piece
+            tokens += 1
+            first = first or time.time()
+    job.result()
+    done = time.time()
+    return {"sent": sent, "first": first or done, "done": done, "tokens": tokens, "reply_chars": len(last)}
+
+
+def user(url: str, questions: list[str], new_tokens: int, start_at: float) -> list[dict]:
+    connect(url)
+    time.sleep(max(0.0, start_at - time.time()))  # all users start together
+    return [ask(url, q, new_tokens) for q in questions]
+
+
+def check_round_trips(url: str, repeats: int) -> list[float]:
+    """/check with a trivial query: Gradio's own per-request cost, plus a SQLite check of a few ms."""
+    client = connect(url)
+    times = []
+    for _ in range(repeats):
+        start = time.time()
+        client.predict(sql="SELECT count(*) FROM singer", schema=SCHEMA, api_name="/check")
+        times.append(time.time() - start)
+    return times
+
+
+def load(pool: ProcessPoolExecutor, url: str, users: int, rounds: int, new_tokens: int) -> dict:
+    start_at = time.time() + 1.0
+    plans = [[QUESTIONS[(u + r) % len(QUESTIONS)] for r in range(rounds)] for u in range(users)]
+    futures = [pool.submit(user, url, plan, new_tokens, start_at) for plan in plans]
+    per_user = [f.result() for f in futures]
+    requests = [r for rs in per_user for r in rs]
+    wall = max(r["done"] for r in requests) - min(r["sent"] for r in requests)
+    tokens = sum(r["tokens"] for r in requests)
+    each = [sum(r["tokens"] for r in rs) / sum(r["done"] - r["sent"] for r in rs) for rs in per_user]
+    ttft = [r["first"] - r["sent"] for r in requests]
+    latency = [r["done"] - r["sent"] for r in requests]
+    return {"users": users, "requests": len(requests), "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "per_user_tokens_per_s": round(statistics.median(each), 1),
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+            "tokens_per_request": round(tokens / len(requests), 1)}  # fmt: skip
+
+
+def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
+    record = {"app": name, "env": env}
+    results["apps"].append(record)
+    app = App(model_dir, env, Path(args.log_dir) / f"app-{name}.log")
+    try:
+        with ProcessPoolExecutor(max(args.users)) as pool:
+            first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
+            record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
+            record["first_answer_tokens"] = first["tokens"]
+            fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
+            ready = app.wait_for(READY_LINE, args.start_timeout if fast else 0)
+            record["fast_ready_after_s"] = None if ready is None else round(ready, 2)
+            built = next((line for _, line in app.lines if READY_LINE in line), "")
+            match = re.search(r"\(([\d.]+) s to build\)", built)
+            record["fast_build_s"] = float(match.group(1)) if match else None
+            record["gradio_cost"] = {f"check_round_trip_p{q}_s": percentile(check_round_trips(app.url, 20), q) for q in (50, 95)}
+            for question in QUESTIONS:  # untimed: each prompt width's prefill graph is captured on first use
+                ask(app.url, question, args.new_tokens)
+            if name not in args.start_only:
+                record["loads"] = [load(pool, app.url, users, args.rounds, args.new_tokens) for users in args.users]
+    except Exception as error:  # noqa: BLE001 -- the record says what failed; the other apps still run
+        record["error"] = f"{type(error).__name__}: {error}"[:500]
+    finally:
+        app.stop()
+        record["log_tail"] = [line.rstrip()[:300] for _, line in app.lines[-8:]] if "error" in record else None
+    print(json.dumps(record), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="The JSON to write (rewritten after each app).")
+    parser.add_argument("--model_dir", default="/tmp/sc2-3b-random", help="The random model; built if missing.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model on a CPU: a wiring check.")
+    parser.add_argument("--users", default="1,4,16", help="Concurrent users, comma-separated.")
+    parser.add_argument("--rounds", type=int, default=3, help="Questions each user asks, one after another.")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--app", action="append", help=f"name=VAR=value,VAR=value (repeatable; default {DEFAULT_APPS}).")
+    parser.add_argument("--start_only", default="", help="Comma-separated app names timed at start only (no loads).")
+    parser.add_argument("--compile_cache", default=f"/tmp/starsql-serve-load-{os.getpid()}",
+                        help="TORCHINDUCTOR_CACHE_DIR of every app: new (empty) at the first, kept for the restarts.")
+    parser.add_argument("--start_timeout", type=float, default=600)
+    parser.add_argument("--log_dir", default=None, help="The apps' logs (default: beside --out).")
+    args = parser.parse_args(argv)
+    args.users = [int(u) for u in args.users.split(",")]
+    args.start_only = args.start_only.split(",")
+    args.log_dir = args.log_dir or str(Path(args.out).parent)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    if args.smoke and args.model_dir == parser.get_default("model_dir"):
+        args.model_dir = "/tmp/sc2-smoke-random"
+    model_dir = ensure_model(args.model_dir, smoke=args.smoke)
+    results = {"card": card(), "new_tokens": args.new_tokens, "rounds": args.rounds, "questions": QUESTIONS, "apps": []}
+    for spec in args.app or DEFAULT_APPS:
+        name, _, assignments = spec.partition("=")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", args.compile_cache)
+        env.setdefault("TRITON_CACHE_DIR", str(Path(args.compile_cache) / "triton"))
+        run_app(name, env, args, model_dir, results)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
