@@ -411,6 +411,9 @@ class Reader:
             child, parent = (_unquote(partition.group(g).split(".")[-1]) for g in ("child", "parent"))
             self.partitions[child] = parent
             return self.skip(statement, f"a partition of {parent}: its rows are loaded into {parent}")
+        if self.dialect == "tsql":  # SSMS's storage clauses, which sqlglot does not read
+            statement = Statement(statement.line, re.sub(r"\s+(TEXTIMAGE_ON|FILESTREAM_ON)\s+(\[[^\]]*\]|\w+)", "",
+                                                         statement.sql, flags=re.IGNORECASE))
         create = self.parse(statement)
         if not isinstance(create, exp.Create) or create.kind != "TABLE":
             raise _Problem(f"{self.dialect} reads this as {type(create).__name__}, not CREATE TABLE: check its syntax")
@@ -419,6 +422,10 @@ class Reader:
         if not isinstance(create.this, exp.Schema):
             raise _Problem("a CREATE TABLE without columns; list them: CREATE TABLE t (a INTEGER, ...)")
         table = Table(_table_name(create.this), [])
+        inherits = re.search(r"\bINHERITS\s*\(([^)]*)\)", statement.sql, re.IGNORECASE)
+        for parent in inherits.group(1).split(",") if inherits else []:  # PostgreSQL: the parents' columns first
+            parent_table = self.table(_unquote(parent.split(".")[-1]), "inherited from")
+            table.columns += [Column(c.name, c.type) for c in parent_table.columns]
         for item in create.this.expressions:
             if isinstance(item, exp.ColumnDef):
                 self.add_column(table, item)
@@ -469,7 +476,8 @@ class Reader:
         view = re.search(r"\bVIEW\b", statement.sql, re.IGNORECASE)
         options = re.sub(r"\b(ALGORITHM\s*=\s*\w+|DEFINER\s*=\s*\S+|SQL\s+SECURITY\s+\w+)\s*", "",
                          statement.sql[:view.start()], flags=re.IGNORECASE)  # mysqldump's, which sqlglot need not read
-        create = self.parse(Statement(statement.line, options + statement.sql[view.start():]))
+        body = re.sub(r"\s+WITH\s+(NO\s+)?DATA\s*$", "", statement.sql[view.start():], flags=re.IGNORECASE)
+        create = self.parse(Statement(statement.line, options + body))  # (a materialized view's WITH NO DATA)
         if not isinstance(create, exp.Create) or not isinstance(create.expression, exp.Query):
             return self.skip(statement, "a view sqlglot reads without a query: its columns are unknown")
         self.add_query_table(statement, create, view=True)
@@ -479,13 +487,20 @@ class Reader:
         skipped when its columns cannot be told (a `*` over a table the dump does not create)."""
         query, name = create.expression, _table_name(create.this)
         named = isinstance(create.this, exp.Schema) and _names(create.this.expressions)  # CREATE VIEW v (a, b) AS
-        schema = {t.name: {c.name: c.type for c in t.columns} for t in self.tables.values() if t.name != name}
-        columns = []
+        # sqlglot matches names as the dialect folds their case; here they match whatever their case
+        # (a view's columns are named as its query or its tables spell them).
+        tables = [t for t in self.tables.values() if t.name != name]
+        schema = {t.name.lower(): {c.name.lower(): c.type for c in t.columns} for t in tables}
+        spelled = {c.name.lower(): c.name for t in tables for c in t.columns}
+        folded = query.copy()
+        for identifier in folded.find_all(exp.Identifier):
+            identifier.set("this", identifier.name.lower())
+            identifier.set("quoted", False)
         try:
-            typed = annotate_types(qualify(query.copy(), schema=schema, dialect=self.dialect,
-                                           validate_qualify_columns=False), schema=schema, dialect=self.dialect)
-            selects = typed.selects
-            columns = [Column(s.alias_or_name, sqlite_type(s.type, self.dialect, self.types)) for s in selects]
+            typed = annotate_types(qualify(folded, schema=schema, dialect=self.dialect, validate_qualify_columns=False),
+                                   schema=schema, dialect=self.dialect)
+            columns = [Column(spelled.get(s.alias_or_name, s.alias_or_name), sqlite_type(s.type, self.dialect, self.types))
+                       for s in typed.selects]
         except RecursionError:
             raise
         except Exception:  # sqlglot cannot resolve it (an unknown table, a star it cannot expand)
@@ -682,7 +697,7 @@ def _short_error(error: Exception, line: int = 0) -> str:
 
 _IDENT = r'(?:"[^"]*(?:""[^"]*)*"|`[^`]*(?:``[^`]*)*`|\[[^\]]*\]|[\w$]+)'
 _INSERT_HEAD = re.compile(rf"\s*(?:INSERT|REPLACE)\s+(?:(?:IGNORE|OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY)\s+)?"
-                          rf"INTO\s+{_IDENT}(?:\s*\.\s*{_IDENT})*\s*(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\))?\s*"
+                          rf"(?:INTO\s+)?{_IDENT}(?:\s*\.\s*{_IDENT})*\s*(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\))?\s*"
                           rf"VALUES\b", re.IGNORECASE)
 _CREATED_NAME = re.compile(rf"CREATE\s+(?:\w+\s+)*?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
                            rf"(?P<name>{_IDENT}(?:\s*\.\s*{_IDENT})*)", re.IGNORECASE)
@@ -863,6 +878,8 @@ def sqlite_type(kind: exp.DataType | None, dialect: str, named: dict[str, str] |
         return "BOOLEAN"  # MySQL writes BOOLEAN as tinyint(1)
     for name, types in _TYPES:
         if kind.this in types:
+            if name == "VARCHAR" and params and not numbers:
+                return "TEXT"  # SQL Server's VARCHAR(MAX)
             if name == "TEXT" and numbers and len(params) == 1:
                 return f"VARCHAR({params[0]})"  # DuckDB's and BigQuery's lengths on their text type
             if name in ("VARCHAR", "CHAR", "NUMERIC") and numbers:
