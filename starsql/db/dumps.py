@@ -319,14 +319,13 @@ class Reader:
 
     def read(self, statement: Statement):
         try:
-            self.dispatch(statement)
+            return self.dispatch(statement)
+        except _Failed:
+            return
         except _Problem as problem:
-            if not isinstance(problem, _Failed):
-                self.problem(statement, str(problem), problem.line)
+            self.problem(statement, str(problem), problem.line)
         except RecursionError:
             self.problem(statement, "nested too deeply to read; simplify the statement")
-        else:
-            return
         created = _CREATED_NAME.match(statement.sql)
         if created:  # its rows would only repeat the problem
             self.failed.add(_unquote(created.group("name").split(".")[-1]).lower())
