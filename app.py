@@ -1,16 +1,20 @@
-"""StarSQL: ask a question about your database in plain English, get SQLite SQL back, checked.
+"""StarSQL: ask a question about your database in plain English, get SQL in your dialect back, checked.
 
     python app.py                                                  # bigcode/starcoder2-3b + $ADAPTER
     python app.py --base_model tiny-starcoder2 --adapter runs/tiny   # offline smoke run on a CPU
+    python app.py --database postgresql://me@localhost/shop          # your live database (never on a Space by default)
     BASE_MODEL=bigcode/starcoder2-3b ADAPTER=USER/starcoder2-3b-sql python app.py
 
 The same file is the Hugging Face Space (`python -m starsql.serve.deploy`). The model is loaded once, at
 import: ZeroGPU wants it on CUDA at start-up and lends the GPU only while `generate` runs.
-Every answer is compiled against the schema in a throwaway in-memory SQLite database
-(starsql/serve/check.py), never run against anything else.
+The database a request runs on is its uploaded file(s), else the live database the app was started
+with, else the schema box (a dump in the chosen dialect): starsql/db/workspace.py opens it read-only,
+within time, memory and row limits. The model writes the SQLite SQL it was trained on; the answer is
+shown translated into the chosen dialect and checked there.
 
-API (gradio_client): /sql(question, schema) -> {sql, valid, error, unknown_identifiers, rows, ...}
-and /chat(message, schema, history, max_new_tokens, temperature), which streams the reply.
+API (gradio_client): /sql(question, schema, dialect, database) -> {sql, valid, error, unknown_identifiers,
+rows, ..., dialect, skipped}; /check(sql, schema, dialect, database), the same check without the model;
+/chat(message, schema, history, max_new_tokens, temperature, dialect, database), which streams the reply.
 """
 
 try:
@@ -23,25 +27,34 @@ import math
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import torch
+from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder, is_in_or_equal
 
+from starsql.db.dumps import dialect_hint
+from starsql.db.dialects import DEFAULT_DIALECT, DIALECTS, DialectError, check_dialect, format_sql, translate
+from starsql.db.live import connect, redact
+from starsql.db.files import DATA_SUFFIXES, DATABASE_SUFFIXES, MAX_UPLOAD_BYTES
+from starsql.db.workspace import Workspace, open_workspace
 from starsql.prompt import build_prompt, extract_sql, fit_history
 from starsql.sandbox import Budget, limit_heap
 from starsql.schema import split_statements
 from starsql.serve.check import (
+    MAX_ROWS,
     TIME_LIMIT_S,
     CheckResult,
     SchemaError,
-    check_sql,
-    format_sql,
     looks_like_sql,
-    open_database,
     statement_kind,
     text_problem,
 )
@@ -50,7 +63,7 @@ from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
 MAX_QUESTION_CHARS = 1_000
-MAX_SCHEMA_CHARS = 20_000
+MAX_SCHEMA_CHARS = 100_000  # a real dump, COPY or INSERT rows included; the prompt gets its tables only
 DEFAULT_NEW_TOKENS = 256
 MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
@@ -59,9 +72,14 @@ MAX_HISTORY_TOKENS = 1_024  # earlier turns in the prompt; older ones are droppe
 SQLITE_HARD_HEAP_BYTES = 128 * 2**20
 SQLITE_SOFT_HEAP_BYTES = 48 * 2**20
 SHOWN_ROWS = 10  # rows of a result shown in the chat; the /sql API returns up to starsql.serve.check.MAX_ROWS
+TABLE_ROWS = 1_000  # rows of a result in the UI's table, chart and CSV
+CHART_ROWS = 50  # bars or points of a chart: the first rows of the result
 QUEUE_SIZE = 100  # waiting requests before new ones are turned away
 WRITING = "_Writing SQL…_"  # ends a reply while the model writes
 STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
+# The reply until the answer starts: with others' answers in flight the question waits in Gradio's
+# queue, whose place-in-line counter (restyled in CSS to be read) shows on the chat meanwhile.
+WAITING = "_**Waiting in line:** the model is answering other questions first. Your place in the queue shows below._"
 STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
 CHAT_UPDATE_S = 0.1  # the chat redraws a growing answer at most this often (the browser keeps up, Stop stays quick)
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
@@ -84,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "else --base_model).")
     parser.add_argument("--inference_concurrency", type=int, default=int(os.environ.get("INFERENCE_CONCURRENCY", "8")),
                         help="Answers sent to the endpoint at once (env INFERENCE_CONCURRENCY); the queue holds the rest.")
+    parser.add_argument("--database", default=os.environ.get("DATABASE_URL", ""),
+                        help="Your live database (env DATABASE_URL): postgresql://, mysql://, sqlite:///, duckdb:///. "
+                             "Questions are answered and queries run on it, read-only. Off unless given; on a Space "
+                             "DATABASE_URL is ignored unless DATABASE_ON_SPACE=1, since a Space is usually public.")
     return parser.parse_args(argv)
 
 
@@ -110,6 +132,21 @@ else:
     # The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
     DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
     BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
+
+
+
+def live_database_url(url: str, environ=os.environ) -> str:
+    """The live database to use: `url` (--database or DATABASE_URL), but not on a Space, where anyone
+    who can open the app could query it, unless its owner sets DATABASE_ON_SPACE=1 as well."""
+    if url and environ.get("SPACE_ID") and environ.get("DATABASE_ON_SPACE") != "1":
+        print("DATABASE_URL is ignored on a Space (anyone could query it); set DATABASE_ON_SPACE=1 to use it.")
+        return ""
+    if url:
+        print(f"Live database: {redact(url)}")
+    return url
+
+
+LIVE_URL = live_database_url(ARGS.database)
 
 
 def gpu(duration: int):
@@ -169,31 +206,90 @@ EXAMPLES = [
 
 
 # ---------------------------------------------------------------------------------------------
-# The work: plain functions the UI and the API call.
+# The user's database: uploaded files, else the live database the app was started with, else the
+# schema box (a dump in the chosen dialect). One Workspace per request, closed when it ends.
 
-def schema_for_prompt(schema: str) -> str:
-    """The CREATE statements only: the model was trained on schemas without rows."""
-    return "\n".join(s for s in split_statements(schema) if s.lstrip().upper().startswith("CREATE"))
+def uploaded_files(database) -> list[str]:
+    """Paths of the files a request brings: gr.File hands over paths, the API FileData dicts
+    (gradio_client's handle_file). Either way the file must lie in Gradio's upload folder, so that
+    no request can make the app open a file of the server."""
+    items = [] if database in (None, "", []) else database if isinstance(database, list) else [database]
+    paths = []
+    for item in items:
+        path = item.get("path") if isinstance(item, dict) else item
+        if not isinstance(path, str) or not is_in_or_equal(path, get_upload_folder()):
+            raise ValueError("`database` must be a file sent with the request: "
+                             "handle_file('shop.sqlite') from gradio_client, or the upload box.")
+        paths.append(path)
+    return paths
 
 
-def input_problem(question, schema) -> str | None:
-    """What is wrong with the question or the schema, in words, or None if they are fine to load."""
-    if isinstance(question, str) and not question.strip():
-        return "Please type a question about the database."
-    problem = text_problem(question, "question")
+def text_box_problem(text, what: str, limit: int, blank: str | None) -> str | None:
+    """What is wrong with a text box's content, in words, or None: blank (when `blank` says what to
+    write instead), no text, characters nothing downstream can take, too long."""
+    if blank and isinstance(text, str) and not text.strip():
+        return blank
+    problem = text_problem(text, what)
     if problem:
         return problem
-    if len(question) > MAX_QUESTION_CHARS:
-        return f"The question is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,} are allowed."
-    if isinstance(schema, str) and not schema.strip():
-        return "Please put the database schema (CREATE TABLE statements) in the schema box."
-    problem = text_problem(schema, "schema")
-    if problem:
-        return problem
-    if len(schema) > MAX_SCHEMA_CHARS:
-        return f"The schema is {len(schema):,} characters long; at most {MAX_SCHEMA_CHARS:,} are allowed."
+    if len(text) > limit:
+        return f"The {what} is {len(text):,} characters long; at most {limit:,} are allowed."
     return None
 
+
+def schema_problem(schema, needed: bool = True) -> str | None:
+    """`needed`: no uploaded file or live database stands in for the schema box."""
+    return text_box_problem(schema, "schema", MAX_SCHEMA_CHARS, blank=needed and (
+        "Please put the database schema (CREATE TABLE statements, or a dump) in the schema box, "
+        "or upload a database file."))
+
+
+def input_problem(question) -> str | None:
+    return text_box_problem(question, "question", MAX_QUESTION_CHARS, "Please type a question about the database.")
+
+
+def open_request(schema, dialect, database, seconds: "float | Budget" = TIME_LIMIT_S,
+                 schema_needed: bool = True) -> Workspace:
+    """The request's database. Raises ValueError whose message says what to fix: an unknown dialect,
+    a file that was not uploaded or is no database, a schema that does not load, a database out of reach."""
+    dialect, files = check_dialect(dialect), uploaded_files(database)
+    problem = schema_problem(schema, needed=schema_needed and not files and not LIVE_URL)
+    if problem:
+        raise ValueError(problem)
+    if files:
+        return open_workspace("", dialect, database=files[0] if len(files) == 1 else files, seconds=seconds)
+    if LIVE_URL:
+        return open_workspace("", dialect, url=LIVE_URL, seconds=seconds)
+    try:
+        return open_workspace(schema, dialect, seconds=seconds)
+    except SchemaError as error:
+        hint = dialect_hint(schema, dialect)  # a pg_dump or a mysqldump pasted with sqlite chosen
+        raise ValueError(f"The schema does not load. {error}" + (f" ({hint})" if hint else "")) from None
+
+
+def prompt_schema(schema: str, workspace: Workspace, database) -> str:
+    """What the model is prompted with: the database's normalised tables; with a file or a live
+    database, the schema box instead where the user has written one (filled from the database,
+    maybe trimmed to the tables that matter), its CREATE statements only."""
+    if (database or LIVE_URL) and schema.strip():
+        return "\n".join(s for s in split_statements(schema) if s.lstrip().upper().startswith("CREATE"))
+    return workspace.schema_text
+
+
+def skipped_lines(workspace: Workspace) -> list[str]:
+    return [f"line {s.line} (`{s.words}`): {s.reason}" for s in workspace.skipped]
+
+
+def database_name(database) -> str:
+    """Where the data comes from, for messages: the files' names, or the live URL without its password."""
+    files = uploaded_files(database)
+    if files:
+        return ", ".join(f"`{Path(path).name}`" for path in files)
+    return f"`{redact(LIVE_URL)}`" if LIVE_URL else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The work: plain functions the UI and the API call.
 
 def history_problem(history) -> str | None:
     """What is wrong with `history` (earlier [question, sql] pairs), or None."""
@@ -268,31 +364,71 @@ def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
         gone.set()
 
 
+def in_sqlite(sql: str, dialect: str) -> str:
+    """An earlier answer, shown in `dialect`, as the SQLite SQL the model writes (for its prompt)."""
+    try:
+        return translate(sql, "sqlite", read=dialect)
+    except (DialectError, RecursionError):
+        return sql
+
+
+def checked(workspace: Workspace, raw: str, max_rows: int) -> CheckResult:
+    """The model's SQLite SQL in the workspace's dialect, formatted, and checked there."""
+    try:
+        shown = translate(raw, workspace.dialect, schema=workspace.tables)
+    except (DialectError, RecursionError):
+        return CheckResult(sql=raw, error=f"The model's answer cannot be shown in {workspace.dialect}: it is not SQL "
+                                          "that sqlglot can read as SQLite. Try rephrasing the question.")
+    pretty = format_sql(shown, workspace.dialect)
+    check = workspace.check(pretty, max_rows)
+    if not check.valid and pretty != shown and not check.stopped:  # sqlglot's layout must never be what breaks it
+        check = workspace.check(shown, max_rows)
+    return check
+
+
+def described(check: CheckResult, workspace: Workspace) -> CheckResult:
+    """`check` with what its workspace knows: the dialect, the schema statements it skipped, and
+    (`total_rows`, not part of the API's JSON) how many rows the result has when they were cut at the cap."""
+    check.dialect = workspace.dialect
+    check.skipped = check.skipped or skipped_lines(workspace)
+    check.total_rows = count_rows(workspace, check.sql) if check.truncated else None
+    return check
+
+
+def count_rows(workspace: Workspace, sql: str) -> int | None:
+    """How many rows `sql` returns in all (for "first N of M rows"), or None if that cannot be counted in time."""
+    counted = workspace.check(f"SELECT COUNT(*) FROM (\n{sql}\n) AS result_rows", 1)
+    return counted.rows[0][0] if counted.rows and isinstance(counted.rows[0][0], int) else None
+
+
 def answer(question: str, schema: str, history: list[tuple[str, str]] | None = None,
            max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0,
-           stop: threading.Event | None = None) -> Iterator[tuple[str, CheckResult | None]]:
+           stop: threading.Event | None = None, dialect: str = DEFAULT_DIALECT, database=None,
+           max_rows: int = MAX_ROWS) -> Iterator[tuple[str, CheckResult | None]]:
     """Stream (SQL so far, None) while the model writes, then (final SQL, its check).
 
-    Bad input or output ends in a CheckResult whose `error` says what went wrong. The schema is
-    loaded once, before the model writes; loading, listing and checking share TIME_LIMIT_S. Setting
-    `stop` ends the answer within a token (or a SQLite progress step), with `stopped` set."""
-    problem = (input_problem(question, schema) or history_problem(history or [])
+    Bad input or output ends in a CheckResult whose `error` says what went wrong. The database is
+    opened once, before the model writes; opening, listing and checking share TIME_LIMIT_S. The
+    final check is `described`. Setting `stop` ends the answer within a token (or a SQLite progress step), with `stopped` set."""
+    problem = (input_problem(question) or history_problem(history or [])
                or settings_problem(max_new_tokens, temperature))
     if problem:
-        yield "", CheckResult(sql="", error=problem)
+        yield "", CheckResult(sql="", error=problem, dialect=str(dialect))
         return
     stopped = stop.is_set if stop is not None else (lambda: False)
     try:
-        database = open_database(schema, Budget(TIME_LIMIT_S, cancelled=stopped))
-    except SchemaError as error:
-        yield "", CheckResult(sql="", error=f"The schema does not load. {error}", stopped=stopped())
+        workspace = open_request(schema, dialect, database, Budget(TIME_LIMIT_S, cancelled=stopped))
+    except ValueError as error:
+        yield "", CheckResult(sql="", error=str(error), stopped=stopped(), dialect=str(dialect))
         return
     try:
-        if not database.tables:
-            yield "", CheckResult(sql="", error="The schema has no tables: add CREATE TABLE statements.")
+        if not workspace.tables:
+            yield "", described(CheckResult(sql="", error="The schema has no tables: add CREATE TABLE statements."),
+                                workspace)
             return
+        history = [(q, in_sqlite(s, workspace.dialect)) for q, s in history or []]
         history, dropped = fit_history(history, count_tokens, MAX_HISTORY_TOKENS)
-        prompt = build_prompt(schema_for_prompt(schema), question, history)
+        prompt = build_prompt(prompt_schema(schema, workspace, database), question, history)
         text = ""
         try:
             for piece in pieces_until_stopped(generate(prompt, int(max_new_tokens), float(temperature)), stopped):
@@ -301,11 +437,12 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
                 text = piece
                 yield extract_sql(text), None
         except BackendError as error:  # an endpoint down, slow or refusing: say so, keep what was written
-            yield extract_sql(text), CheckResult(sql=extract_sql(text), error=str(error), dropped_turns=dropped)
+            sql = extract_sql(text)
+            yield sql, described(CheckResult(sql=sql, error=str(error), dropped_turns=dropped), workspace)
             return
         raw = extract_sql(text)
         if stopped():
-            yield raw, CheckResult(sql=raw, error="Stopped.", stopped=True, dropped_turns=dropped)
+            yield raw, described(CheckResult(sql=raw, error="Stopped.", stopped=True, dropped_turns=dropped), workspace)
             return
         cut = not statement_finished(text) and count_tokens(text) >= max_new_tokens
         problem = text_problem(raw, "model's answer")
@@ -313,16 +450,25 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
             error = (f"{problem} Ask again." if problem else
                      "The model did not produce SQL. Try rephrasing the question, or name the tables and columns you mean.")
             shown = raw.replace("\x00", "\\x00") if problem and "\x00" in raw else ("" if problem else raw)
-            yield shown, CheckResult(sql=shown, error=error, cut=cut, dropped_turns=dropped)
+            yield shown, described(CheckResult(sql=shown, error=error, cut=cut, dropped_turns=dropped), workspace)
             return
-        pretty = format_sql(raw)
-        check = check_sql(pretty, database)
-        if not check.valid and pretty != raw and not check.stopped:  # sqlglot's rewrite must never be what breaks it
-            check = check_sql(raw, database)
+        check = described(checked(workspace, raw, max_rows), workspace)
         check.cut, check.dropped_turns = cut, dropped
         yield check.sql, check
     finally:
-        database.close()
+        workspace.close()
+
+
+def check_request(sql, schema, dialect=DEFAULT_DIALECT, database=None, max_rows: int = MAX_ROWS) -> CheckResult:
+    """`sql`, written in `dialect`, checked and run on the request's database: the check without the model."""
+    try:
+        workspace = open_request(schema, dialect, database)
+    except ValueError as error:
+        return CheckResult(sql="", error=str(error), dialect=str(dialect))
+    try:
+        return described(workspace.check(sql, max_rows), workspace)
+    finally:
+        workspace.close()
 
 
 def markdown_table(columns: list[str], rows: list[list], limit: int = SHOWN_ROWS) -> str:
@@ -347,6 +493,14 @@ def notes_markdown(check: CheckResult) -> list[str]:
     return notes
 
 
+def rows_text(count: int, truncated: bool, total: int | None) -> str:
+    """'7 rows', 'first 1,000 of 25,310 rows', or 'first 50 rows' when the total is not known."""
+    rows = f"row{'s' if (total or count) != 1 else ''}"
+    if not truncated:
+        return f"{count:,} {rows}"
+    return f"first {count:,} of {total:,} {rows}" if total else f"first {count:,} {rows}; there are more"
+
+
 def reply_markdown(sql: str, check: CheckResult | None) -> str:
     """The assistant's message: the SQL in a ```sql block, then the verdict and any result."""
     if check is None:  # still writing
@@ -358,39 +512,53 @@ def reply_markdown(sql: str, check: CheckResult | None) -> str:
     if not looks_like_sql(check.sql) and check.error:
         shown = check.sql if len(check.sql) <= 300 else check.sql[:300] + "…"
         return "\n\n".join([f"{check.error}\n\nIt wrote: `{shown.replace('`', '')}`", *notes_markdown(check)])
+    dialect = getattr(check, "dialect", DEFAULT_DIALECT) or DEFAULT_DIALECT
     parts = [f"```sql\n{check.sql}\n```"]
     if check.writes_data and check.valid:
         kind = statement_kind(check.sql) or "this statement"
         parts.append(f"⚠ **Changes the database ({kind}).** Valid for this schema, but not run. "
                      "Review it before running it on a real database.")
     elif not check.valid:
-        parts.append(f"✗ **Not valid for this schema:** {check.error}")
+        parts.append(f"✗ **Not valid for this schema** ({dialect}): {check.error}")
     else:
-        parts.append("✓ **Valid for this schema.**")
+        parts.append(f"✓ **Valid for this schema** ({dialect}).")
     if check.unknown_identifiers:
         names = ", ".join(f"`{name}`" for name in check.unknown_identifiers)
         parts.append(f"Not in the schema: {names}")
+    if check.valid and getattr(check, "not_verified", None):
+        parts.append(f"_Not verified by the check: {check.not_verified}_")
     if check.valid and not check.writes_data:
         if check.error:  # ran into the time limit
             parts.append(check.error)
         elif check.rows is not None:
-            count = f"{len(check.rows)}{'+' if check.truncated else ''} row{'s' if len(check.rows) != 1 else ''}"
-            parts.append(f"Result on the example rows ({count}):\n\n" + markdown_table(check.columns, check.rows))
+            count = rows_text(len(check.rows), check.truncated, getattr(check, "total_rows", None))
+            parts.append(f"Result ({count}):\n\n" + markdown_table(check.columns, check.rows))
             if len(check.rows) > SHOWN_ROWS:
                 parts.append(f"_…first {SHOWN_ROWS} shown._")
     return "\n\n".join(parts + notes_markdown(check))
 
 
-def sql_api(question: str, schema: str = CONCERT_DB) -> dict:
-    """SQL for `question` on `schema`, greedy, checked: {sql, valid, error, unknown_identifiers,
-    rows, columns, writes_data, truncated, cut, ...}. `rows` holds the result on the schema's INSERT
-    rows; `cut` is true when the model stopped at its token limit before the statement's end."""
-    *_, (_, check) = answer(question, schema)  # the last item holds the check
+def sql_api(question: str, schema: str = CONCERT_DB, dialect: str = DEFAULT_DIALECT,
+            database: FileData | None = None, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+    """SQL for `question`, greedy, in `dialect`, checked: {sql, valid, error, unknown_identifiers,
+    rows, columns, writes_data, truncated, cut, ..., dialect, skipped}. The database is `database`
+    (a file sent with handle_file: .sqlite, .db, .duckdb, .csv, .parquet, .jsonl; `schema` may then
+    be empty), else `schema` (CREATE TABLE statements or a dump in `dialect`; `rows` holds the
+    result on its rows). `cut` is true when the model stopped at `max_new_tokens` before the statement's end."""
+    *_, (_, check) = answer(question, schema, max_new_tokens=max_new_tokens, dialect=dialect,
+                            database=database)  # the last item holds the check
     return check.to_dict()
 
 
+def check_api(sql: str, schema: str = "", dialect: str = DEFAULT_DIALECT, database: FileData | None = None) -> dict:
+    """Check and run `sql`, written in `dialect`, without the model: the same JSON as /sql. The
+    database is `database` (a file sent with handle_file), else `schema`."""
+    return check_request(sql, schema, dialect, database).to_dict()
+
+
 def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | None = None,
-             max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0) -> Iterator[str]:
+             max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0, dialect: str = DEFAULT_DIALECT,
+             database: FileData | None = None) -> Iterator[str]:
     """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql]
     pairs; the latest that fit MAX_HISTORY_TOKENS go into the prompt, and the reply says if any did not."""
     history = [] if history is None else history
@@ -398,8 +566,112 @@ def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | 
     if problem:
         yield f"⚠ {problem}"
         return
-    for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature):
+    for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature,
+                             dialect=dialect, database=database):
         yield reply_markdown(sql, check)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results people can look at: a table, a chart when the result is a label or a time with numbers,
+# and the rows as CSV.
+
+_TIME_TEXT = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?")
+_YEAR_NAME = re.compile(r"(^|_)years?($|_)", re.IGNORECASE)
+
+
+def result_frame(columns: list[str], rows: list[list]) -> pd.DataFrame:
+    """The rows as a DataFrame; repeated column names (a.name, b.name) numbered, as tables and charts need."""
+    seen: dict[str, int] = {}
+    names = []
+    for name in columns:
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return pd.DataFrame(rows, columns=names)
+
+
+def _numbers(values) -> bool:
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
+
+
+def _times(name: str, values) -> bool:
+    present = [v for v in values if v is not None]
+    if not present:
+        return False
+    if all(isinstance(v, str) and _TIME_TEXT.match(v) for v in present):  # results carry dates as ISO text
+        return True
+    return bool(_YEAR_NAME.search(name)) and all(str(v).isdigit() and 1000 <= int(v) <= 9999 for v in present)
+
+
+def chart_of(names: list[str], rows: list[list]) -> tuple[str, str, str] | None:
+    """("line", time, number) when a column is a time and another a number; ("bar", label,
+    number) when one is a label; else None (one column, only numbers, no rows)."""
+    if not rows or len(names) < 2:
+        return None
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(names)}
+    times = [name for name, values in columns.items() if _times(name, values)]
+    numbers = [name for name, values in columns.items() if _numbers(values) and name not in times]
+    labels = [name for name, values in columns.items() if name not in times and name not in numbers]
+    if times and numbers:
+        return "line", times[0], numbers[0]
+    if labels and numbers:
+        return "bar", labels[0], numbers[0]
+    return None
+
+
+def verdict_line(check: CheckResult) -> str:
+    """The result area's first line: the check's verdict in short, and how many rows came back."""
+    if not check.valid:
+        return f"✗ **Not valid** ({check.dialect}): {check.error}"
+    if check.writes_data:
+        return f"⚠ **Changes the database:** valid ({check.dialect}), not run."
+    if check.rows is None:
+        return f"✓ **Valid** ({check.dialect})" + (f": {check.error}" if check.error else "; no rows to run it on.")
+    total = getattr(check, "total_rows", None)
+    return f"✓ **Valid** ({check.dialect}): {rows_text(len(check.rows), check.truncated, total)}" + (
+        ", all in the table, the chart and the CSV." if check.truncated else ".")
+
+
+def result_view(check: CheckResult | None, folder: str) -> tuple:
+    """Updates of the result area (box, SQL, verdict, table, bar chart, line chart, CSV button):
+    hidden when there is no SQL; the table, chart and CSV only when rows came back. The CSV is written into `folder`."""
+    if check is None or not check.sql:
+        return gr.update(visible=False), *(gr.skip(),) * 6
+    hidden = gr.update(visible=False)
+    if check.rows is None or not check.columns:
+        return gr.update(visible=True), check.sql, verdict_line(check), hidden, hidden, hidden, hidden
+    frame = result_frame(check.columns, check.rows)
+    csv_path = Path(folder) / "result.csv"
+    frame.to_csv(csv_path, index=False)
+    bar = line = hidden
+    chart = chart_of(list(frame.columns), check.rows[:CHART_ROWS])
+    if chart:
+        kind, x, y = chart
+        shown = frame.head(CHART_ROWS)
+        if kind == "line":  # on a time axis: dates and times as they are, years as 1 January of the year
+            years = pd.api.types.is_numeric_dtype(shown[x])
+            shown = shown.assign(**{x: pd.to_datetime(shown[x].astype("Int64").astype(str) if years else shown[x],
+                                                      format="%Y" if years else None, errors="coerce")})
+            line = gr.update(value=shown, x=x, y=y, visible=True, title=f"{y} by {x}")
+        else:  # the bars in the result's order, from zero
+            shown = shown.assign(**{x: shown[x].astype(str)})
+            low, high = min(0, shown[y].min()), max(0, shown[y].max())
+            bar = gr.update(value=shown, x=x, y=y, visible=True, title=f"{y} by {x}", y_lim=[low, high or 1],
+                            sort=list(dict.fromkeys(shown[x])))
+    return (gr.update(visible=True), check.sql, verdict_line(check), gr.update(value=frame, visible=True), bar, line,
+            gr.update(value=str(csv_path), visible=True))
+
+
+def run_sql(sql: str, schema: str, dialect: str, files) -> Iterator[tuple]:
+    """The Run button under the SQL: the user's own SQL (maybe the answer, edited) checked and run like an answer's."""
+    folder = tempfile.mkdtemp(prefix="starsql-result-")
+    check = check_request(sql, schema, dialect, files, TABLE_ROWS)
+    check.sql = check.sql or sql  # a database that did not open: its message, under the SQL as typed
+    try:
+        _, _, *view = result_view(check, folder)
+        yield tuple(view)
+    finally:  # Gradio has copied the CSV into its cache by now
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _SQL_BLOCK = re.compile(r"```sql\n(.*?)\n```", re.DOTALL)
@@ -459,45 +731,94 @@ def request_stop(request: gr.Request) -> None:
         event.set()
 
 
-def respond(question: str, messages: list[dict], schema: str, max_new_tokens: int, decoding: str,
-            temperature: float, request: gr.Request = None) -> Iterator[list[dict]]:
-    """The chat: append the question, stream the answer into the last message."""
+def take_question(text: str, messages: list[dict], request: gr.Request) -> tuple:
+    """Ask or Enter, at once (not queued): move the question out of the box into the chat, with a
+    note that it waits in line until respond() starts on it, and lock Ask and the box until the answer is written."""
+    start_turn(request)
+    if isinstance(text, str) and text.strip():
+        messages = [*(messages or []), {"role": "user", "content": text}, {"role": "assistant", "content": WAITING}]
+    return gr.update(value="", interactive=False), text, gr.update(interactive=False), messages
+
+
+def respond(question: str, messages: list[dict], schema: str, dialect: str, files, max_new_tokens: int,
+            decoding: str, temperature: float, request: gr.Request = None) -> Iterator[tuple]:
+    """The chat: append the question, stream the answer into the last message; then the result
+    area (table, chart, CSV) for the final answer."""
     messages = list(messages or [])
+    if messages and message_text(messages[-1].get("content")) == WAITING:  # take_question's, replaced here
+        messages = messages[:-2]
+    unchanged = (gr.skip(),) * 7
     if not isinstance(question, str) or not question.strip():  # nothing to answer: a notice, the chat unchanged
-        gr.Warning(input_problem(question, schema))
-        yield messages
+        gr.Warning(input_problem(question))
+        yield messages, *unchanged
         return
     with _STOP_LOCK:
         stop = _STOP_EVENTS.get(_session(request)) if request is not None else None
     temperature = temperature if decoding == "Sample" else 0.0
     history = history_pairs(messages)
     messages.append({"role": "user", "content": question})
-    shown = 0.0
-    for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop):
-        if check is None and time.monotonic() - shown < CHAT_UPDATE_S:
-            continue  # a newer piece comes soon; the final reply always goes out
-        shown = time.monotonic()
-        yield messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
-
-
-def describe_schema(schema: str) -> str:
-    """One line under the schema box: what loaded, or which statement failed."""
-    if isinstance(schema, str) and len(schema) > MAX_SCHEMA_CHARS:
-        return f"⚠ {len(schema):,} characters; at most {MAX_SCHEMA_CHARS:,} are allowed."
-    problem = text_problem(schema, "schema")
-    if problem:
-        return f"⚠ {problem}"
+    shown, folder = 0.0, tempfile.mkdtemp(prefix="starsql-result-")
     try:
-        database = open_database(schema)
-    except SchemaError as error:
+        for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
+                                 max_rows=TABLE_ROWS):
+            if check is None and time.monotonic() - shown < CHAT_UPDATE_S:
+                continue  # a newer piece comes soon; the final reply always goes out
+            shown = time.monotonic()
+            reply = messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
+            yield (reply, *unchanged) if check is None else (reply, *result_view(check, folder))
+    finally:  # Gradio has copied the CSV into its cache by now
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def describe_schema(schema: str, dialect: str = DEFAULT_DIALECT, files=None) -> str:
+    """One line under the schema box: what the database holds and where it comes from, or what to fix."""
+    try:
+        workspace = open_request(schema, dialect, files, schema_needed=False)
+    except ValueError as error:
         return f"⚠ {error}"
-    database.close()
-    if not database.tables:
-        return "⚠ No tables yet: add CREATE TABLE statements."
-    names = ", ".join(f"`{name}`" for name in database.tables)
-    data = (f"{database.rows} example rows: valid queries are run on them" if database.rows
-            else "no rows: add INSERTs to see results")
-    return f"✓ {len(database.tables)} table{'s' if len(database.tables) != 1 else ''} ({names}); {data}."
+    workspace.close()
+    if not workspace.tables:
+        return "⚠ No tables yet: add CREATE TABLE statements, or upload a database file."
+    names = ", ".join(f"`{table.name}`" for table in workspace.tables[:12]) + (", …" if len(workspace.tables) > 12 else "")
+    tables = f"{len(workspace.tables)} table{'s' if len(workspace.tables) != 1 else ''} ({names})"
+    source = database_name(files)
+    if source:
+        rows = f", {workspace.rows:,} rows" if uploaded_files(files) else ""  # a live database is not counted
+        data = (f"from {source}{rows}: queries run on it, read-only; "
+                "the schema box is what the model sees (edit it freely)")
+    else:
+        data = (f"{workspace.rows:,} example rows: valid queries are run on them" if workspace.rows
+                else "no rows: add INSERTs to see results")
+    line = f"✓ {tables}; {data}."
+    if workspace.skipped:
+        words = ", ".join(f"`{s.words}`" for s in workspace.skipped[:3]) + (", …" if len(workspace.skipped) > 3 else "")
+        line += f"\n\n_Skipped {len(workspace.skipped)} statement{'s' if len(workspace.skipped) != 1 else ''} " \
+                f"that hold no schema or data: {words}._"
+    return line
+
+
+def schema_from_upload(files, dialect: str):
+    """The schema box filled from uploaded files (their tables as the model sees them), or unchanged
+    when the files do not open (the line under the box says why)."""
+    try:
+        workspace = open_request("", dialect, files, schema_needed=False)
+    except ValueError:
+        return gr.skip()
+    workspace.close()
+    return workspace.schema_text
+
+
+def live_schema() -> tuple[str, str]:
+    """The live database's (schema text, dialect) for the page's first view; ("", sqlite) if it is out of reach."""
+    if not LIVE_URL:
+        return CONCERT_DB, DEFAULT_DIALECT
+    try:
+        workspace = open_workspace("", connect(LIVE_URL).dialect, url=LIVE_URL)
+    except ValueError as error:
+        print(f"The live database cannot be read: {error}")
+        return "", DEFAULT_DIALECT
+    workspace.close()
+    return workspace.schema_text, workspace.dialect
 
 
 def about_markdown() -> str:
@@ -506,20 +827,23 @@ def about_markdown() -> str:
         return f"[{name}](https://huggingface.co/{name})" if on_hub else f"`{name}`"
 
     model = f"{link(ARGS.adapter)} (LoRA on {link(ARGS.base_model)})" if ARGS.adapter else link(ARGS.base_model)
+    live = f"\n\n**Live database:** `{redact(LIVE_URL)}`, read-only." if LIVE_URL else ""
     return f"""\
-**Model:** {model}. It reads the CREATE TABLE statements and your question, and writes one SQLite statement.
+**Model:** {model}. It reads your tables (CREATE TABLE statements, whatever dialect they came in) and your
+question, and writes one SQLite statement, shown translated into the dialect you chose.
 
-**Check:** the SQL is compiled against your schema in a throwaway in-memory SQLite database. If the schema
-box holds INSERT rows, a valid read-only query is run on them for 2 s at most, and the first {SHOWN_ROWS}
-result rows are shown. Statements that would change data are flagged and never run. Nothing touches any
-other database.
+**Check:** the SQL is checked in that dialect's meaning on an embedded engine (SQLite, or DuckDB for the
+PostgreSQL-like family): valid or not, which tables and columns your schema lacks. A read-only query runs
+on your data (an uploaded file, the live database, or the schema box's INSERT or COPY rows) for
+{TIME_LIMIT_S:g} s at most; the first {TABLE_ROWS:,} result rows are shown. Statements that would change
+data are flagged and never run. Uploaded files are never changed.{live}
 
 **Limitations:** the model can be wrong, even when the SQL is valid: review the SQL before running it on
-real data. It knows only the schema you give it (no data, no other tables) and writes SQLite SQL.
-Questions up to {MAX_QUESTION_CHARS:,} characters, schemas up to {MAX_SCHEMA_CHARS:,}.
+real data. Questions up to {MAX_QUESTION_CHARS:,} characters, schemas up to {MAX_SCHEMA_CHARS:,}, uploads up to
+{MAX_UPLOAD_BYTES // 2**20:,} MB.
 
-**API:** `Client(url).predict(question, schema, api_name="/sql")` returns JSON;
-`/chat` streams the reply (see "Use via API" at the bottom of the page)."""
+**API:** `Client(url).predict(question, schema, dialect, handle_file("shop.sqlite"), api_name="/sql")` returns
+JSON; `/check` checks your own SQL the same way; `/chat` streams the reply (see "Use via API" at the bottom of the page)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,15 +851,20 @@ Questions up to {MAX_QUESTION_CHARS:,} characters, schemas up to {MAX_SCHEMA_CHA
 
 CSS = """
 #chat table th, #chat table td { padding: 4px 12px !important; font-size: 0.92em; }
+#chat [data-testid="status-tracker"] .progress-text { font-size: var(--text-md); font-weight: 600;
+    color: var(--body-text-color); background: var(--color-accent-soft); padding: 2px 10px; border-radius: var(--radius-md); }
 """
+FIRST_SCHEMA, FIRST_DIALECT = live_schema()
+UPLOAD_LABEL = f"Your database: a .sqlite, .db, .duckdb file or data files (a table each), up to {MAX_UPLOAD_BYTES // 2**20:,} MB"
 
 with gr.Blocks(title="StarSQL: English to SQL") as demo:
     gr.Markdown("# ★ StarSQL · ask your database in English\n"
-                "Describe your tables on the right, ask a question, get SQLite SQL checked against the schema. "
-                "Follow-up questions build on the conversation.")
-    # Rendered in the right column below; created first so the examples under the chat can fill it.
-    schema = gr.Code(CONCERT_DB, language="sql", label="Database schema",
+                "Upload your database or paste its schema on the right, choose your SQL dialect, ask a question: "
+                "get SQL checked against your data. Follow-up questions build on the conversation.")
+    # Rendered in the right column below; created first so the examples under the chat can fill them.
+    schema = gr.Code(FIRST_SCHEMA, language="sql", label="Database schema (or a dump: pg_dump, mysqldump, .schema)",
                      lines=12, max_lines=20, interactive=True, wrap_lines=True, render=False)
+    upload = gr.File(label=UPLOAD_LABEL, file_types=[*DATABASE_SUFFIXES, *DATA_SUFFIXES], file_count="multiple", render=False)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             chat = gr.Chatbot(elem_id="chat", label="Conversation", height=520, buttons=["copy_all"],
@@ -546,14 +875,29 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 ask = gr.Button("Ask", variant="primary", scale=1, min_width=80)
                 stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
                 clear = gr.ClearButton([chat, question], value="Clear", scale=1, min_width=80)
+            with gr.Column(visible=False, elem_id="result") as result_box:
+                answer_sql = gr.Code(language="sql", label="SQL: edit it and run it again", lines=3, max_lines=12,
+                                     interactive=True, wrap_lines=True)
+                with gr.Row(equal_height=True):
+                    verdict = gr.Markdown(elem_id="verdict")
+                    run_button = gr.Button("Run SQL", size="sm", scale=0, min_width=110)
+                    download = gr.DownloadButton("Download CSV", size="sm", scale=0, min_width=140)
+                with gr.Row(equal_height=True):
+                    table = gr.Dataframe(interactive=False, max_height=360, show_label=False, scale=3,
+                                         buttons=["copy", "fullscreen"], elem_id="result-table")
+                    bar = gr.BarPlot(visible=False, scale=2, height=340, x_label_angle=-30, elem_id="result-chart")
+                    line = gr.LinePlot(visible=False, scale=2, height=340, elem_id="result-line")
             examples = gr.Examples(
                 examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
                 example_labels=[f"{label}: {q}" for label, q, _ in EXAMPLES],
                 label="Examples: click one to try it (it loads its database too)", examples_per_page=len(EXAMPLES),
             )
         with gr.Column(scale=2):
+            dialect = gr.Dropdown(list(DIALECTS), value=FIRST_DIALECT, label="SQL dialect",
+                                  info="Of your schema and of the SQL you get back; the check follows its meaning.")
+            upload.render()
             schema.render()
-            schema_status = gr.Markdown(describe_schema(CONCERT_DB))
+            schema_status = gr.Markdown(describe_schema(FIRST_SCHEMA, FIRST_DIALECT))
             with gr.Accordion("Generation settings", open=False):
                 max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=16, label="Max new tokens")
                 decoding = gr.Radio(["Greedy", "Sample"], value="Greedy", label="Decoding",
@@ -563,32 +907,36 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 gr.Markdown(about_markdown())
 
     pending = gr.State("")  # the question being answered, once the textbox is cleared
-    run = dict(fn=respond, inputs=[pending, chat, schema, max_new_tokens, decoding, temperature], outputs=chat,
-               concurrency_id="model", api_visibility="undocumented")
-
-    def take_question(text: str, request: gr.Request) -> tuple:
-        """Move the question out of the box and lock Ask and the box until the answer is written."""
-        start_turn(request)
-        return gr.update(value="", interactive=False), text, gr.update(interactive=False)
+    result = [result_box, answer_sql, verdict, table, bar, line, download]
+    run = dict(fn=respond, inputs=[pending, chat, schema, dialect, upload, max_new_tokens, decoding, temperature],
+               outputs=[chat, *result], show_progress_on=chat, concurrency_id="model", api_visibility="undocumented")
 
     def unlock() -> tuple:
         return gr.update(interactive=True), gr.update(interactive=True)
 
-    take = dict(fn=take_question, inputs=question, outputs=[question, pending, ask], queue=False,
+    take = dict(fn=take_question, inputs=[question, chat], outputs=[question, pending, ask, chat], queue=False,
                 api_visibility="undocumented")
     done = dict(fn=unlock, outputs=[ask, question], queue=False, api_visibility="undocumented")
     question.submit(**take).then(**run).then(**done)
     ask.click(**take).then(**run).then(**done)
-    # An example starts a new conversation: its database may not be the one the chat was about.
-    examples.load_input_event.then(lambda: [], None, chat, queue=False).then(**take).then(**run).then(**done)
+    # An example starts a new conversation on its own database: the chat, the result and any upload go.
+    examples.load_input_event.then(lambda: ([], None, gr.update(visible=False)), None, [chat, upload, result_box],
+                                   queue=False).then(**take).then(**run).then(**done)
+    clear.click(lambda: gr.update(visible=False), None, result_box, queue=False, api_visibility="undocumented")
+    run_button.click(run_sql, [answer_sql, schema, dialect, upload], result[2:], show_progress_on=verdict,
+                     concurrency_id="database", concurrency_limit=1, api_visibility="undocumented")
     stop.click(request_stop, None, None, queue=False, api_visibility="undocumented")
     decoding.change(lambda mode: gr.update(interactive=mode == "Sample"), decoding, temperature, queue=False,
                     api_visibility="undocumented")
-    # Loading a schema runs user SQL: queued, one at a time, like the answers.
-    schema.change(describe_schema, schema, schema_status, show_progress="hidden", concurrency_id="schema",
-                  concurrency_limit=1, trigger_mode="always_last", api_visibility="undocumented")
+    # Opening the database runs user SQL: queued, one at a time, like the answers.
+    database = dict(concurrency_id="database", concurrency_limit=1, trigger_mode="always_last",
+                    api_visibility="undocumented")
+    upload.upload(schema_from_upload, [upload, dialect], schema, show_progress="minimal", **database)
+    gr.on([schema.change, dialect.change, upload.change], describe_schema, [schema, dialect, upload], schema_status,
+          show_progress="hidden", **database)
 
     gr.api(sql_api, api_name="sql", concurrency_id="model")
+    gr.api(check_api, api_name="check", concurrency_id="database")
     gr.api(chat_api, api_name="chat", concurrency_id="model")
 
 demo.queue(default_concurrency_limit=BACKEND.concurrency, max_size=QUEUE_SIZE)
@@ -597,4 +945,4 @@ if __name__ == "__main__":
     # The served process caps SQLite's memory (process-wide; `import app` in tests leaves it alone).
     limit_heap(SQLITE_HARD_HEAP_BYTES, SQLITE_SOFT_HEAP_BYTES)
     # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).
-    demo.launch(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
+    demo.launch(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, max_file_size=MAX_UPLOAD_BYTES)

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = """CREATE TABLE singer (singer_id INTEGER, name VARCHAR, country VARCHAR, age INTEGER);
 INSERT INTO singer VALUES (1, 'Joe Sharp', 'Netherlands', 52), (2, 'Justin Brown', 'France', 29);"""
-KEYS = {"sql", "valid", "error", "unknown_identifiers", "rows"}
+KEYS = {"sql", "valid", "error", "unknown_identifiers", "rows", "dialect", "skipped"}
 APP_PIDS: dict[str, int] = {}  # url -> pid of the app serving it, to read its memory
 
 
@@ -84,8 +84,14 @@ def client(app_url):
 
 def test_api_endpoints_are_pinned(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert {"/sql", "/chat"} <= set(endpoints)
-    assert [p["parameter_name"] for p in endpoints["/sql"]["parameters"]] == ["question", "schema"]
+    assert {"/sql", "/check", "/chat"} <= set(endpoints)
+    names = {name: [p["parameter_name"] for p in endpoint["parameters"]] for name, endpoint in endpoints.items()}
+    # New parameters come after the old ones, with defaults: old calls keep working.
+    assert names["/sql"] == ["question", "schema", "dialect", "database", "max_new_tokens"]
+    assert names["/check"] == ["sql", "schema", "dialect", "database"]
+    assert names["/chat"] == ["message", "schema", "history", "max_new_tokens", "temperature", "dialect", "database"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/sql"]["parameters"][2:]}
+    assert defaults == {"dialect": "sqlite", "database": None, "max_new_tokens": 256}
 
 
 def test_sql_returns_json(client):
@@ -126,11 +132,11 @@ def test_concurrent_sql_and_chat_all_answered(app_url, client):
     from gradio_client import Client
 
     def sql(i: int) -> dict:
-        return Client(app_url, verbose=False).predict(f"How many singers are older than {20 + i}?", SCHEMA,
-                                                      api_name="/sql")
+        return Client(app_url, verbose=False).predict(f"How many singers are older than {20 + i}?", SCHEMA, "sqlite",
+                                                      None, 8, api_name="/sql")
 
     def chat(i: int) -> list[str]:
-        job = Client(app_url, verbose=False).submit(f"Which singers are older than {20 + i}?", SCHEMA, [], 32, 0.0,
+        job = Client(app_url, verbose=False).submit(f"Which singers are older than {20 + i}?", SCHEMA, [], 8, 0.0,
                                                     api_name="/chat")
         list(job)
         return job.outputs()
@@ -199,7 +205,7 @@ HOSTILE_REQUESTS = {
     "schema-int": ("sql", ("How many?", 5), "must be text"),
     "schema-none": ("sql", ("How many?", None), "must be text"),
     "schema-surrogate": ("sql", BODY % f'"How many?", "CREATE TABLE t (x); \\udc00"', "lone surrogate"),
-    "schema-too-long": ("sql", ("How many?", "CREATE TABLE t (x INTEGER);\n" * 2000), "at most 20,000"),
+    "schema-too-long": ("sql", ("How many?", "CREATE TABLE t (x INTEGER);\n" * 4000), "at most 100,000"),
     "tokens-text": ("chat", ("How many?", SCHEMA, [], "abc", 0.0), "max_new_tokens"),
     "tokens-zero": ("chat", ("How many?", SCHEMA, [], 0, 0.0), "max_new_tokens"),
     "tokens-negative": ("chat", ("How many?", SCHEMA, [], -5, 0.0), "max_new_tokens"),
@@ -259,7 +265,7 @@ def test_hostile_requests_get_clear_messages_in_time_and_memory(app_url, client)
     ("", SCHEMA, "Please type a question"),
     ("   ", SCHEMA, "Please type a question"),
     ("x" * 1001, SCHEMA, "at most 1,000"),
-    ("How many?", "CREATE TABLE t (x INTEGER);\n" * 2000, "at most 20,000"),
+    ("How many?", "CREATE TABLE t (x INTEGER);\n" * 4000, "at most 100,000"),
     ("How many?", "", "schema box"),
     ("How many?", "CREATE TABLE a (x INTEGER);\nCREATE TABLE b (x,, y);", "statement 2"),
 ], ids=["empty", "blank", "long-question", "long-schema", "no-schema", "bad-schema"])
@@ -268,6 +274,118 @@ def test_bad_input_gets_a_message(client, question, schema, expected):
     assert result["sql"] == "" and not result["valid"] and expected in result["error"]
     reply = client.predict(question, schema, api_name="/chat")
     assert expected in reply and "Traceback" not in reply
+
+
+# --- your own database over HTTP: dialects, uploaded files, dumps, /check -------------------------
+
+PG_DUMP = """SET statement_timeout = 0;
+SELECT pg_catalog.set_config('search_path', '', false);
+CREATE TABLE public.singer (singer_id integer NOT NULL, name character varying(40), age integer);
+ALTER TABLE public.singer OWNER TO admin;
+COPY public.singer (singer_id, name, age) FROM stdin;
+1\tJoe Sharp\t52
+2\tJustin Brown\t29
+\\.
+ALTER TABLE ONLY public.singer ADD CONSTRAINT singer_pkey PRIMARY KEY (singer_id);
+"""
+MYSQLDUMP = """/*!40101 SET NAMES utf8mb4 */;
+CREATE TABLE `singer` (
+  `singer_id` int NOT NULL AUTO_INCREMENT,
+  `name` varchar(40) DEFAULT NULL,
+  PRIMARY KEY (`singer_id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+"""
+
+
+def write_shop(path: Path) -> Path:
+    """A small SQLite database, as a user would upload it."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            CREATE TABLE customer (customer_id INTEGER PRIMARY KEY, name TEXT, city TEXT);
+            CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customer (customer_id),
+                                 amount REAL, order_date TEXT);
+            INSERT INTO customer VALUES (1, 'Amélie', 'Paris'), (2, 'Bruno', 'Lyon'), (3, 'Chloé', 'Paris'),
+                                        (4, 'Diego', 'Madrid');
+            INSERT INTO orders VALUES (1, 1, 249.0, '2024-01-12'), (2, 1, 45.0, '2024-02-03'), (3, 2, 179.0, '2023-11-20'),
+                                      (4, 3, 35.0, '2024-03-15'), (5, 4, 112.5, '2024-03-20');""")
+    conn.close()
+    return path
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_check_runs_sql_on_an_uploaded_file_in_its_dialect_and_never_changes_it(client, tmp_path):
+    from gradio_client import handle_file
+
+    shop = write_shop(tmp_path / "shop.sqlite")
+    before = sha256(shop)
+    result = client.predict("SELECT city, COUNT(*) AS customers FROM customer GROUP BY city ORDER BY customers DESC, city",
+                            "", "postgres", handle_file(shop), api_name="/check")
+    assert KEYS <= set(result) and result["valid"] and result["dialect"] == "postgres" and result["not_verified"]
+    assert result["rows"] == [["Paris", 2], ["Lyon", 1], ["Madrid", 1]]
+    ilike = client.predict("SELECT name FROM customer WHERE name ILIKE 'a%'", "", "postgres", handle_file(shop),
+                           api_name="/check")
+    assert ilike["rows"] == [["Amélie"]]  # PostgreSQL's meaning, checked on DuckDB
+    for sql in ("DELETE FROM orders", "DROP TABLE customer", "UPDATE customer SET city = 'Rome'"):
+        result = client.predict(sql, "", "sqlite", handle_file(shop), api_name="/check")
+        assert result["writes_data"] and result["rows"] is None, result
+    assert sha256(shop) == before  # never written
+
+    sales = tmp_path / "sales.csv"  # a data file is a table named after the file
+    sales.write_text("month,region,revenue\n2024-01,North,120\n2024-02,North,135\n2024-03,South,160\n")
+    result = client.predict("SELECT region, SUM(revenue) AS revenue FROM sales GROUP BY region ORDER BY region", "",
+                            "duckdb", handle_file(sales), api_name="/check")
+    assert result["valid"] and result["rows"] == [["North", 255], ["South", 160]]
+
+
+def test_sql_and_chat_answer_on_an_uploaded_database_in_the_chosen_dialect(client, tmp_path):
+    from gradio_client import handle_file
+
+    shop = write_shop(tmp_path / "shop.sqlite")
+    result = client.predict("How many customers live in each city?", "", "mysql", handle_file(shop), 16, api_name="/sql")
+    assert KEYS <= set(result) and result["dialect"] == "mysql" and result["sql"]  # no schema needed with a database
+    assert result["valid"] or result["error"]
+    reply = client.predict("How many customers?", "", [], 16, 0.0, "postgres", handle_file(shop), api_name="/chat")
+    assert "```sql" in reply or "did not produce SQL" in reply
+
+
+def test_dumps_load_in_their_dialect_and_a_wrong_dialect_says_which(client):
+    result = client.predict("SELECT name FROM singer WHERE age > 40", PG_DUMP, "postgres", api_name="/check")
+    assert result["valid"] and result["rows"] == [["Joe Sharp"]]  # the COPY block's rows
+    assert len(result["skipped"]) >= 3 and result["skipped"][0].startswith("line 1 ")  # SET, set_config, OWNER TO
+    assert client.predict("SELECT name FROM singer", MYSQLDUMP, "mysql", api_name="/check")["valid"]
+    for dialect in ("sqlite", "postgres"):
+        error = client.predict("SELECT name FROM singer", MYSQLDUMP, dialect, api_name="/check")["error"]
+        assert "choose the dialect mysql" in error, error
+
+
+def test_bad_databases_and_dialects_get_a_message_that_says_what_to_fix(app_url, client, tmp_path):
+    from gradio_client import handle_file
+
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    (tmp_path / "notes.db").write_text("not a database")
+    (tmp_path / "ragged.csv").write_text("a,b\n1,2\n3\n4,5,6\n")
+    cases = [(handle_file(tmp_path / "empty.sqlite"), "sqlite", "empty.sqlite"),
+             (handle_file(tmp_path / "notes.db"), "sqlite", "not a SQLite database"),
+             (handle_file(tmp_path / "ragged.csv"), "duckdb", "ragged.csv"),
+             (None, "oracle", "choose one of sqlite, postgres, mysql")]
+    for database, dialect, expected in cases:
+        result = client.predict("SELECT 1", SCHEMA, dialect, database, api_name="/check")
+        assert not result["valid"] and expected in result["error"] and "Traceback" not in result["error"], result
+    # A path the client did not upload is refused: the app opens no file of the server. (Gradio itself
+    # refuses a FileData of a file that was not uploaded; the app refuses any other path.)
+    event, _ = raw_call(app_url, "check", json.dumps(
+        {"data": ["SELECT 1", "", "sqlite", {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]}))
+    assert event == "error"
+    for forged in ({"path": "/etc/hostname"}, "/etc/hostname"):
+        event, data = raw_call(app_url, "check", json.dumps({"data": ["SELECT 1", "", "sqlite", forged]}))
+        assert event == "complete" and "must be a file sent with the request" in json.loads(data)[0]["error"]
 
 
 # --- in-process: the plain functions behind the UI -------------------------------------------
@@ -300,9 +418,9 @@ def test_follow_up_question_sees_the_conversation(app, monkeypatch):
     prompts = []
     monkeypatch.setattr(app, "generate", fake_generate(
         ["SELECT count(*) FROM singer;", "SELECT count(*) FROM singer WHERE country = 'France';"], prompts))
-    settings = dict(schema=SCHEMA, max_new_tokens=64, decoding="Greedy", temperature=0.7)
+    settings = dict(schema=SCHEMA, dialect="sqlite", files=None, max_new_tokens=64, decoding="Greedy", temperature=0.7)
 
-    messages = list(app.respond("How many singers are there?", [], **settings))[-1]
+    messages, *_ = list(app.respond("How many singers are there?", [], **settings))[-1]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     reply = messages[-1]["content"]
     assert "```sql\nSELECT\n  COUNT(*)\nFROM singer\n```" in reply
@@ -311,7 +429,7 @@ def test_follow_up_question_sees_the_conversation(app, monkeypatch):
 
     # Gradio hands the chat back as messages whose content is a list of parts.
     as_gradio = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-    messages = list(app.respond("Only the ones from France.", as_gradio, **settings))[-1]
+    messages, *_ = list(app.respond("Only the ones from France.", as_gradio, **settings))[-1]
     assert len(messages) == 4
     assert "-- Question: How many singers are there?\n-- SQL:\nSELECT COUNT(*) FROM singer;\n\n" \
            "-- Question: Only the ones from France.\n-- SQL:\n" in prompts[1]
@@ -538,3 +656,61 @@ def test_every_step_that_runs_user_sql_is_queued(app):
     for name in ("respond", "sql_api", "chat_api"):
         dependencies = [f for f in app.demo.fns.values() if getattr(f.fn, "__name__", "") == name]
         assert dependencies and all(d.queue and d.concurrency_id == "model" for d in dependencies)
+    for name in ("check_api", "run_sql", "schema_from_upload"):  # SQL without the model: with the schema line
+        dependencies = [f for f in app.demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+        assert dependencies and all(d.queue and d.concurrency_id == describe.concurrency_id for d in dependencies)
+
+
+# --- in-process: results as tables and charts, the queue, the live database -------------------
+
+def test_charts_follow_the_shape_of_the_result(app):
+    assert app.chart_of(["city", "customers"], [["Paris", 2], ["Lyon", 1]]) == ("bar", "city", "customers")
+    assert app.chart_of(["order_date", "amount"], [["2024-01-12", 249.0], ["2024-02-03", 45.5]]) == \
+        ("line", "order_date", "amount")
+    assert app.chart_of(["year", "concerts"], [[2014, 3], [2015, 2]]) == ("line", "year", "concerts")
+    assert app.chart_of(["name", "city"], [["Ada", "Paris"]]) is None  # no numbers
+    assert app.chart_of(["age", "salary"], [[30, 10], [40, 20]]) is None  # no label or time
+    assert app.chart_of(["count"], [[4]]) is None and app.chart_of(["city", "n"], []) is None
+
+
+def test_the_result_area_shows_a_table_a_chart_and_a_csv_of_first_n_of_m_rows(app, tmp_path):
+    sql = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < 300) SELECT 'row ' || i AS label, i FROM r"
+    check = app.check_request(sql, SCHEMA, "sqlite", None, max_rows=100)
+    assert check.truncated and check.total_rows == 300
+    box, shown_sql, verdict, table, bar, line, download = app.result_view(check, str(tmp_path))
+    assert box["visible"] and shown_sql == check.sql and "first 100 of 300 rows" in verdict
+    assert list(table["value"].columns) == ["label", "i"] and len(table["value"]) == 100
+    assert bar["visible"] and (bar["x"], bar["y"]) == ("label", "i") and len(bar["value"]) == app.CHART_ROWS
+    assert not line["visible"]
+    csv = Path(download["value"]).read_text().splitlines()
+    assert csv[0] == "label,i" and len(csv) == 101
+    # An answer with no rows hides the table, chart and CSV, and says why.
+    _, _, verdict, table, *_ = app.result_view(app.check_request("DELETE FROM singer", SCHEMA), str(tmp_path))
+    assert "Changes the database" in verdict and table == {"__type__": "update", "visible": False}
+
+
+def test_a_question_waiting_in_line_says_so_until_its_answer_starts(app, monkeypatch):
+    monkeypatch.setattr(app, "generate", fake_generate(["SELECT count(*) FROM singer;"], []))
+    request = type("Request", (), {"session_hash": "waiting-test"})()
+    box, pending, ask, messages = app.take_question("How many singers?", [], request)
+    assert pending == "How many singers?" and messages[-1] == {"role": "assistant", "content": app.WAITING}
+    final, *_ = list(app.respond(pending, messages, SCHEMA, "sqlite", None, 64, "Greedy", 0.7, request))[-1]
+    assert [m["role"] for m in final] == ["user", "assistant"] and app.WAITING not in final[-1]["content"]
+    assert "Valid for this schema" in final[-1]["content"]
+
+
+def test_a_live_database_is_queried_and_its_password_never_shown(app, monkeypatch, tmp_path):
+    shop = write_shop(tmp_path / "live.sqlite")
+    monkeypatch.setattr(app, "LIVE_URL", f"sqlite:///{shop}")
+    result = app.check_api("SELECT COUNT(*) FROM customer", "", "sqlite")
+    assert result["valid"] and result["rows"] == [[4]]
+    assert "2 tables" in app.describe_schema("", "sqlite") and "live.sqlite" in app.describe_schema("", "sqlite")
+    url = f"postgresql://analyst:s3cret-pw@127.0.0.1:{free_port()}/shop"  # nothing listens there
+    monkeypatch.setattr(app, "LIVE_URL", url)
+    for text in (app.check_api("SELECT 1", "", "postgres")["error"], app.describe_schema("", "postgres"),
+                 app.about_markdown()):
+        assert "s3cret-pw" not in text and "analyst" in text, text
+    # Never on by itself on a Space: anyone could query it there.
+    assert app.live_database_url(url, {"SPACE_ID": "me/starsql"}) == ""
+    assert app.live_database_url(url, {"SPACE_ID": "me/starsql", "DATABASE_ON_SPACE": "1"}) == url
+    assert app.live_database_url("", {}) == ""
