@@ -156,7 +156,7 @@ def test_check_dialect():
 def test_every_dialect_has_an_engine_and_an_honest_sentence():
     assert set(ENGINE) == set(NOT_VERIFIED) == set(DIALECTS)
     assert set(ENGINE.values()) == {"sqlite", "duckdb"} and ENGINE["sqlite"] == "sqlite"
-    assert "case-insensitive" in NOT_VERIFIED["mysql"] and "collation" in NOT_VERIFIED["mysql"]
+    assert "trailing spaces" in NOT_VERIFIED["mysql"] and "collation" in NOT_VERIFIED["mysql"]
     assert all(sentence.endswith(".") and len(sentence) < 300 for sentence in NOT_VERIFIED.values())
 
 
@@ -169,6 +169,8 @@ SEMANTICS = [
     ("postgres", "SELECT CAST('2014-06-01' AS DATE) > DATE '2014-01-31'", [(True,)]),
     ("mysql", "SELECT YEAR('2014-06-01'), `x`.`y` FROM (SELECT 1 AS `y`) AS `x`", [(2014, 1)]),
     ("mysql", "SELECT 'Ann' LIKE 'ann%', 7 / 2, 7 DIV 2", [(1, 3.5, 3)]),
+    ("mysql", "SELECT 'Ann' = 'ann', 'a' < 'B', COUNT(DISTINCT x) FROM (SELECT 'Ann' AS x UNION ALL SELECT 'ANN') AS t",
+     [(1, 1, 1)]),  # the default collation ignores case
     ("tsql", "SELECT TOP 1 7 / 2 AS half", [(3,)]),
 ]
 

@@ -31,10 +31,12 @@ ENGINE = {
 }
 
 # Statements to run on the DuckDB connection before checking SQL of that dialect: PostgreSQL and
-# SQL Server divide integers to an integer (7 / 2 = 3), DuckDB by default to a float (3.5).
+# SQL Server divide integers to an integer (7 / 2 = 3), DuckDB by default to a float (3.5); MySQL's and
+# SQL Server's default collations compare, group and sort text ignoring case, as DuckDB's NOCASE does.
 ENGINE_SETTINGS = {
     "postgres": ("SET integer_division = true",),
-    "tsql": ("SET integer_division = true",),
+    "mysql": ("SET default_collation = 'nocase'",),
+    "tsql": ("SET integer_division = true", "SET default_collation = 'nocase'"),
 }
 
 # One sentence per dialect: what the embedded check cannot verify (shown with every checked answer).
@@ -42,12 +44,12 @@ NOT_VERIFIED = {
     "sqlite": "Checked by SQLite itself; only the limits of time and rows differ from your own database.",
     "postgres": "Checked by DuckDB, not PostgreSQL: PostgreSQL-only functions, a GROUP BY that relies "
                 "on a primary key, and your server's collation, extensions and settings are not verified.",
-    "mysql": "Checked by DuckDB, not MySQL: `=`, ORDER BY and GROUP BY on text are case-sensitive here but "
-             "case-insensitive under MySQL's default collation, and MySQL's implicit type conversions, "
-             "loose GROUP BY and non-strict SQL modes are not verified.",
+    "mysql": "Checked by DuckDB, not MySQL: text compares ignoring case as under MySQL's default collation, "
+             "but that collation's ignoring of accents and trailing spaces, MySQL's conversions of text to "
+             "numbers and its loose GROUP BY are not verified.",
     "duckdb": "Checked by DuckDB itself; only the limits of time and rows differ from your own database.",
-    "tsql": "Checked by DuckDB, not SQL Server: `=` and LIKE are case-sensitive here but not under SQL "
-            "Server's default collation, and T-SQL-only functions and procedures are not verified.",
+    "tsql": "Checked by DuckDB, not SQL Server: text compares ignoring case as under SQL Server's default "
+            "collation, but accent and trailing-space rules and T-SQL-only functions are not verified.",
     "snowflake": "Checked by DuckDB, not Snowflake: Snowflake-only functions, semi-structured types "
                  "(VARIANT) and its number precision rules are not verified.",
     "bigquery": "Checked by DuckDB, not BigQuery: BigQuery-only functions, project.dataset names, "
@@ -138,13 +140,14 @@ class _Schema:
     """The user's tables, looked up as SQLite looks names up (case-insensitively), spelled as the target has them."""
 
     def __init__(self, tables: list, write: str):
-        from sqlglot.dialects.dialect import Dialect, NormalizationStrategy
-
         self.tables = {table.name.lower(): table for table in tables}
         self.columns = {column.name.lower() for table in tables for column in table.columns}
-        dialect = Dialect.get_or_raise(write)
-        folds = dialect.NORMALIZATION_STRATEGY in (NormalizationStrategy.LOWERCASE, NormalizationStrategy.UPPERCASE)
-        self.needs_quotes = lambda name: folds and dialect.case_sensitive(name)
+        self.write = write
+
+    def needs_quotes(self, name: str) -> bool:
+        """PostgreSQL folds bare names to lower case: a name that is not must be quoted. (pg_dump and its
+        catalog spell names exactly; Snowflake's upper-case folding is left alone, as its users write.)"""
+        return self.write == "postgres" and name != name.lower()
 
     def identifier(self, name: str) -> exp.Identifier:
         identifier = exp.to_identifier(name)
@@ -275,6 +278,34 @@ def _aggregates(select: exp.Select) -> list[exp.AggFunc]:
             if node.find_ancestor(exp.Select) is select]
 
 
+def _bare_columns(select: exp.Select, keys: list[exp.Expression]):
+    """Columns shown or sorted on by a grouped `select` that are neither grouping keys nor aggregated."""
+    grouped = {key.sql(dialect="sqlite").lower() for key in keys}
+    outputs = {projection.alias_or_name.lower() for projection in select.expressions}
+    order = select.args.get("order")
+
+    def is_key(column: exp.Column) -> bool:  # `T1.id` and `id` name the same key
+        return any(isinstance(key, exp.Column) and key.name.lower() == column.name.lower() and (
+            not key.table or not column.table or key.table.lower() == column.table.lower()) for key in keys)
+
+    for expression in select.expressions + (order.expressions if order else []):
+        for column in list(expression.find_all(exp.Column)):
+            if column.find_ancestor(exp.Select) is not select or column.find_ancestor(exp.AggFunc, exp.Window):
+                continue  # another query's column, or aggregated
+            if is_key(column) or any(node.sql(dialect="sqlite").lower() in grouped
+                                     for node in (column, *_ancestors(column, expression))):
+                continue  # a grouping key, or inside one (`GROUP BY strftime('%Y', d)`)
+            if isinstance(expression, exp.Ordered) and not column.table and column.name.lower() in outputs:
+                continue  # ORDER BY an output column's name
+            yield column
+
+
+def _ancestors(node: exp.Expression, stop: exp.Expression):
+    while node is not stop and node.parent is not None:
+        node = node.parent
+        yield node
+
+
 def _bare_grouped_columns(tree: exp.Expression) -> None:
     """SQLite lets a grouped query show a column that is neither grouped nor aggregated (Spider's gold
     does: `SELECT T2.name ... GROUP BY T1.id`); PostgreSQL (unless it is the table's key) and MySQL
@@ -282,41 +313,13 @@ def _bare_grouped_columns(tree: exp.Expression) -> None:
     value. Not when the only aggregate is one MIN or MAX: then SQLite takes that row's value, which
     MIN() would not give, so the query is left to fail rather than answer differently."""
     for select in list(tree.find_all(exp.Select)):
-        group = select.args.get("group")
+        keys = select.args["group"].expressions if select.args.get("group") else []
         aggregates = _aggregates(select)
-        if not group and not aggregates:
+        if not keys and not aggregates or len(aggregates) == 1 and isinstance(aggregates[0], (exp.Max, exp.Min)):
             continue
-        if len(aggregates) == 1 and isinstance(aggregates[0], (exp.Max, exp.Min)):
-            continue
-        grouped = {node.sql(dialect="sqlite").lower() for node in (group.expressions if group else [])}
-        grouped_names = {node.name.lower() for node in (group.expressions if group else []) if isinstance(node, exp.Column)}
-        order = select.args.get("order")
-        for expression in select.expressions + (order.expressions if order else []):
-            for column in list(expression.find_all(exp.Column)):
-                if column.find_ancestor(exp.Select) is not select or column.find_ancestor(exp.AggFunc, exp.Window):
-                    continue
-                if any(node.sql(dialect="sqlite").lower() in grouped for node in [column, *column.iter_expressions()]):
-                    continue
-                if any(ancestor.sql(dialect="sqlite").lower() in grouped for ancestor in _ancestors(column, expression)):
-                    continue
-                if not column.table and column.name.lower() in grouped_names:
-                    continue
-                if group and column.table and column.name.lower() in grouped_names and any(
-                        isinstance(g, exp.Column) and not g.table and g.name.lower() == column.name.lower() for g in group.expressions):
-                    continue
-                if not isinstance(expression, exp.Ordered) and column.parent is select:
-                    column.replace(exp.alias_(exp.Min(this=column.copy()), column.name))
-                elif isinstance(expression, exp.Ordered) and column.name.lower() in {
-                        p.alias_or_name.lower() for p in select.expressions} and not column.table:
-                    continue  # ORDER BY an output column's name
-                else:
-                    column.replace(exp.Min(this=column.copy()))
-
-
-def _ancestors(node: exp.Expression, stop: exp.Expression):
-    while node is not stop and node.parent is not None:
-        node = node.parent
-        yield node
+        for column in list(_bare_columns(select, keys)):
+            shown = column.parent is select  # keeps its name as an output column
+            column.replace(exp.alias_(exp.Min(this=column.copy()), column.name) if shown else exp.Min(this=column.copy()))
 
 
 def _aliased_derived_tables(tree: exp.Expression) -> None:
@@ -347,21 +350,29 @@ def translate(sql: str, write: str, read: str = "sqlite", schema: list | None = 
     known = _Schema(schema, write) if schema else None
     out = []
     for tree in _parse(sql, read):
-        if read == "sqlite":
-            _double_quoted_strings(tree, known.columns if known else None)
-            types = _resolve(tree, known)
-            _text_against_numbers(tree, types)
-            _numeric_aggregates_of_text(tree, types, write)
-            _bare_grouped_columns(tree)
-            _aliased_derived_tables(tree)
-            if write in _CASE_SENSITIVE_LIKE:
-                _case_insensitive_like(tree, write)
-            if write == "mysql":
-                _float_averages(tree)
-        if write == "mysql":
-            _derived_limit_subqueries(tree)
-        out.append(tree.sql(dialect=write))
+        try:
+            out.append(_fixed(tree.copy(), write, read, known).sql(dialect=write))
+        except Exception:  # a fix that cannot handle some tree must not make the answer worse than sqlglot's
+            out.append(tree.sql(dialect=write))
     return ";\n".join(out)
+
+
+def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None") -> exp.Expression:
+    """`tree` with the project's fixes for `read` -> `write` applied (in place)."""
+    if read == "sqlite":
+        _double_quoted_strings(tree, known.columns if known else None)
+        types = _resolve(tree, known)
+        _text_against_numbers(tree, types)
+        _numeric_aggregates_of_text(tree, types, write)
+        _bare_grouped_columns(tree)
+        _aliased_derived_tables(tree)
+        if write in _CASE_SENSITIVE_LIKE:
+            _case_insensitive_like(tree, write)
+        if write == "mysql":
+            _float_averages(tree)
+    if write == "mysql":
+        _derived_limit_subqueries(tree)
+    return tree
 
 
 def to_engine(sql: str, dialect: str) -> str:
