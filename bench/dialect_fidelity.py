@@ -1,25 +1,30 @@
 """Does the translated SQL mean what the SQLite SQL meant? Spider dev's gold queries on real servers.
 
 Each of Spider dev's executable gold queries (972 of 1,034: the shared copy lacks wta_1) is translated
-from SQLite to PostgreSQL and to MySQL, twice: by sqlglot alone and by `translate()` (sqlglot plus
-the project's fixes), and run on the same data loaded into a real PostgreSQL and a real MariaDB server
-(tests/servers.py starts them from the Debian packages in a temporary directory, no network). Its rows
-are compared with SQLite's the way starsql/evaluate/metrics.py compares results: as multisets, in
-order only when the query has ORDER BY, numbers equal to 10 significant digits whatever their type
-(Decimal, float, int). Queries run as written (DISTINCT kept).
+from SQLite to PostgreSQL and to MySQL three ways: by sqlglot alone, by `translate()` (sqlglot plus the
+project's fixes), and by `translate(schema=...)` given the schema the server reports (as the app passes
+its workspace's tables). Each translation runs on the same data loaded into a real PostgreSQL and a
+real MariaDB server (tests/servers.py starts them from the Debian packages in a temporary directory,
+no network). Rows are compared with SQLite's the way starsql/evaluate/metrics.py compares results: as
+multisets, in order only when the query has ORDER BY, numbers equal to 10 significant digits whatever
+their type (Decimal, float, int). Queries run as written (DISTINCT kept). A difference counts apart
+when SQLite's own answer depends on row order: ties under ORDER BY (with LIMIT: which tied row is
+shown), found by running the query again with every ORDER BY completed by all output columns,
+ascending and descending, and with PRAGMA reverse_unordered_selects.
 
-The app's own check (`to_engine`: DuckDB runs the user's-dialect SQL) is measured on the same
-queries: the DuckDB run of each translation against the real server's run of it.
+The app's own check (`to_engine`: DuckDB runs the user's-dialect SQL with ENGINE_SETTINGS) is measured
+on the same queries: the DuckDB run of each final translation against the real server's run of it.
 
 Loading. Each database's tables come from the schema model (starsql.schema.sqlite_tables) and their
 CREATE TABLE is translated by `translate()`. Column types follow the values SQLite actually stores,
 so every value arrives unchanged and computes as it did in SQLite: integers only -> BIGINT, any
-reals -> DOUBLE (DECIMAL(p,s) as declared), any text -> VARCHAR/TEXT (Spider's dirty columns: 'T'/'F'
-in `bool` columns, stadium names in a `bool` column), blobs -> BLOB. A primary key is kept where the
-data satisfies it; foreign keys are left out (Spider's rows break some, and no query needs them).
+reals -> DOUBLE (DECIMAL(p,s) as declared), any text -> VARCHAR/TEXT, blobs -> BLOB; a column with no
+values by its declared type's affinity. Spider's dirty columns (text in columns declared `bool`:
+'T'/'F', and stadium names in orchestra's show.If_first_show) are thus text, as SQLite holds them;
+the JSON lists them. A primary key is kept where the data satisfies it; foreign keys are left out
+(Spider's rows break some, and no query needs them).
 
-    python bench/dialect_fidelity.py --spider ../shared/spider_dev \\
-        --out bench/results/dialect_fidelity.json            # about 2 minutes on 2 cores
+    python bench/dialect_fidelity.py --spider ../shared/spider_dev --out bench/results/dialect_fidelity.json
 """
 
 import argparse
@@ -39,7 +44,7 @@ import duckdb  # noqa: E402
 import sqlglot  # noqa: E402
 from sqlglot import exp  # noqa: E402
 
-from starsql.db.dialects import ENGINE_SETTINGS, DialectError, to_engine, translate  # noqa: E402
+from starsql.db.dialects import ENGINE_SETTINGS, DialectError, sqlite_affinity, to_engine, translate  # noqa: E402
 from starsql.evaluate.metrics import order_matters, results_match  # noqa: E402
 from starsql.evaluate.spider import FLOAT_DIGITS, KNOWN_MISSING_DBS, Database, database_path  # noqa: E402
 from starsql.schema import Column, Table, quote_identifier, render_table, sqlite_tables  # noqa: E402
@@ -76,12 +81,8 @@ def _stored_type(connection: sqlite3.Connection, table: str, column: Column) -> 
         return declared if declared.startswith(("DECIMAL", "NUMERIC")) and "(" in declared else "DOUBLE"
     if "integer" in kinds:
         return "BIGINT"
-    # No values: the declared type's SQLite affinity decides.
-    if "INT" in declared:
-        return "BIGINT"
-    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")) or not declared:
-        return f"VARCHAR({MYSQL_VARCHAR})"
-    return "DOUBLE"
+    return {"integer": "BIGINT", "real": "DOUBLE", "numeric": "DOUBLE"}.get(  # no values: the declared affinity
+        sqlite_affinity(declared), f"VARCHAR({MYSQL_VARCHAR})")
 
 
 def _unique(connection: sqlite3.Connection, table: str, key: list[str]) -> bool:
@@ -105,7 +106,7 @@ def load_sqlite(path: Path) -> tuple[list[Table], dict[str, list[tuple]], list[s
         columns = []
         for column in table.columns:
             stored = _stored_type(connection, table.name, column)
-            if stored.startswith(("VARCHAR", "TEXT")) and any(w in column.type.upper() for w in ("INT", "BOOL", "NUM", "REAL", "FLOA", "DOUB", "DEC")):
+            if stored.startswith(("VARCHAR", "TEXT")) and sqlite_affinity(column.type) != "text":
                 notes.append(f"{table.name}.{column.name}: declared {column.type}, holds text -> {stored}")
             columns.append(Column(column.name, stored))
         rows[table.name] = connection.execute(f"SELECT * FROM {name}").fetchall()

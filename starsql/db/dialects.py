@@ -122,7 +122,7 @@ def _derived_limit_subqueries(tree: exp.Expression) -> None:
             node.set(key, exp.Subquery(this=derived) if key == "query" else derived)
 
 
-def _affinity(type_name: str) -> str:
+def sqlite_affinity(type_name: str) -> str:
     """SQLite's affinity of a declared type (its documented rules, in order); schemas here use such names."""
     upper = (type_name or "").upper()
     if "INT" in upper:
@@ -226,9 +226,9 @@ def _text_against_numbers(tree: exp.Expression, types: dict[int, str]) -> None:
     def affinity(node):
         node = node.unnest() if isinstance(node, exp.Paren) else node
         if isinstance(node, exp.Column):
-            return _affinity(types[id(node)]) if id(node) in types else "unknown"
+            return sqlite_affinity(types[id(node)]) if id(node) in types else "unknown"
         if isinstance(node, exp.Cast):
-            return _affinity(node.to.sql(dialect="sqlite"))
+            return sqlite_affinity(node.to.sql(dialect="sqlite"))
         if isinstance(node, exp.Subquery) and isinstance(node.this, exp.Select) and len(node.this.expressions) == 1:
             return affinity(node.this.expressions[0].unalias())
         if isinstance(node, exp.Literal) and node.is_string:
@@ -269,7 +269,7 @@ def _numeric_aggregates_of_text(tree: exp.Expression, types: dict[int, str], wri
         return
     for aggregate in list(tree.find_all(exp.Avg, exp.Sum)):
         argument = aggregate.this
-        if isinstance(argument, exp.Column) and id(argument) in types and _affinity(types[id(argument)]) == "text":
+        if isinstance(argument, exp.Column) and id(argument) in types and sqlite_affinity(types[id(argument)]) == "text":
             _cast(argument, "DOUBLE")
 
 
