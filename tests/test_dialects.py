@@ -99,6 +99,7 @@ FIXES = {
                                                "ON T1.singer_id = T2.stadium_id",
     "a grouped query's bare column": "SELECT T1.name, count(*) FROM Singer AS T1 JOIN Concert AS T2 "
                                      "ON T1.singer_id = T2.singer_id GROUP BY T2.singer_id",
+    "the row of a lone MAX": "SELECT name, max(age) FROM Singer WHERE singer_id < 4",
     "derived table without alias": "SELECT count(*) FROM (SELECT name FROM Singer INTERSECT SELECT name FROM Singer)",
     "table name's case (MySQL)": "SELECT count(*) FROM singer AS s JOIN concert AS C ON S.singer_id = c.singer_id",
     "LIMIT in an IN subquery (MySQL)": "SELECT name FROM Singer WHERE singer_id IN "
@@ -133,9 +134,10 @@ def test_translate_without_schema_still_reads_double_quoted_strings_and_like():
     assert translate("SELECT a FROM t WHERE b LIKE 'x%'", "bigquery") == "SELECT a FROM t WHERE LOWER(b) LIKE LOWER('x%')"
 
 
-def test_bare_column_next_to_a_lone_max_is_left_to_fail_not_changed():
-    # SQLite takes `name` from the row holding the max; MIN(name) would answer otherwise, silently.
-    assert translate("SELECT name, max(age) FROM Singer", "postgres") == "SELECT name, MAX(age) FROM Singer"
+def test_bare_column_next_to_a_grouped_lone_max_is_left_to_fail_not_changed():
+    # SQLite takes `name` from each group's row holding the max; MIN(name) would answer otherwise, silently.
+    sql = "SELECT name, max(age) FROM Singer GROUP BY country"
+    assert translate(sql, "postgres") == "SELECT name, MAX(age) FROM Singer GROUP BY country"
 
 
 def test_translate_errors_name_the_dialect_and_same_dialect_is_unchanged():

@@ -306,6 +306,26 @@ def _ancestors(node: exp.Expression, stop: exp.Expression):
         yield node
 
 
+def _row_of_the_extreme(tree: exp.Expression) -> None:
+    """SQLite's `SELECT name, MAX(age) FROM t` shows the name of the row holding the max; other dialects
+    refuse the bare column or show any row's. Without GROUP BY that is `SELECT name, age FROM t ORDER BY
+    age DESC LIMIT 1` (NULLs last, as MAX and MIN skip them). Only an empty table answers otherwise:
+    no row, where SQLite shows one of NULLs."""
+    for select in list(tree.find_all(exp.Select)):
+        aggregates = _aggregates(select)
+        if (len(aggregates) != 1 or not isinstance(aggregates[0], (exp.Max, exp.Min))
+                or any(select.args.get(arg) for arg in ("group", "having", "order", "limit", "distinct"))
+                or aggregates[0].parent is not select and not isinstance(aggregates[0].parent, exp.Alias)
+                or not any(projection.find(exp.Column) for projection in select.expressions
+                           if not projection.find(exp.AggFunc))):
+            continue
+        extreme = aggregates[0]
+        value = extreme.this
+        extreme.replace(value)
+        select.order_by(exp.Ordered(this=value.copy(), desc=isinstance(extreme, exp.Max), nulls_first=False), copy=False)
+        select.limit(1, copy=False)
+
+
 def _bare_grouped_columns(tree: exp.Expression) -> None:
     """SQLite lets a grouped query show a column that is neither grouped nor aggregated (Spider's gold
     does: `SELECT T2.name ... GROUP BY T1.id`); PostgreSQL (unless it is the table's key) and MySQL
@@ -364,6 +384,7 @@ def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None")
         types = _resolve(tree, known)
         _text_against_numbers(tree, types)
         _numeric_aggregates_of_text(tree, types, write)
+        _row_of_the_extreme(tree)
         _bare_grouped_columns(tree)
         _aliased_derived_tables(tree)
         if write in _CASE_SENSITIVE_LIKE:
