@@ -1,5 +1,5 @@
 """Proof that the pipeline learns: pretrain a small StarCoder2 from scratch on SQL, fine-tune it with
-the project's recipe, score both on Spider dev with the project's harness.
+the project's recipes, score them on Spider dev with the project's harness.
 
 Real StarCoder2 weights cannot be downloaded here, so the base model is made: a ~27M-parameter
 StarCoder2 pretrained (full fine-tuning of a random init through train_sft.py's raw-sql path) on
@@ -9,6 +9,14 @@ training databases, contamination-filtered against Spider dev, and `--eval_spide
 adapter. A bug in masking, packing, EOS, the prompt or SQL extraction shows up as no gain.
 `--heldout` rows of sql-create-context (new questions on the training databases) stay out of both
 pretraining and fine-tuning and are scored schema-only (exact match, SQL that compiles), base vs adapter.
+
+Recipes (`--sft_formats`), each the recommended config with only its data changed, so every run trains
+the same steps of the same packed rows from the same base: `sql-create-context` (the old recipe: each
+answer's own tables only), `mixture` (the new one: those schemas with distractor tables, mixed with the
+same questions on whole schemas with keys, as the recommended config mixes its sources) and `spider`
+(whole schemas only). Every run is also scored by the share of answers whose FROM/JOIN tables are
+exactly the gold query's (sqlglot), a measure a small model can move; runs are compared question by
+question with the first (`recipes` in proof.json: exact McNemar / sign test on the discordant pairs).
 
     python bench/learning_proof.py --shared ../shared --out runs/proof            # one GPU, minutes
     python bench/learning_proof.py --shared ../shared --out runs/proof-smoke --smoke   # CPU, wiring only
@@ -24,9 +32,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import sqlglot
+import yaml
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "starcoder2-3b-sql.yaml"
 sys.path.insert(0, str(ROOT))
 
 import train_sft  # noqa: E402
@@ -94,17 +104,18 @@ def sql_key(tree) -> str:
 
 
 def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: int = 0, made_up_fraction: float = 0.0,
-                       heldout: list[dict] = ()) -> Path:
+                       heldout: list[dict] = (), every: int = 1) -> Path:
     """Documents of Spider's training databases: the schema, then queries on it, some with the
     question they answer as a comment. Each database appears with its own names (queries only) and
     in `renamed_copies` renamed copies (queries and questions). Nothing from Spider dev, and neither
-    the questions nor the SQL of the `heldout` rows."""
+    the questions nor the SQL of the `heldout` rows. `every`: read only every n-th query and question (a smoke
+    run's corpus: parsing them all is most of its time)."""
     held_questions = {(row["db_id"], row["question"]) for row in heldout}
     held_sql = {sql_key(sqlglot.parse_one(row["answer"], read="sqlite")) for row in heldout}
     dev_dbs = {e["db_id"] for e in json.loads((shared / "spider_dev" / "dev.json").read_text())}
     tables = {t["db_id"]: t for t in json.loads((shared / "spider_dev" / "tables.json").read_text())}
     queries, questions = defaultdict(list), defaultdict(list)
-    for line in tqdm((shared / "spider_train_gold.sql").read_text().splitlines(), desc="Parsing training SQL"):
+    for line in tqdm((shared / "spider_train_gold.sql").read_text().splitlines()[::every], desc="Parsing training SQL"):
         sql, db_id = line.rsplit("\t", 1)
         if db_id not in dev_dbs:
             try:
@@ -113,7 +124,7 @@ def pretraining_corpus(shared: Path, out: Path, renamed_copies: int = 64, seed: 
                 continue
             if sql_key(tree) not in held_sql:
                 queries[db_id].append((None, tree))
-    for row in json.loads((shared / "sql_create_context_spider" / "train.json").read_text()):
+    for row in json.loads((shared / "sql_create_context_spider" / "train.json").read_text())[::every]:
         if row["db_id"] not in dev_dbs and (row["db_id"], row["question"]) not in held_questions:
             try:
                 tree = sqlglot.parse_one(row["answer"], read="sqlite")
@@ -197,16 +208,59 @@ def build_base(shared: Path, out: Path, smoke: bool, hidden: int = 512, layers: 
     return out
 
 
+def exact_mcnemar(first_only: int, second_only: int) -> float:
+    """Two-sided exact McNemar p (the sign test on the discordant pairs): how likely so lopsided a split of
+    the questions that changed, were either side as likely."""
+    from math import comb
+
+    changed, fewer = first_only + second_only, min(first_only, second_only)
+    return min(1.0, 2 * sum(comb(changed, i) for i in range(fewer + 1)) / 2**changed) if changed else 1.0
+
+
+def read_per_example(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "per_example.jsonl").read_text().splitlines()]
+
+
+def query_tables(sql: str) -> frozenset[str] | None:
+    """The tables a query reads (FROM, JOIN, subqueries), lower-cased; None when sqlglot cannot parse it."""
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError):
+        return None
+    return frozenset(table.name.lower() for table in tree.find_all(sqlglot.exp.Table)) if tree else None
+
+
+def with_table_match(rows: list[dict]) -> list[dict]:
+    """Each scored row with `tables_match`: the prediction reads exactly the gold query's tables."""
+    for row in rows:
+        if not row.get("skipped"):
+            predicted = query_tables(row.get("prediction") or "")
+            row["tables_match"] = predicted is not None and predicted == query_tables(row["gold"])
+    return rows
+
+
+MEASURES = ("execution_match", "valid_sql", "tables_match")
+
+
+def paired_between(first: list[dict], second: list[dict]) -> dict:
+    """Two runs on the same questions, for each measure: right in the second only, in the first only, and p."""
+    pairs = [(a, b) for a, b in zip(first, second) if not a.get("skipped")]
+    result = {}
+    for measure in MEASURES:
+        gained = sum(1 for a, b in pairs if b.get(measure) and not a.get(measure))
+        lost = sum(1 for a, b in pairs if a.get(measure) and not b.get(measure))
+        result[measure] = {"second_only": gained, "first_only": lost, "p": exact_mcnemar(gained, lost)}
+    return result
+
+
 def paired_gains(eval_dir: Path, spider: Path) -> dict:
     """Base against adapter on the same Spider dev questions: gained, lost, the exact McNemar p, and how
     many gains have a gold result that is empty or a count of 0, which any query of the right shape on
     that database matches (in a small model's gains, most of them)."""
-    from math import comb
-
     from starsql.evaluate.spider import Database, database_path
 
     def read(label: str) -> list[dict]:
-        return [json.loads(line) for line in (eval_dir / label / "per_example.jsonl").read_text().splitlines()]
+        return read_per_example(eval_dir / label)
 
     def trivial(row: dict) -> bool:  # the gold query run as the harness runs it: read-only, time-limited
         database = Database.open_read_only(database_path(spider, row["db_id"]))
@@ -219,13 +273,40 @@ def paired_gains(eval_dir: Path, spider: Path) -> dict:
     base, adapter = read("base"), read("adapter")
     gained = [a for a, b in zip(adapter, base) if a.get("execution_match") and not b.get("execution_match")]
     lost = sum(1 for a, b in zip(adapter, base) if b.get("execution_match") and not a.get("execution_match"))
-    changed, fewer = len(gained) + lost, min(len(gained), lost)
-    p = min(1.0, 2 * sum(comb(changed, i) for i in range(fewer + 1)) / 2**changed) if changed else 1.0
-    return {"gained": len(gained), "lost": lost, "mcnemar_p": p,
+    return {"gained": len(gained), "lost": lost, "mcnemar_p": exact_mcnemar(len(gained), lost),
             "gained_with_empty_or_zero_gold": sum(map(trivial, gained))}  # fmt: skip
 
 
-SMOKE_SFT = ["--max_steps", "4", "--eval_steps", "4", "--save_steps", "4"]  # one evaluation, one checkpoint
+# Smoke: one log, evaluation and checkpoint; TRL tokenizes and packs only the rows 4 steps need.
+SMOKE_SFT = ["--max_steps", "4", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "4", "--max_train_rows", "64"]
+SFT_FORMATS = ("sql-create-context", "mixture", "spider")
+
+
+def recipe_config(out: Path, schema_format: str, rows: Path, tables: Path) -> Path:
+    """The recommended config (RECIPE) with its data pointed at the local rows: minimal schemas, whole ones, or
+    the recipe's own mixture of the two (its weights and distractor count, both sources the same questions)."""
+    config = yaml.safe_load(RECIPE.read_text())
+    mixture = config.pop("datasets")
+    minimal = {"path": str(rows), "format": "sql-create-context"}
+    whole = {"path": str(rows), "format": "spider", "columns": {"sql": "answer"}, "spider_tables": str(tables)}
+    if schema_format == "mixture":
+        config["datasets"] = [{**source, **local} for source, local in zip(mixture, (minimal, whole))]
+    else:
+        local = minimal if schema_format == "sql-create-context" else whole
+        config |= {"dataset_name": local["path"], "dataset_format": local["format"]}
+        config |= {"sql_column": "answer", "spider_tables": str(tables)} if schema_format == "spider" else {}
+    path = out / f"recipe-{schema_format}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def tokens_trained(run_dir: Path) -> int | None:
+    """TRL's count of the tokens trained on, from the last checkpoint's log (the same budget for every recipe)."""
+    states = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"] if states else []
+    counts = [entry["num_tokens"] for entry in history if "num_tokens" in entry]
+    return int(counts[-1]) if counts else None
 
 
 def main() -> int:
@@ -240,14 +321,18 @@ def main() -> int:
     parser.add_argument("--num_layers", type=int, default=8, help="Base model depth.")
     parser.add_argument("--made_up_fraction", type=float, default=0.0,
                         help="Share of renamed copies that use made-up words instead of real identifiers.")
-    parser.add_argument("--sft_formats", default="sql-create-context,spider",
-                        help="Schemas the fine-tuning rows carry: sql-create-context's (the tables the answer uses) "
-                             "and/or spider (the full schema from tables.json, as Spider dev is scored).")
+    parser.add_argument("--sft_formats", default="sql-create-context,mixture",
+                        help="Recipes, each fine-tuned from the same base for the same steps: sql-create-context (the "
+                             "old one: each answer's own tables), mixture (the new one: distractor tables, and whole "
+                             "schemas with keys) and spider (whole schemas only); each is compared with the first.")
     parser.add_argument("--learning_rate", default="2e-4", help="Fine-tuning learning rate; the recipe's is 2e-4.")
     parser.add_argument("--heldout", type=int, default=300,
                         help="sql-create-context rows held out of pretraining and fine-tuning, scored schema-only.")
     parser.add_argument("--eval_4bit", action="store_true", help="Also score each adapter on the 4-bit base it was trained on.")
     args = parser.parse_args()
+    formats = args.sft_formats.split(",")
+    if set(formats) - set(SFT_FORMATS):
+        parser.error(f"--sft_formats: {', '.join(sorted(set(formats) - set(SFT_FORMATS)))}; use {', '.join(SFT_FORMATS)}.")
     spider = args.shared / "spider_dev"
     started = time.time()
     # The smoke run checks the wiring, not the model: 10 steps of 4 rows (the real run's 32-row steps were
@@ -259,7 +344,7 @@ def main() -> int:
     init = build_base(args.shared, args.out / "init", args.smoke, args.hidden_size, args.num_layers)
     sft_rows, heldout_file, heldout = split_heldout(args.shared, args.out, 12 if args.smoke else args.heldout)
     corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies,
-                                made_up_fraction=args.made_up_fraction, heldout=heldout)
+                                made_up_fraction=args.made_up_fraction, heldout=heldout, every=8 if args.smoke else 1)
     code = train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
@@ -274,23 +359,18 @@ def main() -> int:
     assert code == 0, "pretraining failed"
     results = {"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started), "heldout_rows": len(heldout), "runs": {}}
 
-    for schema_format in args.sft_formats.split(","):
+    for schema_format in formats:
         out = args.out / f"sft-{schema_format}"
-        data = ["--dataset_format", "spider", "--sql_column", "answer", "--spider_tables", str(spider / "tables.json")] \
-            if schema_format == "spider" else ["--dataset_format", "sql-create-context"]
         t0 = time.time()
         code = train_sft.main([
-            "--config", str(ROOT / "configs" / "starcoder2-3b-sql.yaml"), "--model_name_or_path", str(args.out / "base"),
-            "--dataset_name", str(sft_rows), *data,
-            "--contamination_eval", str(spider / "dev.json"), "--output_dir", str(out), "--learning_rate", args.learning_rate,
+            "--config", str(recipe_config(args.out, schema_format, sft_rows, spider / "tables.json")),
+            "--model_name_or_path", str(args.out / "base"), "--contamination_eval", str(spider / "dev.json"),
+            "--spider_dev", str(spider), "--output_dir", str(out), "--learning_rate", args.learning_rate,
             "--eval_spider", str(spider), "--eval_generation_batch_size", "64", "--license", "cc-by-sa-4.0",
-            # The recipe's 4 x 512 tokens per optimizer step, as one micro-batch of 4 (the same
-            # update, 4x fewer kernel launches for so small a model).
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false",
-            "--auto_resume", "false", *(SMOKE_SFT if args.smoke else []),
+            "--gradient_checkpointing", "false", "--auto_resume", "false", *(SMOKE_SFT if args.smoke else []),
             *limit,
         ])
-        assert code == 0, f"fine-tuning ({schema_format} schemas) failed"
+        assert code == 0, f"fine-tuning ({schema_format}) failed"
         reports = json.loads((out / "eval_results.json").read_text())
         if args.eval_4bit:  # the adapter on the 4-bit base it was trained on (the app's small-card mode)
             from starsql.evaluate.cli import evaluate_model
@@ -305,13 +385,25 @@ def main() -> int:
             held = evaluate_model(str(args.out / "base"), str(out), schema_only=heldout_file, out_dir=out / "eval_heldout",
                                   batch_size=64, compare=True, max_new_tokens=32 if args.smoke else 256)  # smoke: wiring only
             reports.update({f"heldout_{label}": report for label, report in held.items()})
-        summary = {"wall_s": round(time.time() - t0), "paired": paired_gains(out / "eval_spider", spider)}
+        data = json.loads((out / "run_summary.json").read_text())["data"]
+        summary = {"wall_s": round(time.time() - t0), "tokens_trained": tokens_trained(out),
+                   "paired": paired_gains(out / "eval_spider", spider), "data": data}
         for label, report in reports.items():
             summary[label] = {m: report.get(m) for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label", "scored")}
             if "keep_distinct" in report:  # executed: which DISTINCT rule the accuracy used (evaluate's default: removed)
                 summary[label]["keep_distinct"] = report["keep_distinct"]
             summary[label]["by_hardness"] = {h: v["execution_accuracy"] for h, v in (report.get("by_hardness") or {}).items()}
+        for label in ("base", "adapter"):
+            rows = [r for r in with_table_match(read_per_example(out / "eval_spider" / label)) if not r.get("skipped")]
+            summary[label]["tables_match_rate"] = sum(r["tables_match"] for r in rows) / len(rows)
         results["runs"][schema_format] = summary
+    # The recipes against the first, question by question (Spider dev, the adapters).
+    first = with_table_match(read_per_example(args.out / f"sft-{formats[0]}" / "eval_spider" / "adapter"))
+    results["recipes"] = {
+        f"{name} vs {formats[0]}": paired_between(first, with_table_match(
+            read_per_example(args.out / f"sft-{name}" / "eval_spider" / "adapter")))
+        for name in formats[1:]
+    }
     results["total_wall_s"] = round(time.time() - started)
     (args.out / "proof.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

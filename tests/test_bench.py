@@ -14,13 +14,23 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, shared_dir, tiny_cache):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     proof = json.loads((out / "proof.json").read_text())
-    assert set(proof["runs"]) == {"sql-create-context", "spider"}
+    assert set(proof["runs"]) == {"sql-create-context", "mixture"}  # the old recipe and the new, from one base
     assert proof["heldout_rows"] == 12
     for run in proof["runs"].values():
         assert {"base", "adapter", "heldout_base", "heldout_adapter"} <= set(run)
         assert run["adapter"]["label"] == "EX on 12/12" and run["adapter"]["keep_distinct"] is False
         assert run["heldout_adapter"]["scored"] == 12 and run["heldout_adapter"]["execution_accuracy"] is None
         assert {"gained", "lost", "mcnemar_p", "gained_with_empty_or_zero_gold"} <= set(run["paired"])
+        assert 0 <= run["adapter"]["tables_match_rate"] <= 1 and run["tokens_trained"] > 0
+        assert run["data"]["prompt_lengths"]["Spider dev (whole schemas)"]["rows"] == 1034
+    old, new = proof["runs"]["sql-create-context"]["data"], proof["runs"]["mixture"]["data"]
+    assert "sources" not in old and old["distractors_added"] == 0  # minimal schemas
+    minimal, whole = new["sources"]  # distractors on sql-create-context's schemas, and whole Spider schemas
+    assert minimal["distractors_added"] > 0 and (whole["format"], whole["mixture_rows"] > 0) == ("spider", True)
+    # The recipes, question by question on Spider dev: right answers, valid SQL, the gold query's tables.
+    compared = proof["recipes"]["mixture vs sql-create-context"]
+    assert set(compared) == {"execution_match", "valid_sql", "tables_match"}
+    assert all(0 <= c["p"] <= 1 and c["first_only"] + c["second_only"] <= 12 for c in compared.values())
     # Held-out rows stay out of fine-tuning and pretraining, SQL and questions alike.
     heldout = [json.loads(line) for line in (out / "heldout_full_schema.jsonl").read_text().splitlines()]
     trained = json.loads((out / "sft_train.json").read_text())
@@ -209,3 +219,23 @@ def test_recipe_time_times_every_step_of_a_train_sft_run(tmp_path, tiny_cache):
     # Steady: the steps after the first logged one (TRL's token counts), here 2-4.
     assert (record["steady_from_step"], record["steady_to_step"]) == (2, 4)
     assert record["gpu_idle"] == {}  # profiled, and no GPU kernels on a CPU
+
+
+def test_recipes_are_compared_question_by_question_on_the_tables_they_read():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_proof import paired_between, query_tables, with_table_match
+
+    assert query_tables("SELECT T1.name FROM Singer AS T1 JOIN concert ON 1 WHERE x IN (SELECT y FROM stadium)") == \
+        {"singer", "concert", "stadium"}
+    assert query_tables("SELECT FROM WHERE (") is None
+    gold = "SELECT name FROM singer"
+    first = with_table_match([{"gold": gold, "prediction": p, "execution_match": e, "valid_sql": True}
+                              for p, e in [("SELECT age FROM singer", False), ("SELECT 1 FROM singer JOIN concert", False),
+                                           ("SELECT name FROM singer", True), ("nonsense (", False)]] + [{"skipped": True}])
+    second = with_table_match([{"gold": gold, "prediction": "SELECT name FROM SINGER", "execution_match": True,
+                                "valid_sql": True}] * 4 + [{"skipped": True}])
+    assert [r.get("tables_match") for r in first] == [True, False, True, False, None]
+    compared = paired_between(first, second)
+    assert compared["tables_match"] == {"second_only": 2, "first_only": 0, "p": 0.5}
+    assert compared["execution_match"] == {"second_only": 3, "first_only": 0, "p": 0.25}
+    assert compared["valid_sql"] == {"second_only": 0, "first_only": 0, "p": 1.0}

@@ -128,6 +128,7 @@ class DataReport:
     lengths: dict = field(default_factory=dict)  # "train: SOURCE" / "Spider dev" / ... -> percentiles (tokens)
     sources: list["DataReport"] = field(default_factory=list)
     filters: list[str] = field(default_factory=list)  # what dropped rows, in words (the card lists them)
+    prompt_tokens: list[int] = field(default_factory=list, repr=False)  # each kept pair's prompt length
     mixture: str | None = None  # how the sources were mixed, in words
 
     def summary(self) -> str:
@@ -412,12 +413,17 @@ def _to_example(row, args, schemas, contamination) -> tuple[str | None, dict | N
 
 
 def drop_too_long(examples: list[dict], tokenizer, max_length: int, report: DataReport) -> list[dict]:
-    """Pairs whose prompt + SQL + EOS exceed max_length would be cut mid-SQL: drop them."""
+    """Pairs whose prompt + SQL + EOS exceed max_length would be cut mid-SQL: drop them. The kept rows' prompt
+    lengths (the tokens that start inside the prompt) go to report.prompt_tokens, for the length percentiles."""
     if not examples or "prompt" not in examples[0]:
         return examples  # raw SQL is split across packed sequences instead (bfd_split)
     texts = [ex["prompt"] + ex["completion"] for ex in examples]
-    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    kept = [ex for ex, n in zip(examples, lengths) if n <= max_length]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    kept = []
+    for example, ids, offsets in zip(examples, encoded["input_ids"], encoded["offset_mapping"]):
+        if len(ids) + 1 <= max_length:
+            kept.append(example)
+            report.prompt_tokens.append(sum(1 for start, _ in offsets if start < len(example["prompt"])))
     if len(kept) < len(examples):
         report.dropped[f"over {max_length} tokens"] += len(examples) - len(kept)
     return kept
@@ -425,12 +431,14 @@ def drop_too_long(examples: list[dict], tokenizer, max_length: int, report: Data
 
 # -- Prompt lengths: the training prompts beside the prompts the model will see (Spider dev, the app's examples).
 
-def length_percentiles(tokenizer, texts: list[str]) -> dict[str, int]:
-    """Rows, p50/p90/p99 (each a length some row has) and the longest, in tokens."""
+def length_percentiles(tokenizer, texts: list[str] = (), lengths: list[int] | None = None) -> dict[str, int]:
+    """Rows, p50/p90/p99 (each a length some row has) and the longest, in tokens, of `texts` or of `lengths`."""
     import numpy as np
 
-    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-    return {"rows": len(texts), **{f"p{q}": int(np.percentile(lengths, q, method="higher")) for q in (50, 90, 99)},
+    if lengths is None:
+        lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    lengths = np.array(lengths)
+    return {"rows": len(lengths), **{f"p{q}": int(np.percentile(lengths, q, method="higher")) for q in (50, 90, 99)},
             "max": int(lengths.max())}
 
 
@@ -466,10 +474,9 @@ def app_example_prompts(app_file: Path = APP_FILE) -> list[str]:
     return prompts
 
 
-def prompt_lengths(tokenizer, sources: list[tuple[str, list[dict]]], spider_dev: str | None) -> dict[str, dict]:
-    """Percentiles of the training prompts (each source's) and of those the model will be asked."""
-    lengths = {f"train: {name}": length_percentiles(tokenizer, [ex["prompt"] for ex in examples])
-               for name, examples in sources if examples and "prompt" in examples[0]}
+def prompt_lengths(tokenizer, sources: list[tuple[str, list[int]]], spider_dev: str | None) -> dict[str, dict]:
+    """Percentiles of the training prompts (each source's prompt lengths) and of those the model will be asked."""
+    lengths = {f"train: {name}": length_percentiles(tokenizer, lengths=counts) for name, counts in sources if counts}
     if not lengths:
         return {}  # raw SQL: no prompts
     if spider_dev:
@@ -551,7 +558,7 @@ def interleave(trains: list, weights: list[float], args: DataArguments):
                                 stopping_strategy=args.mixture_stopping_strategy)
     if args.max_train_rows is not None:
         mixed = mixed.select(range(min(args.max_train_rows, len(mixed))))
-    counts = Counter(mixed["source"])
+    counts = Counter(mixed.select_columns(["source"]).with_format("numpy")[:]["source"].tolist())
     return mixed.remove_columns("source"), [counts.get(index, 0) for index in range(len(trains))]
 
 
@@ -566,7 +573,7 @@ def prepare_datasets(args: DataArguments, tokenizer, max_length: int):
              for _, _, report in prepared]
     if len(set(names)) < len(names):
         names = [f"{number}. {name}" for number, name in enumerate(names, 1)]
-    lengths = prompt_lengths(tokenizer, [(name, train + (eval_ or [])) for name, (train, eval_, _) in zip(names, prepared)],
+    lengths = prompt_lengths(tokenizer, [(name, report.prompt_tokens) for name, (_, _, report) in zip(names, prepared)],
                              args.spider_dev)
     evals = [example for _, eval_, _ in prepared for example in eval_ or []]
     eval_ = Dataset.from_list(evals) if any(e is not None for _, e, _ in prepared) else None
