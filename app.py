@@ -855,7 +855,9 @@ CSS = """
     color: var(--body-text-color); background: var(--color-accent-soft); padding: 2px 10px; border-radius: var(--radius-md); }
 """
 FIRST_SCHEMA, FIRST_DIALECT = live_schema()
-UPLOAD_LABEL = f"Your database: a .sqlite, .db, .duckdb file or data files (a table each), up to {MAX_UPLOAD_BYTES // 2**20:,} MB"
+UPLOAD_LABEL = f"Your database, up to {MAX_UPLOAD_BYTES // 2**20:,} MB a file"
+UPLOAD_NOTE = ("_A .sqlite, .db or .duckdb file, or data files (.csv, .parquet, .jsonl: a table each, named after "
+               "the file). Read-only: your file is never changed._")
 
 with gr.Blocks(title="StarSQL: English to SQL") as demo:
     gr.Markdown("# ★ StarSQL · ask your database in English\n"
@@ -863,8 +865,9 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 "get SQL checked against your data. Follow-up questions build on the conversation.")
     # Rendered in the right column below; created first so the examples under the chat can fill them.
     schema = gr.Code(FIRST_SCHEMA, language="sql", label="Database schema (or a dump: pg_dump, mysqldump, .schema)",
-                     lines=12, max_lines=20, interactive=True, wrap_lines=True, render=False)
-    upload = gr.File(label=UPLOAD_LABEL, file_types=[*DATABASE_SUFFIXES, *DATA_SUFFIXES], file_count="multiple", render=False)
+                     lines=12, max_lines=20, interactive=True, wrap_lines=True, elem_id="schema", render=False)
+    upload = gr.File(label=UPLOAD_LABEL, file_types=[*DATABASE_SUFFIXES, *DATA_SUFFIXES], file_count="multiple",
+                     elem_id="upload", render=False)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             chat = gr.Chatbot(elem_id="chat", label="Conversation", height=520, buttons=["copy_all"],
@@ -876,8 +879,8 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
                 clear = gr.ClearButton([chat, question], value="Clear", scale=1, min_width=80)
             with gr.Column(visible=False, elem_id="result") as result_box:
-                answer_sql = gr.Code(language="sql", label="SQL: edit it and run it again", lines=3, max_lines=12,
-                                     interactive=True, wrap_lines=True)
+                answer_sql = gr.Code(language="sql", label="SQL: edit it and run it again", lines=3, max_lines=10,
+                                     interactive=True, elem_id="answer-sql")
                 with gr.Row(equal_height=True):
                     verdict = gr.Markdown(elem_id="verdict")
                     run_button = gr.Button("Run SQL", size="sm", scale=0, min_width=110)
@@ -885,17 +888,18 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 with gr.Row(equal_height=True):
                     table = gr.Dataframe(interactive=False, max_height=360, show_label=False, scale=3,
                                          buttons=["copy", "fullscreen"], elem_id="result-table")
-                    bar = gr.BarPlot(visible=False, scale=2, height=340, x_label_angle=-30, elem_id="result-chart")
-                    line = gr.LinePlot(visible=False, scale=2, height=340, elem_id="result-line")
+                    bar = gr.BarPlot(visible=False, scale=2, height=340, x_label_angle=-30, elem_id="bar-chart")
+                    line = gr.LinePlot(visible=False, scale=2, height=340, elem_id="line-chart")
             examples = gr.Examples(
                 examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
                 example_labels=[f"{label}: {q}" for label, q, _ in EXAMPLES],
                 label="Examples: click one to try it (it loads its database too)", examples_per_page=len(EXAMPLES),
             )
         with gr.Column(scale=2):
-            dialect = gr.Dropdown(list(DIALECTS), value=FIRST_DIALECT, label="SQL dialect",
+            dialect = gr.Dropdown(list(DIALECTS), value=FIRST_DIALECT, label="SQL dialect", elem_id="dialect",
                                   info="Of your schema and of the SQL you get back; the check follows its meaning.")
             upload.render()
+            gr.Markdown(UPLOAD_NOTE)
             schema.render()
             schema_status = gr.Markdown(describe_schema(FIRST_SCHEMA, FIRST_DIALECT))
             with gr.Accordion("Generation settings", open=False):

@@ -118,6 +118,7 @@ def test_stop_stops_within_a_second_ten_times(browser, app_url):
         box.fill(f"Which singers are older than {30 + i}?")
         ask.click()
         expect(bot).to_have_count(i + 1, timeout=20_000)
+        expect(bot.nth(i)).not_to_contain_text("Waiting in line", timeout=10_000)  # the answer has started
         time.sleep(moments.uniform(0.0, 1.0))
         text, ask_disabled = page.evaluate(SNAPSHOT_JS)
         if "Writing SQL" in text:
@@ -141,4 +142,58 @@ def test_stop_stops_within_a_second_ten_times(browser, app_url):
     # Within a second; the slowest try gets a margin for a machine shared with other work.
     took.sort()
     assert took[len(took) // 2] < 1.0 and took[-1] < 2.0, ", ".join(f"{t:.2f} s" for t in took)
+    assert not errors, errors
+
+
+def replace_code(page, selector: str, text: str) -> None:
+    """Type `text` over what a gr.Code editor (CodeMirror) holds, as a person would."""
+    page.locator(f"{selector} .cm-content").click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(text)
+
+
+def test_upload_a_database_ask_and_see_the_table_and_the_chart(browser, app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    from test_app import write_shop
+
+    page, errors = open_app(browser, app_url)
+    # Upload a SQLite file: the schema box fills with its tables, the line under it says where they come from.
+    page.locator("#upload input[type=file]").set_input_files(str(write_shop(tmp_path / "shop.sqlite")))
+    expect(page.locator("#schema")).to_contain_text("CREATE TABLE customer", timeout=30_000)
+    expect(page.get_by_text("2 tables")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("from shop.sqlite, 9 rows")).to_be_visible()
+    page.locator("#dialect input").click()
+    page.get_by_role("option", name="postgres").click()
+
+    box = page.get_by_placeholder("e.g. Which singers are older than 40?")
+    box.fill("How many customers live in each city?")
+    box.press("Enter")
+    bot = page.locator('#chat [data-testid="bot"]')
+    expect(bot.first).to_contain_text("postgres", timeout=60_000)  # checked as PostgreSQL SQL
+    result = page.locator("#result")
+    expect(result).to_be_visible()
+
+    # The tiny test model writes noise: fix its SQL in the box under the chat and run it again.
+    replace_code(page, "#result", "SELECT city, COUNT(*) AS customers FROM customer GROUP BY city ORDER BY customers DESC")
+    page.get_by_role("button", name="Run SQL").click()
+    expect(page.locator("#verdict")).to_contain_text("3 rows", timeout=30_000)
+    table = page.locator("#result-table")
+    expect(table).to_contain_text("Paris")
+    expect(table).to_contain_text("Madrid")
+    expect(page.locator("#bar-chart")).to_contain_text("customers by city")  # a label with numbers: bars
+    expect(page.locator("#bar-chart canvas, #bar-chart svg").first).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app-database-bar.png"), full_page=True)
+
+    # A time with numbers: a line chart instead.
+    replace_code(page, "#result", "SELECT order_date, amount FROM orders ORDER BY order_date")
+    page.get_by_role("button", name="Run SQL").click()
+    expect(page.locator("#verdict")).to_contain_text("5 rows", timeout=30_000)
+    expect(page.locator("#line-chart")).to_contain_text("amount by order_date")
+    expect(page.locator("#bar-chart")).to_be_hidden()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download CSV").click()
+    assert Path(download.value.path()).read_text().splitlines()[:2] == ["order_date,amount", "2023-11-20,179.0"]
+    page.screenshot(path=str(ARTIFACTS / "app-database-line.png"), full_page=True)
     assert not errors, errors
