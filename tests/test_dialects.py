@@ -127,6 +127,17 @@ def test_translate_keeps_sqlite_meaning_on_real_servers(server, sqlite_file, fix
         assert "error" in alone or not results_match(expected, alone["rows"], order_matters=False), alone
 
 
+def test_postgres_names_that_are_not_lower_case_are_quoted_as_the_schema_spells_them(postgres):
+    target = postgres[0]
+    target.connection.execute('CREATE TABLE "PetsMixed" ("PetID" integer, weight integer)')
+    target.connection.execute('INSERT INTO "PetsMixed" VALUES (7, 3)')
+    schema = [Table("PetsMixed", [Column("PetID", "INTEGER"), Column("weight", "INTEGER")])]
+    sql = "SELECT petid FROM petsmixed AS p WHERE P.weight = 3"
+    assert translate(sql, "postgres", schema=schema) == 'SELECT "PetID" FROM "PetsMixed" AS p WHERE p.weight = 3'
+    assert target.run(translate(sql, "postgres", schema=schema)) == {"rows": [(7,)]}
+    assert translate(sql, "mysql", schema=schema) == "SELECT petid FROM PetsMixed AS p WHERE p.weight = 3"
+
+
 def test_translate_without_schema_still_reads_double_quoted_strings_and_like():
     assert translate('SELECT a FROM t WHERE b = "x y" AND c LIKE "%z"', "postgres") == \
         "SELECT a FROM t WHERE b = 'x y' AND c ILIKE '%z'"
