@@ -2,6 +2,8 @@
 it (SQLite for SQLite, exactly as before; DuckDB for the rest), with that dialect's meaning, read-only,
 under the time, row, byte and memory limits; and a live database checked by running there."""
 
+import re
+import resource
 import sqlite3
 import threading
 import time
@@ -158,7 +160,7 @@ def test_writes_are_flagged_and_never_run(postgres, sql):
 def test_files_extensions_and_settings_are_out_of_reach(postgres, tmp_path, sql, words):
     target = tmp_path / "evil.csv"
     sql = sql.format(target=target)  # straight to DuckDB: not rewritten from PostgreSQL first
-    result = duck.check(new_result(sql, "duckdb"), sql, postgres.engine.database, 5)
+    result = postgres.engine.database.check(new_result(sql, "duckdb"), sql, 5)
     assert not result.valid and words in result.error, result.error
     assert result.rows is None
     assert not target.exists()
@@ -198,6 +200,24 @@ def test_row_byte_and_memory_limits(postgres):
     assert "ran out of memory" in result.error and f"{duck.MAX_MEMORY_BYTES // 2**20} MB" in result.error
     assert time.monotonic() - start < 5
     assert postgres.check("SELECT count(*) FROM orders").rows == [[3]]  # the connection still works
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT max(length(replace(repeat(y, 100000), 'a', repeat(y, 100000)))) FROM t",  # 10 GB of string
+    "SELECT length(lpad(y, 500000000, 'z')) FROM t",  # one call that interrupt() cannot stop
+])
+def test_what_duckdb_does_not_limit_is_limited_by_its_process(sql):
+    """One function call can build gigabytes outside DuckDB's memory_limit and not see interrupt():
+    the worker process's address-space cap and the kill after the budget bound it."""
+    ws = open_workspace("CREATE TABLE t (y VARCHAR); INSERT INTO t VALUES ('a');", "duckdb", seconds=1.0)
+    start, parent = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        result = ws.check(sql)
+        assert time.monotonic() - start < 1.0 + duck.GRACE_S + 1.0
+        assert result.rows is None and re.search("ran out of memory|stopped after 1 s", result.error, re.I)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - parent < 100_000  # KB: not in this process
+    finally:
+        ws.close()
 
 
 def test_one_budget_for_the_whole_request():

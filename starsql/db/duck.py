@@ -10,11 +10,16 @@ shared time Budget (a watchdog calls `conn.interrupt()`) and caps on rows and by
 compiled with EXPLAIN, never executed, or refused outright when it would touch files or settings.
 """
 
+import os
 import re
+import resource
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import duckdb
@@ -298,3 +303,175 @@ def check(result: CheckResult, engine_sql: str, database: DuckDatabase, max_rows
         else:
             result.error = message(error, budget)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# A process per database: the hard limits
+#
+# DuckDB's memory_limit governs its buffer manager, not every allocation: one call of replace() or
+# repeat() can build gigabytes of string, outside the limit and deaf to interrupt() until it ends.
+# So a workspace's DuckDB lives in a Python process of its own, whose address space is capped
+# (RLIMIT_AS) and which is killed when the budget and a short grace are spent or Stop is pressed.
+
+MAX_PROCESS_BYTES = 1 * 2**30  # the worker's address space beyond what Python and DuckDB take to start
+GRACE_S = 0.5  # how long interrupt() gets after the budget before the worker is killed
+START_LIMIT_S = 60.0  # a worker's start (loading Python modules and DuckDB) on a busy machine
+SPARE_WORKERS = 1  # started ahead, so that a request does not wait for Python and DuckDB to load
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+class WorkerStopped(Exception):
+    """The worker gave no answer in time (killed), was stopped, or died (out of memory)."""
+
+    def __init__(self, why: str, budget: Budget):
+        self.why = why
+        super().__init__({"stopped": "stopped", "time": f"stopped after {budget.seconds:g} s (time limit)",
+                          "died": f"ran out of memory (the sandbox's {(MAX_MEMORY_BYTES + MAX_PROCESS_BYTES) // 2**20} MB "
+                                  "for a query); make the data or the query smaller"}[why])
+
+
+class Worker:
+    """A `python -m starsql.db.duck` process: requests and replies are pickled over its stdin/stdout."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "starsql.db.duck"], cwd=_ROOT,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.requests = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self.replies = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.dead: WorkerStopped | None = None
+        self.started = False
+
+    def wait_started(self) -> None:
+        """Python and DuckDB loaded in the worker (its start does not count against a request's budget)."""
+        if not self.started:
+            if not self.replies.poll(START_LIMIT_S) or self.replies.recv() != "started":
+                self.close()
+                raise SchemaError(0, "", f"the DuckDB worker process did not start within {START_LIMIT_S:g} s")
+            self.started = True
+
+    def call(self, budget: Budget, kind: str, *args):
+        """The worker's reply to one request, within the budget (+ GRACE_S); WorkerStopped if none."""
+        if self.dead:
+            raise self.dead
+        start = time.monotonic()
+        deadline, why = start + budget.left + GRACE_S, "died"
+        try:
+            self.requests.send((kind, args, budget.seconds, budget.left))
+            while not self.replies.poll(WATCH_S):
+                if budget.stopped() or time.monotonic() > deadline:
+                    why = "stopped" if budget.stopped() else "time"
+                    break
+            else:
+                return self.replies.recv()
+        except (EOFError, OSError):
+            pass  # the worker is gone: the address-space cap ended it
+        finally:
+            budget.left = max(0.0, budget.left - (time.monotonic() - start))
+        self.close()
+        self.dead = WorkerStopped(why, budget)
+        raise self.dead
+
+    def close(self) -> None:
+        for end in (self.requests, self.replies):
+            end.close()
+        self.process.kill()
+        self.process.wait()
+
+
+_spares: list[Worker] = []
+_spares_lock = threading.Lock()
+
+
+def take_worker() -> Worker:
+    """A started worker (a spare, if one is ready), and a new spare started in its place."""
+    with _spares_lock:
+        worker = _spares.pop() if _spares else None
+        while len(_spares) < SPARE_WORKERS:
+            _spares.append(Worker())
+    worker = worker or Worker()
+    worker.wait_started()
+    return worker
+
+
+@dataclass
+class IsolatedDatabase:
+    """A DuckDatabase in a worker process: what workspace.py checks SQL on (`check` as below)."""
+    worker: Worker
+    tables: dict[str, list[str]]
+    rows: int
+    budget: Budget
+
+    def check(self, result: CheckResult, engine_sql: str, max_rows: int) -> CheckResult:
+        try:
+            reply, value = self.worker.call(self.budget, "check", result, engine_sql, max_rows)
+            if reply == "ok":
+                return value
+            result.error = value
+            return result
+        except WorkerStopped as stopped:
+            result.stopped = stopped.why == "stopped"
+            result.error = ("Stopped after {:g} s: the query ran too long on the rows.".format(self.budget.seconds)
+                            if stopped.why == "time" else str(stopped))
+            return result
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def open_isolated(tables: list[Table], budget: Budget, path: "str | Path | None" = None,
+                  rows: dict[str, list[tuple]] | None = None, settings: tuple[str, ...] = ()) -> IsolatedDatabase:
+    """open_database in a worker process of its own. Raises SchemaError."""
+    worker = take_worker()
+    try:
+        reply, value = worker.call(budget, "open", tables, path, rows, settings)
+    except WorkerStopped as stopped:
+        raise SchemaError(0, "", str(stopped)) from None
+    if reply != "ok":
+        worker.close()
+        raise SchemaError(0, "", value)
+    return IsolatedDatabase(worker, *value, budget)
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """Cap this process at what it uses now plus `extra_bytes`: allocations beyond fail (or end it)."""
+    with open("/proc/self/statm") as statm:
+        now = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
+
+
+def _serve() -> None:
+    """The worker's loop: one database, opened by the first request, checked by the others."""
+    requests, replies = Connection(0, writable=False), Connection(1, readable=False)
+    sys.stdout = sys.stderr  # stdout carries the replies
+    warm_up = open_duck()  # DuckDB's start-up and the modules its first load imports, before the cap
+    load_tables(warm_up, [Table("t", [Column("x", "INTEGER")])], {"t": [(1,)]}, Budget(START_LIMIT_S))
+    warm_up.close()
+    _limit_address_space(MAX_PROCESS_BYTES)
+    replies.send("started")
+    database = None
+    while True:
+        try:
+            kind, args, seconds, left = requests.recv()
+        except EOFError:
+            return
+        budget = Budget(seconds)
+        budget.left = left
+        try:
+            if kind == "open":
+                database = open_database(args[0], budget, *args[1:])
+                replies.send(("ok", (database.tables, database.rows)))
+            else:
+                database.budget = budget
+                replies.send(("ok", check(*args[:2], database, args[2])))
+        except SchemaError as error:
+            replies.send(("error", error.error))
+        except MemoryError:
+            replies.send(("error", message(MemoryError(), budget)))
+        except Exception as error:  # a bug: said, not hidden behind "out of memory"
+            replies.send(("error", f"the check failed: {type(error).__name__}: {error}"))
+
+
+if __name__ == "__main__":
+    _serve()

@@ -44,7 +44,7 @@ class _SqliteEngine:
 class _DuckEngine:
     """DuckDB, for the PostgreSQL-like dialects: the user's SQL rewritten for it (to_engine)."""
 
-    def __init__(self, database: duck.DuckDatabase):
+    def __init__(self, database: duck.IsolatedDatabase):
         self.database = database
 
     def check(self, sql: str, dialect: str, max_rows: int) -> CheckResult:
@@ -57,7 +57,7 @@ class _DuckEngine:
             result.error = str(error)
             return result
         result.unknown_identifiers = unknown_identifiers(result.sql, self.database.tables, dialect)
-        return duck.check(result, engine_sql, self.database, max_rows)
+        return self.database.check(result, engine_sql, max_rows)
 
     def close(self) -> None:
         self.database.close()
@@ -139,7 +139,7 @@ def _sqlite_workspace(dialect: str, database: sqlite_check.Database, tables: lis
 
 
 def _duck_workspace(dialect: str, tables: list[Table], budget: Budget, skipped=(), **where) -> Workspace:
-    database = duck.open_database(tables, budget, settings=ENGINE_SETTINGS.get(dialect, ()), **where)
+    database = duck.open_isolated(tables, budget, settings=ENGINE_SETTINGS.get(dialect, ()), **where)
     return _workspace(dialect, tables, database.rows, _DuckEngine(database), skipped)
 
 
