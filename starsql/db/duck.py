@@ -8,6 +8,11 @@ SQL says, it reads only what was loaded. DuckDB's own parser says what a stateme
 (`extract_statements`): only a SELECT is run, inside a transaction that is rolled back, under the
 shared time Budget (a watchdog calls `conn.interrupt()`) and caps on rows and bytes. Anything else is
 compiled with EXPLAIN, never executed, or refused outright when it would touch files or settings.
+
+What DuckDB itself does not bound (one function call that builds gigabytes of string, outside
+memory_limit and deaf to interrupt()) the process does: a workspace's database lives in a worker
+process (`open_isolated`, run as `python -m starsql.db.duck`) whose address space is capped and
+which is killed once the budget and a short grace are spent, or Stop is pressed.
 """
 
 import os

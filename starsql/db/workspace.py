@@ -10,8 +10,9 @@ The SQL is checked by the embedded engine that is faithful to the dialect (diale
 for SQLite (today's path, exactly: check.open_database / check_sql), DuckDB for the others, the SQL
 rewritten for it by dialects.to_engine; NOT_VERIFIED[dialect] says what that cannot show. A live
 database runs the SQL itself (read-only, starsql/db/live.py), so nothing is left unverified. Loading,
-listing, compiling and running all spend one time budget; DuckDB has its memory limit, SQLite the
-process's heap limit.
+listing, compiling and running all spend one time budget. DuckDB runs in a worker process with its
+memory limit and an address-space cap (killed when the budget is spent); SQLite under the process's
+heap limit. An upload is checked, and copied into the other engine if need be, once (files.py).
 """
 
 import sqlite3
