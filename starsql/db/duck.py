@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -347,6 +348,7 @@ class Worker:
         self.process.stdout.close()
         self.dead: WorkerStopped | None = None
         self.started = False
+        self._end = weakref.finalize(self, _end_worker, self.process, self.requests, self.replies)  # if never closed
 
     def wait_started(self) -> None:
         """Python and DuckDB loaded in the worker (its start does not count against a request's budget)."""
@@ -379,10 +381,14 @@ class Worker:
         raise self.dead
 
     def close(self) -> None:
-        for end in (self.requests, self.replies):
-            end.close()
-        self.process.kill()
-        self.process.wait()
+        self._end()
+
+
+def _end_worker(process: subprocess.Popen, *pipes: Connection) -> None:
+    for pipe in pipes:
+        pipe.close()
+    process.kill()
+    process.wait()
 
 
 _spares: list[Worker] = []
