@@ -317,3 +317,17 @@ def test_live_server_and_its_dump_answer_alike(server):
     finally:
         live.close()
         dumped.close()
+
+
+def test_a_worker_serves_the_next_request_with_nothing_of_the_last():
+    first = open_workspace("CREATE TABLE secret (x TEXT); INSERT INTO secret VALUES ('mine');", "postgres")
+    worker = first.engine.database.worker
+    first.close()
+    second = open_workspace("CREATE TABLE other (y INTEGER); INSERT INTO other VALUES (1);", "postgres")
+    try:
+        assert second.engine.database.worker is worker  # no new process to start
+        result = second.check("SELECT x FROM secret")
+        assert not result.valid and "secret" in result.error
+        assert second.check("SELECT y FROM other").rows == [[1]]
+    finally:
+        second.close()

@@ -15,6 +15,7 @@ process (`open_isolated`, run as `python -m starsql.db.duck`) whose address spac
 which is killed once the budget and a short grace are spent, or Stop is pressed.
 """
 
+import gc
 import os
 import re
 import resource
@@ -323,6 +324,8 @@ MAX_PROCESS_BYTES = 1 * 2**30  # the worker's address space beyond what Python a
 GRACE_S = 0.5  # how long interrupt() gets after the budget before the worker is killed
 START_LIMIT_S = 60.0  # a worker's start (loading Python modules and DuckDB) on a busy machine
 SPARE_WORKERS = 1  # started ahead, so that a request does not wait for Python and DuckDB to load
+MAX_IDLE_WORKERS = 4  # workers kept for later requests once theirs closed
+MAX_USES = 100  # requests one worker serves before it is replaced (its memory starts afresh)
 _ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -347,7 +350,7 @@ class Worker:
         self.process.stdin.close()
         self.process.stdout.close()
         self.dead: WorkerStopped | None = None
-        self.started = False
+        self.started, self.uses = False, 0
         self._end = weakref.finalize(self, _end_worker, self.process, self.requests, self.replies)  # if never closed
 
     def wait_started(self) -> None:
@@ -403,7 +406,22 @@ def take_worker() -> Worker:
             _spares.append(Worker())
     worker = worker or Worker()
     worker.wait_started()
+    worker.uses += 1
     return worker
+
+
+def give_back(worker: Worker) -> None:
+    """A worker whose database closed cleanly waits for the next request (up to MAX_USES), saving
+    a process start; any other is ended. The next request opens a fresh DuckDB instance in it."""
+    try:
+        healthy = worker.uses < MAX_USES and worker.call(Budget(START_LIMIT_S), "close") == ("ok", None)
+    except WorkerStopped:
+        healthy = False
+    with _spares_lock:
+        if healthy and len(_spares) < MAX_IDLE_WORKERS:
+            _spares.append(worker)
+            return
+    worker.close()
 
 
 @dataclass
@@ -428,7 +446,7 @@ class IsolatedDatabase:
             return result
 
     def close(self) -> None:
-        self.worker.close()
+        give_back(self.worker)
 
 
 def open_isolated(tables: list[Table], budget: Budget, path: "str | Path | None" = None,
@@ -440,7 +458,7 @@ def open_isolated(tables: list[Table], budget: Budget, path: "str | Path | None"
     except WorkerStopped as stopped:
         raise SchemaError(0, "", str(stopped)) from None
     if reply != "ok":
-        worker.close()
+        give_back(worker)
         raise SchemaError(0, "", value)
     return IsolatedDatabase(worker, *value, budget)
 
@@ -453,7 +471,7 @@ def _limit_address_space(extra_bytes: int) -> None:
 
 
 def _serve() -> None:
-    """The worker's loop: one database, opened by the first request, checked by the others."""
+    """The worker's loop: one database at a time (open, check, ..., close), then the next request's."""
     requests, replies = Connection(0, writable=False), Connection(1, readable=False)
     sys.stdout = sys.stderr  # stdout carries the replies
     warm_up = open_duck()  # DuckDB's start-up and the modules its first load imports, before the cap
@@ -473,6 +491,12 @@ def _serve() -> None:
             if kind == "open":
                 database = open_database(args[0], budget, *args[1:])
                 replies.send(("ok", (database.tables, database.rows)))
+            elif kind == "close":
+                if database is not None:
+                    database.close()
+                database = None
+                gc.collect()  # the last request's rows, before the next request's
+                replies.send(("ok", None))
             else:
                 database.budget = budget
                 replies.send(("ok", check(*args[:2], database, args[2])))
