@@ -9,8 +9,9 @@ no network). Rows are compared with SQLite's the way starsql/evaluate/metrics.py
 multisets, in order only when the query has ORDER BY, numbers equal to 10 significant digits whatever
 their type (Decimal, float, int). Queries run as written (DISTINCT kept). A difference counts apart
 when SQLite's own answer depends on row order: ties under ORDER BY (with LIMIT: which tied row is
-shown), found by running the query again with every ORDER BY completed by all output columns,
-ascending and descending, and with PRAGMA reverse_unordered_selects.
+shown, or the bare column of a group with several maxima), found by running the query again with
+every ORDER BY completed by all output columns, ascending and descending, with PRAGMA
+reverse_unordered_selects, and on a copy of the data with every table's rows in reverse order.
 
 The app's own check (`to_engine`: DuckDB runs the user's-dialect SQL with ENGINE_SETTINGS) is measured
 on the same queries: the DuckDB run of each final translation against the real server's run of it.
@@ -291,6 +292,18 @@ def verdict(gold: list[tuple], outcome: Outcome, ordered: bool) -> str:
 MODES = {"sqlglot": "sqlglot alone", "translate": "translate()", "schema": "translate(schema=)"}
 
 
+def _reversed_copy(tables: list[Table], rows: dict[str, list[tuple]]) -> Database:
+    """The database in memory with every table's rows in reverse order and no keys (so no index orders
+    them either): a query whose answer changes here picks among rows by their order (ties, or the bare
+    column of a group with several maxima)."""
+    connection = sqlite3.connect(":memory:", check_same_thread=False)
+    for table in tables:
+        connection.execute(render_table(Table(table.name, table.columns)))
+        marks = ", ".join("?" * len(table.columns))
+        connection.executemany(f"INSERT INTO {quote_identifier(table.name)} VALUES ({marks})", rows[table.name][::-1])
+    return Database(connection, ":memory:")
+
+
 def _tie_breaks(sql: str) -> list[str]:
     """`sql` with each ORDER BY completed by every output column, ascending and descending: when these
     answer differently, rows tie under an ORDER BY and which come first (or within LIMIT) is arbitrary."""
@@ -339,7 +352,8 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
         schemas = {dialect: target.load(db_id, tables, rows) for dialect, target in targets.items()}
         if engine:
             engine.load(db_id, tables, rows)
-        sqlite, reversed_scans = Database.open_read_only(path), Database.open_read_only(path)
+        sqlite, reversed_scans, reversed_rows = (Database.open_read_only(path), Database.open_read_only(path),
+                                                 _reversed_copy(tables, rows))
         reversed_scans.connection.set_authorizer(None)  # its own read-only connection; the pragma needs it
         reversed_scans.connection.execute("PRAGMA reverse_unordered_selects = ON")
         for query in db_queries:
@@ -353,7 +367,7 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
             ordered = order_matters(query["sql"])
             # SQLite's answer itself depends on the order rows are scanned in (ties under ORDER BY ...
             # LIMIT, a bare column of a group): a server may answer otherwise and be as right.
-            agains = [reversed_scans.run(query["sql"], timeout=TIMEOUT_S)]
+            agains = [reversed_scans.run(query["sql"], timeout=TIMEOUT_S), reversed_rows.run(query["sql"], timeout=TIMEOUT_S)]
             agains += [sqlite.run(variant, timeout=TIMEOUT_S) for variant in _tie_breaks(query["sql"])]
             record["scan_order_dependent"] = any(again.error is None and not results_match(gold.rows, again.rows, ordered)
                                                  for again in agains)
@@ -375,6 +389,7 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
             bar.update()
         sqlite.close()
         reversed_scans.close()
+        reversed_rows.close()
     bar.close()
     versions = {dialect: target.version for dialect, target in targets.items()}
     return {"queries": len(queries), "servers": versions, "duckdb": duckdb.__version__,

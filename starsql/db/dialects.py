@@ -306,24 +306,50 @@ def _ancestors(node: exp.Expression, stop: exp.Expression):
         yield node
 
 
+def _lone_extreme(select: exp.Select) -> exp.Max | exp.Min | None:
+    """The one MAX or MIN that is a whole output column of `select`, its only aggregate, if so."""
+    aggregates = _aggregates(select)
+    order = select.args.get("order")
+    if len(aggregates) != 1 or not isinstance(aggregates[0], (exp.Max, exp.Min)) or order and order.find(exp.AggFunc):
+        return None
+    extreme = aggregates[0]
+    return extreme if extreme.parent is select or isinstance(extreme.parent, exp.Alias) else None
+
+
 def _row_of_the_extreme(tree: exp.Expression) -> None:
-    """SQLite's `SELECT name, MAX(age) FROM t` shows the name of the row holding the max; other dialects
-    refuse the bare column or show any row's. Without GROUP BY that is `SELECT name, age FROM t ORDER BY
-    age DESC LIMIT 1` (NULLs last, as MAX and MIN skip them). Only an empty table answers otherwise:
-    no row, where SQLite shows one of NULLs."""
+    """SQLite's `SELECT name, MAX(age) FROM t [GROUP BY g]` shows the name of the row holding the max
+    (of each group); other dialects refuse the bare column or show any row's. Without GROUP BY that is
+    `ORDER BY age DESC LIMIT 1`; with it, over one table, the first row of each group ranked by age
+    (ROW_NUMBER). NULLs rank last, as MAX and MIN skip them; only an empty table answers otherwise (no
+    row, where SQLite shows one of NULLs). Grouped queries over joins are left as they are."""
     for select in list(tree.find_all(exp.Select)):
-        aggregates = _aggregates(select)
-        if (len(aggregates) != 1 or not isinstance(aggregates[0], (exp.Max, exp.Min))
-                or any(select.args.get(arg) for arg in ("group", "having", "order", "limit", "distinct"))
-                or aggregates[0].parent is not select and not isinstance(aggregates[0].parent, exp.Alias)
-                or not any(projection.find(exp.Column) for projection in select.expressions
-                           if not projection.find(exp.AggFunc))):
+        extreme = _lone_extreme(select)
+        if (extreme is None or any(select.args.get(arg) for arg in ("having", "distinct"))
+                or not any(p.find(exp.Column) for p in select.expressions if not p.find(exp.AggFunc))):
             continue
-        extreme = aggregates[0]
+        keys = select.args["group"].expressions if select.args.get("group") else []
+        source = select.args["from_"].this if select.args.get("from_") else None
+        if not keys and (select.args.get("order") or select.args.get("limit")) or keys and (
+                select.args.get("joins") or not isinstance(source, exp.Table)
+                or not all(isinstance(key, exp.Column) for key in keys)):
+            continue
         value = extreme.this
+        rank = exp.Ordered(this=value.copy(), desc=isinstance(extreme, exp.Max), nulls_first=False)
         extreme.replace(value)
-        select.order_by(exp.Ordered(this=value.copy(), desc=isinstance(extreme, exp.Max), nulls_first=False), copy=False)
-        select.limit(1, copy=False)
+        if not keys:
+            select.order_by(rank, copy=False).limit(1, copy=False)
+            continue
+        ranked = exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier(source.alias_or_name)), exp.alias_(
+            exp.Window(this=exp.RowNumber(), partition_by=[key.copy() for key in keys], order=exp.Order(expressions=[rank])),
+            "extreme_rank")).from_(source.copy())
+        if select.args.get("where"):
+            ranked.set("where", select.args["where"].copy())
+        for column in select.find_all(exp.Column):
+            if column.find_ancestor(exp.Select) is select:
+                column.set("table", None)  # the outer query reads the ranked rows
+        select.set("from_", exp.From(this=exp.Subquery(this=ranked, alias=exp.TableAlias(this=exp.to_identifier("ranked")))))
+        select.set("where", exp.Where(this=exp.column("extreme_rank").eq(1)))
+        select.set("group", None)
 
 
 def _bare_grouped_columns(tree: exp.Expression) -> None:
