@@ -18,7 +18,6 @@ which is killed once the budget and a short grace are spent, or Stop is pressed.
 import gc
 import os
 import re
-import resource
 import subprocess
 import sys
 import threading
@@ -464,7 +463,12 @@ def open_isolated(tables: list[Table], budget: Budget, path: "str | Path | None"
 
 
 def _limit_address_space(extra_bytes: int) -> None:
-    """Cap this process at what it uses now plus `extra_bytes`: allocations beyond fail (or end it)."""
+    """Cap this process at what it uses now plus `extra_bytes`: allocations beyond fail (or end it).
+    Linux only (where it reads its size); elsewhere the kill after the budget is the bound."""
+    if not os.path.exists("/proc/self/statm"):
+        return
+    import resource
+
     with open("/proc/self/statm") as statm:
         now = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
