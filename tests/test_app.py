@@ -173,9 +173,16 @@ def measured(pid: int, call):
     return result, time.monotonic() - start, _status_mb(pid)["VmHWM"] - before
 
 
+# A raw HTTP call carries every argument (gradio_client fills in the defaults itself): these complete
+# the old two- and five-argument calls of /sql and /chat.
+DEFAULTS = {"sql": [None, None, "sqlite", None, 256], "chat": [None, None, [], 256, 0.0, "sqlite", None]}
+
+
 def raw_call(url: str, api: str, body: str) -> tuple[str, str]:
     """POST a raw JSON body (what gradio_client cannot send: lone surrogates, Infinity, NaN) and
     return the final (event, data) of the reply."""
+    data = json.loads(body)["data"]  # Python's json reads and writes Infinity, NaN and lone surrogates
+    body = json.dumps({"data": data + DEFAULTS.get(api, [])[len(data):]})
     request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=body.encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as reply:
