@@ -18,8 +18,9 @@ DEFAULT_DIALECT = "sqlite"
 # of (a declared INTEGER column keeps text), so it cannot show a typed dialect's errors or results.
 # DuckDB checks the rest: its SQL grew from PostgreSQL's grammar (ILIKE, `::` casts, booleans, real
 # DATE/TIMESTAMP types, strict typing, case-sensitive `=` and LIKE), sqlglot translates every dialect
-# here into it, and ENGINE_SETTINGS turn on integer division where the dialect divides integers so.
-# It is embedded and read-only friendly, like SQLite; no MySQL- or SQL Server-like engine is.
+# here into it, and ENGINE_SETTINGS make it divide integers and compare text as the dialect does. It
+# is embedded like SQLite; no embeddable MySQL- or SQL Server-like engine exists. How often its answer
+# is the real server's: BENCHMARKS.md ("Dialect fidelity", bench/dialect_fidelity.py).
 ENGINE = {
     "sqlite": "sqlite",
     "postgres": "duckdb",
