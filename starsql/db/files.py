@@ -36,7 +36,7 @@ MAX_FILES = 20  # data files in one upload
 PREPARE_LIMIT_S = 30.0  # once per upload: checking a file, reading data files, copying into the other engine
 MAX_COPY_BYTES = 4 * MAX_UPLOAD_BYTES  # a copy in the other engine's format
 MAX_CACHE_BYTES = 2 * 2**30  # all copies together; the oldest go first
-CACHE_DIR = Path(tempfile.gettempdir()) / "starsql-uploads"
+CACHE_DIR = Path(tempfile.gettempdir()) / f"starsql-uploads-{getattr(os, 'getuid', lambda: 0)()}"  # one per user
 MAX_REMEMBERED = 256  # uploads whose check and hash are kept in memory
 BATCH_ROWS = 10_000  # rows per step of a copy: memory stays small whatever the table's size
 
