@@ -367,10 +367,10 @@ def run_benchmark(spider_dir: Path, targets: dict, duck: bool = True, indices: s
             ordered = order_matters(query["sql"])
             # SQLite's answer itself depends on the order rows are scanned in (ties under ORDER BY ...
             # LIMIT, a bare column of a group): a server may answer otherwise and be as right.
-            agains = [reversed_scans.run(query["sql"], timeout=TIMEOUT_S), reversed_rows.run(query["sql"], timeout=TIMEOUT_S)]
+            agains = [database.run(query["sql"], timeout=TIMEOUT_S) for database in (reversed_scans, reversed_rows)]
             agains += [sqlite.run(variant, timeout=TIMEOUT_S) for variant in _tie_breaks(query["sql"])]
-            record["scan_order_dependent"] = any(again.error is None and not results_match(gold.rows, again.rows, ordered)
-                                                 for again in agains)
+            record["scan_order_dependent"] = any(
+                again.error is None and not results_match(gold.rows, again.rows, ordered) for again in agains)
             for dialect, target in targets.items():
                 result = record[dialect] = {}
                 for mode, translated in _translations(query["sql"], dialect, schemas[dialect]).items():
@@ -478,7 +478,7 @@ def noteworthy(records: list[dict]) -> dict:
                == "same rows" for f in finals):
             continue
         kept.append({**{k: v for k, v in record.items() if k not in TARGETS},
-                     **{d: {"schema": record[d]["schema"], **({"engine": record[d]["engine"]} if "engine" in record[d] else {})}
+                     **{d: {k: v for k, v in record[d].items() if k in ("schema", "engine")}
                         for d in TARGETS if d in record}})
     return {"records": kept, "error_examples": dict(examples)}
 

@@ -143,12 +143,14 @@ def test_translate_without_schema_still_reads_double_quoted_strings_and_like():
     assert translate('SELECT a FROM t WHERE b = "x y" AND c LIKE "%z"', "postgres") == \
         "SELECT a FROM t WHERE b = 'x y' AND c ILIKE '%z'"
     assert translate('SELECT "b" FROM t', "postgres") == 'SELECT "b" FROM t'  # a quoted column stays one
-    assert translate("SELECT a FROM t WHERE b LIKE 'x%'", "bigquery") == "SELECT a FROM t WHERE LOWER(b) LIKE LOWER('x%')"
+    assert translate("SELECT a FROM t WHERE b LIKE 'x%'", "bigquery") == \
+        "SELECT a FROM t WHERE LOWER(b) LIKE LOWER('x%')"
 
 
 def test_bare_column_next_to_a_lone_max_over_a_join_is_left_to_fail_not_changed():
     # SQLite takes `name` from each group's row holding the max; MIN(name) would answer otherwise, silently.
-    sql = "SELECT T1.name, max(T1.age) FROM Singer AS T1 JOIN Concert AS T2 ON T1.singer_id = T2.singer_id GROUP BY T2.stadium_id"
+    sql = ("SELECT T1.name, max(T1.age) FROM Singer AS T1 JOIN Concert AS T2 ON T1.singer_id = T2.singer_id "
+           "GROUP BY T2.stadium_id")
     assert translate(sql, "postgres") == sql.replace("max(", "MAX(")
     assert translate("SELECT name, max(age) FROM Singer ORDER BY name", "postgres") == \
         "SELECT name, MAX(age) FROM Singer ORDER BY name NULLS FIRST"  # ORDER BY ... LIMIT 1 would need rewriting
@@ -195,7 +197,8 @@ def engine_rows(sql: str, dialect: str) -> list[tuple]:
     connection = duckdb.connect()
     for setting in ENGINE_SETTINGS.get(dialect, ()):
         connection.execute(setting)
-    return [tuple(map(dialect_fidelity.normal_value, row)) for row in connection.execute(to_engine(sql, dialect)).fetchall()]
+    rows = connection.execute(to_engine(sql, dialect)).fetchall()
+    return [tuple(map(dialect_fidelity.normal_value, row)) for row in rows]
 
 
 @pytest.mark.parametrize("dialect, sql, known", SEMANTICS, ids=[s[1][:40] for s in SEMANTICS])
@@ -220,7 +223,8 @@ def test_to_engine_on_the_test_tables_matches_mariadb_like_case(mariadb):
 def test_format_sql_pretty_prints_in_the_dialect_and_falls_back():
     pretty = format_sql("select a, count(*) from t where b = 1 group by a", "postgres")
     assert pretty.splitlines()[0] == "SELECT" and "GROUP BY" in pretty
-    assert sqlglot.parse_one(pretty, read="postgres") == sqlglot.parse_one("select a, count(*) from t where b = 1 group by a")
+    same = "SELECT a, COUNT(*) FROM t WHERE b = 1 GROUP BY a"
+    assert sqlglot.parse_one(pretty, read="postgres") == sqlglot.parse_one(same)
     assert format_sql("SELECT (((", "mysql") == "SELECT ((("
 
 

@@ -270,7 +270,7 @@ def _numeric_aggregates_of_text(tree: exp.Expression, types: dict[int, str], wri
         return
     for aggregate in list(tree.find_all(exp.Avg, exp.Sum)):
         argument = aggregate.this
-        if isinstance(argument, exp.Column) and id(argument) in types and sqlite_affinity(types[id(argument)]) == "text":
+        if id(argument) in types and sqlite_affinity(types[id(argument)]) == "text":  # a column of text
             _cast(argument, "DOUBLE")
 
 
@@ -340,15 +340,17 @@ def _row_of_the_extreme(tree: exp.Expression) -> None:
         if not keys:
             select.order_by(rank, copy=False).limit(1, copy=False)
             continue
-        ranked = exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier(source.alias_or_name)), exp.alias_(
-            exp.Window(this=exp.RowNumber(), partition_by=[key.copy() for key in keys], order=exp.Order(expressions=[rank])),
-            "extreme_rank")).from_(source.copy())
+        window = exp.Window(this=exp.RowNumber(), partition_by=[key.copy() for key in keys],
+                            order=exp.Order(expressions=[rank]))
+        every_column = exp.Column(this=exp.Star(), table=exp.to_identifier(source.alias_or_name))
+        ranked = exp.select(every_column, exp.alias_(window, "extreme_rank")).from_(source.copy())
         if select.args.get("where"):
             ranked.set("where", select.args["where"].copy())
         for column in select.find_all(exp.Column):
             if column.find_ancestor(exp.Select) is select:
                 column.set("table", None)  # the outer query reads the ranked rows
-        select.set("from_", exp.From(this=exp.Subquery(this=ranked, alias=exp.TableAlias(this=exp.to_identifier("ranked")))))
+        alias = exp.TableAlias(this=exp.to_identifier("ranked"))
+        select.set("from_", exp.From(this=exp.Subquery(this=ranked, alias=alias)))
         select.set("where", exp.Where(this=exp.column("extreme_rank").eq(1)))
         select.set("group", None)
 
@@ -365,8 +367,8 @@ def _bare_grouped_columns(tree: exp.Expression) -> None:
         if not keys and not aggregates or len(aggregates) == 1 and isinstance(aggregates[0], (exp.Max, exp.Min)):
             continue
         for column in list(_bare_columns(select, keys)):
-            shown = column.parent is select  # keeps its name as an output column
-            column.replace(exp.alias_(exp.Min(this=column.copy()), column.name) if shown else exp.Min(this=column.copy()))
+            least = exp.Min(this=column.copy())
+            column.replace(exp.alias_(least, column.name) if column.parent is select else least)  # keeps its name
 
 
 def _aliased_derived_tables(tree: exp.Expression) -> None:
