@@ -21,8 +21,8 @@ CREATE TABLE is translated by `translate()`. Column types follow the values SQLi
 so every value arrives unchanged and computes as it did in SQLite: integers only -> BIGINT, any
 reals -> DOUBLE (DECIMAL(p,s) as declared), any text -> VARCHAR/TEXT, blobs -> BLOB; a column with no
 values by its declared type's affinity. Spider's dirty columns (text in columns declared `bool`:
-'T'/'F', and stadium names in orchestra's show.If_first_show) are thus text, as SQLite holds them;
-the JSON lists them. A primary key is kept where the data satisfies it; foreign keys are left out
+'T'/'F', and stadium names in orchestra's show.If_first_show; dates kept as text in columns declared
+DATETIME) are thus text, as SQLite holds them; the JSON's "loading" lists them. A primary key is kept where the data satisfies it; foreign keys are left out
 (Spider's rows break some, and no query needs them).
 
     python bench/dialect_fidelity.py --spider ../shared/spider_dev --out bench/results/dialect_fidelity.json
