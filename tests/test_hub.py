@@ -20,16 +20,42 @@ def hub():
     server.close()
 
 
-def train(tmp_path, hub, *extra, token="hf_good"):
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
-    command = [sys.executable, str(ROOT / "train_sft.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-               "--dataset_name", str(ROOT / "data" / "sql_create_context_sample.jsonl"),
-               "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+def command(tmp_path, *extra) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--dataset_name", str(ROOT / "data" / "sql_create_context_sample.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", *extra]
 
 
-def test_push_uploads_adapter_tokenizer_card_and_curves_once(tmp_path, hub, tiny_model_path):
-    result = train(tmp_path, hub, "--push_to_hub", "--hub_model_id", "acme/tiny-sql")
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub in this process, online, against the endpoint the test sets."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    return lambda url: monkeypatch.setattr(constants, "ENDPOINT", url)
+
+
+@pytest.fixture
+def train(tmp_path, online, monkeypatch, capfd, tiny_model_path):
+    """train_sft.main in this process, online against `hub` (its HF_ENDPOINT) with HF_TOKEN=`token`: its exit code
+    and everything the process printed (capfd: loggers' writes too). The command itself: the unreachable-Hub test."""
+    from huggingface_hub import constants
+
+    import train_sft
+
+    def run(hub, *extra, token="hf_good"):
+        online(hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", token)
+        capfd.readouterr()
+        code = train_sft.main(command(tmp_path, *extra))
+        stdout, stderr = capfd.readouterr()
+        return SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
+
+    return run
+
+
+def test_push_uploads_adapter_tokenizer_card_and_curves_once(hub, train):
+    result = train(hub, "--push_to_hub", "--hub_model_id", "acme/tiny-sql")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert hub.repos == {"acme/tiny-sql"} and len(hub.commits) == 1
     files = set(hub.commits[0]["files"])
@@ -39,21 +65,21 @@ def test_push_uploads_adapter_tokenizer_card_and_curves_once(tmp_path, hub, tiny
     assert "# acme/tiny-sql" in card and "PeftModel.from_pretrained(base, 'acme/tiny-sql')" in card
 
 
-def test_no_rights_stops_before_training(tmp_path, hub):
-    result = train(tmp_path, hub, "--push_to_hub", "--hub_model_id", "someone-else/tiny-sql")
+def test_no_rights_stops_before_training(tmp_path, hub, train):
+    result = train(hub, "--push_to_hub", "--hub_model_id", "someone-else/tiny-sql")
     assert result.returncode != 0
     assert "Cannot create or write someone-else/tiny-sql as alice" in result.stderr
     assert not (tmp_path / "out").exists() and hub.commits == []
 
 
-def test_bad_token_stops_before_training(tmp_path, hub):
-    result = train(tmp_path, hub, "--push_to_hub", "--hub_model_id", "alice/tiny-sql", token="hf_revoked")
+def test_bad_token_stops_before_training(tmp_path, hub, train):
+    result = train(hub, "--push_to_hub", "--hub_model_id", "alice/tiny-sql", token="hf_revoked")
     assert result.returncode != 0 and "No valid Hugging Face token" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_repo_id_without_namespace_is_refused(tmp_path, hub):
-    result = train(tmp_path, hub, "--push_to_hub", "--hub_model_id", "tiny-sql")
+def test_repo_id_without_namespace_is_refused(hub, train):
+    result = train(hub, "--push_to_hub", "--hub_model_id", "tiny-sql")
     assert result.returncode != 0 and "--hub_model_id must be USER/NAME" in result.stderr
 
 
@@ -87,21 +113,15 @@ class HangUp:
 def test_an_unreachable_hub_is_not_called_a_bad_token(tmp_path):
     # HF_TOKEN set, the Hub (HF_ENDPOINT) unreachable: the message names the Hub and the network, not the token,
     # in one line, before anything is prepared.
-    unreachable = SimpleNamespace(url=f"http://127.0.0.1:{closed_port()}")
-    result = train(tmp_path, unreachable, "--push_to_hub", "--hub_model_id", "alice/tiny-sql")
+    unreachable = f"http://127.0.0.1:{closed_port()}"
+    env = {**os.environ, "HF_ENDPOINT": unreachable, "HF_TOKEN": "hf_good", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "train_sft.py"),
+                             *command(tmp_path, "--push_to_hub", "--hub_model_id", "alice/tiny-sql")],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert f"Cannot reach the Hub at {unreachable.url}" in result.stderr and "token itself was not checked" in result.stderr
+    assert f"Cannot reach the Hub at {unreachable}" in result.stderr and "token itself was not checked" in result.stderr
     assert "No valid" not in result.stderr and "Traceback" not in result.stderr
     assert "Data:" not in result.stdout and not (tmp_path / "out").exists()
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """huggingface_hub in this process, online, against the endpoint the test sets."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
-    return lambda url: monkeypatch.setattr(constants, "ENDPOINT", url)
 
 
 def test_preflight_tells_a_hub_that_hangs_up_from_one_that_refuses_the_token(online, hub):
