@@ -137,6 +137,7 @@ class RunArguments:
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Score only the first N Spider dev questions."})
     eval_generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Longest SQL generated per Spider dev question."})
 
 
 class ConfigError(ValueError):
@@ -361,7 +362,7 @@ def add_spider_evaluation(info: CardInfo, run_args: RunArguments, model_args: Mo
     base, adapter = (model_args.model_name_or_path, str(output_dir)) if model_args.use_peft else (str(output_dir), None)
     reports = evaluate_model(
         base, adapter, spider_dir=run_args.eval_spider, out_dir=output_dir / "eval_spider", limit=run_args.eval_limit,
-        batch_size=run_args.eval_generation_batch_size, compare=model_args.use_peft,
+        batch_size=run_args.eval_generation_batch_size, compare=model_args.use_peft, max_new_tokens=run_args.eval_max_new_tokens,
     )
     tuned = reports["adapter" if model_args.use_peft else "base"]
     dataset = f"Spider dev ({tuned['label']})"
