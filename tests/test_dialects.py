@@ -143,6 +143,9 @@ def test_translate_without_schema_still_reads_double_quoted_strings_and_like():
     assert translate('SELECT a FROM t WHERE b = "x y" AND c LIKE "%z"', "postgres") == \
         "SELECT a FROM t WHERE b = 'x y' AND c ILIKE '%z'"
     assert translate('SELECT "b" FROM t', "postgres") == 'SELECT "b" FROM t'  # a quoted column stays one
+    schema = [Table("t", [Column("a", "TEXT")])]
+    assert translate('SELECT count(*) AS "n" FROM t ORDER BY "n"', "postgres", schema=schema) == \
+        'SELECT COUNT(*) AS "n" FROM t ORDER BY "n" NULLS FIRST'  # an output's name, not a string
     assert translate("SELECT a FROM t WHERE b LIKE 'x%'", "bigquery") == \
         "SELECT a FROM t WHERE LOWER(b) LIKE LOWER('x%')"
 
@@ -152,6 +155,8 @@ def test_bare_column_next_to_a_lone_max_over_a_join_is_left_to_fail_not_changed(
     sql = ("SELECT T1.name, max(T1.age) FROM Singer AS T1 JOIN Concert AS T2 ON T1.singer_id = T2.singer_id "
            "GROUP BY T2.stadium_id")
     assert translate(sql, "postgres") == sql.replace("max(", "MAX(")
+    assert translate("SELECT name, max(age) OVER () FROM Singer", "postgres") == \
+        "SELECT name, MAX(age) OVER () FROM Singer"  # a window function does not group
     assert translate("SELECT name, max(age) FROM Singer ORDER BY name", "postgres") == \
         "SELECT name, MAX(age) FROM Singer ORDER BY name NULLS FIRST"  # ORDER BY ... LIMIT 1 would need rewriting
 

@@ -89,8 +89,9 @@ def _double_quoted_strings(tree: exp.Expression, columns: set[str] | None) -> No
     """SQLite reads `name = "France"` as a string when no column is called France; Spider's SQL and the
     model rely on it, while every other dialect reads a name. Given the schema's `columns`, any such
     name of no column becomes a string; without them, only the right side of a comparison or IN list."""
+    aliases = {alias.alias.lower() for alias in tree.find_all(exp.Alias)}  # `ORDER BY "total"` names an output
     for column in list(tree.find_all(exp.Column)):
-        if column.table or not column.this.quoted:
+        if column.table or not column.this.quoted or column.name.lower() in aliases:
             continue
         if columns is not None:
             is_value = column.name.lower() not in columns
@@ -275,8 +276,9 @@ def _numeric_aggregates_of_text(tree: exp.Expression, types: dict[int, str], wri
 
 
 def _aggregates(select: exp.Select) -> list[exp.AggFunc]:
+    """The aggregates that make `select` a grouped query (not a subquery's, not a window function's)."""
     return [node for projection in select.expressions for node in projection.find_all(exp.AggFunc)
-            if node.find_ancestor(exp.Select) is select]
+            if node.find_ancestor(exp.Select) is select and not isinstance(node.parent, exp.Window)]
 
 
 def _bare_columns(select: exp.Select, keys: list[exp.Expression]):
