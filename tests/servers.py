@@ -231,16 +231,20 @@ def _parts(url: str):
     return parts.hostname, str(parts.port), parts.username, parts.password or "", parts.path.lstrip("/")
 
 
-def dump_postgres(url: str, schema_only: bool = False) -> str:
-    """pg_dump's output (plain SQL, COPY blocks for data) for the database at `url`."""
+def dump_postgres(url: str, schema_only: bool = False, extra_args: tuple[str, ...] = ()) -> str:
+    """pg_dump's output (plain SQL, COPY blocks for data) for the database at `url`; `extra_args`
+    are more pg_dump options (`--column-inserts`, ...)."""
     host, port, user, password, database = _parts(url)
-    command = [_postgres_bin() / "pg_dump", "-h", host, "-p", port, "-U", user, "-d", database]
+    command = [_postgres_bin() / "pg_dump", "-h", host, "-p", port, "-U", user, *extra_args,
+               *(["--schema-only"] if schema_only else []), "-d", database]
     # The password goes through the environment, not the command line other processes can read.
-    return _run(command + (["--schema-only"] if schema_only else []), env={**os.environ, "PGPASSWORD": password})
+    return _run(command, env={**os.environ, "PGPASSWORD": password})
 
 
-def dump_mariadb(url: str, no_data: bool = False) -> str:
-    """mysqldump's output (multi-row INSERTs for data) for the database at `url`."""
+def dump_mariadb(url: str, no_data: bool = False, extra_args: tuple[str, ...] = ()) -> str:
+    """mysqldump's output (multi-row INSERTs for data) for the database at `url`; `extra_args` are
+    more mysqldump options (`--compact`, ...)."""
     host, port, user, password, database = _parts(url)
-    command = ["mysqldump", "--no-defaults", "-h", host, "-P", port, "-u", user, database]
-    return _run(command + (["--no-data"] if no_data else []), env={**os.environ, "MYSQL_PWD": password})
+    command = ["mysqldump", "--no-defaults", "-h", host, "-P", port, "-u", user, *extra_args,
+               *(["--no-data"] if no_data else []), database]
+    return _run(command, env={**os.environ, "MYSQL_PWD": password})

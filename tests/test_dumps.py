@@ -6,7 +6,6 @@ again from servers started from the Debian packages (tests/servers.py), and test
 fresh dumps still read the same wherever the binaries exist.
 """
 
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -60,26 +59,16 @@ DUMPS = {
 
 # -- making the dumps with the real tools ------------------------------------------------------
 
-def run_dump(command: list, url: str, password_variable: str) -> str:
-    """A dump tool's output for the database at `url` (the password through the environment)."""
-    parts = urlsplit(url)
-    command = [*command, "-h", parts.hostname, "-P" if password_variable == "MYSQL_PWD" else "-p", str(parts.port),
-               "-u" if password_variable == "MYSQL_PWD" else "-U", parts.username, parts.path.lstrip("/")]
-    env = {**os.environ, password_variable: parts.password}
-    return subprocess.run(command, capture_output=True, text=True, check=True, env=env, timeout=60).stdout
-
-
 def postgres_dumps() -> dict[str, str]:
     import psycopg
 
     with servers.postgres_server() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute((FIXTURES / "shop_postgres.sql").read_text())
-        pg_dump = str(servers._postgres_bin() / "pg_dump")
         return {"shop.pg_dump.sql": servers.dump_postgres(url),
                 "shop.pg_dump_schema.sql": servers.dump_postgres(url, schema_only=True),
-                "shop.pg_dump_inserts.sql": run_dump([pg_dump, "--column-inserts", "--rows-per-insert=2"], url,
-                                                     "PGPASSWORD")}
+                "shop.pg_dump_inserts.sql": servers.dump_postgres(
+                    url, extra_args=("--column-inserts", "--rows-per-insert=2"))}
 
 
 def mariadb_dumps() -> dict[str, str]:
@@ -96,8 +85,8 @@ def mariadb_dumps() -> dict[str, str]:
                 pass
         return {"shop.mysqldump.sql": servers.dump_mariadb(url),
                 "shop.mysqldump_schema.sql": servers.dump_mariadb(url, no_data=True),
-                "shop.mysqldump_compact.sql": run_dump(["mysqldump", "--no-defaults", "--compact", "--routines",
-                                                        "--skip-extended-insert", "--complete-insert"], url, "MYSQL_PWD")}
+                "shop.mysqldump_compact.sql": servers.dump_mariadb(
+                    url, extra_args=("--compact", "--routines", "--skip-extended-insert", "--complete-insert"))}
 
 
 def sqlite_dumps(directory: Path) -> dict[str, str]:
