@@ -135,6 +135,52 @@ def test_bad_input_raises_what_to_fix():
         open_workspace("CREATE TABLE (", "postgres")
 
 
+@pytest.mark.parametrize("schema, dialect", [(PG_DUMP, "postgres"), (MYSQL_SCHEMA, "mysql")])
+def test_another_dialects_dump_with_sqlite_chosen_says_which_to_choose(schema, dialect):
+    with pytest.raises(SchemaError) as raised:
+        open_workspace(schema, "sqlite")
+    assert f"choose the dialect {dialect}" in str(raised.value) and "syntax error" in raised.value.error
+    assert raised.value.index == 1 and re.search(r"\b(SET|CREATE TABLE)\b", raised.value.statement)  # SQLite's fields
+    with pytest.raises(SchemaError) as raised:  # SQLite reads backticks: they alone are no sign of MySQL
+        open_workspace("CREATE TABLE `t` (`x` INTEGER,,)", "sqlite")
+    assert "choose the dialect" not in str(raised.value)
+
+
+# The sqlite3 shell's .schema of a table with AUTOINCREMENT after ANALYZE, with settings and a VACUUM around it.
+SQLITE_SHELL_SCHEMA = """PRAGMA journal_mode=WAL;
+BEGIN TRANSACTION;
+CREATE TABLE a(id INTEGER PRIMARY KEY AUTOINCREMENT, n TEXT);
+CREATE TABLE sqlite_sequence(name,seq);
+CREATE INDEX ai ON a(n);
+CREATE TABLE sqlite_stat1(tbl,idx,stat);
+/* a comment */ PRAGMA main.page_size = 4096;
+PRAGMA foreign_keys=ON;
+INSERT INTO a VALUES(1,'x');
+COMMIT;
+VACUUM;
+"""
+
+
+def test_sqlite_statements_without_schema_or_data_are_skipped():
+    ws = open_workspace(SQLITE_SHELL_SCHEMA, "sqlite")
+    try:
+        assert [t.name for t in ws.tables] == ["a"]
+        assert [(s.line, s.words) for s in ws.skipped] == [
+            (1, "PRAGMA journal_mode=WAL"), (4, "CREATE TABLE sqlite_sequence(name,seq)"),
+            (6, "CREATE TABLE sqlite_stat1(tbl,idx,stat)"), (7, "PRAGMA main.page_size = 4096"), (11, "VACUUM")]
+        result = ws.check("SELECT n FROM a")
+        assert result.rows == [["x"]] and "line 11 (`VACUUM`): maintenance" in result.skipped
+    finally:
+        ws.close()
+    with pytest.raises(SchemaError, match=r"statement 4 failed: .*in: CREATE TABLE b \(x,,\)"):  # numbered as in the box
+        open_workspace("PRAGMA cache_size = 10; CREATE TABLE a (x); VACUUM; CREATE TABLE b (x,,);", "sqlite")
+    with pytest.raises(SchemaError, match="Not allowed here: ATTACH"):  # not skipped: it reaches a file
+        open_workspace("CREATE TABLE a (x); ATTACH DATABASE '/tmp/starsql-evil.db' AS evil;", "sqlite")
+    with pytest.raises(SchemaError, match="paste the output of .schema"):  # .dump's virtual table, its PRAGMA skipped
+        open_workspace("PRAGMA writable_schema=ON; INSERT INTO sqlite_schema(type,name,tbl_name,rootpage,sql)"
+                       "VALUES('table','f','f',0,'CREATE VIRTUAL TABLE f USING fts5(body)');", "sqlite")
+
+
 @pytest.mark.parametrize("sql", ["DELETE FROM orders", "UPDATE orders SET quantity = 0", "DROP TABLE orders",
                                  "INSERT INTO orders (id) VALUES (9)", "CREATE TABLE t AS SELECT * FROM orders",
                                  "ALTER TABLE orders ADD COLUMN x integer", "TRUNCATE orders"])

@@ -240,8 +240,9 @@ def _sign(pattern: str) -> re.Pattern:
 
 # Marks of a dialect in a statement: (dialect, its marks, its name, the dialects that share the marks).
 DIALECT_SIGNS = [
-    ("mysql", _sign(r"`|/\*!\d|\bAUTO_INCREMENT\b|\bENGINE\s*=|\bUNSIGNED\b|\bLOCK TABLES\b|\\'"),
+    ("mysql", _sign(r"/\*!\d|\bAUTO_INCREMENT\b|\bENGINE\s*=|\bUNSIGNED\b|\bLOCK TABLES\b|\\'"),
      "MySQL/MariaDB (mysqldump)", {"bigquery"}),
+    ("mysql", _sign(r"`"), "MySQL/MariaDB (mysqldump)", {"bigquery", "sqlite"}),  # SQLite reads backticks too
     ("postgres", _sign(r"::\s*[a-z]|\bnextval\s*\(|\bFROM\s+stdin\b|\bOWNER\s+TO\b|\bpg_catalog\.|"
                        r"\bcharacter varying\b|\bwithout time zone\b|^\\"), "PostgreSQL (pg_dump)", {"duckdb"}),
     ("tsql", _sign(r"\[dbo\]|\bIDENTITY\s*\(|\bNVARCHAR\s*\(\s*MAX\b|^GO$"), "SQL Server (T-SQL)", set()),

@@ -15,18 +15,34 @@ memory limit and an address-space cap (killed when the budget is spent); SQLite 
 heap limit. An upload is checked, and copied into the other engine if need be, once (files.py).
 """
 
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sandbox import Budget, time_limit
-from ..schema import Table, render_schema, sqlite_tables
+from ..schema import Table, render_schema, split_statements, sqlite_tables
 from ..serve import check as sqlite_check
-from ..serve.check import MAX_ROWS, TIME_LIMIT_S, CheckResult, SchemaError, new_result, statement_kind, unknown_identifiers
+from ..serve.check import (MAX_ROWS, SCHEMA_PRAGMAS, TIME_LIMIT_S, CheckResult, SchemaError, new_result, statement_kind,
+                           text_problem, unknown_identifiers)
 from . import duck, files
 from .dialects import ENGINE, ENGINE_SETTINGS, NOT_VERIFIED, DialectError, check_dialect, to_engine, translate
-from .dumps import Skipped, parse_dump
+from .dumps import Skipped, dialect_hint, first_words, parse_dump
+
+# Statements of a SQLite schema box that hold no schema or data but that SQLite's schema loader
+# refuses (check.load_schema): skipped and listed, as in the other dialects' dumps. Not run, so
+# nothing of the loader's hardening is lost. PRAGMA foreign_keys and data_version still run.
+SQLITE_SKIPPED = [
+    (re.compile(r"PRAGMA\s+(?:\w+\s*\.\s*)?(?!(?:" + "|".join(SCHEMA_PRAGMAS) + r")\b)\w", re.IGNORECASE),
+     "a SQLite setting"),
+    (re.compile(r"VACUUM\b", re.IGNORECASE), "maintenance"),
+    (re.compile(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?[\"'`\[]?sqlite_", re.IGNORECASE),
+     "SQLite's own table, which SQLite makes itself (the sqlite3 shell's .schema lists it)"),
+]
+# How the sqlite3 shell's .dump writes a virtual table (after PRAGMA writable_schema=ON, skipped).
+_CATALOG_INSERT = re.compile(r"INSERT\s+INTO\s+[\"'`\[]?sqlite_(schema|master)\b", re.IGNORECASE)
+_LEADING_COMMENT = re.compile(r"\s*(?:--[^\n]*|/\*.*?\*/)", re.DOTALL)
 
 
 class _SqliteEngine:
@@ -126,17 +142,53 @@ def _workspace(dialect: str, tables: list[Table], rows: int, engine, skipped=(),
                      None if verified else NOT_VERIFIED[dialect], engine)
 
 
-def _sqlite_workspace(dialect: str, database: sqlite_check.Database, tables: list[Table] | None = None) -> Workspace:
+def _sqlite_workspace(dialect: str, database: sqlite_check.Database, tables: list[Table] | None = None,
+                      skipped=()) -> Workspace:
     try:
         if tables is None:  # the schema box: its tables as SQLite reads them, keys included
             with time_limit(database.conn, database.budget):
                 tables = sqlite_tables(database.conn)
-        return _workspace(dialect, tables, database.rows, _SqliteEngine(database))
+        return _workspace(dialect, tables, database.rows, _SqliteEngine(database), skipped)
     except BaseException as error:
         database.close()
         if isinstance(error, sqlite3.Error):
             raise SchemaError(0, "", str(error)) from None
         raise
+
+
+def _sqlite_schema(schema: str) -> tuple[str, list[Skipped], list[int]]:
+    """The schema box less its SQLITE_SKIPPED statements, those as Skipped, and the number in the
+    box of each statement kept (SchemaError's numbers are the box's)."""
+    if text_problem(schema):
+        return schema, [], []  # load_schema says what is wrong
+    kept, numbers, skipped, at = [], [], [], 0
+    for number, statement in enumerate(split_statements(schema), start=1):
+        at = schema.find(statement, at)  # a statement is a stripped piece of the box's text
+        head = statement
+        while comment := _LEADING_COMMENT.match(head):
+            head = head[comment.end():]
+        head = head.lstrip()
+        reason = next((why for pattern, why in SQLITE_SKIPPED if pattern.match(head)), None)
+        if reason:
+            line = schema.count("\n", 0, at + len(statement) - len(head)) + 1
+            skipped.append(Skipped(line, first_words(head), reason))
+        else:
+            kept.append(statement)
+            numbers.append(number)
+        at += len(statement)
+    # "\n;" ends a statement even after a -- comment; with nothing skipped the box is loaded as it is.
+    return ("\n;\n".join(kept) if skipped else schema), skipped, numbers
+
+
+def _schema_error(error: SchemaError, schema: str, dialect: str, numbers: list[int]) -> SchemaError:
+    """`error` with the statement's number in the box, and which dialect to choose when the box
+    looks like another dialect's dump (SQLite's own words are a bare syntax error)."""
+    hint = dialect_hint(error.statement, dialect) or (isinstance(schema, str) and dialect_hint(schema, dialect))
+    if _CATALOG_INSERT.match(error.statement):
+        hint = ("the sqlite3 shell's .dump writes a virtual table into SQLite's catalog so: paste the output of "
+                ".schema, or the table's CREATE VIRTUAL TABLE statement, instead")
+    index = numbers[error.index - 1] if 0 < error.index <= len(numbers) else error.index
+    return SchemaError(index, error.statement, f"{error.error} ({hint})" if hint else error.error)
 
 
 def _duck_workspace(dialect: str, tables: list[Table], budget: Budget, skipped=(), **where) -> Workspace:
@@ -165,7 +217,12 @@ def open_workspace(schema: str = "", dialect: str = "sqlite", database: "str | P
         if ENGINE[dialect] == "sqlite":
             return _sqlite_workspace(dialect, sqlite_check.open_database("", budget, path=path), upload.tables)
         return _duck_workspace(dialect, upload.tables, budget, path=path)
-    if ENGINE[dialect] == "sqlite":  # exactly today's check of the schema box
-        return _sqlite_workspace(dialect, sqlite_check.open_database(schema, budget))
+    if ENGINE[dialect] == "sqlite":  # today's check of the schema box, less the statements it skips
+        box, skipped, numbers = _sqlite_schema(schema)
+        try:
+            database = sqlite_check.open_database(box, budget)
+        except SchemaError as error:
+            raise _schema_error(error, schema, dialect, numbers) from None
+        return _sqlite_workspace(dialect, database, skipped=skipped)
     dump = parse_dump(schema, dialect)
     return _duck_workspace(dialect, dump.tables, budget, dump.skipped, rows=dump.rows)
