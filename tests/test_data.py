@@ -212,6 +212,8 @@ def test_a_two_source_mixture_interleaves_by_weight_and_filters_contamination_in
     summary = report.summary()
     assert "a mixture of 2 sources" in summary and f"in the mixture       {spi.mixture_rows:>8,} (weight 1)" in summary
     assert report.as_dict()["sources"][1]["mixture_rows"] == spi.mixture_rows
+    # A file on the command line replaces a config's mixture (benchmarks point the recipes at local rows).
+    assert [s.dataset_name for s, _ in mixture_sources(DataArguments(datasets=mixture, dataset_name="f.jsonl"))] == ["f.jsonl"]
     for bad, message in [([{"path": "x", "weigth": 1}], r"unknown key\(s\) \['weigth'\]"),
                          ([{"path": "x", "weight": 0}], "weight must be a positive number"),
                          ([{"format": "spider"}], "with a `path`"),

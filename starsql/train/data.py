@@ -80,7 +80,7 @@ class DataArguments:
     distractor_seed: int = field(default=0, metadata={"help": "Seed of the distractor tables' choice and order."})
     datasets: list[dict] = field(
         default_factory=list,
-        metadata={"help": "A mixture (YAML list; replaces dataset_name): each source {path, format, weight, split, "
+        metadata={"help": "A mixture (a YAML list, in the config; a --dataset_name replaces it): each source {path, format, weight, split, "
                           "name, data_dir, eval_split, columns: {question, schema, sql, db_id, text}, spider_tables, "
                           "schema_distractors}; interleaved by datasets.interleave_datasets in proportion to weight."},
     )  # fmt: skip
@@ -492,8 +492,8 @@ def prompt_lengths(tokenizer, sources: list[tuple[str, list[int]]], spider_dev: 
 def mixture_sources(args: DataArguments) -> list[tuple[DataArguments, float]]:
     """(DataArguments of one source, weight) for each source: args itself, or each entry of `datasets`, with
     what it loads, its format, columns and options (the rest, e.g. contamination_eval, is the recipe's)."""
-    if not args.datasets:
-        return [(args, 1.0)]
+    if not args.datasets or args.dataset_name != DataArguments.dataset_name:
+        return [(args, 1.0)]  # a dataset_name of its own (`--dataset_name data.jsonl`) replaces a config's mixture
     if args.mixture_stopping_strategy not in STOPPING_STRATEGIES:
         raise ValueError(f"mixture_stopping_strategy {args.mixture_stopping_strategy!r}: use one of {', '.join(STOPPING_STRATEGIES)}.")
     allowed = sorted([*SOURCE_KEYS, *SOURCE_OPTIONS, "columns", "weight"])
