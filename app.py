@@ -539,7 +539,7 @@ def reply_markdown(sql: str, check: CheckResult | None) -> str:
 
 
 def sql_api(question: str, schema: str = CONCERT_DB, dialect: str = DEFAULT_DIALECT,
-            database: FileData | None = None, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+            database: FileData | list[FileData] | None = None, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """SQL for `question`, greedy, in `dialect`, checked: {sql, valid, error, unknown_identifiers,
     rows, columns, writes_data, truncated, cut, ..., dialect, skipped}. The database is `database`
     (a file sent with handle_file: .sqlite, .db, .duckdb, .csv, .parquet, .jsonl; `schema` may then
@@ -550,7 +550,7 @@ def sql_api(question: str, schema: str = CONCERT_DB, dialect: str = DEFAULT_DIAL
     return check.to_dict()
 
 
-def check_api(sql: str, schema: str = "", dialect: str = DEFAULT_DIALECT, database: FileData | None = None) -> dict:
+def check_api(sql: str, schema: str = "", dialect: str = DEFAULT_DIALECT, database: FileData | list[FileData] | None = None) -> dict:
     """Check and run `sql`, written in `dialect`, without the model: the same JSON as /sql. The
     database is `database` (a file sent with handle_file), else `schema`."""
     return check_request(sql, schema, dialect, database).to_dict()
@@ -558,7 +558,7 @@ def check_api(sql: str, schema: str = "", dialect: str = DEFAULT_DIALECT, databa
 
 def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | None = None,
              max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0, dialect: str = DEFAULT_DIALECT,
-             database: FileData | None = None) -> Iterator[str]:
+             database: FileData | list[FileData] | None = None) -> Iterator[str]:
     """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql]
     pairs; the latest that fit MAX_HISTORY_TOKENS go into the prompt, and the reply says if any did not."""
     history = [] if history is None else history
@@ -799,10 +799,11 @@ def describe_schema(schema: str, dialect: str = DEFAULT_DIALECT, files=None) -> 
 
 def schema_from_upload(files, dialect: str):
     """The schema box filled from uploaded files (their tables as the model sees them), or unchanged
-    when the files do not open (the line under the box says why)."""
+    when the files do not open: a notice says why (and the line under the box, until they are removed)."""
     try:
         workspace = open_request("", dialect, files, schema_needed=False)
-    except ValueError:
+    except ValueError as error:
+        gr.Warning(str(error))
         return gr.skip()
     workspace.close()
     return workspace.schema_text

@@ -349,6 +349,11 @@ def test_check_runs_sql_on_an_uploaded_file_in_its_dialect_and_never_changes_it(
     result = client.predict("SELECT region, SUM(revenue) AS revenue FROM sales GROUP BY region ORDER BY region", "",
                             "duckdb", handle_file(sales), api_name="/check")
     assert result["valid"] and result["rows"] == [["North", 255], ["South", 160]]
+    regions = tmp_path / "regions.csv"  # several data files at once: a table each
+    regions.write_text("region,manager\nNorth,Ada\nSouth,Linus\n")
+    result = client.predict("SELECT manager, SUM(revenue) FROM sales JOIN regions USING (region) GROUP BY manager "
+                            "ORDER BY manager", "", "duckdb", [handle_file(sales), handle_file(regions)], api_name="/check")
+    assert result["rows"] == [["Ada", 255], ["Linus", 160]], result
 
 
 def test_sql_and_chat_answer_on_an_uploaded_database_in_the_chosen_dialect(client, tmp_path):

@@ -158,6 +158,12 @@ def test_upload_a_database_ask_and_see_the_table_and_the_chart(browser, app_url,
     from test_app import write_shop
 
     page, errors = open_app(browser, app_url)
+    # A file that is no database: a notice says so and what to upload instead; the schema box stays.
+    (tmp_path / "notes.db").write_text("not a database")
+    page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "notes.db"))
+    expect(page.get_by_text("is not a SQLite database").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#schema")).to_contain_text("CREATE TABLE stadium")
+    page.locator("#upload button[aria-label='Clear']").first.click()
     # Upload a SQLite file: the schema box fills with its tables, the line under it says where they come from.
     page.locator("#upload input[type=file]").set_input_files(str(write_shop(tmp_path / "shop.sqlite")))
     expect(page.locator("#schema")).to_contain_text("CREATE TABLE customer", timeout=30_000)
@@ -196,4 +202,33 @@ def test_upload_a_database_ask_and_see_the_table_and_the_chart(browser, app_url,
         page.get_by_role("button", name="Download CSV").click()
     assert Path(download.value.path()).read_text().splitlines()[:2] == ["order_date,amount", "2023-11-20,179.0"]
     page.screenshot(path=str(ARTIFACTS / "app-database-line.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_a_question_waiting_in_line_is_told_so(browser, app_url):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+    from playwright.sync_api import expect
+
+    page, errors = open_app(browser, app_url)
+    # Long answers for other users fill every slot the model has (the CPU backend answers two at once).
+    busy = [Client(app_url, verbose=False).submit(f"Which singers are older than {age}?", "CREATE TABLE singer (age INT);",
+                                                  [], 512, 0.0, api_name="/chat") for age in (30, 40)]
+    deadline = time.monotonic() + 30
+    while not all(job.status().code in (Status.PROCESSING, Status.ITERATING) for job in busy):
+        assert time.monotonic() < deadline, [job.status().code for job in busy]
+        time.sleep(0.05)
+    box = page.get_by_placeholder("e.g. Which singers are older than 40?")
+    box.fill("How many singers are there?")
+    box.press("Enter")
+    chat = page.locator("#chat")
+    expect(chat.locator('[data-testid="user"]')).to_contain_text("How many singers are there?")  # at once
+    expect(chat.locator('[data-testid="bot"]')).to_contain_text("Waiting in line")
+    expect(chat.locator('[data-testid="status-tracker"]')).to_contain_text("queue: ")  # its place in line
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app-waiting.png"))
+    for job in busy:
+        job.cancel()
+    expect(chat.locator('[data-testid="bot"]')).to_contain_text("for this schema", timeout=60_000)
+    expect(chat.locator('[data-testid="bot"]')).not_to_contain_text("Waiting in line")
     assert not errors, errors
