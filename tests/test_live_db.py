@@ -309,3 +309,28 @@ def test_sqlite_and_duckdb_files_are_read_only(tmp_path):
                 db.run(f"SELECT * FROM read_csv('{sqlite_path}')", 2, 10)
     live.close_all()
     assert {path: _hash(path) for path in hashes} == hashes
+
+
+def test_duckdb_file_queries_are_bounded_by_their_process(tmp_path):
+    """One call that builds gigabytes outside DuckDB's memory_limit and does not see interrupt() (an
+    in-process DuckDB took 8 s and 1 GB of this process here) is stopped within the time limit."""
+    import resource
+
+    import duckdb
+
+    from starsql.db import duck
+
+    path = tmp_path / "t.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute("CREATE TABLE t (y VARCHAR); INSERT INTO t VALUES ('a')")
+    db = live.connect(f"duckdb:///{path}")
+    try:
+        assert db.run("SELECT y FROM t", 2, 5) == (["y"], [["a"]], False)  # a worker is ready after this
+        start, parent = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(live.LiveError, match="stopped after 1 s|ran out of memory"):
+            db.run("SELECT length(lpad(y, 500000000, 'z')) FROM t", 1.0, 5)
+        assert time.monotonic() - start < 1.0 + duck.GRACE_S + 1.0
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - parent < 100_000  # KB: not in this process
+        assert db.run("SELECT count(*) FROM t", 2, 5) == (["count_star()"], [[1]], False)
+    finally:
+        live.close_all()

@@ -338,6 +338,10 @@ class WorkerStopped(Exception):
                                   "for a query); make the data or the query smaller"}[why])
 
 
+class QueryError(ValueError):
+    """A query the worker refused or DuckDB could not run (IsolatedDatabase.run), in words a user can act on."""
+
+
 class Worker:
     """A `python -m starsql.db.duck` process: requests and replies are pickled over its stdin/stdout."""
 
@@ -444,6 +448,16 @@ class IsolatedDatabase:
                             if stopped.why == "time" else str(stopped))
             return result
 
+    def run(self, sql: str, max_rows: int) -> tuple[list[str], list[list], bool]:
+        """`sql`, one query, run as `run` runs it, in the worker: (columns, rows, truncated). Raises
+        WorkerStopped when the budget is spent or Stop pressed (interrupted, or killed), QueryError else."""
+        reply, value = self.worker.call(self.budget, "run", sql, max_rows)
+        if reply == "interrupted":
+            raise WorkerStopped("stopped" if self.budget.stopped() else "time", self.budget)
+        if reply != "ok":
+            raise QueryError(value)
+        return value
+
     def close(self) -> None:
         give_back(self.worker)
 
@@ -501,13 +515,21 @@ def _serve() -> None:
                 database = None
                 gc.collect()  # the last request's rows, before the next request's
                 replies.send(("ok", None))
+            elif kind == "run":  # a query on a live DuckDB file (live.DuckFile), no CheckResult around it
+                statements = database.conn.extract_statements(args[0])
+                if len(statements) != 1 or statements[0].type != READ:
+                    replies.send(("error", "Only one query (SELECT) runs here; nothing was run."))
+                else:
+                    replies.send(("ok", run(database.conn, args[0], budget, args[1])))
             else:
                 database.budget = budget
                 replies.send(("ok", check(*args[:2], database, args[2])))
+        except duckdb.InterruptException:
+            replies.send(("interrupted", None))
+        except (duckdb.Error, MemoryError) as error:  # a query's (kind "run"): a check's are in its result
+            replies.send(("error", message(error, budget)))
         except SchemaError as error:
             replies.send(("error", error.error))
-        except MemoryError:
-            replies.send(("error", message(MemoryError(), budget)))
         except Exception as error:  # a bug: said, not hidden behind "out of memory"
             replies.send(("error", f"the check failed: {type(error).__name__}: {error}"))
 

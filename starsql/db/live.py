@@ -276,8 +276,7 @@ class LiveDatabase:
             return LiveError(f"The database named in {where} does not exist on that server, or this user may "
                              f"not use it: check the name after the last / ({text}).", "database")
         if codes & {"57014", 1969, 3024} or "interrupted" in lower or "statement timeout" in lower:
-            return LiveError(f"The query was stopped after {seconds or 0:.3g} s (the time limit): make it "
-                             "simpler or more selective.", "timeout")
+            return _timeout(seconds or 0)
         if codes & {"25006", 1792} or "read-only" in lower or "readonly" in lower or "not authorized" in lower:
             return LiveError(f"{READ_ONLY}: the database refused a write in a read-only transaction ({text}).",
                              "read_only")
@@ -394,6 +393,11 @@ class LiveDatabase:
         self._engine.dispose()
 
 
+def _timeout(seconds: float) -> LiveError:
+    return LiveError(f"The query was stopped after {seconds:.3g} s (the time limit): make it simpler or more "
+                     "selective.", "timeout")
+
+
 class _Returning:
     """A pooled connection as a context manager: back to the pool (rolled back) at the block's end."""
 
@@ -418,8 +422,10 @@ def _file_path(url: str, engine: str, suffix: str) -> Path:
 
 
 class DuckFile(LiveDatabase):
-    """A DuckDB file in the DuckDB sandbox (starsql/db/duck.py): attached read-only to an instance of
-    its own per query (its memory limit, no other files or settings), so queries run side by side."""
+    """A DuckDB file in the DuckDB sandbox (starsql/db/duck.py), attached read-only (its memory limit,
+    no other files or settings). Queries run in the sandbox's worker processes, a fresh DuckDB
+    instance each, side by side: what DuckDB does not bound in-process (one call building gigabytes,
+    deaf to interrupt) is bounded there. Opening and introspecting the file run only our own SQL, here."""
 
     def __init__(self, url: str, seconds: float = CONNECT_TIMEOUT_S):
         self._scrub, self._redacted, self.dialect = _scrubber(url), redact(url), "duckdb"
@@ -456,19 +462,28 @@ class DuckFile(LiveDatabase):
             return duck.duck_tables(conn)
 
     def run(self, sql: str, seconds: float, max_rows: int) -> tuple[list[str], list[list], bool]:
-        import duckdb
-
+        from ..serve.check import SchemaError
         from . import duck
 
         check_query(sql, self.dialect)
-        budget = Budget(seconds)
-        with self._sandbox() as conn:
-            try:
-                return duck.run(conn, sql, budget, max_rows)
-            except (duckdb.Error, MemoryError) as error:
-                if isinstance(error, duckdb.InterruptException):
-                    raise self._error(error, seconds) from None
-                raise LiveError(f"The database refused the query: {duck.message(error, budget)}", "sql") from None
+        budget = Budget(seconds)  # the worker's start is not in it (a spare is ready); attaching the file is
+        try:
+            database = duck.open_isolated([], budget, path=self._path)
+        except SchemaError as error:
+            if budget.left <= 0:
+                raise _timeout(seconds) from None
+            raise LiveError(f"Cannot open {self._path} read-only with DuckDB ({self._scrub(error.error)}).",
+                            "database") from None
+        try:
+            return database.run(sql, max_rows)
+        except duck.WorkerStopped as stopped:
+            if stopped.why == "died":
+                raise LiveError(f"The database refused the query: it {stopped}.", "sql") from None
+            raise _timeout(seconds) from None
+        except duck.QueryError as error:
+            raise LiveError(f"The database refused the query: {self._scrub(error)}", "sql") from None
+        finally:
+            database.close()
 
     def _dispose(self) -> None:
         """Nothing stays open between queries."""
