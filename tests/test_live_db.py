@@ -22,22 +22,23 @@ from starsql.db.dumps import parse_dump
 from starsql.schema import render_schema
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    reason = postgres_available()
+def _server(available, server):
+    """A server's URL for the module's tests; they skip, saying why, where it cannot start here."""
+    reason = available()
     if reason:
         pytest.skip(reason)
-    with postgres_server() as url:
+    with server() as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    yield from _server(postgres_available, postgres_server)
 
 
 @pytest.fixture(scope="module")
 def mariadb_url():
-    reason = mariadb_available()
-    if reason:
-        pytest.skip(reason)
-    with mariadb_server() as url:
-        yield url
+    yield from _server(mariadb_available, mariadb_server)
 
 
 def _port_open(url: str) -> bool:

@@ -7,6 +7,7 @@ import resource
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -172,7 +173,7 @@ def test_sqlite_statements_without_schema_or_data_are_skipped():
         assert result.rows == [["x"]] and "line 11 (`VACUUM`): maintenance" in result.skipped
     finally:
         ws.close()
-    with pytest.raises(SchemaError, match=r"statement 4 failed: .*in: CREATE TABLE b \(x,,\)"):  # numbered as in the box
+    with pytest.raises(SchemaError, match=r"statement 4 failed: .*in: CREATE TABLE b \(x,,\)"):  # the box's number
         open_workspace("PRAGMA cache_size = 10; CREATE TABLE a (x); VACUUM; CREATE TABLE b (x,,);", "sqlite")
     with pytest.raises(SchemaError, match="Not allowed here: ATTACH"):  # not skipped: it reaches a file
         open_workspace("CREATE TABLE a (x); ATTACH DATABASE '/tmp/starsql-evil.db' AS evil;", "sqlite")
@@ -294,6 +295,13 @@ def test_live_database_runs_the_sql_itself(tmp_path):
     finally:
         ws.close()
     assert path.read_bytes() == before
+
+
+def test_the_package_docstring_names_every_module():
+    import starsql.db
+
+    modules = sorted(p.name for p in Path(starsql.db.__file__).parent.glob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if f"`{m}`:" not in starsql.db.__doc__] == []
 
 
 def test_numbers_keep_their_precision():

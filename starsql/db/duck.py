@@ -10,9 +10,10 @@ shared time Budget (a watchdog calls `conn.interrupt()`) and caps on rows and by
 compiled with EXPLAIN, never executed, or refused outright when it would touch files or settings.
 
 What DuckDB itself does not bound (one function call that builds gigabytes of string, outside
-memory_limit and deaf to interrupt()) the process does: a workspace's database lives in a worker
-process (`open_isolated`, run as `python -m starsql.db.duck`) whose address space is capped and
-which is killed once the budget and a short grace are spent, or Stop is pressed.
+memory_limit and deaf to interrupt()) the process does: a workspace's database, and a live DuckDB
+file's queries (live.DuckFile), live in a worker process (`open_isolated`, run as
+`python -m starsql.db.duck`) whose address space is capped and which is killed once the budget and
+a short grace are spent, or Stop is pressed.
 """
 
 import gc
@@ -361,7 +362,8 @@ class Worker:
         if not self.started:
             if not self.replies.poll(START_LIMIT_S) or self.replies.recv() != "started":
                 self.close()
-                raise SchemaError(0, "", f"the DuckDB worker process did not start within {START_LIMIT_S:g} s")
+                raise SchemaError(0, "", f"the DuckDB worker process did not start within {START_LIMIT_S:g} s "
+                                         "(the server is busy); try again")
             self.started = True
 
     def call(self, budget: Budget, kind: str, *args):

@@ -370,6 +370,13 @@ _TYPED_TEXT = [(re.compile(r"(?i)^date$"), "DATE"), (re.compile(r"(?i)datetime|t
                (re.compile(r"(?i)bool"), "BOOLEAN")]
 
 
+# What to do when a copy into the other engine fails: the engine that reads the upload as it is needs none.
+_COPY_TO_DUCKDB_FIX = ("Choose the dialect sqlite (it checks SQL on the file itself), or upload the data as CSV "
+                       "or Parquet.")
+_COPY_TO_SQLITE_FIX = ("Choose a dialect other than sqlite (they check SQL on the data in DuckDB, with no copy), "
+                       "or upload a smaller extract.")
+
+
 def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
     deadline = _Deadline(f"`{source.name}` into DuckDB")
     src, conn = _open_sqlite(source), _copy_connection(target)
@@ -392,9 +399,10 @@ def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
                     conn.unregister("starsql_rows")
                 _type_text_columns(conn, table, types)
     except sqlite3.Error as error:
-        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {error}.") from None
+        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {error}. {_COPY_TO_DUCKDB_FIX}") from None
     except (duckdb.Error, MemoryError) as error:
-        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {duck.message(error, Budget(0))}.") from None
+        raise UploadError(f"`{source.name}` could not be copied into DuckDB: {duck.message(error, Budget(0))}. "
+                          f"{_COPY_TO_DUCKDB_FIX}") from None
     finally:
         src.close()
         conn.close()
@@ -449,9 +457,11 @@ def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
     except sqlite3.Error as error:
         full = "database or disk is full" in str(error)
         raise UploadError(f"`{source.name}` could not be copied into SQLite: "
-                          + (f"the copy exceeds {_size_text(MAX_COPY_BYTES)}." if full else f"{error}.")) from None
+                          + (f"the copy exceeds {_size_text(MAX_COPY_BYTES)}." if full else f"{error}.")
+                          + f" {_COPY_TO_SQLITE_FIX}") from None
     except (duckdb.Error, MemoryError) as error:
-        raise UploadError(f"`{source.name}` could not be copied into SQLite: {duck.message(error, Budget(0))}.") from None
+        raise UploadError(f"`{source.name}` could not be copied into SQLite: {duck.message(error, Budget(0))}. "
+                          f"{_COPY_TO_SQLITE_FIX}") from None
     finally:
         src.close()
         conn.close()

@@ -6,7 +6,7 @@
 
 PostgreSQL and MySQL/MariaDB go through SQLAlchemy (its connection pool and inspector) with psycopg
 and pymysql, SQLite through SQLAlchemy on read-only (`mode=ro`) connections, DuckDB through its own
-Python API in the DuckDB sandbox (starsql/db/duck.py, read-only). Every query must be one SELECT
+Python API in the DuckDB sandbox's worker processes (starsql/db/duck.py, read-only). Every query must be one SELECT
 (sqlglot reads it first: anything else is refused before it reaches the server), runs in a read-only
 transaction under a statement timeout that the server enforces, is read through a streaming cursor
 no further than max_rows + 1 rows, and is always rolled back. Whatever goes wrong becomes a LiveError
