@@ -42,7 +42,7 @@ from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder, is_in_or_equal
 
 from starsql.db.dumps import dialect_hint
-from starsql.db.dialects import DEFAULT_DIALECT, DIALECTS, DialectError, check_dialect, format_sql, translate
+from starsql.db.dialects import DEFAULT_DIALECT, DIALECTS, ENGINE, DialectError, check_dialect, format_sql, translate
 from starsql.db.live import connect, redact
 from starsql.db.files import DATA_SUFFIXES, DATABASE_SUFFIXES, MAX_UPLOAD_BYTES
 from starsql.db.workspace import Workspace, open_workspace
@@ -224,30 +224,6 @@ def uploaded_files(database) -> list[str]:
     return paths
 
 
-def text_box_problem(text, what: str, limit: int, blank: str | None) -> str | None:
-    """What is wrong with a text box's content, in words, or None: blank (when `blank` says what to
-    write instead), no text, characters nothing downstream can take, too long."""
-    if blank and isinstance(text, str) and not text.strip():
-        return blank
-    problem = text_problem(text, what)
-    if problem:
-        return problem
-    if len(text) > limit:
-        return f"The {what} is {len(text):,} characters long; at most {limit:,} are allowed."
-    return None
-
-
-def schema_problem(schema, needed: bool = True) -> str | None:
-    """`needed`: no uploaded file or live database stands in for the schema box."""
-    return text_box_problem(schema, "schema", MAX_SCHEMA_CHARS, blank=needed and (
-        "Please put the database schema (CREATE TABLE statements, or a dump) in the schema box, "
-        "or upload a database file."))
-
-
-def input_problem(question) -> str | None:
-    return text_box_problem(question, "question", MAX_QUESTION_CHARS, "Please type a question about the database.")
-
-
 def open_request(schema, dialect, database, seconds: "float | Budget" = TIME_LIMIT_S,
                  schema_needed: bool = True) -> Workspace:
     """The request's database. Raises ValueError whose message says what to fix: an unknown dialect,
@@ -290,6 +266,30 @@ def database_name(database) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The work: plain functions the UI and the API call.
+
+def text_box_problem(text, what: str, limit: int, blank: str | None) -> str | None:
+    """What is wrong with a text box's content, in words, or None: blank (when `blank` says what to
+    write instead), no text, characters nothing downstream can take, too long."""
+    if blank and isinstance(text, str) and not text.strip():
+        return blank
+    problem = text_problem(text, what)
+    if problem:
+        return problem
+    if len(text) > limit:
+        return f"The {what} is {len(text):,} characters long; at most {limit:,} are allowed."
+    return None
+
+
+def schema_problem(schema, needed: bool = True) -> str | None:
+    """`needed`: no uploaded file or live database stands in for the schema box."""
+    return text_box_problem(schema, "schema", MAX_SCHEMA_CHARS, blank=needed and (
+        "Please put the database schema (CREATE TABLE statements, or a dump) in the schema box, "
+        "or upload a database file."))
+
+
+def input_problem(question) -> str | None:
+    return text_box_problem(question, "question", MAX_QUESTION_CHARS, "Please type a question about the database.")
+
 
 def history_problem(history) -> str | None:
     """What is wrong with `history` (earlier [question, sql] pairs), or None."""
@@ -512,26 +512,25 @@ def reply_markdown(sql: str, check: CheckResult | None) -> str:
     if not looks_like_sql(check.sql) and check.error:
         shown = check.sql if len(check.sql) <= 300 else check.sql[:300] + "…"
         return "\n\n".join([f"{check.error}\n\nIt wrote: `{shown.replace('`', '')}`", *notes_markdown(check)])
-    dialect = getattr(check, "dialect", DEFAULT_DIALECT) or DEFAULT_DIALECT
     parts = [f"```sql\n{check.sql}\n```"]
     if check.writes_data and check.valid:
-        kind = statement_kind(check.sql) or "this statement"
+        kind = statement_kind(check.sql, check.dialect) or "this statement"
         parts.append(f"⚠ **Changes the database ({kind}).** Valid for this schema, but not run. "
                      "Review it before running it on a real database.")
     elif not check.valid:
-        parts.append(f"✗ **Not valid for this schema** ({dialect}): {check.error}")
+        parts.append(f"✗ **Not valid for this schema** ({check.dialect}): {check.error}")
     else:
-        parts.append(f"✓ **Valid for this schema** ({dialect}).")
+        parts.append(f"✓ **Valid for this schema** ({check.dialect}).")
     if check.unknown_identifiers:
         names = ", ".join(f"`{name}`" for name in check.unknown_identifiers)
         parts.append(f"Not in the schema: {names}")
-    if check.valid and getattr(check, "not_verified", None):
-        parts.append(f"_Not verified by the check: {check.not_verified}_")
+    if check.valid and check.not_verified and ENGINE.get(check.dialect, check.dialect) != check.dialect:
+        parts.append(f"_{check.not_verified}_")  # checked by another engine: what it cannot see
     if check.valid and not check.writes_data:
         if check.error:  # ran into the time limit
             parts.append(check.error)
         elif check.rows is not None:
-            count = rows_text(len(check.rows), check.truncated, getattr(check, "total_rows", None))
+            count = rows_text(len(check.rows), check.truncated, getattr(check, "total_rows", None))  # see described()
             parts.append(f"Result ({count}):\n\n" + markdown_table(check.columns, check.rows))
             if len(check.rows) > SHOWN_ROWS:
                 parts.append(f"_…first {SHOWN_ROWS} shown._")
@@ -629,7 +628,7 @@ def verdict_line(check: CheckResult) -> str:
         return f"✓ **Valid** ({check.dialect})" + (f": {check.error}" if check.error else "; no rows to run it on.")
     total = getattr(check, "total_rows", None)
     return f"✓ **Valid** ({check.dialect}): {rows_text(len(check.rows), check.truncated, total)}" + (
-        ", all in the table, the chart and the CSV." if check.truncated else ".")
+        " (the table, the chart and the CSV hold these)." if check.truncated else ".")
 
 
 def result_view(check: CheckResult | None, folder: str) -> tuple:
@@ -792,8 +791,9 @@ def describe_schema(schema: str, dialect: str = DEFAULT_DIALECT, files=None) -> 
     line = f"✓ {tables}; {data}."
     if workspace.skipped:
         words = ", ".join(f"`{s.words}`" for s in workspace.skipped[:3]) + (", …" if len(workspace.skipped) > 3 else "")
-        line += f"\n\n_Skipped {len(workspace.skipped)} statement{'s' if len(workspace.skipped) != 1 else ''} " \
-                f"that hold no schema or data: {words}._"
+        count = len(workspace.skipped)
+        line += f"\n\n_Skipped {count} statement{'s' if count != 1 else ''} that hold{'s' if count == 1 else ''} " \
+                f"no schema or data: {words}._"
     return line
 
 
@@ -891,11 +891,12 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                                          buttons=["copy", "fullscreen"], elem_id="result-table")
                     bar = gr.BarPlot(visible=False, scale=2, height=340, x_label_angle=-30, elem_id="bar-chart")
                     line = gr.LinePlot(visible=False, scale=2, height=340, elem_id="line-chart")
-            examples = gr.Examples(
-                examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
-                example_labels=[f"{label}: {q}" for label, q, _ in EXAMPLES],
-                label="Examples: click one to try it (it loads its database too)", examples_per_page=len(EXAMPLES),
-            )
+            with gr.Column(visible=not LIVE_URL):  # the examples bring their own databases, not the live one
+                examples = gr.Examples(
+                    examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
+                    example_labels=[f"{label}: {q}" for label, q, _ in EXAMPLES],
+                    label="Examples: click one to try it (it loads its database too)", examples_per_page=len(EXAMPLES),
+                )
         with gr.Column(scale=2):
             dialect = gr.Dropdown(list(DIALECTS), value=FIRST_DIALECT, label="SQL dialect", elem_id="dialect",
                                   info="Of your schema and of the SQL you get back; the check follows its meaning.")
