@@ -474,7 +474,7 @@ def open_isolated(tables: list[Table], budget: Budget, path: "str | Path | None"
         raise SchemaError(0, "", str(stopped)) from None
     if reply != "ok":
         give_back(worker)
-        raise SchemaError(0, "", value)
+        raise SchemaError(0, "", value if reply == "error" else str(WorkerStopped("time", budget)))
     return IsolatedDatabase(worker, *value, budget)
 
 

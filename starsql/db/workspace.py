@@ -7,7 +7,8 @@ chosen dialect), an uploaded file, or a live database URL.
     ws.close()
 
 The SQL is checked by the embedded engine that is faithful to the dialect (dialects.ENGINE): SQLite
-for SQLite (today's path, exactly: check.open_database / check_sql), DuckDB for the others, the SQL
+for SQLite (today's path: check.open_database / check_sql, the schema box less the statements in
+SQLITE_SKIPPED, and a hint when it is another dialect's dump), DuckDB for the others, the SQL
 rewritten for it by dialects.to_engine; NOT_VERIFIED[dialect] says what that cannot show. A live
 database runs the SQL itself (read-only, starsql/db/live.py), so nothing is left unverified. Loading,
 listing, compiling and running all spend one time budget. DuckDB runs in a worker process with its
