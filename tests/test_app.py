@@ -729,3 +729,31 @@ def test_a_live_database_is_queried_and_its_password_never_shown(app, monkeypatc
     assert app.live_database_url(url, {"SPACE_ID": "me/starsql"}) == ""
     assert app.live_database_url(url, {"SPACE_ID": "me/starsql", "DATABASE_ON_SPACE": "1"}) == url
     assert app.live_database_url("", {}) == ""
+
+
+def test_the_app_on_a_live_postgresql_server(app, monkeypatch):
+    """--database postgresql://...: a real server (started here from the Debian binaries); the
+    schema box fills from it, queries run on it, and a wrong password says so without showing it."""
+    from servers import postgres_available, postgres_server
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server() as url:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE singer (singer_id integer PRIMARY KEY, name text, country text, age integer);"
+                         "INSERT INTO singer VALUES (1, 'Joe Sharp', 'Netherlands', 52), (2, 'Justin Brown', 'France', 29)")
+        monkeypatch.setattr(app, "LIVE_URL", url)
+        schema, dialect = app.live_schema()
+        assert dialect == "postgres" and "CREATE TABLE singer (singer_id INTEGER PRIMARY KEY" in schema
+        result = app.check_api("SELECT name FROM singer WHERE name ILIKE 'joe%'", "", "postgres")
+        assert result["valid"] and result["rows"] == [["Joe Sharp"]] and result["not_verified"] is None
+        deleted = app.check_api("DELETE FROM singer", "", "postgres")
+        assert deleted["writes_data"] and not deleted["rows"]
+        assert app.check_api("SELECT count(*) FROM singer", "", "postgres")["rows"] == [[2]]  # nothing was deleted
+        password = url.split(":")[2].split("@")[0]
+        monkeypatch.setattr(app, "LIVE_URL", url.replace(password, "wrong-" + password))
+        error = app.check_api("SELECT 1", "", "postgres")["error"]
+        assert "password" in error.lower() and password not in error, error
