@@ -136,7 +136,8 @@ def test_bad_input_raises_what_to_fix():
         open_workspace("CREATE TABLE (", "postgres")
 
 
-@pytest.mark.parametrize("schema, dialect", [(PG_DUMP, "postgres"), (MYSQL_SCHEMA, "mysql")])
+@pytest.mark.parametrize("schema, dialect", [(PG_DUMP, "postgres"), (MYSQL_SCHEMA, "mysql")],
+                         ids=["pg_dump", "mysqldump"])
 def test_another_dialects_dump_with_sqlite_chosen_says_which_to_choose(schema, dialect):
     with pytest.raises(SchemaError) as raised:
         open_workspace(schema, "sqlite")
@@ -173,6 +174,10 @@ def test_sqlite_statements_without_schema_or_data_are_skipped():
         assert result.rows == [["x"]] and "line 11 (`VACUUM`): maintenance" in result.skipped
     finally:
         ws.close()
+    shell_schema = Path(__file__).parent / "fixtures" / "dumps" / "shop.sqlite_schema.sql"  # the real shell's
+    ws = open_workspace(shell_schema.read_text(), "sqlite")
+    ws.close()
+    assert [s.words for s in ws.skipped] == ["CREATE TABLE sqlite_sequence(name,seq)"]
     with pytest.raises(SchemaError, match=r"statement 4 failed: .*in: CREATE TABLE b \(x,,\)"):  # the box's number
         open_workspace("PRAGMA cache_size = 10; CREATE TABLE a (x); VACUUM; CREATE TABLE b (x,,);", "sqlite")
     with pytest.raises(SchemaError, match="Not allowed here: ATTACH"):  # not skipped: it reaches a file
