@@ -22,6 +22,7 @@ Users are processes of their own, so that the client's parsing does not share on
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import socket
@@ -55,6 +56,7 @@ QUESTIONS = [
 WRITING = "Writing SQL"  # app.py's marker of a reply the model is still writing
 READY_LINE = "Fast decoding is ready"  # starsql.serve.decode.WarmingBackend's log line
 DEFAULT_APPS = ["batched=DECODE_BATCH=16", "batched-restart=DECODE_BATCH=16", "one-stream=DECODE_BATCH=1"]
+DEFAULT_START_ONLY = "batched-restart"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -193,7 +195,8 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
     results["apps"].append(record)
     app = App(model_dir, env, Path(args.log_dir) / f"app-{name}.log")
     try:
-        with ProcessPoolExecutor(max(args.users)) as pool:
+        # Spawned, not forked: a fork would copy this process's gradio_client (its threads do not survive a fork).
+        with ProcessPoolExecutor(max(args.users), mp_context=multiprocessing.get_context("spawn")) as pool:
             first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
             record["first_answer_tokens"] = first["tokens"]
@@ -213,6 +216,7 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
     finally:
         app.stop()
         record["log_tail"] = [line.rstrip()[:300] for _, line in app.lines[-8:]] if "error" in record else None
+        record["decoder_timings"] = [line.strip() for _, line in app.lines if line.startswith("Batched decoder:")]
     print(json.dumps(record), flush=True)
 
 
@@ -225,10 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Questions each user asks, one after another.")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--app", action="append", help=f"name=VAR=value,VAR=value (repeatable; default {DEFAULT_APPS}).")
-    parser.add_argument("--start_only", default="", help="Comma-separated app names timed at start only (no loads).")
+    parser.add_argument("--start_only", default=DEFAULT_START_ONLY, help="Comma-separated app names timed at start only (no loads).")
     parser.add_argument("--compile_cache", default=f"/tmp/starsql-serve-load-{os.getpid()}",
                         help="TORCHINDUCTOR_CACHE_DIR of every app: new (empty) at the first, kept for the restarts.")
-    parser.add_argument("--start_timeout", type=float, default=600)
+    parser.add_argument("--start_timeout", type=float, default=300, help="Seconds an app may take to answer, and to be fast.")
     parser.add_argument("--log_dir", default=None, help="The apps' logs (default: beside --out).")
     args = parser.parse_args(argv)
     args.users = [int(u) for u in args.users.split(",")]

@@ -26,6 +26,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..prompt import extract_sql, first_statement_end
 
 GENERATE_CONCURRENCY = 2  # generate() calls at once; more mostly split the same GPU between them
+# While torch.compile runs in the build thread (pure Python for minutes), a generate() thread waits this long for
+# the GIL after each torch call lets it go (Python's default: 5 ms, some seconds a token).
+BUILD_SWITCH_INTERVAL_S = 0.0005
 DECODE_BATCH = 16  # answers the fast backend decodes together (env DECODE_BATCH; 1: the one-stream decoder)
 
 
@@ -155,6 +158,7 @@ class WarmingBackend:
 
     def _build(self, build: Callable[[], object]):
         started = time.perf_counter()
+        sys.setswitchinterval(min(sys.getswitchinterval(), BUILD_SWITCH_INTERVAL_S))  # for the whole process
         try:
             self.fast = build()
             # One line in the log, which operators (and bench/serve_load.py) read.

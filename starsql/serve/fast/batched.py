@@ -7,13 +7,15 @@ waiting requests (each prompt's forward runs alone, through a GreedyDecoder's pr
 into a free slot) and drops the ones that are done (EOS, their token budget, or their stream closed), so a
 request joins the running batch at the next step and leaves as soon as it is done. A step runs the first
 `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each bucket's step is
-compiled and captured as a CUDA graph. Each row writes and reads only its own cache row, up to its own
-position, so a request's tokens are the ones it gets decoded alone.
+captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
+Each row writes and reads only its own cache row, up to its own position, so a request's tokens are the ones it
+gets decoded alone. Every REPORT_EVERY steps the engine writes its timings to the log.
 """
 
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +24,7 @@ from .decoder import GreedyDecoder, capture_graph
 from .gemv import routing
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
+REPORT_EVERY = 2000  # steps between two lines of the engine's timings in the log
 SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
 
 
@@ -47,9 +50,39 @@ class _Bucket:
         self.rows = rows
         self.tokens = decoder.step_tokens[:rows]
         self.live = decoder.live[:rows]
+        self.host = decoder.host_tokens[:rows]
         self.cache = SlotCache([k[:rows] for k in decoder.keys], [v[:rows] for v in decoder.values], decoder.positions[:rows])
         self.graph = None
         self.prepared = False
+
+
+class EngineTimings:
+    """What the engine thread spends its time on, written to the log every REPORT_EVERY steps: where a slow
+    batch shows its cause (the GPU's step, the host between steps, prefills)."""
+
+    def __init__(self):
+        self.steps = self.rows = self.prefills = 0
+        self.step_s = self.prefill_s = 0.0
+        self.since = time.perf_counter()
+
+    def prefilled(self, seconds: float):
+        self.prefills += 1
+        self.prefill_s += seconds
+
+    def stepped(self, rows: int, seconds: float):
+        self.steps += 1
+        self.rows += rows
+        self.step_s += seconds
+        if self.steps >= REPORT_EVERY:
+            print(self.line(), file=sys.stderr, flush=True)
+            self.__init__()
+
+    def line(self) -> str:
+        wall = time.perf_counter() - self.since
+        per_step = 1e3 * self.step_s / max(self.steps, 1)
+        return (f"Batched decoder: {self.steps} steps in {wall:.1f} s, {self.rows / max(self.steps, 1):.1f} requests a "
+                f"step, {per_step:.2f} ms a step (replay to tokens on the host); {self.prefills} prefills, "
+                f"{1e3 * self.prefill_s / max(self.prefills, 1):.1f} ms each")
 
 
 class Request:
@@ -94,22 +127,25 @@ class BatchedDecoder:
         self.step_tokens = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.live = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.buckets = {rows: _Bucket(self, rows) for rows in sorted({b for b in buckets if b < max_batch} | {max_batch})}
         self.use_graph = self.device.type == "cuda"
+        self.host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.use_graph)
+        self.buckets = {rows: _Bucket(self, rows) for rows in sorted({b for b in buckets if b < max_batch} | {max_batch})}
         self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # buckets never run at once
-        self._host = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.use_graph)
         compile = self.use_graph if compile is None else compile
-        self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False) if compile else self._forward_step
-        if compile:  # one compile per bucket, all of _forward_step's budget
+        # Two compiles, not one a bucket: the 1-row step (the kernel's linears), then, when the next bucket's size
+        # differs, torch.compile's automatic dynamic shapes make the rows a symbol, one graph for every other bucket.
+        self._step = torch.compile(self._forward_step, fullgraph=True) if compile else self._forward_step
+        if compile:  # all decoders share _forward_step's compile budget; past it, fullgraph raises
             import torch._dynamo as dynamo
 
-            dynamo.config.recompile_limit += len(self.buckets)
+            dynamo.config.recompile_limit += 2
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.slots: dict[int, Request] = {}  # busy slot -> its request; only the engine thread touches it
         self.error: BaseException | None = None  # what stopped the engine; requests then fail with it
         self._engine: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.timings = EngineTimings()
 
     # --- the step ---
 
@@ -124,11 +160,13 @@ class BatchedDecoder:
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
     def _advance(self, bucket: _Bucket):
-        """One step of the bucket's rows: each gets its next token and, where live, the next position."""
+        """One step of the bucket's rows: each gets its next token and, where live, the next position; the
+        tokens are copied to the host (pinned memory on a GPU: read once the stream has run the step)."""
         with routing():  # one row (the 1 bucket): the linears through starsql.serve.fast.gemv's kernel, if the model has it
             next_tokens = self._step(bucket.tokens, bucket.cache)
         bucket.tokens.copy_(next_tokens)
         bucket.cache.positions.add_(bucket.live)
+        bucket.host.copy_(next_tokens.view(-1), non_blocking=self.use_graph)
 
     def _prepare(self, bucket: _Bucket):
         """Compile and warm up the bucket's step (and capture it on a GPU). Only while no slot is busy: the
@@ -179,11 +217,13 @@ class BatchedDecoder:
             if request.closed:
                 continue
             slot = min(set(range(self.max_batch)) - self.slots.keys())  # the lowest: smaller buckets
+            started = time.perf_counter()
             try:
                 first = self._prefill(request, slot)
             except BaseException as error:
                 request.out.put(error)
                 raise
+            self.timings.prefilled(time.perf_counter() - started)
             if not request.deliver(first):
                 self.slots[slot] = request
                 self.live[slot] = 1
@@ -197,15 +237,16 @@ class BatchedDecoder:
         bucket = next(b for rows, b in self.buckets.items() if rows > max(self.slots))
         if not bucket.prepared:
             raise RuntimeError("the decoder was not warmed up")
+        # Few Python calls into torch a step: each lets go of the GIL and may wait for it to come back.
+        started = time.perf_counter()
         if bucket.graph is not None:
             bucket.graph.replay()
         else:
             self._advance(bucket)
-        host = self._host[: bucket.rows]
-        host.copy_(bucket.tokens.view(-1), non_blocking=self.use_graph)
-        if self.use_graph:
+        if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # releases the GIL while the step runs
-        tokens = host.tolist()
+        tokens = bucket.host.tolist()
+        self.timings.stepped(len(self.slots), time.perf_counter() - started)
         for slot, request in list(self.slots.items()):
             if request.closed or request.deliver(tokens[slot]):
                 self._leave(slot)
