@@ -265,6 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--app_max_new_tokens", type=int, default=256, help="app.py's DEFAULT_NEW_TOKENS.")
     parser.add_argument("--concurrent", type=int, default=16, help="Requests sent at once to the app's backend.")
     parser.add_argument("--batch", type=int, default=16, help="The batched backend's batch (app.py's DECODE_BATCH).")
+    parser.add_argument("--batch_compile", type=int, default=1, choices=(0, 1),
+                        help="0: the batched backend's CUDA graphs from the eager model (app.py's DECODE_COMPILE=0).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -501,7 +503,7 @@ def main(argv=None) -> int:
         """The batched backend app.py builds on a dedicated GPU (starsql.serve.fast.build), built once for all counts."""
         if "backend" not in batched:
             try:
-                batched["backend"] = build(model, tokenizer, args.batch)
+                batched["backend"] = build(model, tokenizer, args.batch, compile=bool(args.batch_compile))
             finally:  # a failed build turns the kernel off; the configurations after it keep the app's model
                 if details["gemv_layers"]:
                     use_gemv(model)

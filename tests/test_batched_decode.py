@@ -159,3 +159,7 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_BATCH", "many")
     with pytest.raises(ValueError, match="DECODE_BATCH must be a whole number"):
         build_backend(model, tokenizer, fast=True)
+    monkeypatch.setenv("DECODE_BATCH", "2")
+    monkeypatch.setenv("DECODE_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="DECODE_COMPILE must be 1"):
+        build_backend(model, tokenizer, fast=True)

@@ -30,6 +30,8 @@ GENERATE_CONCURRENCY = 2  # generate() calls at once; more mostly split the same
 # the GIL after each torch call lets it go (Python's default: 5 ms, some seconds a token).
 BUILD_SWITCH_INTERVAL_S = 0.0005
 DECODE_BATCH = 16  # answers the fast backend decodes together (env DECODE_BATCH; 1: the one-stream decoder)
+# DECODE_COMPILE=0: the fast backend's CUDA graphs are captured from the eager model: ready in seconds, not
+# minutes, at slower steps (torch.compile fuses the step's small kernels).
 
 
 class BackendError(RuntimeError):
@@ -179,6 +181,13 @@ class WarmingBackend:
         return (self.fast or self.plain).stream(prompt, max_new_tokens, temperature)
 
 
+def decode_compile() -> bool:
+    value = os.environ.get("DECODE_COMPILE", "1").lower()
+    if value not in ("0", "1", "false", "true", "no", "yes"):
+        raise ValueError(f"DECODE_COMPILE must be 1 (compile the fast backend's step) or 0 (do not), not {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def decode_batch() -> int:
     """DECODE_BATCH from the environment: how many answers the fast backend decodes together."""
     value = os.environ.get("DECODE_BATCH", str(DECODE_BATCH))
@@ -190,19 +199,21 @@ def decode_batch() -> int:
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):
     """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
     answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
-    one-stream decoder). The fast backend is compiled and captured in a background thread (a WarmingBackend:
-    plain generate() answers meanwhile); if it cannot be built for this model (torch.compile or Triton
-    fails), a warning, and plain generate() on the model as it was."""
+    one-stream decoder), its step compiled unless DECODE_COMPILE=0. The fast backend is compiled and captured
+    in a background thread (a WarmingBackend: plain generate() answers meanwhile); if it cannot be built for
+    this model (torch.compile or Triton fails), a warning, and plain generate() on the model as it was."""
     if not fast:
         return GenerateBackend(model, tokenizer)
     from . import fast as fast_package
 
     batch = decode_batch() if batch is None else batch
+    compile = decode_compile()
     try:
         # Changes the model in place: done here, before any request, not beside a running generate().
         fast_package.prepare_model(model)
     except Exception as error:  # noqa: BLE001
         warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         return GenerateBackend(model, tokenizer)
-    return WarmingBackend(GenerateBackend(model, tokenizer), lambda: fast_package.build(model, tokenizer, batch),
+    return WarmingBackend(GenerateBackend(model, tokenizer),
+                          lambda: fast_package.build(model, tokenizer, batch, compile=compile),
                           concurrency=fast_package.concurrency(model, batch))  # fmt: skip
