@@ -41,7 +41,6 @@ import torch
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder, is_in_or_equal
 
-from starsql.db.dumps import dialect_hint
 from starsql.db.dialects import DEFAULT_DIALECT, DIALECTS, ENGINE, DialectError, check_dialect, format_sql, translate
 from starsql.db.live import connect, redact
 from starsql.db.files import DATA_SUFFIXES, DATABASE_SUFFIXES, MAX_UPLOAD_BYTES
@@ -238,9 +237,8 @@ def open_request(schema, dialect, database, seconds: "float | Budget" = TIME_LIM
         return open_workspace("", dialect, url=LIVE_URL, seconds=seconds)
     try:
         return open_workspace(schema, dialect, seconds=seconds)
-    except SchemaError as error:
-        hint = dialect_hint(schema, dialect)  # a pg_dump or a mysqldump pasted with sqlite chosen
-        raise ValueError(f"The schema does not load. {error}" + (f" ({hint})" if hint else "")) from None
+    except SchemaError as error:  # its message already names the dialect a pasted dump looks like
+        raise ValueError(f"The schema does not load. {error}") from None
 
 
 def prompt_schema(schema: str, workspace: Workspace, database) -> str:

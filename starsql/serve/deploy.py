@@ -36,9 +36,10 @@ def _imported_modules(path: Path) -> set[str]:
                 base = node.module or ""
             if base.split(".")[0] == PACKAGE:
                 found.add(base)
-                # `from starsql.serve import check` imports a module, not a name
+                # `from starsql.serve import check` (or `from . import fast`) imports a module or a package
+                folder = ROOT / base.replace(".", "/")
                 found |= {f"{base}.{alias.name}" for alias in node.names
-                          if (ROOT / base.replace(".", "/") / f"{alias.name}.py").is_file()}
+                          if (folder / f"{alias.name}.py").is_file() or (folder / alias.name / "__init__.py").is_file()}
     return found
 
 
