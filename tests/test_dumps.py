@@ -6,12 +6,14 @@ again from servers started from the Debian packages (tests/servers.py), and test
 fresh dumps still read the same wherever the binaries exist.
 """
 
+import contextlib
+import operator
 import shutil
 import sqlite3
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from starsql.db.dialects import DialectError  # noqa: E402
+from starsql.db import live  # noqa: E402
+from starsql.db.dialects import DialectError, translate  # noqa: E402
 from starsql.db.dumps import DumpError, parse_dump  # noqa: E402
 from starsql.schema import render_schema  # noqa: E402
 from tests import servers  # noqa: E402
@@ -59,34 +62,47 @@ DUMPS = {
 
 # -- making the dumps with the real tools ------------------------------------------------------
 
-def postgres_dumps() -> dict[str, str]:
+def postgres_dumps(url: str) -> dict[str, str]:
     import psycopg
 
-    with servers.postgres_server() as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute((FIXTURES / "shop_postgres.sql").read_text())
-        return {"shop.pg_dump.sql": servers.dump_postgres(url),
-                "shop.pg_dump_schema.sql": servers.dump_postgres(url, schema_only=True),
-                "shop.pg_dump_inserts.sql": servers.dump_postgres(
-                    url, extra_args=("--column-inserts", "--rows-per-insert=2"))}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute((FIXTURES / "shop_postgres.sql").read_text())
+    return {"shop.pg_dump.sql": servers.dump_postgres(url),
+            "shop.pg_dump_schema.sql": servers.dump_postgres(url, schema_only=True),
+            "shop.pg_dump_inserts.sql": servers.dump_postgres(
+                url, extra_args=("--column-inserts", "--rows-per-insert=2"))}
 
 
-def mariadb_dumps() -> dict[str, str]:
+def mariadb_dumps(url: str) -> dict[str, str]:
     import pymysql
     from pymysql.constants import CLIENT
 
-    with servers.mariadb_server() as url:
-        parts = urlsplit(url)
-        conn = pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username, password=parts.password,
-                               database=parts.path.lstrip("/"), client_flag=CLIENT.MULTI_STATEMENTS, autocommit=True)
-        with conn, conn.cursor() as cursor:
-            cursor.execute((FIXTURES / "shop_mariadb.sql").read_text())
-            while cursor.nextset():
-                pass
-        return {"shop.mysqldump.sql": servers.dump_mariadb(url),
-                "shop.mysqldump_schema.sql": servers.dump_mariadb(url, no_data=True),
-                "shop.mysqldump_compact.sql": servers.dump_mariadb(
-                    url, extra_args=("--compact", "--routines", "--skip-extended-insert", "--complete-insert"))}
+    parts = urlsplit(url)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username, password=parts.password,
+                           database=parts.path.lstrip("/"), client_flag=CLIENT.MULTI_STATEMENTS, autocommit=True)
+    with conn, conn.cursor() as cursor:
+        cursor.execute((FIXTURES / "shop_mariadb.sql").read_text())
+        while cursor.nextset():
+            pass
+    return {"shop.mysqldump.sql": servers.dump_mariadb(url),
+            "shop.mysqldump_schema.sql": servers.dump_mariadb(url, no_data=True),
+            "shop.mysqldump_compact.sql": servers.dump_mariadb(
+                url, extra_args=("--compact", "--routines", "--skip-extended-insert", "--complete-insert"))}
+
+
+SERVERS = {"postgres": (servers.postgres_available, servers.postgres_server, postgres_dumps),
+           "mysql": (servers.mariadb_available, servers.mariadb_server, mariadb_dumps)}
+
+
+@contextlib.contextmanager
+def started_servers(dialects=tuple(SERVERS)):
+    """{dialect: URL} of real servers, all started at once, for those whose binaries exist here."""
+    wanted = [dialect for dialect in dialects if SERVERS[dialect][0]() is None]
+    # A server dies with the thread that started it (tests/servers.py), so the threads outlive the servers.
+    with ThreadPoolExecutor(2) as pool, contextlib.ExitStack() as stack:
+        starts = [pool.submit(lambda d=dialect: stack.enter_context(SERVERS[d][1]())) for dialect in wanted]
+        wait(starts)  # every start done before any error is raised, so the stack stops each one started
+        yield {dialect: start.result() for dialect, start in zip(wanted, starts)}
 
 
 def sqlite_dumps(directory: Path) -> dict[str, str]:
@@ -212,11 +228,12 @@ SMALL_DDL = {
 def test_one_schema_in_every_dialect_gives_one_prompt_text(dialect):
     dump = parse_dump(SMALL_DDL[dialect], dialect)
     rendered = render_schema(dump.tables)
-    if dialect == "snowflake":  # Snowflake's NUMBER(38,0) is its integer, written with its precision
-        rendered = rendered.replace("id NUMERIC(38,0)", "id INTEGER")
+    if dialect == "snowflake":  # Snowflake's NUMBER(38,0) is its integer, written with its precision;
+        # Snowflake stores unquoted names in upper case (its GET_DDL and catalog spell them so)
+        rendered = rendered.replace("ID NUMERIC(38,0)", "ID INTEGER")
     if dialect == "duckdb":  # DuckDB ignores VARCHAR lengths, and so does sqlglot's reading of them
         rendered = rendered.replace("name TEXT", "name VARCHAR(100)")
-    assert rendered == SMALL_SCHEMA
+    assert rendered == (SMALL_SCHEMA.upper() if dialect == "snowflake" else SMALL_SCHEMA)
 
 
 def test_plain_sqlite_ddl_views_and_rows():
@@ -271,6 +288,58 @@ def test_postgres_details():
     assert [(e.line, e.reason.split(":")[0]) for e in dump.skipped] == [
         (1, "a psql command"), (2, "code or server objects, not tables"), (3, "the domain money_amount"),
         (7, "a partition of m")]
+
+
+# Hand-written PostgreSQL DDL, names unquoted in mixed case (which PostgreSQL folds to lower case) and
+# quoted (which keep their case), used in keys, a view, INSERT column lists, ALTER TABLE and COPY.
+MIXED_CASE_DDL = """\
+CREATE TABLE Singers (Singer_ID integer PRIMARY KEY, Name text, "Country" text);
+CREATE TABLE "Concert" ("Concert_ID" integer, Singer_ID integer, PRIMARY KEY ("Concert_ID"),
+    FOREIGN KEY (Singer_ID) REFERENCES Singers (Singer_ID));
+ALTER TABLE "Concert" ADD COLUMN Year_Held integer;
+CREATE TABLE Tours (Tour_Name text) PARTITION BY LIST (Tour_Name);
+CREATE TABLE Tours_2014 PARTITION OF Tours FOR VALUES IN ('Spring');
+CREATE VIEW Singer_Homes AS SELECT Name, "Country" AS Home FROM Singers;
+INSERT INTO SINGERS (Singer_ID, NAME, "Country") VALUES (1, 'Ann', 'France'), (2, 'Bob', 'Peru');
+INSERT INTO "Concert" VALUES (10, 1, 2014), (11, 2, 2015);
+COPY public.TOURS_2014 (Tour_Name) FROM stdin;
+Spring
+\\.
+"""
+MIXED_CASE_SCHEMA = """\
+CREATE TABLE singers (singer_id INTEGER PRIMARY KEY, name TEXT, Country TEXT);
+CREATE TABLE Concert (Concert_ID INTEGER PRIMARY KEY, singer_id INTEGER, year_held INTEGER, FOREIGN KEY (singer_id) REFERENCES singers(singer_id));
+CREATE TABLE tours (tour_name TEXT);
+CREATE TABLE singer_homes (name TEXT, home TEXT);"""
+
+
+@pytest.mark.parametrize("dialect, fold", [("postgres", str.lower), ("snowflake", str.upper), ("duckdb", None),
+                                           ("mysql", None), ("tsql", None), ("bigquery", None), ("sqlite", None)])
+def test_unquoted_names_are_spelled_as_the_server_stores_them(dialect, fold):
+    """PostgreSQL folds unquoted names to lower case, Snowflake to upper case; quoted names keep their
+    case. The other servers keep names as written (DuckDB compares them ignoring case)."""
+    text = "CREATE TABLE Singers (Singer_ID int PRIMARY KEY, \"Country\" text);\n" \
+           "CREATE TABLE Concert (Singer_ID int REFERENCES Singers (Singer_ID));\n" \
+           "CREATE VIEW Homes AS SELECT \"Country\" AS Home FROM Singers;\n" \
+           "INSERT INTO Singers VALUES (1, 'France');\n"
+    if dialect in ("mysql", "bigquery"):
+        text = text.replace('"', "`")
+    dump = parse_dump(text, dialect)
+    spelled = fold or (lambda name: name)
+    assert [(t.name, t.column_names(), t.primary_key) for t in dump.tables] == [
+        (spelled("Singers"), [spelled("Singer_ID"), "Country"], [spelled("Singer_ID")]),
+        (spelled("Concert"), [spelled("Singer_ID")], []), (spelled("Homes"), [spelled("Home")], [])]
+    key = dump.tables[1].foreign_keys[0]
+    assert (key.columns, key.ref_table, key.ref_columns) == ([spelled("Singer_ID")], spelled("Singers"), [spelled("Singer_ID")])
+    assert list(dump.rows) == [spelled("Singers")] and list(dump.views) == [spelled("Homes")]
+
+
+def test_mixed_case_postgres_ddl_reads_with_folded_names():
+    dump = parse_dump(MIXED_CASE_DDL, "postgres")
+    assert render_schema(dump.tables) == MIXED_CASE_SCHEMA
+    assert dump.rows == {"singers": [(1, "Ann", "France"), (2, "Bob", "Peru")],
+                         "Concert": [(10, 1, 2014), (11, 2, 2015)], "tours": [("Spring",)]}
+    assert dump.views == {"singer_homes": 'SELECT name, "Country" AS home FROM singers'}
 
 
 def test_mysql_details():
@@ -480,14 +549,18 @@ def test_big_dumps_read_their_rows_without_sqlglot_per_row(monkeypatch):
 # -- live servers -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def live_dumps(tmp_path_factory):
+def server_urls():
+    """{dialect: URL} of the real servers this module shares, where the binaries exist."""
+    with started_servers() as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def live_dumps(server_urls, tmp_path_factory):
     """Fresh dumps from real servers, where the binaries exist (each part skips on its own)."""
     made = sqlite_dumps(tmp_path_factory.mktemp("sqlite"))
-    makers = [make for available, make in ((servers.postgres_available, postgres_dumps),
-                                           (servers.mariadb_available, mariadb_dumps)) if available() is None]
-    with ThreadPoolExecutor(2) as pool:  # both servers start at once
-        for dumps in pool.map(lambda make: make(), makers):
-            made.update(dumps)
+    for dialect, url in server_urls.items():
+        made.update(SERVERS[dialect][2](url))
     return made
 
 
@@ -499,11 +572,40 @@ def test_live_dumps_read_as_the_fixtures_do(live_dumps, name):
     assert_shop(parse_dump(live_dumps[name], DUMPS[name]), with_rows="schema" not in name)
 
 
+def test_mixed_case_names_are_the_real_servers_and_translated_sql_runs_there(server_urls):
+    """The hand-written DDL's names are those PostgreSQL reports for it, and SQLite SQL translated with
+    that schema runs there: `Singers` in the model's SQL is `singers` on the server, `"Concert"` stays quoted."""
+    import psycopg
+
+    if "postgres" not in server_urls:
+        pytest.skip(f"no PostgreSQL server here: {servers.postgres_available()}")
+    with psycopg.connect(server_urls["postgres"], autocommit=True) as conn:  # a database of its own
+        conn.execute("CREATE DATABASE mixed_case")
+    url = server_urls["postgres"].rsplit("/", 1)[0] + "/mixed_case"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(MIXED_CASE_DDL.split("COPY")[0] + "INSERT INTO Tours VALUES ('Spring');")
+    database = live.connect(url)
+    try:
+        by_name = operator.attrgetter("name")
+        tables = parse_dump(MIXED_CASE_DDL, "postgres").tables
+        reported = [t for t in database.tables() if t.name != "tours_2014"]  # a partition: its rows are the parent's
+        assert render_schema(sorted(reported, key=by_name)) == render_schema(sorted(tables, key=by_name))
+        sql = translate("SELECT Singers.Name, Concert.Year_Held, Singers.Country FROM Singers JOIN Concert "
+                        "ON Singers.Singer_ID = Concert.Singer_ID WHERE Concert.Concert_ID IN "
+                        "(SELECT Concert_ID FROM Concert WHERE Year_Held > 2014) "
+                        "UNION SELECT Home, 0, Name FROM Singer_Homes WHERE Home LIKE 'fr%' ORDER BY 2",
+                        "postgres", schema=tables)
+        with psycopg.connect(url) as conn:
+            assert conn.execute(sql).fetchall() == [("France", 0, "Ann"), ("Bob", 2015, "Peru")], sql
+    finally:
+        live.close_all()  # its connections would keep the server from stopping
+
+
 if __name__ == "__main__":  # write the fixtures again from real servers
     import tempfile
 
-    with tempfile.TemporaryDirectory() as directory:
-        made = {**sqlite_dumps(Path(directory)), **postgres_dumps(), **mariadb_dumps()}
+    with tempfile.TemporaryDirectory() as directory, started_servers() as urls:
+        made = {**sqlite_dumps(Path(directory)), **postgres_dumps(urls["postgres"]), **mariadb_dumps(urls["mysql"])}
     for file_name, text in made.items():
         (FIXTURES / file_name).write_text(text, encoding="utf-8")
         print("wrote", FIXTURES / file_name)

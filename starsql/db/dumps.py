@@ -9,6 +9,8 @@ Reading goes in three steps, top to bottom in this file:
 2. read each statement with sqlglot in the chosen dialect: CREATE TABLE / VIEW / TYPE ... AS ENUM /
    DOMAIN and ALTER TABLE ... ADD (keys, columns) build the tables; INSERT and COPY give rows; what
    holds no schema or data (SET, GRANT, indexes, sequences, owners, comments...) is skipped with a reason;
+   names are spelled as the server stores them: PostgreSQL folds unquoted names to lower case,
+   Snowflake to upper case (`CREATE TABLE Singers` makes `singers`); quoted names keep their case;
 3. column types become SQLite-style names (INTEGER, REAL, NUMERIC, TEXT, VARCHAR(n), DATE, DATETIME,
    BOOLEAN, BLOB...), so the same schema renders the same in every dialect.
 Problems are collected, not raised one by one: the user fixes them all at once.
@@ -23,7 +25,9 @@ from dataclasses import dataclass, field
 
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect, NormalizationStrategy
 from sqlglot.optimizer.annotate_types import annotate_types
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.qualify import qualify
 
 from ..sandbox import authorizer, open_limited, read_only_authorizer, time_limit
@@ -276,6 +280,28 @@ def _table_name(table: exp.Expression) -> str:
     return table.name
 
 
+def folds_names(dialect: str) -> bool:
+    """Whether the dialect's server stores unquoted names folded to one case (PostgreSQL: lower,
+    Snowflake: upper). The others keep them as written (MySQL, SQL Server, BigQuery, SQLite) or
+    compare them ignoring case but keep how they were written (DuckDB)."""
+    strategy = Dialect.get_or_raise(dialect).normalization_strategy
+    return strategy in (NormalizationStrategy.LOWERCASE, NormalizationStrategy.UPPERCASE)
+
+
+def _stored_names(tree: exp.Expression, dialect: str) -> exp.Expression:
+    """`tree` with its unquoted names as the server stores them (in place)."""
+    return normalize_identifiers(tree, dialect=dialect) if folds_names(dialect) else tree
+
+
+def _stored_name(written: str, dialect: str) -> str:
+    """A name taken from the text by a regular expression (`"Audit"`, `public.m`), as the server stores it."""
+    written = written.strip().split(".")[-1]
+    name = _unquote(written)
+    if name != written or not folds_names(dialect):
+        return name
+    return normalize_identifiers(exp.to_identifier(name), dialect=dialect).name
+
+
 def _reference(reference: exp.Reference) -> tuple[str, list[str]]:
     target = reference.this
     columns = _names(target.expressions) if isinstance(target, exp.Schema) else []
@@ -368,7 +394,7 @@ class Reader:
         parsed = [p for p in parsed if p is not None]
         if len(parsed) != 1:
             raise _Problem("this is more than one statement; end each with ';'")
-        return parsed[0]
+        return _stored_names(parsed[0], self.dialect)
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -387,7 +413,7 @@ class Reader:
                           statement.sql, re.IGNORECASE | re.DOTALL)
         if not parsed:
             return self.skip(statement, "a composite or other type; columns of it are shown as TEXT")
-        name = _unquote(parsed.group("name").split(".")[-1])
+        name = _stored_name(parsed.group("name"), self.dialect)
         self.types[name.lower()] = "TEXT"
         values = " ".join(parsed.group("values").split())
         self.skip(statement, f"the enum type {name} ({values}): its columns are shown as TEXT")
@@ -401,14 +427,14 @@ class Reader:
             kind = exp.DataType.build(parsed.group("type"), dialect=self.dialect)
         except Exception:
             kind = None
-        name = _unquote(parsed.group("name").split(".")[-1])
+        name = _stored_name(parsed.group("name"), self.dialect)
         self.types[name.lower()] = sqlite_type(kind, self.dialect, self.types)
         self.skip(statement, f"the domain {name}: its columns are shown as {self.types[name.lower()]}")
 
     def create_table(self, statement: Statement):
         partition = _PARTITION.match(statement.sql)
         if partition:
-            child, parent = (_unquote(partition.group(g).split(".")[-1]) for g in ("child", "parent"))
+            child, parent = (_stored_name(partition.group(g), self.dialect) for g in ("child", "parent"))
             self.partitions[child] = parent
             return self.skip(statement, f"a partition of {parent}: its rows are loaded into {parent}")
         if self.dialect == "tsql":  # SSMS's storage clauses, which sqlglot does not read
@@ -424,7 +450,7 @@ class Reader:
         table = Table(_table_name(create.this), [])
         inherits = re.search(r"\bINHERITS\s*\(([^)]*)\)", statement.sql, re.IGNORECASE)
         for parent in inherits.group(1).split(",") if inherits else []:  # PostgreSQL: the parents' columns first
-            parent_table = self.table(_unquote(parent.split(".")[-1]), "inherited from")
+            parent_table = self.table(_stored_name(parent, self.dialect), "inherited from")
             table.columns += [Column(c.name, c.type) for c in parent_table.columns]
         for item in create.this.expressions:
             if isinstance(item, exp.ColumnDef):
@@ -445,7 +471,7 @@ class Reader:
                    if arg.strip() and "=" not in arg]
         if not columns:
             return self.skip(statement, "a virtual table whose columns cannot be told from its arguments")
-        name = _unquote(parsed.group("name").split(".")[-1])
+        name = _stored_name(parsed.group("name"), self.dialect)
         self.add_table(statement, Table(name, [Column(column, "TEXT") for column in columns]))
 
     def add_column(self, table: Table, column: exp.ColumnDef):
@@ -499,7 +525,7 @@ class Reader:
         try:
             typed = annotate_types(qualify(folded, schema=schema, dialect=self.dialect, validate_qualify_columns=False),
                                    schema=schema, dialect=self.dialect)
-            columns = [Column(spelled.get(s.alias_or_name, s.alias_or_name), sqlite_type(s.type, self.dialect, self.types))
+            columns = [Column(spelled.get(s.alias_or_name.lower(), s.alias_or_name), sqlite_type(s.type, self.dialect, self.types))
                        for s in typed.selects]
         except RecursionError:
             raise
@@ -667,7 +693,7 @@ def _insert_target(head: str, dialect: str) -> tuple[str, list[str] | None]:
         insert = sqlglot.parse_one(head + " (NULL)", read=dialect)
     except (sqlglot.errors.ParseError, sqlglot.errors.TokenError) as error:
         raise _Problem(f"{dialect} cannot read it: {_short_error(error)}") from None
-    return _target(insert.this)
+    return _target(_stored_names(insert, dialect).this)
 
 
 def _count(number: int, noun: str) -> str:
