@@ -139,6 +139,12 @@ def test_postgres_names_that_are_not_lower_case_are_quoted_as_the_schema_spells_
     assert translate(sql, "mysql", schema=schema) == "SELECT petid FROM PetsMixed AS p WHERE p.weight = 3"
 
 
+def test_snowflake_names_that_are_not_upper_case_are_quoted():
+    """Snowflake stores bare names in upper case: a quoted lower- or mixed-case name must stay quoted."""
+    schema = [Table("PETS", [Column("PETID", "INTEGER"), Column("Owner", "TEXT")])]
+    assert translate("SELECT petid, owner FROM pets", "snowflake", schema=schema) == 'SELECT petid, "Owner" FROM PETS'
+
+
 def test_translate_without_schema_still_reads_double_quoted_strings_and_like():
     assert translate('SELECT a FROM t WHERE b = "x y" AND c LIKE "%z"', "postgres") == \
         "SELECT a FROM t WHERE b = 'x y' AND c ILIKE '%z'"

@@ -63,6 +63,8 @@ _CASE_SENSITIVE_LIKE = {"postgres", "duckdb", "snowflake", "bigquery"}
 _HAS_ILIKE = {"postgres", "duckdb", "snowflake"}
 # Comparisons whose right side SQLite reads as a string when it is a "double-quoted" name of no column.
 _VALUE_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike)
+# How servers store a name written without quotes (the others keep it as written).
+_FOLDS_BARE_NAMES = {"postgres": str.lower, "snowflake": str.upper}
 
 
 class DialectError(ValueError):
@@ -147,9 +149,10 @@ class _Schema:
         self.write = write
 
     def needs_quotes(self, name: str) -> bool:
-        """PostgreSQL folds bare names to lower case: a name that is not must be quoted. (pg_dump and its
-        catalog spell names exactly; Snowflake's upper-case folding is left alone, as its users write.)"""
-        return self.write == "postgres" and name != name.lower()
+        """PostgreSQL folds bare names to lower case, Snowflake to upper case: a name that is not must be
+        quoted. (pg_dump, the catalog and parse_dump spell names as the server stores them.)"""
+        fold = _FOLDS_BARE_NAMES.get(self.write)
+        return fold is not None and name != fold(name)
 
     def identifier(self, name: str) -> exp.Identifier:
         identifier = exp.to_identifier(name)
