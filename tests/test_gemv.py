@@ -108,7 +108,7 @@ if __name__ == "__main__":  # the subprocess: Triton's interpreter on a CPU
 
 def test_the_kernel_computes_linear_and_decodes_identically_under_the_interpreter(tiny_model_path):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}  # one thread: the other test file has the other core
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "interpreted checks passed" in done.stdout

@@ -45,9 +45,15 @@ def test_card_front_matter_parses_and_names_the_real_hyperparameters(tiny_run):
     assert "| `sync_free_step` | `True` |" in card and "| `fused_lora` | `True` |" in card
 
 
+def one_thread(**extra) -> dict:
+    """This process's environment for a training subprocess, with one CPU thread: the suite runs two test files at
+    a time on two cores, and torch's threads beyond the cores spin-wait (about twice the CPU time, no sooner done)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
 def run_tiny(out, *extra, env=None):
     return subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *TINY, "--output_dir", str(out), *extra],
-                            cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env or one_thread(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 FAKE_TOKEN = "hf_FakeTokenNeverOnDisk0123456789"
@@ -126,7 +132,7 @@ sys.exit(train_sft.main(sys.argv[1:]))
 
 def test_sigterm_while_preparing_data_exits_143_and_says_so(tmp_path, tiny_model_path):
     done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_PREPARING, *TINY, "--output_dir", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_thread())  # fmt: skip
     assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Stopped by signal 15 before training started" in done.stdout and "Run the same command again" in done.stdout
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
@@ -175,7 +181,7 @@ def test_a_config_mistake_stops_the_command_with_exit_code_2_and_one_line(tmp_pa
     # End to end, as a user runs it: the process's exit code and its whole stderr (imports, loading the tokenizer).
     args, expected = config_mistake(tmp_path, "missing-file")
     result = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "STARSQL_DEBUG"})  # fmt: skip
+                            text=True, timeout=120, env={k: v for k, v in one_thread().items() if k != "STARSQL_DEBUG"})  # fmt: skip
     assert_one_line_error(result.returncode, result.stdout, result.stderr, expected)
 
 
@@ -183,7 +189,7 @@ def test_trackio_and_wandb_record_the_run_offline_and_never_the_token(tmp_path, 
     # The trackers this ecosystem uses, both at once and offline: trackio's local database, W&B's offline run.
     import sqlite3
 
-    env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
+    env = one_thread(TRACKIO_DIR=str(tmp_path / "trackio"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
     proc = run_tiny(tmp_path / "out", "--report_to", "trackio,wandb", "--project", "starsql-test", "--max_steps", "2",
                     "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--hub_token", FAKE_TOKEN, env=env)
     output, _ = proc.communicate(timeout=600)
@@ -198,7 +204,7 @@ def test_trackio_and_wandb_record_the_run_offline_and_never_the_token(tmp_path, 
 def test_eval_spider_puts_execution_accuracy_in_the_card(tmp_path, tiny_model_path, spider_dir):
     out = tmp_path / "out"
     result = run_tiny(out, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-                      "--eval_spider", str(spider_dir), "--eval_limit", "6")
+                      "--eval_spider", str(spider_dir), "--eval_limit", "6", "--eval_max_new_tokens", "16")
     output, _ = result.communicate(timeout=600)
     assert result.returncode == 0, output[-3000:]
     card = (out / "README.md").read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_train import TINY
+from test_train import TINY, one_thread
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["fused-lora", "compiled-layers"])
 def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path, compiled):
@@ -24,7 +24,7 @@ def test_two_processes_train_as_one_ddp_job(tmp_path, tiny_model_path, compiled)
     if compiled:  # the wiring under DDP (Dynamo, AOTAutograd, accelerate); Inductor's kernels: compile_runs below
         command += ["--torch_compile_backend", "aot_eager"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=one_thread())
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["hyperparameters"]["world_size"] == 2
@@ -62,7 +62,7 @@ def compile_runs(tiny_model_path, tmp_path_factory):
         out = folder / name
         done = subprocess.run([sys.executable, "-c", COMPILE_PROBE, *TINY, "--output_dir", str(out), "--max_steps", "4",
                                "--eval_steps", "2", "--save_steps", "4", "--logging_steps", "1", *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=one_thread())  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         graphs, regions, env, numerics, left = done.stdout.split("PROBE")[-1].split()[:5]
         history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
@@ -425,7 +425,7 @@ def test_two_processes_log_trls_metrics_across_an_epochs_uneven_end(tmp_path, ti
     script.write_text(DDP_LOGS)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
                            str(tiny_model_path), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+                          timeout=600, env=one_thread(PYTHONPATH=str(ROOT)))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     logs = json.loads((tmp_path / "logs.json").read_text())
     trl_logs, logs_here = logs["SFTTrainer"], logs["FastSFTTrainer"]
