@@ -757,3 +757,23 @@ def test_the_app_on_a_live_postgresql_server(app, monkeypatch):
         monkeypatch.setattr(app, "LIVE_URL", url.replace(password, "wrong-" + password))
         error = app.check_api("SELECT 1", "", "postgres")["error"]
         assert "password" in error.lower() and password not in error, error
+
+
+def test_real_dumps_answer_through_the_api(client):
+    """pg_dump, mysqldump and the sqlite3 shell's .dump of one shop database, made by the real tools (the fixtures,
+    and fresh from real servers where their binaries exist here), give the same rows through /check."""
+    from test_dumps import DUMPS, SERVERS, read_fixture, started_servers
+
+    dumps = [(name, dialect, read_fixture(name)) for name, dialect in DUMPS.items()
+             if "schema" not in name and "compact" not in name]
+    with started_servers() as urls:  # the servers whose binaries exist; the fixtures test the rest
+        for dialect, url in urls.items():
+            dumps += [(f"fresh {name}", dialect, text) for name, text in SERVERS[dialect][2](url).items()
+                      if "schema" not in name and "compact" not in name]
+    sql = ("SELECT c.name, COUNT(*) AS orders FROM customers AS c JOIN orders AS o ON o.customer_id = c.id "
+           "GROUP BY c.name ORDER BY c.name")
+    for name, dialect, text in dumps:
+        result = client.predict(sql, text, dialect, api_name="/check")
+        assert result["valid"] and result["dialect"] == dialect, (name, result["error"])
+        assert result["rows"] == [["Ann O'Brien", 2], ["Zoë 東京 🎉", 1]], (name, result["rows"])
+    assert len(dumps) >= 4
