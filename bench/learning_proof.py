@@ -20,6 +20,10 @@ question with the first (`recipes` in proof.json: exact McNemar / sign test on t
 
     python bench/learning_proof.py --shared ../shared --out runs/proof            # one GPU, minutes
     python bench/learning_proof.py --shared ../shared --out runs/proof-smoke --smoke   # CPU, wiring only
+
+The same command again with the same `--out` goes on where a run stopped (a time limit, a SIGTERM): a
+finished pretraining and finished recipes are reused, and an interrupted fine-tuning resumes from its
+last checkpoint, so a run longer than one session's command limit completes in two.
 """
 
 import argparse
@@ -347,7 +351,10 @@ def main() -> int:
     sft_rows, heldout_file, heldout = split_heldout(args.shared, args.out, 12 if args.smoke else args.heldout)
     corpus = pretraining_corpus(args.shared, args.out / "pretrain_corpus.jsonl", 2 if args.smoke else args.renamed_copies,
                                 made_up_fraction=args.made_up_fraction, heldout=heldout, every=8 if args.smoke else 1)
-    code = train_sft.main([
+    pretrained = args.out / "base" / "pretrain_done.json"  # written last: a base without it is unfinished
+    if pretrained.is_file():
+        print(f"Reusing the pretrained base in {args.out / 'base'}")
+    code = 0 if pretrained.is_file() else train_sft.main([
         "--model_name_or_path", str(init), "--use_peft", "false", "--load_in_4bit", "false", "--dtype", "float32",
         "--dataset_name", str(corpus), "--dataset_format", "raw-sql", "--text_column", "content",
         # Pretraining packs the classic way: rows cut at 512 tokens, plain causal attention.
@@ -359,17 +366,22 @@ def main() -> int:
         "--license", "cc-by-sa-4.0", "--auto_resume", "false",
     ])
     assert code == 0, "pretraining failed"
-    results = {"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started), "heldout_rows": len(heldout), "runs": {}}
+    if not pretrained.is_file():
+        pretrained.write_text(json.dumps({"pretrain_steps": steps, "pretrain_wall_s": round(time.time() - started)}))
+    results = {**json.loads(pretrained.read_text()), "heldout_rows": len(heldout), "runs": {}}
 
     for schema_format in formats:
         out = args.out / f"sft-{schema_format}"
         t0 = time.time()
-        code = train_sft.main([
+        finished = (out / "eval_results.json").is_file()  # a recipe finished by an earlier call of this command
+        if finished:
+            print(f"Reusing the finished recipe in {out}")
+        code = 0 if finished else train_sft.main([
             "--config", str(recipe_config(args.out, schema_format, sft_rows, spider / "tables.json")),
             "--model_name_or_path", str(args.out / "base"), "--contamination_eval", str(spider / "dev.json"),
             "--spider_dev", str(spider), "--output_dir", str(out), "--learning_rate", args.learning_rate,
             "--eval_spider", str(spider), "--eval_generation_batch_size", "64", "--license", "cc-by-sa-4.0",
-            "--gradient_checkpointing", "false", "--auto_resume", "false", *(SMOKE_SFT if args.smoke else []),
+            "--gradient_checkpointing", "false", *(SMOKE_SFT if args.smoke else []),  # resumes its own checkpoint
             *limit,
         ])
         assert code == 0, f"fine-tuning ({schema_format}) failed"
@@ -388,7 +400,7 @@ def main() -> int:
                                   batch_size=64, compare=True, max_new_tokens=32 if args.smoke else 256)  # smoke: wiring only
             reports.update({f"heldout_{label}": report for label, report in held.items()})
         data = json.loads((out / "run_summary.json").read_text())["data"]
-        summary = {"wall_s": round(time.time() - t0), "tokens_trained": tokens_trained(out),
+        summary = {"wall_s": None if finished else round(time.time() - t0), "tokens_trained": tokens_trained(out),
                    "paired": paired_gains(out / "eval_spider", spider), "data": data}
         for label, report in reports.items():
             summary[label] = {m: report.get(m) for m in ("execution_accuracy", "exact_match", "valid_sql_rate", "label", "scored")}

@@ -31,6 +31,15 @@ def test_learning_proof_smoke_runs_end_to_end(tmp_path, shared_dir, tiny_cache):
     compared = proof["recipes"]["mixture vs sql-create-context"]
     assert set(compared) == {"execution_match", "valid_sql", "tables_match"}
     assert all(0 <= c["p"] <= 1 and c["first_only"] + c["second_only"] <= 12 for c in compared.values())
+    # The same command again (a run cut by a time limit is taken up this way) reuses the base and both
+    # recipes: nothing trains again, and the scores are the same.
+    again = subprocess.run([sys.executable, "bench/learning_proof.py", "--shared", str(shared_dir), "--out", str(out), "--smoke"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reusing the pretrained base" in again.stdout and again.stdout.count("Reusing the finished recipe") == 2
+    reused = json.loads((out / "proof.json").read_text())
+    assert reused["pretrain_wall_s"] == proof["pretrain_wall_s"] and reused["recipes"] == proof["recipes"]
+    assert all(reused["runs"][name]["adapter"] == run["adapter"] for name, run in proof["runs"].items())
     # Held-out rows stay out of fine-tuning and pretraining, SQL and questions alike.
     heldout = [json.loads(line) for line in (out / "heldout_full_schema.jsonl").read_text().splitlines()]
     trained = json.loads((out / "sft_train.json").read_text())
