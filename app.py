@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -239,6 +240,15 @@ def open_request(schema, dialect, database, seconds: "float | Budget" = TIME_LIM
         return open_workspace(schema, dialect, seconds=seconds)
     except SchemaError as error:  # its message already names the dialect a pasted dump looks like
         raise ValueError(f"The schema does not load. {error}") from None
+
+
+# Closing a request's database can take a while (a DuckDB worker collects the request's garbage before it
+# serves the next one): it is done here, in a thread of its own, so that the reply goes out first.
+_CLOSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="starsql-close")
+
+
+def close_later(workspace: Workspace) -> None:
+    _CLOSER.submit(workspace.close)
 
 
 def prompt_schema(schema: str, workspace: Workspace, database) -> str:
@@ -454,7 +464,7 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
         check.cut, check.dropped_turns = cut, dropped
         yield check.sql, check
     finally:
-        workspace.close()
+        close_later(workspace)
 
 
 def check_request(sql, schema, dialect=DEFAULT_DIALECT, database=None, max_rows: int = MAX_ROWS) -> CheckResult:
@@ -466,7 +476,7 @@ def check_request(sql, schema, dialect=DEFAULT_DIALECT, database=None, max_rows:
     try:
         return described(workspace.check(sql, max_rows), workspace)
     finally:
-        workspace.close()
+        close_later(workspace)
 
 
 def markdown_table(columns: list[str], rows: list[list], limit: int = SHOWN_ROWS) -> str:
@@ -563,9 +573,13 @@ def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | 
     if problem:
         yield f"⚠ {problem}"
         return
+    sent = None
     for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature,
                              dialect=dialect, database=database):
-        yield reply_markdown(sql, check)
+        reply = reply_markdown(sql, check)
+        if reply != sent:  # a piece that changes no SQL (a space, a half-written word) is not an update
+            sent = reply
+            yield reply
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,13 +768,13 @@ def respond(question: str, messages: list[dict], schema: str, dialect: str, file
     temperature = temperature if decoding == "Sample" else 0.0
     history = history_pairs(messages)
     messages.append({"role": "user", "content": question})
-    shown, folder = 0.0, tempfile.mkdtemp(prefix="starsql-result-")
+    shown, shown_sql, folder = 0.0, None, tempfile.mkdtemp(prefix="starsql-result-")
     try:
         for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
                                  max_rows=TABLE_ROWS):
-            if check is None and time.monotonic() - shown < CHAT_UPDATE_S:
-                continue  # a newer piece comes soon; the final reply always goes out
-            shown = time.monotonic()
+            if check is None and (sql == shown_sql or time.monotonic() - shown < CHAT_UPDATE_S):
+                continue  # the same SQL, or a newer piece comes soon; the final reply always goes out
+            shown, shown_sql = time.monotonic(), sql
             reply = messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
             yield (reply, *unchanged) if check is None else (reply, *result_view(check, folder))
     finally:  # Gradio has copied the CSV into its cache by now
