@@ -13,7 +13,9 @@ with gradio_client, so the functions it calls can be timed where they run:
   opening the database, the prompt); updates per answer and bytes per update (the reply is re-rendered each
   update; gradio sends the difference to the previous one); our time per update (reply_markdown).
 - the chat UI (respond, in process): updates per answer, the bytes of the full history each update carries
-  into Gradio, our time per update and for the final one (the result table, chart and CSV).
+  into Gradio (which sends each update's difference to the previous one), and our time for the final one
+  (the result table, chart and CSV).
+Workspace.close runs after the reply, in app.py's closing thread: its time is listed, not part of check_api's.
 """
 
 import argparse

@@ -461,6 +461,20 @@ def test_replies_for_non_sql_and_writes(app, monkeypatch):
     assert "changes the database" in app.reply_markdown(result["sql"], app.CheckResult(**result)).lower()
 
 
+def test_chat_streams_only_replies_that_changed(app, monkeypatch):
+    """A piece that adds only a space is no new update: each streamed reply differs from the one before."""
+    def generate(prompt, max_new_tokens, temperature):
+        yield from ["SELECT", "SELECT ", "SELECT  ", "SELECT count(*)", "SELECT count(*) ", "SELECT count(*) FROM singer;"]
+
+    monkeypatch.setattr(app, "generate", generate)
+    replies = list(app.chat_api("How many singers?", SCHEMA))
+    assert all(a != b for a, b in zip(replies, replies[1:]))
+    assert [r for r in replies if "Writing SQL" in r] == ["```sql\nSELECT\n```\n_Writing SQL…_",
+                                                          "```sql\nSELECT count(*)\n```\n_Writing SQL…_",
+                                                          "```sql\nSELECT count(*) FROM singer\n```\n_Writing SQL…_"]
+    assert "Valid for this schema" in replies[-1]
+
+
 def test_history_pairs_skip_messages_without_sql(app):
     messages = [
         {"role": "user", "content": ""}, {"role": "assistant", "content": "⚠ Please type a question."},
