@@ -252,3 +252,24 @@ def test_fidelity_bench_core_on_a_few_spider_queries(spider_dir, postgres, maria
     assert result["counts"]["postgres/sqlglot"]["verdicts"].get("error") == 2  # what the fixes are for
     assert result["counts"]["mysql/sqlglot"]["verdicts"].get("error") == 1
     assert "| MariaDB" in dialect_fidelity.markdown(result)
+
+
+DEEP_SQL = "SELECT " + "(" * 3000 + "1" + ")" * 3000  # deeper than Python's stack lets sqlglot recurse
+
+
+def test_sql_nested_too_deeply_is_a_dialect_error_not_a_crash(sqlite_file):
+    for call in (lambda: translate(DEEP_SQL, "postgres"), lambda: translate(DEEP_SQL, "mysql", read="postgres"),
+                 lambda: to_engine(DEEP_SQL, "postgres"), lambda: to_engine(DEEP_SQL, "mysql")):
+        with pytest.raises(DialectError, match="nested too deeply"):
+            call()
+    assert format_sql(DEEP_SQL, "postgres") == DEEP_SQL  # as given: the check says why
+    from starsql.db.workspace import open_workspace
+
+    # The embedded DuckDB check, and a live database the SQL is translated for (SQLite, dialect postgres).
+    for workspace in (open_workspace("CREATE TABLE t (a integer);", "postgres"),
+                      open_workspace(dialect="postgres", url=f"sqlite:///{sqlite_file}")):
+        try:
+            result = workspace.check(DEEP_SQL)
+        finally:
+            workspace.close()
+        assert not result.valid and "nested too deeply" in result.error

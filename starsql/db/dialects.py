@@ -8,6 +8,8 @@ user's-dialect SQL for an embedded engine with the same meaning where it can, an
 per dialect, what that check cannot see.
 """
 
+import contextlib
+
 import sqlglot
 from sqlglot import exp
 
@@ -78,9 +80,21 @@ def check_dialect(name) -> str:
     raise DialectError(f"Unknown SQL dialect {name!r}: choose one of {', '.join(DIALECTS)}.")
 
 
+@contextlib.contextmanager
+def _not_too_deep():
+    """sqlglot reads and writes SQL by recursion: SQL nested thousands of levels deep exhausts Python's
+    stack (RecursionError), which must reach the user as a DialectError, not a crash."""
+    try:
+        yield
+    except RecursionError:
+        raise DialectError("This SQL is nested too deeply to read (thousands of parentheses or subqueries): "
+                           "write it with fewer levels of nesting.") from None
+
+
 def _parse(sql: str, read: str) -> list[exp.Expression]:
     try:
-        return [tree for tree in sqlglot.parse(sql, read=read) if tree is not None]
+        with _not_too_deep():
+            return [tree for tree in sqlglot.parse(sql, read=read) if tree is not None]
     except sqlglot.errors.SqlglotError as error:
         message = str(error).splitlines()[0][:300]
         raise DialectError(f"Cannot read this SQL as {read}: {message}. Check that it is {read} SQL, "
@@ -404,10 +418,11 @@ def translate(sql: str, write: str, read: str = "sqlite", schema: list | None = 
     known = _Schema(schema, write) if schema else None
     out = []
     for tree in _parse(sql, read):
-        try:
-            out.append(_fixed(tree.copy(), write, read, known).sql(dialect=write))
-        except Exception:  # a fix that cannot handle some tree must not make the answer worse than sqlglot's
-            out.append(tree.sql(dialect=write))
+        with _not_too_deep():
+            try:
+                out.append(_fixed(tree.copy(), write, read, known).sql(dialect=write))
+            except Exception:  # a fix that cannot handle some tree must not make the answer worse than sqlglot's
+                out.append(tree.sql(dialect=write))
     return ";\n".join(out)
 
 
@@ -439,10 +454,11 @@ def to_engine(sql: str, dialect: str) -> str:
         return sql
     out = []
     for tree in _parse(sql, dialect):
-        if dialect in ("mysql", "tsql"):
-            for like in list(tree.find_all(exp.Like)):
-                like.replace(exp.ILike(this=like.this, expression=like.expression))
-        out.append(tree.sql(dialect=engine))
+        with _not_too_deep():
+            if dialect in ("mysql", "tsql"):
+                for like in list(tree.find_all(exp.Like)):
+                    like.replace(exp.ILike(this=like.this, expression=like.expression))
+            out.append(tree.sql(dialect=engine))
     return ";\n".join(out)
 
 
@@ -451,5 +467,5 @@ def format_sql(sql: str, dialect: str) -> str:
     try:
         trees = [tree for tree in sqlglot.parse(sql, read=check_dialect(dialect)) if tree is not None]
         return ";\n".join(tree.sql(dialect=dialect, pretty=True) for tree in trees) if trees else sql
-    except sqlglot.errors.SqlglotError:
+    except (sqlglot.errors.SqlglotError, RecursionError):
         return sql
