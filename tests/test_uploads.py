@@ -243,3 +243,32 @@ def test_requests_in_different_dialects_share_a_file_at_once(tmp_path):
     finally:
         postgres.close()
         mysql.close()
+
+
+def test_an_uploaded_duckdb_files_views_never_read_server_files(tmp_path, cache_dir, monkeypatch):
+    """A view is the uploader's SQL: copying it into SQLite (or listing it) runs it with files locked away."""
+    monkeypatch.setenv("STARSQL_TEST_SECRET", "s3cr3t-env-value")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t-file-value")
+    path = tmp_path / "views.duckdb"
+    conn = duckdb.connect(str(path))
+    conn.execute("CREATE TABLE people (id INTEGER, name VARCHAR)")
+    conn.execute("INSERT INTO people VALUES (1, 'Ann')")
+    conn.execute("CREATE VIEW env AS SELECT content FROM read_text('/proc/self/environ')")
+    conn.execute(f"CREATE VIEW secret AS SELECT content FROM read_text('{secret}')")
+    conn.execute(f"CREATE VIEW listing AS SELECT * FROM glob('{tmp_path}/*')")
+    conn.close()
+    for dialect in ("sqlite", "postgres"):
+        try:
+            ws = open_workspace("", dialect, database=path)
+        except UploadError as error:
+            assert dialect == "sqlite" and "`env`" in str(error) and "s3cr3t" not in str(error), error
+            continue
+        try:
+            for view in ("env", "secret", "listing"):
+                result = ws.check(f"SELECT * FROM {view}")
+                assert "s3cr3t" not in repr(result.rows) and "secret.txt" not in repr(result.rows), (dialect, view)
+        finally:
+            ws.close()
+    for copy in cache_dir.glob("*") if cache_dir.exists() else []:
+        assert b"s3cr3t" not in copy.read_bytes() and b"secret.txt" not in copy.read_bytes()

@@ -36,7 +36,8 @@ MAX_FILES = 20  # data files in one upload
 PREPARE_LIMIT_S = 30.0  # once per upload: checking a file, reading data files, copying into the other engine
 MAX_COPY_BYTES = 4 * MAX_UPLOAD_BYTES  # a copy in the other engine's format
 MAX_CACHE_BYTES = 2 * 2**30  # all copies together; the oldest go first
-CACHE_DIR = Path(tempfile.gettempdir()) / f"starsql-uploads-{getattr(os, 'getuid', lambda: 0)()}"  # one per user
+# One per user; "v2": copies made before uploads' views were locked away from files are never served.
+CACHE_DIR = Path(tempfile.gettempdir()) / f"starsql-uploads-v2-{getattr(os, 'getuid', lambda: 0)()}"
 MAX_REMEMBERED = 256  # uploads whose check and hash are kept in memory
 BATCH_ROWS = 10_000  # rows per step of a copy: memory stays small whatever the table's size
 
@@ -212,8 +213,20 @@ def _inspect_sqlite(path: Path) -> list[Table]:
     return tables
 
 
-def _duckdb_tables(path: Path) -> list[Table]:
+def _open_duckdb(path: Path) -> duckdb.DuckDBPyConnection:
+    """The uploaded DuckDB file, read-only and locked before anything reads it: its views are the
+    uploader's SQL, and run with no access to files, extensions or settings."""
     conn = duck.open_duck(path)
+    try:
+        duck.lock(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _duckdb_tables(path: Path) -> list[Table]:
+    conn = _open_duckdb(path)
     try:
         return duck.duck_tables(conn)
     finally:
@@ -440,14 +453,19 @@ def _sqlite_value(value):
 
 def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
     deadline = _Deadline(f"`{source.name}` into SQLite")
-    src, conn = duck.open_duck(source), sqlite3.connect(target, isolation_level=None)
+    src, conn = _open_duckdb(source), sqlite3.connect(target, isolation_level=None)
     try:
         conn.execute(f"PRAGMA max_page_count = {MAX_COPY_BYTES // 4096}")
         conn.execute("BEGIN")
         with duck.time_limit(src, deadline.budget()):
             for table in tables:
                 conn.execute(render_table(table))  # the prompt's CREATE TABLE: SQLite-style types and keys
-                cursor = src.execute(f"SELECT * FROM {duck.quote(table.name)}")
+                try:
+                    cursor = src.execute(f"SELECT * FROM {duck.quote(table.name)}")
+                except duckdb.PermissionException:
+                    raise UploadError(f"`{source.name}`: view `{table.name}` reads files, extensions or settings, "
+                                      "which an upload's SQL may not: drop the view (or store its rows as a table) "
+                                      f"and upload again. {_COPY_TO_SQLITE_FIX}") from None
                 marks = ", ".join("?" * len(table.columns))
                 while batch := cursor.fetchmany(BATCH_ROWS):
                     deadline.check()
