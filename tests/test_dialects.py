@@ -106,11 +106,14 @@ FIXES = {
     "LIMIT in an IN subquery (MySQL)": "SELECT name FROM Singer WHERE singer_id IN "
                                        "(SELECT singer_id FROM Concert ORDER BY concert_id LIMIT 1)",
     "AVG is a float (MySQL)": "SELECT avg(age) FROM Singer WHERE singer_id < 4",
+    "integers divide to an integer, truncated toward zero (MySQL)":
+        "SELECT name, age / 8, -age / 8, (age + 1) / singer_id, sum(age) / count(*) FROM Singer GROUP BY name",
 }
 # Where sqlglot alone already agrees on one server (the fix is for the other), by name.
 SQLGLOT_ALREADY_RIGHT = {("LIKE ignores case (PostgreSQL; MySQL's collation already does)", "mysql"),
                          ("table name's case (MySQL)", "postgres"), ("LIMIT in an IN subquery (MySQL)", "postgres"),
-                         ("AVG is a float (MySQL)", "postgres"), ("text column against a number", "mysql"),
+                         ("AVG is a float (MySQL)", "postgres"),
+                         ("integers divide to an integer, truncated toward zero (MySQL)", "postgres"), ("text column against a number", "mysql"),
                          ("text column joined to an integer column", "mysql"),
                          ("a grouped query's bare column", "mysql")}  # MariaDB's default sql_mode allows it
 
@@ -273,3 +276,24 @@ def test_sql_nested_too_deeply_is_a_dialect_error_not_a_crash(sqlite_file):
         finally:
             workspace.close()
         assert not result.valid and "nested too deeply" in result.error
+
+
+def test_integer_division_truncates_toward_zero_in_duckdb_and_is_written_so_elsewhere(sqlite_file):
+    sql = "SELECT singer_id, age / 8, -age / 8, age / (singer_id - 1), age / 8.0 FROM Singer"
+    expected = sqlite_rows(sqlite_file, sql)  # -41 / 8 = -5 (not -6); / 0 is NULL; 8.0 is a real
+    connection = duckdb.connect()
+    connection.execute(render_schema(TABLES))
+    for table in TABLES:
+        connection.executemany(f"INSERT INTO {table.name} VALUES ({', '.join('?' * len(table.columns))})",
+                               ROWS[table.name])
+    translated = translate(sql, "duckdb", schema=TABLES)
+    assert translated.count("//") == 3, translated
+    rows = [tuple(map(dialect_fidelity.normal_value, row)) for row in connection.execute(translated).fetchall()]
+    assert rows == expected
+    alone = connection.execute(sqlglot.transpile(sql, read="sqlite", write="duckdb")[0]).fetchall()
+    assert [row[1] for row in alone] != [row[1] for row in expected]  # 3.75: what the fix is for
+    assert translate("SELECT 7 / 2, -7 / 2, 7 / 2.0", "bigquery") == \
+        "SELECT DIV(7, NULLIF(2, 0)), DIV(-7, NULLIF(2, 0)), 7 / NULLIF(2.0, 0)"
+    assert translate("SELECT 7 / 2", "snowflake") == "SELECT CAST(TRUNC(7 / NULLIF(2, 0)) AS BIGINT)"
+    assert translate("SELECT 7 / 2, -7 / 2", "postgres") == "SELECT 7 / NULLIF(2, 0), -7 / NULLIF(2, 0)"  # truncates
+    assert translate("SELECT 7 / 2", "tsql") == "SELECT 7 / NULLIF(2, 0)"  # already

@@ -65,6 +65,9 @@ _CASE_SENSITIVE_LIKE = {"postgres", "duckdb", "snowflake", "bigquery"}
 _HAS_ILIKE = {"postgres", "duckdb", "snowflake"}
 # Comparisons whose right side SQLite reads as a string when it is a "double-quoted" name of no column.
 _VALUE_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike)
+# Dialects whose `/` of two integers is a fraction (7 / 2 = 3.5), where SQLite's is an integer
+# truncated toward zero (3; -7 / 2 = -3). PostgreSQL's and SQL Server's `/` already truncates.
+_FRACTIONAL_INTEGER_DIVISION = {"mysql", "duckdb", "snowflake", "bigquery"}
 # How servers store a name written without quotes (the others keep it as written).
 _FOLDS_BARE_NAMES = {"postgres": str.lower, "snowflake": str.upper}
 
@@ -292,6 +295,39 @@ def _numeric_aggregates_of_text(tree: exp.Expression, types: dict[int, str], wri
             _cast(argument, "DOUBLE")
 
 
+def _is_integer(node: exp.Expression, types: dict[int, str]) -> bool:
+    """Whether SQLite computes `node` as an integer: a column declared integer, an integer literal, or
+    sums, products, SUM/MIN/MAX and COUNT of those."""
+    node = node.unnest() if isinstance(node, exp.Paren) else node
+    if isinstance(node, exp.Column):
+        return id(node) in types and sqlite_affinity(types[id(node)]) == "integer"
+    if isinstance(node, exp.Literal):
+        return not node.is_string and node.is_int
+    if isinstance(node, exp.Cast):
+        return sqlite_affinity(node.to.sql(dialect="sqlite")) == "integer"
+    if isinstance(node, (exp.IntDiv, exp.Count)):
+        return True
+    if isinstance(node, (exp.Neg, exp.Abs, exp.Sum, exp.Min, exp.Max)) and not isinstance(node.parent, exp.Window):
+        return _is_integer(node.this, types)
+    if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Mod)):
+        return _is_integer(node.this, types) and _is_integer(node.expression, types)
+    return False
+
+
+def _integer_division(tree: exp.Expression, types: dict[int, str], write: str) -> None:
+    """SQLite divides two integers to an integer, truncated toward zero (7 / 2 = 3, -7 / 2 = -3); MySQL,
+    DuckDB, Snowflake and BigQuery give 3.5. Their integer division (DIV, //, TRUNC, DIV()) truncates
+    too; a division by zero stays NULL, as in SQLite (MySQL's DIV 0 is NULL; the others fail)."""
+    if write not in _FRACTIONAL_INTEGER_DIVISION:
+        return
+    for division in reversed(list(tree.find_all(exp.Div, bfs=False))):  # the inner ones first: `a / b / c`
+        if _is_integer(division.this, types) and _is_integer(division.expression, types):
+            divisor = division.expression
+            if write != "mysql":
+                divisor = exp.Nullif(this=divisor, expression=exp.Literal.number(0))
+            division.replace(exp.IntDiv(this=division.this, expression=divisor))
+
+
 def _aggregates(select: exp.Select) -> list[exp.AggFunc]:
     """The aggregates that make `select` a grouped query (not a subquery's, not a window function's)."""
     return [node for projection in select.expressions for node in projection.find_all(exp.AggFunc)
@@ -433,6 +469,7 @@ def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None")
         types = _resolve(tree, known)
         _text_against_numbers(tree, types)
         _numeric_aggregates_of_text(tree, types, write)
+        _integer_division(tree, types, write)
         _row_of_the_extreme(tree)
         _bare_grouped_columns(tree)
         _aliased_derived_tables(tree)
