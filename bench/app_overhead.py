@@ -8,7 +8,7 @@ with gradio_client, so the functions it calls can be timed where they run:
 - /check (a small schema, a SQL check, no model): the client's round trip p50/p95, the same call as plain HTTP
   (no gradio_client), against the time inside check_api, and inside it open_workspace, the check itself and
   the rest; the PostgreSQL dialect's check (DuckDB in a worker process) in process.
-- /chat (streamed, greedy): time to the first streamed chunk from sending, against the backend's first
+- /chat (streamed, greedy): time to the first streamed chunk from sending (gradio_client, and plain HTTP), against the backend's first
   piece (from the moment the answer asks the model) and the app's own time before it asks (input checks,
   opening the database, the prompt); updates per answer and bytes per update (the reply is re-rendered each
   update; gradio sends the difference to the previous one); our time per update (reply_markdown).
@@ -199,6 +199,22 @@ def main() -> None:
         "reply_markdown_per_update_ms": ms(statistics.median(per_update)),
         "parts_p50_ms": {name: ms(statistics.median(values)) for name, values in sorted(inside.items())},
     }
+
+    # The same /chat as plain HTTP: the first "generating" event of its stream, without gradio_client's waits.
+    plain_first = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/gradio_api/call/chat", timeout=60) as http:
+        for round_ in range(args.rounds + 3):
+            sent = time.perf_counter()
+            event = http.post("", json={"data": [QUESTION, app.CONCERT_DB, [], args.max_new_tokens, 0.0, "sqlite",
+                                                 None]}).json()["event_id"]
+            first = None
+            with http.stream("GET", f"/{event}") as stream:
+                for line in stream.iter_lines():
+                    if first is None and line.startswith("event: generating"):
+                        first = time.perf_counter() - sent
+            if round_ >= 3:
+                plain_first.append(first)
+    results["chat"]["plain_http_first_chunk"] = summary(plain_first)
 
     # chat_api in process: the replies it hands Gradio for one answer.
     replies = list(app.chat_api(QUESTION, app.CONCERT_DB, [], args.max_new_tokens, 0.0))
