@@ -100,6 +100,7 @@ FIXES = {
     "a grouped query's bare column": "SELECT T1.name, count(*) FROM Singer AS T1 JOIN Concert AS T2 "
                                      "ON T1.singer_id = T2.singer_id GROUP BY T2.singer_id",
     "the row of a lone MAX": "SELECT name, max(age) FROM Singer WHERE singer_id < 4",
+    "the row of a lone MAX, a row of NULLs when none matches": "SELECT name, max(age) FROM Singer WHERE age > 100",
     "the row of each group's MAX": "SELECT name, year, max(age) FROM Singer GROUP BY year",
     "derived table without alias": "SELECT count(*) FROM (SELECT name FROM Singer INTERSECT SELECT name FROM Singer)",
     "table name's case (MySQL)": "SELECT count(*) FROM singer AS s JOIN concert AS C ON S.singer_id = c.singer_id",
@@ -115,7 +116,8 @@ SQLGLOT_ALREADY_RIGHT = {("LIKE ignores case (PostgreSQL; MySQL's collation alre
                          ("AVG is a float (MySQL)", "postgres"),
                          ("integers divide to an integer, truncated toward zero (MySQL)", "postgres"), ("text column against a number", "mysql"),
                          ("text column joined to an integer column", "mysql"),
-                         ("a grouped query's bare column", "mysql")}  # MariaDB's default sql_mode allows it
+                         ("a grouped query's bare column", "mysql"),
+                         ("the row of a lone MAX, a row of NULLs when none matches", "mysql")}  # MariaDB's default sql_mode allows it
 
 
 @pytest.mark.parametrize("fix", FIXES)
@@ -297,3 +299,26 @@ def test_integer_division_truncates_toward_zero_in_duckdb_and_is_written_so_else
     assert translate("SELECT 7 / 2", "snowflake") == "SELECT CAST(TRUNC(7 / NULLIF(2, 0)) AS BIGINT)"
     assert translate("SELECT 7 / 2, -7 / 2", "postgres") == "SELECT 7 / NULLIF(2, 0), -7 / NULLIF(2, 0)"  # truncates
     assert translate("SELECT 7 / 2", "tsql") == "SELECT 7 / NULLIF(2, 0)"  # already
+
+
+def column_names(server, sql: str) -> list[str]:
+    with server[0].connection.cursor() as cursor:
+        cursor.execute(sql)
+        return [column[0] for column in cursor.description]
+
+
+def test_the_row_of_a_lone_max_keeps_the_aggregates_name_and_sqlites_row_of_nulls(server, sqlite_file):
+    target, schema = loaded(server[0], sqlite_file)  # again: the fidelity test loads Spider's databases
+    connection = duckdb.connect()
+    connection.execute(render_schema(TABLES))
+    for sql, names in [("SELECT name, max(age) FROM Singer WHERE age > 100", ["name", "max(age)"]),
+                       ("SELECT name, min(age) AS youngest FROM Singer", ["name", "youngest"]),
+                       ("SELECT name, year, max(age) FROM Singer GROUP BY year", ["name", "year", "max(age)"])]:
+        sqlite_cursor = sqlite3.connect(sqlite_file).execute(sql)
+        assert [column[0] for column in sqlite_cursor.description] == names
+        translated = translate(sql, target.dialect, schema=schema)
+        assert column_names(server, translated) == names, translated
+        in_duckdb = connection.execute(translate(sql, "duckdb", schema=TABLES))
+        assert [column[0] for column in in_duckdb.description] == names
+    nothing = "SELECT name, max(age) FROM Singer WHERE age > 100"
+    assert connection.execute(translate(nothing, "duckdb", schema=TABLES)).fetchall() == [(None, None)]

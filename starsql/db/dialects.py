@@ -372,12 +372,13 @@ def _lone_extreme(select: exp.Select) -> exp.Max | exp.Min | None:
     return extreme if extreme.parent is select or isinstance(extreme.parent, exp.Alias) else None
 
 
-def _row_of_the_extreme(tree: exp.Expression) -> None:
+def _row_of_the_extreme(tree: exp.Expression) -> exp.Expression:
     """SQLite's `SELECT name, MAX(age) FROM t [GROUP BY g]` shows the name of the row holding the max
     (of each group); other dialects refuse the bare column or show any row's. Without GROUP BY that is
     `ORDER BY age DESC LIMIT 1`; with it, over one table, the first row of each group ranked by age
-    (ROW_NUMBER). NULLs rank last, as MAX and MIN skip them; only an empty table answers otherwise (no
-    row, where SQLite shows one of NULLs). Grouped queries over joins are left as they are."""
+    (ROW_NUMBER). NULLs rank last, as MAX and MIN skip them. The aggregate's output keeps its name
+    (`max(age)`, not `age`). Without GROUP BY, SQLite shows one row of NULLs when no row matches: the
+    rewritten query is LEFT JOINed onto one row. Grouped queries over joins are left as they are."""
     for select in list(tree.find_all(exp.Select)):
         extreme = _lone_extreme(select)
         if (extreme is None or any(select.args.get(arg) for arg in ("having", "distinct"))
@@ -391,9 +392,13 @@ def _row_of_the_extreme(tree: exp.Expression) -> None:
             continue
         value = extreme.this
         rank = exp.Ordered(this=value.copy(), desc=isinstance(extreme, exp.Max), nulls_first=False)
-        extreme.replace(value)
+        if extreme.parent is select:  # unaliased: named as SQLite names it, by its text
+            extreme.replace(exp.alias_(value, extreme.sql(dialect="sqlite", normalize_functions="lower"), quoted=True))
+        else:
+            extreme.replace(value)
         if not keys:
-            select.order_by(rank, copy=False).limit(1, copy=False)
+            outer = _one_row_at_least(select.order_by(rank, copy=False).limit(1, copy=False))
+            tree = outer if select is tree else tree
             continue
         window = exp.Window(this=exp.RowNumber(), partition_by=[key.copy() for key in keys],
                             order=exp.Order(expressions=[rank]))
@@ -408,6 +413,23 @@ def _row_of_the_extreme(tree: exp.Expression) -> None:
         select.set("from_", exp.From(this=exp.Subquery(this=ranked, alias=alias)))
         select.set("where", exp.Where(this=exp.column("extreme_rank").eq(1)))
         select.set("group", None)
+    return tree
+
+
+def _one_row_at_least(select: exp.Select) -> exp.Select:
+    """`select` replaced (in place, and returned) by `SELECT extreme_row.* FROM (SELECT 1) AS one_row LEFT JOIN (select) AS
+    extreme_row ON TRUE`: its row, or one row of NULLs where it has none."""
+    inner = select.copy()
+    with_ = inner.args.get("with_")
+    inner.set("with_", None)  # the CTEs stay on the outer query, where they are visible to the inner
+    outer = exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier("extreme_row"))).from_(
+        exp.Subquery(this=exp.select("1"), alias=exp.TableAlias(this=exp.to_identifier("one_row")))).join(
+        exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("extreme_row"))),
+        join_type="LEFT", on=exp.true())
+    if with_ is not None:
+        outer.set("with_", with_)
+    select.replace(outer)
+    return outer
 
 
 def _bare_grouped_columns(tree: exp.Expression) -> None:
@@ -470,7 +492,7 @@ def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None")
         _text_against_numbers(tree, types)
         _numeric_aggregates_of_text(tree, types, write)
         _integer_division(tree, types, write)
-        _row_of_the_extreme(tree)
+        tree = _row_of_the_extreme(tree)
         _bare_grouped_columns(tree)
         _aliased_derived_tables(tree)
         if write in _CASE_SENSITIVE_LIKE:
