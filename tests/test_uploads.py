@@ -272,3 +272,53 @@ def test_an_uploaded_duckdb_files_views_never_read_server_files(tmp_path, cache_
             ws.close()
     for copy in cache_dir.glob("*") if cache_dir.exists() else []:
         assert b"s3cr3t" not in copy.read_bytes() and b"secret.txt" not in copy.read_bytes()
+
+
+class PeakMemory:
+    """The largest growth of this process's resident memory while the block runs (sampled)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        process, self.done, self.growth = psutil.Process(), threading.Event(), 0
+        start = process.memory_info().rss
+
+        def sample():
+            while not self.done.wait(0.005):
+                self.growth = max(self.growth, process.memory_info().rss - start)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def test_a_view_that_builds_gigabytes_is_refused_without_the_apps_memory(tmp_path):
+    """A few KB of file, a view of 30 values of 100 MB each: copying it gives a clear error fast, and
+    the app's process never holds those values (SQLite's value length; DuckDB's in its worker)."""
+    sqlite_bomb = tmp_path / "bomb.sqlite"
+    conn = sqlite3.connect(sqlite_bomb)
+    conn.execute("CREATE TABLE t (a INTEGER)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute("CREATE VIEW big AS WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c LIMIT 30) "
+                 "SELECT randomblob(100000000) AS b FROM c")
+    conn.commit()
+    conn.close()
+    duckdb_bomb = tmp_path / "bomb.duckdb"
+    conn = duckdb.connect(str(duckdb_bomb))
+    conn.execute("CREATE TABLE t (a INTEGER)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute("CREATE VIEW big AS SELECT repeat('x', 100000000) AS b FROM range(30)")
+    conn.close()
+    for path, dialect, words in [(sqlite_bomb, "postgres", "could not be copied into DuckDB: a value is longer"),
+                                 (duckdb_bomb, "sqlite", "could not be copied into SQLite: .*memory")]:
+        start = time.monotonic()
+        with PeakMemory() as peak, pytest.raises(UploadError, match=words):
+            open_workspace("", dialect, database=path)
+        assert time.monotonic() - start < 10.0, path
+        assert peak.growth < 200 * 2**20, (path, peak.growth)

@@ -517,6 +517,12 @@ def _serve() -> None:
                 database = None
                 gc.collect()  # the last request's rows, before the next request's
                 replies.send(("ok", None))
+            elif kind == "to_sqlite":  # an upload's copy (files.py): its views run here, not in the app
+                from .files import UploadError, duckdb_to_sqlite
+                try:
+                    replies.send(("ok", duckdb_to_sqlite(*args)))
+                except UploadError as error:
+                    replies.send(("error", str(error)))
             elif kind == "run":  # a query on a live DuckDB file (live.DuckFile), no CheckResult around it
                 statements = database.conn.extract_statements(args[0])
                 if len(statements) != 1 or statements[0].type != READ:

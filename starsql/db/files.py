@@ -40,6 +40,8 @@ MAX_CACHE_BYTES = 2 * 2**30  # all copies together; the oldest go first
 CACHE_DIR = Path(tempfile.gettempdir()) / f"starsql-uploads-v2-{getattr(os, 'getuid', lambda: 0)()}"
 MAX_REMEMBERED = 256  # uploads whose check and hash are kept in memory
 BATCH_ROWS = 10_000  # rows per step of a copy: memory stays small whatever the table's size
+BATCH_BYTES = 16 * 2**20  # ... and bytes of text and blobs per step, whatever the values' size
+MAX_VALUE_BYTES = MAX_UPLOAD_BYTES  # one value a copy reads (no stored value is longer; a view's may be)
 
 DATABASE_SUFFIXES = {".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite", ".duckdb": "duckdb"}
 DATA_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -181,8 +183,11 @@ def _header(path: Path) -> bytes:
 
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     """Read-only and immutable (nothing is written beside it), like the sandbox's open_limited(path=...)
-    but without its limits on value sizes: copies read every value as it is."""
-    return sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
+    but with a value length only an upload's own values need: a view (the uploader's SQL) cannot
+    build a gigabyte of randomblob() in the app's memory."""
+    conn = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    return conn
 
 
 def _inspect_sqlite(path: Path) -> list[Table]:
@@ -283,8 +288,8 @@ def _evict(keep: Path) -> None:
 
 
 class _Deadline:
-    def __init__(self, what: str):
-        self.what, self.end = what, time.monotonic() + PREPARE_LIMIT_S
+    def __init__(self, what: str, seconds: float | None = None):
+        self.what, self.end = what, time.monotonic() + (PREPARE_LIMIT_S if seconds is None else seconds)
 
     def check(self) -> None:
         if time.monotonic() > self.end:
@@ -292,6 +297,24 @@ class _Deadline:
 
     def budget(self) -> Budget:
         return Budget(max(0.0, self.end - time.monotonic()))
+
+
+def _batches(cursor, deadline: _Deadline, what: str):
+    """The cursor's rows in lists of at most BATCH_ROWS rows and about BATCH_BYTES of text and blobs;
+    UploadError once the rows together pass MAX_COPY_BYTES or the deadline."""
+    batch, size, total = [], 0, 0
+    for row in cursor:
+        batch.append(row)
+        size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+        if len(batch) >= BATCH_ROWS or size >= BATCH_BYTES:
+            total += size
+            if total > MAX_COPY_BYTES:
+                raise UploadError(f"{what}: the copy exceeds {_size_text(MAX_COPY_BYTES)}; upload a smaller extract.")
+            deadline.check()
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _copy_connection(path: Path) -> duckdb.DuckDBPyConnection:
@@ -403,8 +426,7 @@ def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
                 src.text_factory = (lambda b: b.decode(errors="replace")) if blob_as_text else str
                 select = ", ".join(_READ_AS[kind].format(duck.quote(c.name)) for kind, c in zip(plan, table.columns))
                 cursor = src.execute(f"SELECT {select} FROM {duck.quote(table.name)}")
-                while batch := cursor.fetchmany(BATCH_ROWS):
-                    deadline.check()
+                for batch in _batches(cursor, deadline, f"`{source.name}` could not be copied into DuckDB"):
                     columns = zip(*batch)
                     conn.register("starsql_rows", pa.table({f"c{i}": pa.array(values, _ARROW[kind])
                                                             for i, (kind, values) in enumerate(zip(plan, columns))}))
@@ -412,6 +434,8 @@ def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
                     conn.unregister("starsql_rows")
                 _type_text_columns(conn, table, types)
     except sqlite3.Error as error:
+        if "too big" in str(error):
+            error = f"a value is longer than {_size_text(MAX_VALUE_BYTES)} (a view that builds it?)"
         raise UploadError(f"`{source.name}` could not be copied into DuckDB: {error}. {_COPY_TO_DUCKDB_FIX}") from None
     except (duckdb.Error, MemoryError) as error:
         raise UploadError(f"`{source.name}` could not be copied into DuckDB: {duck.message(error, Budget(0))}. "
@@ -452,7 +476,28 @@ def _sqlite_value(value):
 
 
 def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
-    deadline = _Deadline(f"`{source.name}` into SQLite")
+    """duckdb_to_sqlite in a DuckDB worker process (duck.py): a view's one call that builds
+    gigabytes (repeat('x', 1e8) over rows), outside DuckDB's memory limit, ends that process, not the app."""
+    budget = Budget(PREPARE_LIMIT_S)
+    worker = duck.take_worker()
+    try:
+        reply, value = worker.call(budget, "to_sqlite", source, tables, target, PREPARE_LIMIT_S)
+    except duck.WorkerStopped as stopped:
+        raise UploadError(f"`{source.name}` could not be copied into SQLite: "
+                          + (_took_too_long() if stopped.why == "time" else f"{stopped}.")
+                          + f" {_COPY_TO_SQLITE_FIX}") from None
+    duck.give_back(worker)
+    if reply != "ok":
+        raise UploadError(value)
+
+
+def _took_too_long() -> str:
+    return f"it took longer than the limit of {PREPARE_LIMIT_S:g} s for a copy."
+
+
+def duckdb_to_sqlite(source: Path, tables: list[Table], target: Path, seconds: float) -> None:
+    """The DuckDB file `source` (its `tables`) copied into a new SQLite file `target`, within `seconds`."""
+    deadline = _Deadline(f"`{source.name}` into SQLite", seconds)
     src, conn = _open_duckdb(source), sqlite3.connect(target, isolation_level=None)
     try:
         conn.execute(f"PRAGMA max_page_count = {MAX_COPY_BYTES // 4096}")
@@ -467,8 +512,8 @@ def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
                                       "which an upload's SQL may not: drop the view (or store its rows as a table) "
                                       f"and upload again. {_COPY_TO_SQLITE_FIX}") from None
                 marks = ", ".join("?" * len(table.columns))
-                while batch := cursor.fetchmany(BATCH_ROWS):
-                    deadline.check()
+                rows = (row for chunk in iter(lambda: cursor.fetchmany(1024), []) for row in chunk)
+                for batch in _batches(rows, deadline, f"`{source.name}` could not be copied into SQLite"):
                     conn.executemany(f"INSERT INTO {duck.quote(table.name)} VALUES ({marks})",
                                      [[_sqlite_value(v) for v in row] for row in batch])
         conn.execute("COMMIT")
@@ -478,8 +523,8 @@ def _duckdb_to_sqlite(source: Path, tables: list[Table], target: Path) -> None:
                           + (f"the copy exceeds {_size_text(MAX_COPY_BYTES)}." if full else f"{error}.")
                           + f" {_COPY_TO_SQLITE_FIX}") from None
     except (duckdb.Error, MemoryError) as error:
-        raise UploadError(f"`{source.name}` could not be copied into SQLite: {duck.message(error, Budget(0))}. "
-                          f"{_COPY_TO_SQLITE_FIX}") from None
+        why = _took_too_long() if isinstance(error, duckdb.InterruptException) else duck.message(error, Budget(0)) + "."
+        raise UploadError(f"`{source.name}` could not be copied into SQLite: {why} {_COPY_TO_SQLITE_FIX}") from None
     finally:
         src.close()
         conn.close()
