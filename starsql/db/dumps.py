@@ -335,6 +335,11 @@ class Reader:
         self.sqlite: sqlite3.Connection | None = None  # computes constant row values (sqlite dialect)
         self.failed: set[str] = set()  # lower-cased names of tables whose CREATE had a problem
         self.views: dict[str, str] = {}  # view name -> its query, in the dump's dialect
+        # table name -> column name -> its DEFAULT's value, _NUMBERED (serial, AUTO_INCREMENT, identity,
+        # nextval) or _NOT_CONSTANT (now(), ...): what rows whose INSERT omits the column get there.
+        self.defaults: dict[str, dict[str, object]] = {}
+        self.numbered: dict[tuple[str, str], int] = {}  # (table, column) -> the last number given
+        self.unapplied: set[tuple[str, str]] = set()  # non-constant defaults already listed as skipped
 
     def problem(self, statement: Statement, message: str, line: int | None = None):
         hint = dialect_hint(statement.sql, self.dialect)
@@ -477,6 +482,9 @@ class Reader:
     def add_column(self, table: Table, column: exp.ColumnDef):
         kind = column.args.get("kind")
         table.columns.append(Column(column.name, sqlite_type(kind, self.dialect, self.types)))
+        default = self.column_default(column)
+        if default is not _NO_DEFAULT:
+            self.defaults.setdefault(table.name, {})[column.name] = default
         for constraint in column.constraints:
             kind = constraint.args.get("kind")
             if isinstance(kind, exp.PrimaryKeyColumnConstraint):
@@ -484,6 +492,44 @@ class Reader:
             elif isinstance(kind, exp.Reference):
                 ref_table, ref_columns = _reference(kind)
                 table.foreign_keys.append(ForeignKey([column.name], ref_table, ref_columns))
+
+    def column_default(self, column: exp.ColumnDef):
+        """The value a row that omits `column` gets: a constant, _NUMBERED, _NOT_CONSTANT or _NO_DEFAULT."""
+        kind = column.args.get("kind")
+        if kind is not None and kind.this in _SERIAL_TYPES:
+            return _NUMBERED
+        for constraint in column.constraints:
+            kind = constraint.args.get("kind")
+            if isinstance(kind, (exp.AutoIncrementColumnConstraint, exp.GeneratedAsIdentityColumnConstraint)):
+                return _NUMBERED
+            if isinstance(kind, exp.DefaultColumnConstraint):
+                value = kind.this.unnest() if isinstance(kind.this, exp.Paren) else kind.this  # T-SQL's ((5))
+                if isinstance(value, exp.Anonymous) and value.name.lower() == "nextval":
+                    return _NUMBERED
+                try:
+                    return _constant(value, self.dialect)
+                except _Problem:
+                    return _NOT_CONSTANT
+        return _NO_DEFAULT
+
+    def default_values(self, statement: Statement, table: Table, omitted: list[str], count: int) -> list[tuple]:
+        """For `count` rows whose INSERT omits the columns `omitted`: each row's values there, from the
+        columns' defaults (NULL where there is none); serial columns numbered on from the last number."""
+        defaults = self.defaults.get(table.name, {})
+        columns = []
+        for name in omitted:
+            default = defaults.get(name)
+            if default is _NUMBERED:
+                start = self.numbered.get((table.name, name), 0)
+                self.numbered[(table.name, name)] = start + count
+                columns.append(range(start + 1, start + count + 1))
+                continue
+            if default is _NOT_CONSTANT and (table.name, name) not in self.unapplied:
+                self.unapplied.add((table.name, name))
+                self.skip(statement, f"the DEFAULT of `{table.name}`.`{name}` is not a constant: defaults not "
+                                     "applied, rows that omit the column hold NULL there")
+            columns.append([None if default is _NOT_CONSTANT else default] * count)
+        return list(zip(*columns)) if columns else [()] * count
 
     def add_constraint(self, table: Table, item: exp.Expression):
         """A table constraint: PRIMARY KEY and FOREIGN KEY go into the table; UNIQUE, CHECK, KEY... do not show."""
@@ -662,8 +708,10 @@ class Reader:
                 raise _Problem(f"row {index + 1} has {_count(len(row), 'value')} for {_count(width, 'column')} "
                                f"of `{table.name}`")
         if columns:
-            order = [columns.index(n) if n in columns else None for n in names]
-            rows = [tuple(None if i is None else row[i] for i in order) for row in rows]
+            omitted = [n for n in names if n not in columns]
+            defaults = self.default_values(statement, table, omitted, len(rows))
+            order = [columns.index(n) if n in columns else -1 - omitted.index(n) for n in names]
+            rows = [tuple(row[i] if i >= 0 else default[-1 - i] for i in order) for row, default in zip(rows, defaults)]
         self.rows.setdefault(table.name, []).extend(rows)
 
     def dump(self) -> Dump:
@@ -679,6 +727,10 @@ class Reader:
                 self.rows[table.name] = [row + (None,) * (width - len(row)) for row in self.rows[table.name]]
         views = {name: sql for name, sql in self.views.items() if name in by_name}
         return Dump(tables, self.rows, self.skipped, views)
+
+
+_NO_DEFAULT, _NUMBERED, _NOT_CONSTANT = object(), object(), object()  # see Reader.defaults
+_SERIAL_TYPES = {exp.DataType.Type.SERIAL, exp.DataType.Type.SMALLSERIAL, exp.DataType.Type.BIGSERIAL}
 
 
 def _target(target: exp.Expression) -> tuple[str, list[str] | None]:
