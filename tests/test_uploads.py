@@ -322,3 +322,47 @@ def test_a_view_that_builds_gigabytes_is_refused_without_the_apps_memory(tmp_pat
             open_workspace("", dialect, database=path)
         assert time.monotonic() - start < 10.0, path
         assert peak.growth < 200 * 2**20, (path, peak.growth)
+
+
+def test_a_slow_copy_delays_no_other_upload_and_a_failed_one_is_not_retried(tmp_path, monkeypatch):
+    import threading
+
+    cached = make_upload(tmp_path, "csv")  # its DuckDB copy made before the slow one starts
+    open_workspace("", "postgres", database=cached).close()
+    slow = make_upload(tmp_path, "sqlite")
+    copying, release = threading.Event(), threading.Event()
+    real = files._sqlite_to_duckdb
+
+    def slow_copy(*args):
+        copying.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(files, "_sqlite_to_duckdb", slow_copy)
+    other = threading.Thread(target=lambda: open_workspace("", "postgres", database=slow).close())
+    other.start()
+    try:
+        assert copying.wait(10)
+        start = time.monotonic()
+        ws = open_workspace("", "postgres", database=cached)
+        assert time.monotonic() - start < 2.0
+        assert ws.check(QUERY).rows == ANSWER
+        ws.close()
+    finally:
+        release.set()
+        other.join()
+    # A copy that runs out of time says so and what to do, once: the next request gets the answer at once.
+    monkeypatch.setattr(files, "_sqlite_to_duckdb", real)
+    monkeypatch.setattr(files, "PREPARE_LIMIT_S", 0.3)
+    path = tmp_path / "slow_view.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (a INTEGER)")
+    conn.execute("CREATE VIEW v AS WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c) "
+                 "SELECT count(*) AS n FROM c")
+    conn.commit()
+    conn.close()
+    for attempt in range(2):
+        start = time.monotonic()
+        with pytest.raises(UploadError, match=r"took longer than the limit of 0.3 s.*Choose the dialect sqlite"):
+            open_workspace("", "postgres", database=path)
+        assert time.monotonic() - start < (5.0 if attempt == 0 else 0.2)

@@ -66,7 +66,9 @@ class Upload:
 
 _checked: dict[str, tuple[str, list[Table]]] = {}  # key -> (native engine, tables): each upload is read once
 _hashes: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256
-_build_lock, _memory_lock = threading.Lock(), threading.Lock()
+_failed: dict[str, UploadError] = {}  # copy's name -> why it failed: a retry would fail alike, after as long
+_copy_locks: dict[str, threading.Lock] = {}  # copy's name -> held while it is made: one copy at a time per file
+_memory_lock, _evict_lock = threading.Lock(), threading.Lock()
 
 
 def _size_text(n: int) -> str:
@@ -260,30 +262,55 @@ def _build(key: str, engine: str, write) -> Path:
     """CACHE_DIR/<key>.<engine>, written by `write(temporary path)` unless it is there already; a
     failed write leaves nothing behind."""
     target = CACHE_DIR / f"{key}.{engine}"
-    with _build_lock:
-        if target.exists():
+    with _memory_lock:
+        lock = _copy_locks.setdefault(str(target), threading.Lock())
+    while True:  # a copy in the cache, or a copy that failed, is answered without waiting for another's
+        if str(target) in _failed:
+            raise UploadError(str(_failed[str(target)]))
+        try:
             os.utime(target)  # recently used: evicted last
+            return target
+        except FileNotFoundError:
+            pass
+        if lock.acquire(timeout=0.05):
+            break
+    try:
+        if str(target) in _failed:  # failed while this request waited
+            raise UploadError(str(_failed[str(target)]))
+        if target.exists():  # made while this request waited
             return target
         CACHE_DIR.mkdir(mode=0o700, exist_ok=True)
         temporary = CACHE_DIR / f"{key}.{os.getpid()}.tmp.{engine}"
         try:
             write(temporary)
             os.replace(temporary, target)
+        except UploadError as error:
+            _remember(_failed, str(target), error)
+            raise
         finally:
             for leftover in (temporary, Path(f"{temporary}.wal")):
                 leftover.unlink(missing_ok=True)
+    finally:
+        lock.release()
+    with _evict_lock:
         _evict(keep=target)
     return target
 
 
 def _evict(keep: Path) -> None:
-    files = sorted((p for p in CACHE_DIR.iterdir() if p.is_file() and ".tmp." not in p.name), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files)
-    for path in files:
+    files = []
+    for path in CACHE_DIR.iterdir():
+        try:  # another process may evict the same file meanwhile
+            if ".tmp." not in path.name:
+                files.append((path.stat().st_mtime, path.stat().st_size, path))
+        except FileNotFoundError:
+            pass
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
         if total <= MAX_CACHE_BYTES:
             break
         if path != keep:
-            total -= path.stat().st_size
+            total -= size
             path.unlink(missing_ok=True)
 
 
@@ -374,6 +401,9 @@ def _data_to_duckdb(paths: list[Path], kinds: list[str], names: list[str], targe
             try:
                 with duck.time_limit(conn, deadline.budget()):
                     conn.execute(f"CREATE TABLE {duck.quote(name)} AS SELECT * FROM {reader}", parameters)
+            except duckdb.InterruptException:
+                raise UploadError(f"Reading `{path.name}` took longer than {PREPARE_LIMIT_S:g} s: upload a smaller "
+                                  "extract.") from None
             except (duckdb.Error, MemoryError) as error:
                 what = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON lines (one JSON object per line)"}[kind]
                 raise UploadError(f"`{path.name}` cannot be read as {what}: "
@@ -436,6 +466,8 @@ def _sqlite_to_duckdb(source: Path, tables: list[Table], target: Path) -> None:
     except sqlite3.Error as error:
         if "too big" in str(error):
             error = f"a value is longer than {_size_text(MAX_VALUE_BYTES)} (a view that builds it?)"
+        elif "interrupted" in str(error):
+            error = _took_too_long().rstrip(".")
         raise UploadError(f"`{source.name}` could not be copied into DuckDB: {error}. {_COPY_TO_DUCKDB_FIX}") from None
     except (duckdb.Error, MemoryError) as error:
         raise UploadError(f"`{source.name}` could not be copied into DuckDB: {duck.message(error, Budget(0))}. "
