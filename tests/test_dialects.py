@@ -313,6 +313,7 @@ def test_the_row_of_a_lone_max_keeps_the_aggregates_name_and_sqlites_row_of_null
     connection.execute(render_schema(TABLES))
     for sql, names in [("SELECT name, max(age) FROM Singer WHERE age > 100", ["name", "max(age)"]),
                        ("SELECT name, min(age) AS youngest FROM Singer", ["name", "youngest"]),
+                       ("SELECT name, MAX( age ) FROM Singer", ["name", "MAX( age )"]),  # SQLite's: as written
                        ("SELECT name, year, max(age) FROM Singer GROUP BY year", ["name", "year", "max(age)"])]:
         sqlite_cursor = sqlite3.connect(sqlite_file).execute(sql)
         assert [column[0] for column in sqlite_cursor.description] == names

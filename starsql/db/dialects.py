@@ -372,7 +372,21 @@ def _lone_extreme(select: exp.Select) -> exp.Max | exp.Min | None:
     return extreme if extreme.parent is select or isinstance(extreme.parent, exp.Alias) else None
 
 
-def _row_of_the_extreme(tree: exp.Expression) -> exp.Expression:
+def _written(function: exp.Func, sql: str) -> str:
+    """`function`'s call as written in `sql` (SQLite names an unaliased output column so), found from
+    where the parser saw its name to the matching parenthesis; sqlglot's text of it if not found."""
+    start = function.meta.get("start")
+    depth = 0
+    for token in sqlglot.Dialect.get_or_raise("sqlite").tokenize(sql) if start is not None else ():
+        if token.start < start:
+            continue
+        depth += {sqlglot.TokenType.L_PAREN: 1, sqlglot.TokenType.R_PAREN: -1}.get(token.token_type, 0)
+        if depth == 0 and token.token_type == sqlglot.TokenType.R_PAREN:
+            return sql[start:token.end + 1]
+    return function.sql(dialect="sqlite", normalize_functions="lower")
+
+
+def _row_of_the_extreme(tree: exp.Expression, sql: str) -> exp.Expression:
     """SQLite's `SELECT name, MAX(age) FROM t [GROUP BY g]` shows the name of the row holding the max
     (of each group); other dialects refuse the bare column or show any row's. Without GROUP BY that is
     `ORDER BY age DESC LIMIT 1`; with it, over one table, the first row of each group ranked by age
@@ -393,7 +407,7 @@ def _row_of_the_extreme(tree: exp.Expression) -> exp.Expression:
         value = extreme.this
         rank = exp.Ordered(this=value.copy(), desc=isinstance(extreme, exp.Max), nulls_first=False)
         if extreme.parent is select:  # unaliased: named as SQLite names it, by its text
-            extreme.replace(exp.alias_(value, extreme.sql(dialect="sqlite", normalize_functions="lower"), quoted=True))
+            extreme.replace(exp.alias_(value, _written(extreme, sql), quoted=True))
         else:
             extreme.replace(value)
         if not keys:
@@ -478,21 +492,21 @@ def translate(sql: str, write: str, read: str = "sqlite", schema: list | None = 
     for tree in _parse(sql, read):
         with _not_too_deep():
             try:
-                out.append(_fixed(tree.copy(), write, read, known).sql(dialect=write))
+                out.append(_fixed(tree.copy(), write, read, known, sql).sql(dialect=write))
             except Exception:  # a fix that cannot handle some tree must not make the answer worse than sqlglot's
                 out.append(tree.sql(dialect=write))
     return ";\n".join(out)
 
 
-def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None") -> exp.Expression:
-    """`tree` with the project's fixes for `read` -> `write` applied (in place)."""
+def _fixed(tree: exp.Expression, write: str, read: str, known: "_Schema | None", sql: str) -> exp.Expression:
+    """`tree` (read from `sql`) with the project's fixes for `read` -> `write` applied (in place)."""
     if read == "sqlite":
         _double_quoted_strings(tree, known.columns if known else None)
         types = _resolve(tree, known)
         _text_against_numbers(tree, types)
         _numeric_aggregates_of_text(tree, types, write)
         _integer_division(tree, types, write)
-        tree = _row_of_the_extreme(tree)
+        tree = _row_of_the_extreme(tree, sql)
         _bare_grouped_columns(tree)
         _aliased_derived_tables(tree)
         if write in _CASE_SENSITIVE_LIKE:
