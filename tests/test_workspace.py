@@ -390,3 +390,9 @@ def test_a_worker_serves_the_next_request_with_nothing_of_the_last():
         assert second.check("SELECT y FROM other").rows == [[1]]
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("sql", ["-- hi", "/* nothing */", "-- a\n;"])
+def test_sql_that_is_only_a_comment_says_there_is_nothing_to_check(postgres, sql):
+    result = postgres.check(sql)
+    assert not result.valid and result.error == "No SQL to check." and result.rows is None

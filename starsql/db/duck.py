@@ -284,6 +284,9 @@ def check(result: CheckResult, engine_sql: str, database: DuckDatabase, max_rows
     except duckdb.Error as error:
         result.error = message(error, budget)
         return result
+    if not statements:  # only comments (or semicolons): nothing DuckDB would run
+        result.error = "No SQL to check."
+        return result
     if len(statements) > 1:
         result.writes_data = any(s.type != READ for s in statements)
         result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
