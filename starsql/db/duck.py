@@ -10,8 +10,8 @@ shared time Budget (a watchdog calls `conn.interrupt()`) and caps on rows and by
 compiled with EXPLAIN, never executed, or refused outright when it would touch files or settings.
 
 What DuckDB itself does not bound (one function call that builds gigabytes of string, outside
-memory_limit and deaf to interrupt()) the process does: a workspace's database, and a live DuckDB
-file's queries (live.DuckFile), live in a worker process (`open_isolated`, run as
+memory_limit and deaf to interrupt()) the process does: a workspace's database, a live DuckDB
+file's queries (live.DuckFile), and an uploaded DuckDB file's copy into SQLite (files.py) live in a worker process (`open_isolated`, run as
 `python -m starsql.db.duck`) whose address space is capped and which is killed once the budget and
 a short grace are spent, or Stop is pressed.
 """

@@ -7,6 +7,11 @@ upload as it is (a SQLite file checked as PostgreSQL runs on DuckDB; a DuckDB fi
 on SQLite), the data is copied into that engine's file once, in a cache under the temp directory, and
 every later request opens that copy. Engines open files read-only; the uploaded file itself is never
 written, and a bad file raises UploadError before anything is kept.
+
+An upload's views are the uploader's SQL, and a copy runs them: a DuckDB file is locked (no files,
+extensions or settings) before anything reads it, and copied into SQLite in duck.py's address-capped
+worker process; a SQLite file is read with a cap on a value's length, in batches bounded by bytes.
+A copy that fails is remembered (a retry would fail alike), and one being made delays no other.
 """
 
 import copy
