@@ -545,14 +545,22 @@ def reply_markdown(sql: str, check: CheckResult | None) -> str:
     return "\n\n".join(parts + notes_markdown(check))
 
 
-def sql_api(question: str, schema: str = CONCERT_DB, dialect: str = DEFAULT_DIALECT,
+def api_schema(schema: str | None, database) -> str:
+    """An API call's schema: the concert example where a caller gives neither a schema nor a database
+    (what /sql and /chat always did), nothing where a database says what its tables are."""
+    if schema is None:
+        return "" if database not in (None, "", []) or LIVE_URL else CONCERT_DB
+    return schema
+
+
+def sql_api(question: str, schema: str | None = None, dialect: str = DEFAULT_DIALECT,
             database: FileData | list[FileData] | None = None, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """SQL for `question`, greedy, in `dialect`, checked: {sql, valid, error, unknown_identifiers,
     rows, columns, writes_data, truncated, cut, ..., dialect, skipped}. The database is `database`
     (a file sent with handle_file: .sqlite, .db, .duckdb, .csv, .parquet, .jsonl; `schema` may then
     be empty), else `schema` (CREATE TABLE statements or a dump in `dialect`; `rows` holds the
     result on its rows). `cut` is true when the model stopped at `max_new_tokens` before the statement's end."""
-    *_, (_, check) = answer(question, schema, max_new_tokens=max_new_tokens, dialect=dialect,
+    *_, (_, check) = answer(question, api_schema(schema, database), max_new_tokens=max_new_tokens, dialect=dialect,
                             database=database)  # the last item holds the check
     return check.to_dict()
 
@@ -563,7 +571,7 @@ def check_api(sql: str, schema: str = "", dialect: str = DEFAULT_DIALECT, databa
     return check_request(sql, schema, dialect, database).to_dict()
 
 
-def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | None = None,
+def chat_api(message: str, schema: str | None = None, history: list[list[str]] | None = None,
              max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float = 0.0, dialect: str = DEFAULT_DIALECT,
              database: FileData | list[FileData] | None = None) -> Iterator[str]:
     """Stream the reply (markdown: SQL, verdict, result). `history` holds earlier [question, sql]
@@ -574,7 +582,7 @@ def chat_api(message: str, schema: str = CONCERT_DB, history: list[list[str]] | 
         yield f"⚠ {problem}"
         return
     sent = None
-    for sql, check in answer(message, schema, [(q, s) for q, s in history], max_new_tokens, temperature,
+    for sql, check in answer(message, api_schema(schema, database), [(q, s) for q, s in history], max_new_tokens, temperature,
                              dialect=dialect, database=database):
         reply = reply_markdown(sql, check)
         if reply != sent:  # a piece that changes no SQL (a space, a half-written word) is not an update
