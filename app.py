@@ -657,12 +657,14 @@ def result_view(check: CheckResult | None, folder: str) -> tuple:
     if check is None or not check.sql:
         return gr.update(visible=False), *(gr.skip(),) * 6
     hidden = gr.update(visible=False)
+    # A plot stays in the page when hidden: Gradio's plot reads its removed element's width if unmounted.
+    plot_hidden = gr.update(visible="hidden")
     if check.rows is None or not check.columns:
-        return gr.update(visible=True), check.sql, verdict_line(check), hidden, hidden, hidden, hidden
+        return gr.update(visible=True), check.sql, verdict_line(check), hidden, plot_hidden, plot_hidden, hidden
     frame = result_frame(check.columns, check.rows)
     csv_path = Path(folder) / "result.csv"
     frame.to_csv(csv_path, index=False)
-    bar = line = hidden
+    bar = line = plot_hidden
     chart = chart_of(list(frame.columns), check.rows[:CHART_ROWS])
     if chart:
         kind, x, y = chart
@@ -909,8 +911,8 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 with gr.Row(equal_height=True):
                     table = gr.Dataframe(interactive=False, max_height=360, show_label=False, scale=3,
                                          buttons=["copy", "fullscreen"], elem_id="result-table")
-                    bar = gr.BarPlot(visible=False, scale=2, height=340, x_label_angle=-30, elem_id="bar-chart")
-                    line = gr.LinePlot(visible=False, scale=2, height=340, elem_id="line-chart")
+                    bar = gr.BarPlot(visible="hidden", scale=2, height=340, x_label_angle=-30, elem_id="bar-chart")
+                    line = gr.LinePlot(visible="hidden", scale=2, height=340, elem_id="line-chart")
             with gr.Column(visible=not LIVE_URL):  # the examples bring their own databases, not the live one
                 examples = gr.Examples(
                     examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],
