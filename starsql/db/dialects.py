@@ -21,8 +21,7 @@ DEFAULT_DIALECT = "sqlite"
 # DuckDB checks the rest: its SQL grew from PostgreSQL's grammar (ILIKE, `::` casts, booleans, real
 # DATE/TIMESTAMP types, strict typing, case-sensitive `=` and LIKE), sqlglot translates every dialect
 # here into it, and ENGINE_SETTINGS make it divide integers and compare text as the dialect does. It
-# is embedded like SQLite; no embeddable MySQL- or SQL Server-like engine exists. How often its answer
-# is the real server's: BENCHMARKS.md ("Dialect fidelity", bench/dialect_fidelity.py).
+# is embedded like SQLite; no embeddable MySQL- or SQL Server-like engine exists.
 ENGINE = {
     "sqlite": "sqlite",
     "postgres": "duckdb",
