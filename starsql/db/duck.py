@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from ..sandbox import Budget
 from ..schema import Column, ForeignKey, Table
-from ..serve.check import CheckResult, SchemaError, fetch_capped
+from ..serve.check import CheckResult, SchemaError, fetch_capped, several_statements, verdict
 from .live import sqlite_type
 
 MAX_MEMORY_BYTES = 256 * 2**20  # one connection's memory (DuckDB's buffer manager): data and query together
@@ -288,19 +288,8 @@ def check(result: CheckResult, engine_sql: str, database: DuckDatabase, max_rows
         result.error = "No SQL to check."
         return result
     if len(statements) > 1:
-        result.writes_data = any(s.type != READ for s in statements)
-        result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
-        return result
-    error, writes, query = classify(conn, engine_sql, budget)
-    result.writes_data = writes
-    result.stopped = budget.stopped()
-    if error:
-        result.error = error
-        return result
-    result.valid = True
-    if writes or not query:
-        result.writes_data = True
-        result.error = "This statement would change the database, so it was not run."
+        return several_statements(result, len(statements), any(s.type != READ for s in statements))
+    if not verdict(result, *classify(conn, engine_sql, budget), budget):
         return result
     if database.rows == 0:
         return result  # no rows to run it on: compiled only, as on SQLite

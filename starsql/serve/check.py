@@ -453,25 +453,38 @@ def check_sql(sql: str, schema: "str | Database", seconds: float = TIME_LIMIT_S,
             database.close()
 
 
+WOULD_WRITE = "This statement would change the database, so it was not run."
+
+
+def several_statements(result: CheckResult, count: int, writes: bool) -> CheckResult:
+    result.writes_data = writes
+    result.error = f"Expected one SQL statement, found {count}; nothing was run."
+    return result
+
+
+def verdict(result: CheckResult, error: str | None, writes: bool, query: bool, budget: Budget) -> bool:
+    """Fill in `result` from what its engine said of its one statement (an error, whether it writes,
+    whether it returns rows). True when it may run: it compiled, returns rows and does nothing but read."""
+    result.writes_data = writes
+    result.stopped = budget.stopped()
+    if error:
+        result.error = error
+        return False
+    result.valid = True
+    if writes or not query:
+        result.writes_data = True
+        result.error = WOULD_WRITE
+        return False
+    return True
+
+
 def _check(result: CheckResult, database: Database, max_rows: int) -> CheckResult:
     sql, conn, budget = result.sql, database.conn, database.budget
     result.unknown_identifiers = unknown_identifiers(sql, database.tables)
     statements = split_statements(sql)
     if len(statements) > 1:
-        result.writes_data = any(classify(conn, s, budget)[1] for s in statements)
-        result.error = f"Expected one SQL statement, found {len(statements)}; nothing was run."
-        return result
-
-    error, writes, query = classify(conn, sql, budget)
-    result.writes_data = writes
-    result.stopped = budget.stopped()
-    if error:
-        result.error = error
-        return result
-    result.valid = True
-    if writes or not query:  # only a statement that returns rows and does nothing but read is run
-        result.writes_data = True
-        result.error = "This statement would change the database, so it was not run."
+        return several_statements(result, len(statements), any(classify(conn, s, budget)[1] for s in statements))
+    if not verdict(result, *classify(conn, sql, budget), budget):
         return result
     if database.rows == 0:
         return result  # no example rows to run it on
@@ -483,7 +496,7 @@ def _check(result: CheckResult, database: Database, max_rows: int) -> CheckResul
             result.error = f"Stopped after {budget.seconds:g} s: the query ran too long on the example rows."
         elif "not authorized" in str(error):  # the second guard: SQLite saw more than reads
             result.writes_data = True
-            result.error = "This statement would change the database, so it was not run."
+            result.error = WOULD_WRITE
         else:
             result.error = _sqlite_message(error, budget)
     return result
