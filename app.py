@@ -58,7 +58,7 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import BackendError, build_backend, statement_finished
+from starsql.serve.decode import USAGE, BackendError, build_backend, statement_finished
 from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
@@ -81,7 +81,9 @@ STOPPED = "_Stopped._"  # ends a reply cut short by the Stop button
 # queue, whose place-in-line counter (restyled in CSS to be read) shows on the chat meanwhile.
 WAITING = "_**Waiting in line:** the model is answering other questions first. Your place in the queue shows below._"
 STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
-CHAT_UPDATE_S = 0.1  # the chat redraws a growing answer at most this often (the browser keeps up, Stop stays quick)
+# A growing answer is sent at most this often, in the chat and through /chat: each update costs the server's one
+# Python about a millisecond in Gradio, which many users streaming every token would saturate; readers need no more.
+CHAT_UPDATE_S = 0.1
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 
 
@@ -338,9 +340,10 @@ def count_tokens(text: str) -> int:
 
 
 def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
-    """The stream's pieces until it ends or `stopped()`. The stream is read in a thread of its own,
-    so Stop is seen within STOP_POLL_S even while the model is still on a piece (a streamer yields
-    whole words); that thread closes the stream, which ends the generation, at its next piece."""
+    """The stream's pieces (the text so far) until it ends or `stopped()`; pieces that piled up while the reader
+    was busy go on as the newest one. The stream is read in a thread of its own, so Stop is seen within
+    STOP_POLL_S even while the model is still on a piece (a streamer yields whole words); that thread closes
+    the stream, which ends the generation, at its next piece."""
     pieces: queue.Queue = queue.Queue()
     end, gone = object(), threading.Event()  # gone: nobody reads any more (Stop, or the client left)
 
@@ -360,14 +363,18 @@ def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
     try:
         while not stopped():
             try:
-                item = pieces.get(timeout=STOP_POLL_S)
+                items = [pieces.get(timeout=STOP_POLL_S)]
             except queue.Empty:
                 continue
-            if item is end:
+            while isinstance(items[-1], str) and not pieces.empty():
+                items.append(pieces.get_nowait())
+            texts = [item for item in items if isinstance(item, str)]
+            if texts:
+                yield texts[-1]  # each piece is the text so far: of those that piled up, the newest
+            if items[-1] is end:
                 return
-            if isinstance(item, Exception):
-                raise item
-            yield item
+            if isinstance(items[-1], Exception):
+                raise items[-1]
     finally:
         gone.set()
 
@@ -465,6 +472,19 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
         yield check.sql, check
     finally:
         close_later(workspace)
+
+
+def paced(answers: Iterator[tuple[str, CheckResult | None]], every: float | None = None) -> Iterator[tuple]:
+    """answer()'s stream with the growing SQL at most every `every` seconds (default CHAT_UPDATE_S): the first
+    piece at once, then the newest after each interval; a piece that changes no SQL (a space, half a word) is
+    dropped; the final answer always goes out."""
+    every = CHAT_UPDATE_S if every is None else every
+    shown_at, shown_sql = None, None
+    for sql, check in answers:
+        if check is None and (sql == shown_sql or (shown_at is not None and time.monotonic() - shown_at < every)):
+            continue
+        shown_at, shown_sql = time.monotonic(), sql
+        yield sql, check
 
 
 def check_request(sql, schema, dialect=DEFAULT_DIALECT, database=None, max_rows: int = MAX_ROWS) -> CheckResult:
@@ -581,13 +601,14 @@ def chat_api(message: str, schema: str | None = None, history: list[list[str]] |
     if problem:
         yield f"⚠ {problem}"
         return
-    sent = None
-    for sql, check in answer(message, api_schema(schema, database), [(q, s) for q, s in history], max_new_tokens, temperature,
-                             dialect=dialect, database=database):
-        reply = reply_markdown(sql, check)
-        if reply != sent:  # a piece that changes no SQL (a space, a half-written word) is not an update
-            sent = reply
-            yield reply
+    for sql, check in paced(answer(message, api_schema(schema, database), [(q, s) for q, s in history], max_new_tokens,
+                                   temperature, dialect=dialect, database=database)):
+        yield reply_markdown(sql, check)
+
+
+def usage_api() -> dict:
+    """Tokens generated and answers given since the app started (`tokens`, `answers`): the load, for operators."""
+    return USAGE.snapshot()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,13 +799,10 @@ def respond(question: str, messages: list[dict], schema: str, dialect: str, file
     temperature = temperature if decoding == "Sample" else 0.0
     history = history_pairs(messages)
     messages.append({"role": "user", "content": question})
-    shown, shown_sql, folder = 0.0, None, tempfile.mkdtemp(prefix="starsql-result-")
+    folder = tempfile.mkdtemp(prefix="starsql-result-")
     try:
-        for sql, check in answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
-                                 max_rows=TABLE_ROWS):
-            if check is None and (sql == shown_sql or time.monotonic() - shown < CHAT_UPDATE_S):
-                continue  # the same SQL, or a newer piece comes soon; the final reply always goes out
-            shown, shown_sql = time.monotonic(), sql
+        for sql, check in paced(answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
+                                       max_rows=TABLE_ROWS)):
             reply = messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
             yield (reply, *unchanged) if check is None else (reply, *result_view(check, folder))
     finally:  # Gradio has copied the CSV into its cache by now
@@ -966,6 +984,7 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
     gr.api(sql_api, api_name="sql", concurrency_id="model")
     gr.api(check_api, api_name="check", concurrency_id="database")
     gr.api(chat_api, api_name="chat", concurrency_id="model")
+    gr.api(usage_api, api_name="usage", queue=False)
 
 demo.queue(default_concurrency_limit=BACKEND.concurrency, max_size=QUEUE_SIZE)
 

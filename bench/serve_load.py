@@ -13,10 +13,13 @@ For each start:
   build's own seconds (`fast_build_s`, after the weights are loaded); `gradio_cost`: round trips of /check
   (a SQL check with no model), Gradio's own cost per request (the queue, the event stream) plus a small check.
 - per user count: each user asks --rounds questions one after another (user u asks questions u, u + 1, ...
-  of the list), all users starting together. tokens = streamed updates while the model writes (the fast
-  decoders stream one a token; plain generate() streams words);
-  tokens_per_s in all (all tokens / wall time), per user (each user's tokens / its busy time, median), time to
-  the first streamed token p50/p95 (from sending), request latency p50/p95.
+  of the list), all users starting together. tokens = what the model generated during the load, from the app's
+  /usage API (the app streams a growing answer at most every CHAT_UPDATE_S, not a token at a time);
+  tokens_per_s in all (tokens / wall time), per user (a request's mean tokens x the user's requests / its busy
+  time, median), time to the first streamed update p50/p95 (from sending), request latency p50/p95, and the
+  app process's CPU use (cores) over the load.
+- `plain_http_ttft`: the same /chat request read as plain HTTP (POST, then its event stream), one user: the
+  first update without gradio_client's own polling (it looks for new messages every 50 ms).
 Users are processes of their own, so that the client's parsing does not share one Python with the others.
 """
 
@@ -119,23 +122,22 @@ class App:
 
 # --- the users (worker processes) ---
 
-_client = None
+_clients: dict = {}
 
 
 def connect(url: str, timeout: float = 600):
-    """A gradio_client Client of this worker, once the app answers HTTP."""
-    global _client
+    """This process's gradio_client Client of the app at `url`, once the app answers HTTP."""
     from gradio_client import Client
 
     deadline = time.time() + timeout
-    while _client is None:
+    while url not in _clients:
         try:
-            _client = Client(url, verbose=False)
+            _clients[url] = Client(url, verbose=False)
         except Exception:  # noqa: BLE001 -- not up yet
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
-    return _client
+    return _clients[url]
 
 
 def ask(url: str, question: str, new_tokens: int) -> dict:
@@ -144,21 +146,44 @@ def ask(url: str, question: str, new_tokens: int) -> dict:
     sent = time.time()
     job = client.submit(message=question, schema=SCHEMA, history=[], max_new_tokens=new_tokens, temperature=0.0,
                         api_name="/chat")  # fmt: skip
-    first, tokens, last = None, 0, ""
+    first, updates, last = None, 0, ""
     for update in job:
         last = update
-        if WRITING in update:  # the reply while the model writes: one update a streamed piece
-            tokens += 1
+        if WRITING in update:  # the reply while the model writes
+            updates += 1
             first = first or time.time()
     job.result()
     done = time.time()
-    return {"sent": sent, "first": first or done, "done": done, "tokens": tokens, "reply_chars": len(last)}
+    return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
 
 
 def user(url: str, questions: list[str], new_tokens: int, start_at: float) -> list[dict]:
     connect(url)
     time.sleep(max(0.0, start_at - time.time()))  # all users start together
     return [ask(url, q, new_tokens) for q in questions]
+
+
+def usage(url: str) -> dict:
+    """The app's count of generated tokens and answers so far."""
+    return connect(url).predict(api_name="/usage")
+
+
+def plain_http_ttft(url: str, question: str, new_tokens: int, repeats: int) -> list[float]:
+    """Seconds from sending /chat as plain HTTP to its first streamed update (a `generating` event)."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=f"{url}gradio_api/call/chat", timeout=120) as http:
+        for _ in range(repeats):
+            sent = time.perf_counter()
+            event = http.post("", json={"data": [question, SCHEMA, [], new_tokens, 0.0, "sqlite", None]}).json()["event_id"]
+            first = None
+            with http.stream("GET", f"/{event}") as stream:
+                for line in stream.iter_lines():
+                    if first is None and line.startswith("event: generating"):
+                        first = time.perf_counter() - sent
+            times.append(first if first is not None else time.perf_counter() - sent)
+    return times
 
 
 def check_round_trips(url: str, repeats: int) -> list[float]:
@@ -172,22 +197,34 @@ def check_round_trips(url: str, repeats: int) -> list[float]:
     return times
 
 
-def load(pool: ProcessPoolExecutor, url: str, users: int, rounds: int, new_tokens: int) -> dict:
+def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tokens: int) -> dict:
+    import psutil
+
+    url, server = app.url, psutil.Process(app.process.pid)
+    before = usage(url)
     start_at = time.time() + 1.0
     plans = [[QUESTIONS[(u + r) % len(QUESTIONS)] for r in range(rounds)] for u in range(users)]
     futures = [pool.submit(user, url, plan, new_tokens, start_at) for plan in plans]
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before = sum(server.cpu_times()[:2])
     per_user = [f.result() for f in futures]
+    cpu = sum(server.cpu_times()[:2]) - cpu_before
+    after = usage(url)
     requests = [r for rs in per_user for r in rs]
     wall = max(r["done"] for r in requests) - min(r["sent"] for r in requests)
-    tokens = sum(r["tokens"] for r in requests)
-    each = [sum(r["tokens"] for r in rs) / sum(r["done"] - r["sent"] for r in rs) for rs in per_user]
+    tokens = after["tokens"] - before["tokens"]
+    if after["answers"] - before["answers"] != len(requests):
+        raise RuntimeError(f"/usage counted {after['answers'] - before['answers']} answers for {len(requests)} requests")
+    mean = tokens / len(requests)
+    each = [mean * len(rs) / sum(r["done"] - r["sent"] for r in rs) for rs in per_user]
     ttft = [r["first"] - r["sent"] for r in requests]
     latency = [r["done"] - r["sent"] for r in requests]
     return {"users": users, "requests": len(requests), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1), "per_user_tokens_per_s": round(statistics.median(each), 1),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
             "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
-            "tokens_per_request": round(tokens / len(requests), 1)}  # fmt: skip
+            "tokens_per_request": round(mean, 1), "updates_per_request": round(statistics.mean(r["updates"] for r in requests), 1),
+            "app_cpu_cores": round(cpu / wall, 2)}  # fmt: skip
 
 
 def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
@@ -199,7 +236,7 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
         with ProcessPoolExecutor(max(args.users), mp_context=multiprocessing.get_context("spawn")) as pool:
             first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
-            record["first_answer_tokens"] = first["tokens"]
+            record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
             ready = app.wait_for(READY_LINE, args.start_timeout if fast else 0)
             record["fast_ready_after_s"] = None if ready is None else round(ready, 2)
@@ -210,7 +247,9 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
             for question in QUESTIONS:  # untimed: each prompt width's prefill graph is captured on first use
                 ask(app.url, question, args.new_tokens)
             if name not in args.start_only:
-                record["loads"] = [load(pool, app.url, users, args.rounds, args.new_tokens) for users in args.users]
+                ttft = plain_http_ttft(app.url, QUESTIONS[0], args.new_tokens, 10)
+                record["plain_http_ttft"] = {f"p{q}_s": percentile(ttft, q) for q in (50, 95)}
+                record["loads"] = [load(pool, app, users, args.rounds, args.new_tokens) for users in args.users]
     except Exception as error:  # noqa: BLE001 -- the record says what failed; the other apps still run
         record["error"] = f"{type(error).__name__}: {error}"[:500]
     finally:

@@ -90,6 +90,7 @@ def test_api_endpoints_are_pinned(client):
     assert names["/sql"] == ["question", "schema", "dialect", "database", "max_new_tokens"]
     assert names["/check"] == ["sql", "schema", "dialect", "database"]
     assert names["/chat"] == ["message", "schema", "history", "max_new_tokens", "temperature", "dialect", "database"]
+    assert names["/usage"] == []
     defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/sql"]["parameters"][2:]}
     assert defaults == {"dialect": "sqlite", "database": None, "max_new_tokens": 256}
 
@@ -114,6 +115,13 @@ def test_chat_streams(client):
     assert "```sql" in final or "did not produce SQL" in final
     assert "for this schema" in final or "did not produce SQL" in final
     assert "Writing SQL" in job.outputs()[0]
+
+
+def test_usage_counts_the_tokens_each_answer_generated(client):
+    before = client.predict(api_name="/usage")
+    client.predict("How many singers are there?", SCHEMA, [], 16, 0.0, api_name="/chat")  # the random model runs on
+    after = client.predict(api_name="/usage")
+    assert after["answers"] == before["answers"] + 1 and after["tokens"] == before["tokens"] + 16
 
 
 def test_chat_follow_up_takes_history(client):
@@ -464,15 +472,55 @@ def test_replies_for_non_sql_and_writes(app, monkeypatch):
 def test_chat_streams_only_replies_that_changed(app, monkeypatch):
     """A piece that adds only a space is no new update: each streamed reply differs from the one before."""
     def generate(prompt, max_new_tokens, temperature):
-        yield from ["SELECT", "SELECT ", "SELECT  ", "SELECT count(*)", "SELECT count(*) ", "SELECT count(*) FROM singer;"]
+        for piece in ["SELECT", "SELECT ", "SELECT  ", "SELECT count(*)", "SELECT count(*) ", "SELECT count(*) FROM singer;"]:
+            yield piece
+            time.sleep(0.05)  # read before the next: pieces that pile up go on as the newest one
 
     monkeypatch.setattr(app, "generate", generate)
+    monkeypatch.setattr(app, "CHAT_UPDATE_S", 0.0)  # every piece that changes the SQL
     replies = list(app.chat_api("How many singers?", SCHEMA))
     assert all(a != b for a, b in zip(replies, replies[1:]))
     assert [r for r in replies if "Writing SQL" in r] == ["```sql\nSELECT\n```\n_Writing SQL…_",
                                                           "```sql\nSELECT count(*)\n```\n_Writing SQL…_",
                                                           "```sql\nSELECT count(*) FROM singer\n```\n_Writing SQL…_"]
     assert "Valid for this schema" in replies[-1]
+
+
+def test_a_fast_model_streams_an_update_at_most_every_chat_update_s(app, monkeypatch):
+    """Gradio's cost is per update: a model writing hundreds of tokens a second is shown as its newest SQL at
+    most every CHAT_UPDATE_S, in the chat and through /chat; the first piece goes out at once, the final always."""
+    words = [f" c{i}," for i in range(60)]
+
+    def steady(prompt, max_new_tokens, temperature):  # a token every 10 ms: 0.6 s in all
+        for i in range(len(words)):
+            time.sleep(0.01)
+            yield "SELECT" + "".join(words[: i + 1])
+        yield "SELECT count(*) FROM singer;"
+
+    monkeypatch.setattr(app, "generate", steady)
+    monkeypatch.setattr(app, "CHAT_UPDATE_S", 0.1)
+    arrivals, replies = [], []
+    for reply in app.chat_api("How many singers?", SCHEMA):
+        arrivals.append(time.monotonic())
+        replies.append(reply)
+    writing = [at for at, reply in zip(arrivals, replies) if "Writing SQL" in reply]
+    assert replies[0] == "```sql\nSELECT c0,\n```\n_Writing SQL…_"  # the first piece, not held back
+    assert 3 <= len(writing) <= 8  # ~0.6 s of writing in steps of 0.1 s, against 61 pieces
+    assert all(b - a >= 0.09 for a, b in zip(writing, writing[1:]))
+    assert "Valid for this schema" in replies[-1]
+    chat = list(app.respond("How many singers?", [], SCHEMA, "sqlite", None, 64, "Greedy", 0.7))
+    assert 3 <= len(chat) <= 9 and "Valid for this schema" in chat[-1][0][-1]["content"]
+
+
+def test_pieces_that_pile_up_go_on_as_the_newest(app):
+    """A reader slower than the model gets the newest text, not every stale piece in turn; nothing is lost at the end."""
+    texts = [f"SELECT {i}" for i in range(200)]
+    reader = app.pieces_until_stopped(iter(texts), lambda: False)
+    got = [next(reader)]
+    time.sleep(0.2)  # the model wrote the rest meanwhile
+    got += list(reader)
+    assert got[-1] == texts[-1] and len(got) < 10
+    assert got == sorted(got, key=texts.index)  # in order, each newer than the one before
 
 
 def test_history_pairs_skip_messages_without_sql(app):

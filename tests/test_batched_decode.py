@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from starsql.prompt import build_prompt
-from starsql.serve.decode import GenerateBackend, WarmingBackend, build_backend, stream_sql
+from starsql.serve.decode import USAGE, GenerateBackend, WarmingBackend, build_backend, stream_sql
 from starsql.serve.fast import BatchedDecodeBackend
 from starsql.serve.fast.batched import BatchedDecoder
 from starsql.serve.fast.fused_qkv import fuse_qkv_projections
@@ -105,11 +105,17 @@ def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic
 
 def test_the_batched_backend_streams_what_generate_streams_and_falls_back_for_sampling(tiny_run):
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    before = USAGE.snapshot()
     expected = [list(stream_sql(model, tokenizer, prompt, max_new_tokens=48))[-1] for prompt in PROMPTS]
+    plain_used = USAGE.snapshot()
     fuse_qkv_projections(model)
     fast = BatchedDecodeBackend(model, tokenizer, BatchedDecoder(model, max_batch=2, max_length=256))
     assert fast.concurrency == 2
     assert [list(fast.stream(prompt, 48))[-1] for prompt in PROMPTS] == expected
+    # /usage counts the same tokens, whichever backend generated them.
+    after = USAGE.snapshot()
+    assert after["answers"] - plain_used["answers"] == plain_used["answers"] - before["answers"] == len(PROMPTS)
+    assert after["tokens"] - plain_used["tokens"] == plain_used["tokens"] - before["tokens"] > 0
     decoded = fast.decoder.tokens
     fast.decoder.tokens = None  # sampling and a prompt too long for a slot must not reach the decoder
     assert list(fast.stream(PROMPTS[0], 8, temperature=0.7))

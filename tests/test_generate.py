@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from starsql.serve.decode import GenerateBackend, build_backend, generate_sql, statement_finished, stream_sql
+from starsql.serve.decode import USAGE, GenerateBackend, build_backend, generate_sql, statement_finished, stream_sql
 from starsql.serve.load import load_for_inference
 from starsql.prompt import build_prompt
 
@@ -27,12 +27,20 @@ def test_batched_generation_keeps_input_order(tiny_run):
 def test_closing_the_stream_stops_generation(tiny_model_path):
     model, tokenizer = load_for_inference("tiny-starcoder2")  # the random base never ends its statement
     lengths, generate = [], model.generate
-    model.generate = lambda **kwargs: lengths.append(generate(**kwargs).shape[1] - kwargs["input_ids"].shape[1])
+
+    def counted(**kwargs):
+        output = generate(**kwargs)
+        lengths.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    model.generate = counted
+    tokens_before = USAGE.snapshot()["tokens"]
     stream = stream_sql(model, tokenizer, build_prompt("CREATE TABLE a (x INTEGER)", "How many rows?"), max_new_tokens=1500)
     assert isinstance(next(stream), str)
     stream.close()  # what Gradio does on Stop or a disconnect
     assert not any(t.name == "starsql-generate" and t.is_alive() for t in threading.enumerate())
     assert lengths and lengths[0] < 1500
+    assert USAGE.snapshot()["tokens"] == tokens_before + lengths[0]  # what it generated, though nobody read it all
 
 
 def test_an_unclosed_stream_runs_to_max_new_tokens(tiny_model_path):

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from threading import Event, Semaphore, Thread
+from threading import Event, Lock, Semaphore, Thread
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -120,7 +120,9 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([StopAtStatementEnd(tokenizer, prompt_length), StopWhenSet(cancelled)]),
     )
-    thread = Thread(target=torch.inference_mode()(model.generate), kwargs=kwargs, daemon=True, name="starsql-generate")
+    output: list[torch.Tensor] = []
+    thread = Thread(target=lambda: output.append(torch.inference_mode()(model.generate)(**kwargs)), daemon=True,
+                    name="starsql-generate")
     thread.start()
     text = ""
     try:
@@ -130,6 +132,7 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
     finally:
         cancelled.set()
         thread.join()
+        USAGE.add(output[0].shape[1] - prompt_length if output else 0)
 
 
 class GenerateBackend:
@@ -179,6 +182,28 @@ class WarmingBackend:
 
     def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
         return (self.fast or self.plain).stream(prompt, max_new_tokens, temperature)
+
+
+class Usage:
+    """Tokens generated and answers streamed in this process by plain generate() and the fast decoders: the
+    app's /usage API (an operator's view of the load; bench/serve_load.py counts a load's tokens with it, since
+    the app streams fewer updates than tokens). An endpoint's tokens (starsql.serve.remote) are its own."""
+
+    def __init__(self):
+        self._lock = Lock()
+        self.tokens = self.answers = 0
+
+    def add(self, tokens: int):
+        with self._lock:
+            self.tokens += tokens
+            self.answers += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"tokens": self.tokens, "answers": self.answers}
+
+
+USAGE = Usage()
 
 
 def decode_compile() -> bool:

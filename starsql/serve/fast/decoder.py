@@ -11,7 +11,7 @@ from threading import Lock
 
 import torch
 
-from ..decode import statement_finished
+from ..decode import USAGE, statement_finished
 from .gemv import routing
 
 
@@ -266,13 +266,16 @@ def stream_greedy(decoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: i
     only, up to EOS or the end of the first statement. `decoder`: a GreedyDecoder (the caller holds its `lock`)
     or a starsql.serve.fast.batched.BatchedDecoder; closing the stream ends the request."""
     generated: list[int] = []
-    for token in decoder.tokens(input_ids, max_new_tokens, tokenizer.eos_token_id):
-        if token == tokenizer.eos_token_id:
-            return
-        generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            continue
-        yield text
-        if statement_finished(text):
-            return
+    try:
+        for token in decoder.tokens(input_ids, max_new_tokens, tokenizer.eos_token_id):
+            generated.append(token)
+            if token == tokenizer.eos_token_id:
+                return
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            yield text
+            if statement_finished(text):
+                return
+    finally:
+        USAGE.add(len(generated))
