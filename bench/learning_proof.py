@@ -4,7 +4,7 @@ the project's recipes, score them on Spider dev with the project's harness.
 Real StarCoder2 weights cannot be downloaded here, so the base model is made: a ~27M-parameter
 StarCoder2 pretrained (full fine-tuning of a random init through train_sft.py's raw-sql path) on
 Spider's *training* SQL and schemas. Then `train_sft.py --config configs/starcoder2-3b-sql.yaml`
-(QLoRA, packed 512, completion-only loss) on the 3,961 sql-create-context rows from Spider's
+(QLoRA, packed 2,048-token rows, completion-only loss) on the 3,961 sql-create-context rows from Spider's
 training databases, contamination-filtered against Spider dev, and `--eval_spider` scores base vs
 adapter. A bug in masking, packing, EOS, the prompt or SQL extraction shows up as no gain.
 `--heldout` rows of sql-create-context (new questions on the training databases) stay out of both

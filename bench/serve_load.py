@@ -157,6 +157,23 @@ def ask(url: str, question: str, new_tokens: int) -> dict:
     return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
 
 
+def ready(url: str, barrier) -> int:
+    """Connect this worker's client and make one call (gradio_client reads the API's description on its first),
+    then wait for every other user's worker: the loads then time requests, not processes starting."""
+    usage(url)
+    barrier.wait(timeout=600)
+    return os.getpid()
+
+
+def start_users(pool: ProcessPoolExecutor, url: str, users: int):
+    """One worker process a user, each connected, before any load (the pool starts processes only as work comes,
+    so without this a load's users would start seconds apart, as their processes import torch)."""
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        barrier = manager.Barrier(users)
+        pids = [future.result() for future in [pool.submit(ready, url, barrier) for _ in range(users)]]
+    assert len(set(pids)) == users, "each user needs a worker process of its own"
+
+
 def user(url: str, questions: list[str], new_tokens: int, start_at: float) -> list[dict]:
     connect(url)
     time.sleep(max(0.0, start_at - time.time()))  # all users start together
@@ -211,7 +228,8 @@ def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tok
     cpu = sum(server.cpu_times()[:2]) - cpu_before
     after = usage(url)
     requests = [r for rs in per_user for r in rs]
-    wall = max(r["done"] for r in requests) - min(r["sent"] for r in requests)
+    begin = min(r["sent"] for r in requests)
+    wall = max(r["done"] for r in requests) - begin
     tokens = after["tokens"] - before["tokens"]
     if after["answers"] - before["answers"] != len(requests):
         raise RuntimeError(f"/usage counted {after['answers'] - before['answers']} answers for {len(requests)} requests")
@@ -224,7 +242,10 @@ def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tok
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
             "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
             "tokens_per_request": round(mean, 1), "updates_per_request": round(statistics.mean(r["updates"] for r in requests), 1),
-            "app_cpu_cores": round(cpu / wall, 2)}  # fmt: skip
+            "app_cpu_cores": round(cpu / wall, 2),
+            # Each request: [user, sent (s from the load's first), time to first update, latency]: where stalls are.
+            "each_request": [[u, round(r["sent"] - begin, 3), round(r["first"] - r["sent"], 3), round(r["done"] - r["sent"], 3)]
+                             for u, rs in enumerate(per_user) for r in rs]}  # fmt: skip
 
 
 def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
@@ -235,6 +256,7 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
         # Spawned, not forked: a fork would copy this process's gradio_client (its threads do not survive a fork).
         with ProcessPoolExecutor(max(args.users), mp_context=multiprocessing.get_context("spawn")) as pool:
             first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
+            start_users(pool, app.url, max(args.users))
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
             record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
