@@ -248,3 +248,22 @@ def test_recipes_are_compared_question_by_question_on_the_tables_they_read():
     assert compared["tables_match"] == {"second_only": 2, "first_only": 0, "p": 0.5}
     assert compared["execution_match"] == {"second_only": 3, "first_only": 0, "p": 0.25}
     assert compared["valid_sql"] == {"second_only": 0, "first_only": 0, "p": 1.0}
+
+
+def test_serve_load_smoke_drives_the_app_over_http(tmp_path):
+    """bench/serve_load.py end to end on a CPU: the app started, users connected first, tokens counted by /usage."""
+    out = tmp_path / "serve_load.json"
+    done = subprocess.run([sys.executable, "bench/serve_load.py", "--smoke", "--users", "1,3", "--rounds", "1",
+                           "--app", "batched=DECODE_BATCH=4", "--start_only", "none", "--out", str(out),
+                           "--model_dir", str(tmp_path / "model")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())["apps"]
+    assert "error" not in record, record
+    one, three = record["loads"]
+    assert (one["users"], one["requests"], three["requests"]) == (1, 1, 3)
+    for load in (one, three):
+        # The random model never ends its statement: every answer runs to its 64 tokens, and /usage saw them all.
+        assert load["tokens"] == 64 * load["requests"] and load["tokens_per_s"] > 0
+        assert len(load["each_request"]) == load["requests"] and load["ttft_p50_s"] <= load["latency_p50_s"]
+    assert record["plain_http_ttft"]["p50_s"] > 0
