@@ -1,0 +1,187 @@
+"""Greedy decoding through an ahead-of-time compiled forward: torch.export, then AOTInductor.
+
+A ZeroGPU Space cannot compile or capture CUDA graphs per request, and compiling at every start costs minutes.
+Here the model's forward over a static KV cache is exported once (transformers' executorch wrapper) with the
+number of tokens dynamic, so one program runs the prompt's forward and each one-token step, and compiled by
+AOTInductor into a package: on ZeroGPU by `spaces.aoti_compile`, elsewhere into a .pt2 file that a restart
+loads in seconds. The package holds code only: the weights (and the cache) are the live model's tensors,
+handed over at load, so a changed adapter never runs with stale weights and nothing is stored twice.
+The package `starsql.serve.fast` does not import this module: it is imported only when chosen.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from threading import Lock
+
+import torch
+
+from ..decode import GenerateBackend
+from . import DECODER_TOKENS, compile_cache_dir
+from .decoder import stream_greedy
+
+# Weights stay out of the compiled code (they are loaded from the model at load time), as spaces.aoti_compile does.
+CODE_ONLY = {"aot_inductor.package_constants_in_so": False}
+
+
+def _exportable(model, max_cache_len: int):
+    """transformers' export recipe for the model's forward over a static cache of `max_cache_len` positions,
+    (input_ids, cache_position) -> logits. Its inner module is what torch.export traces; that module's
+    parameters and buffers (the cache) are the compiled program's constants. The recipe reads the static-cache
+    settings from the generation config, set only while it is built."""
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and max_cache_len > window:  # the recipe's cache layers do not slide
+        raise ValueError(f"max_cache_len ({max_cache_len}) exceeds the model's sliding window ({window})")
+    kept = model.generation_config
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
+    try:
+        return TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len)
+    finally:
+        model.generation_config = kept  # plain generate() keeps its own cache
+
+
+def export_decoder(model, max_cache_len: int) -> torch.export.ExportedProgram:
+    """The forward over a static cache, exported with the number of new tokens dynamic (1 to max_cache_len):
+    one program for the prompt (all its tokens at once) and the one-token steps. cache_position: the new
+    tokens' positions (a range); their K/V are written there, and the causal mask hides every later entry."""
+    tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
+    example = torch.zeros((1, 2), dtype=torch.long, device=model.device)  # 2, not 1: export specialises on 1
+    return _exportable(model, max_cache_len).export(
+        input_ids=example, cache_position=torch.arange(2, device=model.device),
+        dynamic_shapes={"input_ids": {1: tokens}, "cache_position": {0: tokens}})
+
+
+def _constants(source) -> dict[str, torch.Tensor]:
+    """The program's constants by name: an ExportedProgram's, or those of the unexported recipe (_exportable)."""
+    if isinstance(source, torch.export.ExportedProgram):
+        return {**source.state_dict, **source.constants}
+    traced = source.model  # the recipe's inner module, which export traces: its names are the program's
+    return {**dict(traced.named_parameters(remove_duplicate=False)),
+            **dict(traced.named_buffers(remove_duplicate=False))}
+
+
+def load_decoder(package_path, source):
+    """The compiled package at `package_path`, its constants (weights, cache) the tensors of `source` (the
+    ExportedProgram it was compiled from, or the unexported recipe of the same model), shared, not copied."""
+    compiled = torch._inductor.aoti_load_package(str(package_path))
+    constants = _constants(source)
+    compiled.load_constants({name: constants[name] for name in compiled.get_constant_fqns()}, check_full_update=True,
+                            user_managed=True)  # fmt: skip
+    compiled.constants = constants  # user_managed: the program only points at them, so it keeps them alive
+    return compiled
+
+
+def compile_decoder(exported: torch.export.ExportedProgram, zero_gpu: bool = False, package_path=None):
+    """The exported program compiled, as a callable step(input_ids=..., cache_position=...) -> logits. On
+    ZeroGPU through `spaces.aoti_compile` (in memory); elsewhere into a .pt2 package at `package_path` (a
+    temporary file if None), then loaded; if the package exists, it is loaded without compiling."""
+    if zero_gpu:
+        import spaces
+
+        return spaces.aoti_compile(exported)
+    path = Path(package_path) if package_path is not None else None
+    if path is None or not path.is_file():
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside, then renamed: a process starting meanwhile never loads half a package.
+        part = str(path.with_name(f"{path.stem}.{os.getpid()}.part.pt2")) if path is not None else None
+        written = torch._inductor.aoti_compile_and_package(exported, package_path=part,
+                                                           inductor_configs=dict(CODE_ONLY))
+        path = Path(written).replace(path) if path is not None else Path(written)
+    return load_decoder(path, exported)
+
+
+def package_key(model, max_cache_len: int) -> str:
+    """A short hash of what the compiled program depends on, so a changed model, GPU or library never loads a
+    stale package: the config, the modules (repr: classes and shapes, e.g. q/k/v fused), dtype, device, the
+    GPU's name and capability, torch's and transformers' versions (the traced code), the cache length."""
+    import transformers
+
+    device = model.device
+    parts = {"config": model.config.to_json_string(use_diff=False), "modules": repr(model), "dtype": str(model.dtype),
+             "device": device.type, "torch": torch.__version__, "transformers": transformers.__version__,
+             "max_cache_len": max_cache_len}  # fmt: skip
+    if device.type == "cuda":
+        parts["gpu"] = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class AotiDecoder:
+    """Greedy decoding of one stream through a compiled step: once for the prompt, once per new token. One
+    static cache: one request at a time (callers hold `lock`); each request writes it from position 0, and the
+    causal mask hides what a longer request before it left past its position."""
+
+    def __init__(self, step, max_length: int, device):
+        self.step, self.max_length, self.device = step, max_length, torch.device(device)
+        self.lock = Lock()
+
+    @torch.inference_mode()
+    def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
+        """Yield greedy token ids one by one, up to and including EOS, at most `max_new_tokens`."""
+        length = input_ids.shape[-1]
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
+                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
+            )
+        if max_new_tokens <= 0:
+            return
+        ids = input_ids.view(1, -1).to(self.device)
+        positions = torch.arange(length, device=self.device)
+        for produced in range(1, max_new_tokens + 1):
+            token = int(self.step(input_ids=ids, cache_position=positions)[0, -1].argmax())
+            yield token
+            if token == eos_token_id or produced == max_new_tokens:
+                return
+            ids = torch.tensor([[token]], device=self.device)
+            positions = positions[-1:] + 1
+
+
+class AotiDecodeBackend:
+    """A backend (see starsql.serve.decode) over an AotiDecoder, with plain generate() beside it for sampled
+    answers, prompts longer than the cache and requests that arrive while the decoder is busy."""
+
+    def __init__(self, model, tokenizer, decoder: AotiDecoder):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.plain = GenerateBackend(model, tokenizer)
+
+    @property
+    def concurrency(self) -> int:
+        """One static cache serves one request at a time; a second request let in beside it would only go
+        through the slower generate(), so requests queue for the decoder."""
+        return 1
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+        if max_new_tokens <= 0:
+            return
+        input_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        fits = input_ids.shape[-1] + max_new_tokens <= self.decoder.max_length
+        if temperature == 0 and fits and self.decoder.lock.acquire(blocking=False):
+            try:
+                yield from stream_greedy(self.decoder, self.tokenizer, input_ids, max_new_tokens)
+            finally:
+                self.decoder.lock.release()
+            return
+        yield from self.plain.stream(prompt, max_new_tokens, temperature)
+
+
+def build_aoti_backend(model, tokenizer, max_cache_len: int = DECODER_TOKENS, zero_gpu: bool = False,
+                       cache_dir=None) -> AotiDecodeBackend:  # fmt: skip
+    """The AOTI backend: the decoder exported and compiled, or, off ZeroGPU, loaded from
+    `cache_dir`/<package_key>.pt2 (default: compile_cache_dir()/aoti, which outlives a restart) without
+    exporting. `max_cache_len`: prompt + answer it holds, at most the model's sliding window."""
+    max_cache_len = min(max_cache_len, getattr(model.config, "sliding_window", None) or max_cache_len)
+    if zero_gpu:
+        step = compile_decoder(export_decoder(model, max_cache_len), zero_gpu=True)
+    else:
+        path = Path(cache_dir or compile_cache_dir() / "aoti") / f"{package_key(model, max_cache_len)}.pt2"
+        if path.is_file():
+            step = load_decoder(path, _exportable(model, max_cache_len))
+        else:
+            step = compile_decoder(export_decoder(model, max_cache_len), package_path=path)
+    return AotiDecodeBackend(model, tokenizer, AotiDecoder(step, max_cache_len, model.device))
