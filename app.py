@@ -339,11 +339,13 @@ def count_tokens(text: str) -> int:
     return len(TOKENIZER(text, add_special_tokens=False)["input_ids"])
 
 
-def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
-    """The stream's pieces (the text so far) until it ends or `stopped()`; pieces that piled up while the reader
-    was busy go on as the newest one. The stream is read in a thread of its own, so Stop is seen within
+def pieces_until_stopped(stream: Iterator[str], stopped, every: float | None = None) -> Iterator[str]:
+    """The stream's pieces (each the text so far) until it ends or `stopped()`, at most one every `every` seconds
+    (default CHAT_UPDATE_S): the first at once, then the newest when its interval is over, whether or not more
+    came meanwhile; the last always. The stream is read in a thread of its own, so Stop is seen within
     STOP_POLL_S even while the model is still on a piece (a streamer yields whole words); that thread closes
     the stream, which ends the generation, at its next piece."""
+    every = CHAT_UPDATE_S if every is None else every
     pieces: queue.Queue = queue.Queue()
     end, gone = object(), threading.Event()  # gone: nobody reads any more (Stop, or the client left)
 
@@ -356,25 +358,40 @@ def pieces_until_stopped(stream: Iterator[str], stopped) -> Iterator[str]:
         except Exception as error:  # noqa: BLE001 -- handed to the reader, which raises it
             pieces.put(error)
         finally:
-            getattr(stream, "close", lambda: None)()
-            pieces.put(end)
+            try:
+                getattr(stream, "close", lambda: None)()
+            finally:
+                pieces.put(end)
 
     threading.Thread(target=pump, daemon=True, name="starsql-stream").start()
+    pending, passed_at = None, None  # the newest text not passed on yet; when the last one was
     try:
         while not stopped():
+            wait = STOP_POLL_S
+            if pending is not None:
+                wait = (passed_at or 0.0) + every - time.monotonic()
+                if wait <= 0:
+                    yield pending
+                    pending, passed_at = None, time.monotonic()
+                    continue
+                wait = min(wait, STOP_POLL_S)
             try:
-                items = [pieces.get(timeout=STOP_POLL_S)]
+                item = pieces.get(timeout=wait)
             except queue.Empty:
                 continue
-            while isinstance(items[-1], str) and not pieces.empty():
-                items.append(pieces.get_nowait())
-            texts = [item for item in items if isinstance(item, str)]
-            if texts:
-                yield texts[-1]  # each piece is the text so far: of those that piled up, the newest
-            if items[-1] is end:
+            while isinstance(item, str):  # of the pieces that piled up, the newest
+                pending = item
+                try:
+                    item = pieces.get_nowait()
+                except queue.Empty:
+                    item = None
+            if item is None:
+                continue
+            if pending is not None:  # the end, or an error: the newest text first
+                yield pending
+            if item is end:
                 return
-            if isinstance(items[-1], Exception):
-                raise items[-1]
+            raise item
     finally:
         gone.set()
 
@@ -474,16 +491,14 @@ def answer(question: str, schema: str, history: list[tuple[str, str]] | None = N
         close_later(workspace)
 
 
-def paced(answers: Iterator[tuple[str, CheckResult | None]], every: float | None = None) -> Iterator[tuple]:
-    """answer()'s stream with the growing SQL at most every `every` seconds (default CHAT_UPDATE_S): the first
-    piece at once, then the newest after each interval; a piece that changes no SQL (a space, half a word) is
-    dropped; the final answer always goes out."""
-    every = CHAT_UPDATE_S if every is None else every
-    shown_at, shown_sql = None, None
+def changed_sql(answers: Iterator[tuple[str, CheckResult | None]]) -> Iterator[tuple]:
+    """answer()'s stream without the updates that change no SQL (a piece that added a space, or half a word);
+    the final answer always."""
+    shown = None
     for sql, check in answers:
-        if check is None and (sql == shown_sql or (shown_at is not None and time.monotonic() - shown_at < every)):
+        if check is None and sql == shown:
             continue
-        shown_at, shown_sql = time.monotonic(), sql
+        shown = sql
         yield sql, check
 
 
@@ -601,7 +616,7 @@ def chat_api(message: str, schema: str | None = None, history: list[list[str]] |
     if problem:
         yield f"⚠ {problem}"
         return
-    for sql, check in paced(answer(message, api_schema(schema, database), [(q, s) for q, s in history], max_new_tokens,
+    for sql, check in changed_sql(answer(message, api_schema(schema, database), [(q, s) for q, s in history], max_new_tokens,
                                    temperature, dialect=dialect, database=database)):
         yield reply_markdown(sql, check)
 
@@ -801,7 +816,7 @@ def respond(question: str, messages: list[dict], schema: str, dialect: str, file
     messages.append({"role": "user", "content": question})
     folder = tempfile.mkdtemp(prefix="starsql-result-")
     try:
-        for sql, check in paced(answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
+        for sql, check in changed_sql(answer(question, schema, history, max_new_tokens, temperature, stop, dialect, files,
                                        max_rows=TABLE_ROWS)):
             reply = messages + [{"role": "assistant", "content": reply_markdown(sql, check)}]
             yield (reply, *unchanged) if check is None else (reply, *result_view(check, folder))

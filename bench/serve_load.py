@@ -160,7 +160,11 @@ def ask(url: str, question: str, new_tokens: int) -> dict:
 def ready(url: str, barrier) -> int:
     """Connect this worker's client and make one call (gradio_client reads the API's description on its first),
     then wait for every other user's worker: the loads then time requests, not processes starting."""
-    usage(url)
+    try:
+        usage(url)
+    except BaseException:
+        barrier.abort()  # the other users stop waiting
+        raise
     barrier.wait(timeout=600)
     return os.getpid()
 
@@ -197,9 +201,13 @@ def plain_http_ttft(url: str, question: str, new_tokens: int, repeats: int) -> l
             first = None
             with http.stream("GET", f"/{event}") as stream:
                 for line in stream.iter_lines():
+                    if line.startswith("event: error"):
+                        raise RuntimeError(f"/chat answered with an error event: {line}")
                     if first is None and line.startswith("event: generating"):
                         first = time.perf_counter() - sent
-            times.append(first if first is not None else time.perf_counter() - sent)
+            if first is None:
+                raise RuntimeError("/chat streamed no update before its answer")
+            times.append(first)
     return times
 
 
@@ -256,7 +264,6 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
         # Spawned, not forked: a fork would copy this process's gradio_client (its threads do not survive a fork).
         with ProcessPoolExecutor(max(args.users), mp_context=multiprocessing.get_context("spawn")) as pool:
             first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
-            start_users(pool, app.url, max(args.users))
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
             record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
@@ -269,6 +276,7 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
             for question in QUESTIONS:  # untimed: each prompt width's prefill graph is captured on first use
                 ask(app.url, question, args.new_tokens)
             if name not in args.start_only:
+                start_users(pool, app.url, max(args.users))  # after the start: it must not slow the build it times
                 ttft = plain_http_ttft(app.url, QUESTIONS[0], args.new_tokens, 10)
                 record["plain_http_ttft"] = {f"p{q}_s": percentile(ttft, q) for q in (50, 95)}
                 record["loads"] = [load(pool, app, users, args.rounds, args.new_tokens) for users in args.users]

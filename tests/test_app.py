@@ -472,12 +472,10 @@ def test_replies_for_non_sql_and_writes(app, monkeypatch):
 def test_chat_streams_only_replies_that_changed(app, monkeypatch):
     """A piece that adds only a space is no new update: each streamed reply differs from the one before."""
     def generate(prompt, max_new_tokens, temperature):
-        for piece in ["SELECT", "SELECT ", "SELECT  ", "SELECT count(*)", "SELECT count(*) ", "SELECT count(*) FROM singer;"]:
-            yield piece
-            time.sleep(0.05)  # read before the next: pieces that pile up go on as the newest one
+        yield from ["SELECT", "SELECT ", "SELECT  ", "SELECT count(*)", "SELECT count(*) ", "SELECT count(*) FROM singer;"]
 
     monkeypatch.setattr(app, "generate", generate)
-    monkeypatch.setattr(app, "CHAT_UPDATE_S", 0.0)  # every piece that changes the SQL
+    monkeypatch.setattr(app, "pieces_until_stopped", lambda stream, stopped: stream)  # every piece, unpaced
     replies = list(app.chat_api("How many singers?", SCHEMA))
     assert all(a != b for a, b in zip(replies, replies[1:]))
     assert [r for r in replies if "Writing SQL" in r] == ["```sql\nSELECT\n```\n_Writing SQL…_",
@@ -491,8 +489,10 @@ def test_a_fast_model_streams_an_update_at_most_every_chat_update_s(app, monkeyp
     most every CHAT_UPDATE_S, in the chat and through /chat; the first piece goes out at once, the final always."""
     words = [f" c{i}," for i in range(60)]
 
-    def steady(prompt, max_new_tokens, temperature):  # a token every 10 ms: 0.6 s in all
-        for i in range(len(words)):
+    def steady(prompt, max_new_tokens, temperature):  # a token every 10 ms: 0.6 s in all (more on a busy machine)
+        yield "SELECT c0,"
+        time.sleep(0.2)  # the first piece is read alone, however busy the machine
+        for i in range(1, len(words)):
             time.sleep(0.01)
             yield "SELECT" + "".join(words[: i + 1])
         yield "SELECT count(*) FROM singer;"
@@ -505,17 +505,35 @@ def test_a_fast_model_streams_an_update_at_most_every_chat_update_s(app, monkeyp
         replies.append(reply)
     writing = [at for at, reply in zip(arrivals, replies) if "Writing SQL" in reply]
     assert replies[0] == "```sql\nSELECT c0,\n```\n_Writing SQL…_"  # the first piece, not held back
-    assert 3 <= len(writing) <= 8  # ~0.6 s of writing in steps of 0.1 s, against 61 pieces
-    assert all(b - a >= 0.09 for a, b in zip(writing, writing[1:]))
+    paced = writing[:-1]  # the last text goes out as soon as the model ends, whatever the pace
+    assert all(b - a >= 0.09 for a, b in zip(paced, paced[1:]))
+    assert 3 <= len(writing) <= (writing[-1] - writing[0]) / 0.1 + 2 < 40  # far fewer than the 61 pieces
     assert "Valid for this schema" in replies[-1]
     chat = list(app.respond("How many singers?", [], SCHEMA, "sqlite", None, 64, "Greedy", 0.7))
-    assert 3 <= len(chat) <= 9 and "Valid for this schema" in chat[-1][0][-1]["content"]
+    assert 3 <= len(chat) < 40 and "Valid for this schema" in chat[-1][0][-1]["content"]
+
+
+def test_a_held_back_piece_goes_out_when_its_interval_ends(app):
+    """A piece held back by the pace is passed on when its interval is over, not only when the next one comes:
+    a model that pauses (a slow step, an endpoint) shows what it has written meanwhile."""
+    def pausing():
+        yield "SELECT a"
+        time.sleep(0.03)
+        yield "SELECT a, b"  # within the first piece's interval: held back
+        time.sleep(1.0)
+        yield "SELECT a, b FROM t;"
+
+    started, got = time.monotonic(), []
+    for piece in app.pieces_until_stopped(pausing(), lambda: False, every=0.1):
+        got.append((piece, time.monotonic() - started))
+    assert [piece for piece, _ in got] == ["SELECT a", "SELECT a, b", "SELECT a, b FROM t;"]
+    assert got[1][1] < 0.8  # during the pause, not after it
 
 
 def test_pieces_that_pile_up_go_on_as_the_newest(app):
     """A reader slower than the model gets the newest text, not every stale piece in turn; nothing is lost at the end."""
     texts = [f"SELECT {i}" for i in range(200)]
-    reader = app.pieces_until_stopped(iter(texts), lambda: False)
+    reader = app.pieces_until_stopped(iter(texts), lambda: False, every=0.0)
     got = [next(reader)]
     time.sleep(0.2)  # the model wrote the rest meanwhile
     got += list(reader)

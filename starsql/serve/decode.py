@@ -132,7 +132,8 @@ def stream_sql(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempera
     finally:
         cancelled.set()
         thread.join()
-        USAGE.add(output[0].shape[1] - prompt_length if output else 0)
+        sequences = getattr(output[0], "sequences", output[0]) if output else None  # a dict with return_dict_in_generate
+        USAGE.add(sequences.shape[1] - prompt_length if sequences is not None else 0)
 
 
 class GenerateBackend:
@@ -187,7 +188,8 @@ class WarmingBackend:
 class Usage:
     """Tokens generated and answers streamed in this process by plain generate() and the fast decoders: the
     app's /usage API (an operator's view of the load; bench/serve_load.py counts a load's tokens with it, since
-    the app streams fewer updates than tokens). An endpoint's tokens (starsql.serve.remote) are its own."""
+    the app streams fewer updates than tokens). Not counted here: an endpoint's tokens (starsql.serve.remote), and
+    on ZeroGPU, whose @spaces.GPU calls generate in a process of their own."""
 
     def __init__(self):
         self._lock = Lock()
