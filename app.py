@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,7 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import USAGE, BackendError, build_backend, statement_finished
+from starsql.serve.decode import USAGE, BackendError, build_backend, decode_aoti, statement_finished
 from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
@@ -85,6 +86,7 @@ STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
 # Python about a millisecond in Gradio, which many users streaming every token would saturate; readers need no more.
 CHAT_UPDATE_S = 0.1
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
+AOTI_COMPILE_S = 1500  # ZeroGPU lease to export and compile the decoder at start (DECODE_AOTI=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +136,31 @@ else:
     # The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
     DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
     BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
+
+
+def zero_gpu_aoti_backend(model, tokenizer):
+    """ZeroGPU with DECODE_AOTI=1: the decoder exported and compiled once, at start, inside a GPU lease
+    (spaces.aoti_compile); each answer's @spaces.GPU call then runs the compiled program. If that fails, a
+    warning, and plain generate()."""
+    from starsql.serve.fast import DECODER_TOKENS
+    from starsql.serve.fast.aoti import AotiDecodeBackend, AotiDecoder, compile_decoder, export_decoder
+
+    tokens = min(DECODER_TOKENS, getattr(model.config, "sliding_window", None) or DECODER_TOKENS)
+
+    @spaces.GPU(duration=AOTI_COMPILE_S)
+    def compile_on_gpu():
+        return compile_decoder(export_decoder(model, tokens), zero_gpu=True)
+
+    try:
+        return AotiDecodeBackend(model, tokenizer, AotiDecoder(compile_on_gpu(), tokens, model.device))
+    except Exception as error:  # noqa: BLE001 -- the Space still answers, through generate()
+        warnings.warn(f"The ahead-of-time compiled decoder is off ({type(error).__name__}: {error}); answers use "
+                      "generate().", stacklevel=2)
+        return BACKEND
+
+
+if ZERO_GPU and spaces is not None and not ARGS.inference_url and decode_aoti():
+    BACKEND = zero_gpu_aoti_backend(MODEL, TOKENIZER)
 
 
 

@@ -880,3 +880,48 @@ def test_an_api_call_with_a_database_and_no_schema_prompts_with_the_databases_ta
     assert "CREATE TABLE orders" in prompts[1] and "singer" not in prompts[1]
     app.sql_api("How many singers?")  # no schema, no database: the example, as before
     assert "CREATE TABLE singer" in prompts[2]
+
+
+def test_zero_gpu_aoti_compiles_once_in_a_gpu_lease_and_answers_like_generate(app, monkeypatch):
+    """DECODE_AOTI=1 on ZeroGPU: the decoder is exported and compiled inside one @spaces.GPU lease at start, and
+    answers through it give generate()'s text. (Here the compile step is the exported program run eagerly:
+    spaces.aoti_compile needs a CUDA build of torch; tests/test_aoti.py compiles with AOTInductor itself.)"""
+    import types
+
+    import starsql.serve.fast.aoti as aoti
+    from starsql.serve.decode import stream_sql
+
+    leases, compiled = [], []
+
+    def gpu(duration):
+        def wrap(fn):
+            def leased(*args, **kwargs):
+                leases.append(duration)
+                return fn(*args, **kwargs)
+            return leased
+        return wrap
+
+    def compile_decoder(exported, zero_gpu=False, package_path=None):
+        compiled.append(zero_gpu)
+        return exported.module()
+
+    monkeypatch.setattr(app, "spaces", types.SimpleNamespace(GPU=gpu))
+    monkeypatch.setattr(aoti, "compile_decoder", compile_decoder)
+    backend = app.zero_gpu_aoti_backend(app.MODEL, app.TOKENIZER)
+    assert leases == [app.AOTI_COMPILE_S] and compiled == [True] and backend.concurrency == 1
+    prompt = app.build_prompt(SCHEMA, "How many singers are there?")
+    assert list(backend.stream(prompt, 24))[-1] == list(stream_sql(app.MODEL, app.TOKENIZER, prompt, 24))[-1]
+
+
+def test_zero_gpu_aoti_that_cannot_compile_warns_and_keeps_generate(app, monkeypatch):
+    import types
+
+    import starsql.serve.fast.aoti as aoti
+
+    def compile_decoder(exported, zero_gpu=False, package_path=None):
+        raise RuntimeError("no CUDA here")
+
+    monkeypatch.setattr(app, "spaces", types.SimpleNamespace(GPU=lambda duration: (lambda fn: fn)))
+    monkeypatch.setattr(aoti, "compile_decoder", compile_decoder)
+    with pytest.warns(UserWarning, match="ahead-of-time compiled decoder is off.*no CUDA here"):
+        assert app.zero_gpu_aoti_backend(app.MODEL, app.TOKENIZER) is app.BACKEND

@@ -169,3 +169,19 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_COMPILE", "maybe")
     with pytest.raises(ValueError, match="DECODE_COMPILE must be 1"):
         build_backend(model, tokenizer, fast=True)
+
+
+def test_decode_aoti_switch_builds_the_ahead_of_time_decoder_while_generate_answers(tiny_run, monkeypatch):
+    import starsql.serve.fast.aoti as aoti
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    built = []
+    monkeypatch.setattr(aoti, "build_aoti_backend", lambda m, t: built.append(m) or "the AOTI backend")
+    monkeypatch.setenv("DECODE_AOTI", "1")
+    chosen = build_backend(model, tokenizer, fast=True)
+    assert isinstance(chosen, WarmingBackend) and chosen.concurrency == 1
+    assert chosen.wait(60) == "the AOTI backend" and built == [model]
+    assert not any("Gemv" in type(m).__name__ for m in model.modules())  # the model as loaded is what is exported
+    monkeypatch.setenv("DECODE_AOTI", "perhaps")
+    with pytest.raises(ValueError, match="DECODE_AOTI must be 1"):
+        build_backend(model, tokenizer, fast=True)

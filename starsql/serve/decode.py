@@ -215,6 +215,15 @@ def decode_compile() -> bool:
     return value in ("1", "true", "yes")
 
 
+def decode_aoti() -> bool:
+    """DECODE_AOTI from the environment: greedy answers through the ahead-of-time compiled decoder
+    (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: not yet measured on a GPU."""
+    value = os.environ.get("DECODE_AOTI", "0").lower()
+    if value not in ("0", "1", "false", "true", "no", "yes"):
+        raise ValueError(f"DECODE_AOTI must be 1 (the ahead-of-time compiled decoder) or 0 (do not use it), not {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def decode_batch() -> int:
     """DECODE_BATCH from the environment: how many answers the fast backend decodes together."""
     value = os.environ.get("DECODE_BATCH", str(DECODE_BATCH))
@@ -226,11 +235,16 @@ def decode_batch() -> int:
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):
     """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
     answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
-    one-stream decoder), its step compiled unless DECODE_COMPILE=0. The fast backend is compiled and captured
+    one-stream decoder), its step compiled unless DECODE_COMPILE=0; with DECODE_AOTI=1, through the ahead-of-time
+    compiled decoder instead. The fast backend is compiled and captured
     in a background thread (a WarmingBackend: plain generate() answers meanwhile); if it cannot be built for
     this model (torch.compile or Triton fails), a warning, and plain generate() on the model as it was."""
     if not fast:
         return GenerateBackend(model, tokenizer)
+    if decode_aoti():  # the model as loaded, exported and compiled ahead of time (or loaded from its package)
+        from .fast.aoti import build_aoti_backend
+
+        return WarmingBackend(GenerateBackend(model, tokenizer), lambda: build_aoti_backend(model, tokenizer), concurrency=1)
     from . import fast as fast_package
 
     batch = decode_batch() if batch is None else batch
