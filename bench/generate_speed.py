@@ -36,6 +36,9 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
   build_s on the first); batched-identity: the identity prompts all at once through it, against plain generate().
 - fp32-batched-identity: the batched decoder on fp32 weights, the identity prompts submitted at once (one batch),
   against plain generate() of the unfused fp32 model on cuBLAS.
+- aoti: DECODE_AOTI's decoder (starsql.serve.fast.aoti) on the model as loaded (not fused): exported and compiled
+  into a package in an empty folder (build_s), then built again from that package as a restarted app builds it
+  (restart_s), timed as the decoders are; its tokens against plain generate()'s (bf16, so near ties may differ).
 - fp32-identity: the decoder built as the app builds it, on fp32 weights, against plain generate() of the
   unfused fp32 model on cuBLAS, on the identity prompts. Kernels' rounding differences are ~2^16 times smaller
   than in bf16: a logic bug would still show, a near tie of random weights would not.
@@ -267,6 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="The batched backend's batch (app.py's DECODE_BATCH).")
     parser.add_argument("--batch_compile", type=int, default=1, choices=(0, 1),
                         help="0: the batched backend's CUDA graphs from the eager model (app.py's DECODE_COMPILE=0).")
+    parser.add_argument("--aoti_tokens", type=int, default=DECODER_TOKENS, help="The aoti decoder's cache (the app's).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
@@ -334,6 +338,40 @@ def main(argv=None) -> int:
         mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference)]
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
+
+    def aoti_speed() -> dict:
+        import tempfile
+
+        from starsql.serve.fast.aoti import build_aoti_backend
+
+        folder = tempfile.mkdtemp(prefix="starsql-aoti-")
+        building = time.perf_counter()
+        build_aoti_backend(model, tokenizer, max_cache_len=args.aoti_tokens, cache_dir=folder)
+        build_s = time.perf_counter() - building
+        restarting = time.perf_counter()
+        decoder = build_aoti_backend(model, tokenizer, max_cache_len=args.aoti_tokens, cache_dir=folder).decoder
+        restart_s = time.perf_counter() - restarting
+        runs = []
+        for _ in range(args.repeats + 1):  # the first untimed
+            sync()
+            start, new, first = time.perf_counter(), [], None
+            for token in decoder.tokens(single[0], args.new_tokens):
+                first = first or time.perf_counter()
+                new.append(token)
+            sync()
+            runs.append((new, first - start, time.perf_counter() - start))
+        runs = runs[1:]
+        seconds = statistics.median(total for _, _, total in runs)
+        mismatch = first_mismatch(runs[-1][0], plain.get("new_token_ids", []))
+        return {"tokens_per_s": round(args.new_tokens / seconds, 2), "time_s": round(seconds, 3),
+                "ttft_s": round(statistics.median(ttft for _, ttft, _ in runs), 4), "build_s": round(build_s, 1),
+                "restart_s": round(restart_s, 1), "cache_length_used": args.aoti_tokens,
+                "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
+                **identity_report(decoder, reference=plain_tokens(model, identity))}  # fmt: skip
+
+    if wanted("aoti"):  # before the model is fused: DECODE_AOTI exports the model as loaded
+        record("aoti", 1, guarded(aoti_speed), **details)
+        free_memory()
 
     # The app's model: prepared as FastDecodeBackend.build prepares it (q/k/v fused, the gemv kernel where it runs),
     # so that plain generate() and the kernel can be measured on it too. build's own preparation then changes nothing.
