@@ -93,8 +93,8 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path, shared_dir
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
     done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
-                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity,aoti",
+                           "--aoti_tokens", "512", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
     graph, concurrent = lines["bf16-merged-graph"], lines["app-concurrent16"]
@@ -112,6 +112,9 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # and with the prompt's forward eager at its own width: the same tokens.
     assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]
     assert lines["bf16-merged-graph-512-eager-prefill"]["identical_to_bf16_merged"]
+    # DECODE_AOTI's decoder: compiled once, then loaded from its package as a restart does; generate()'s tokens.
+    aoti = lines["aoti"]
+    assert aoti["identical_to_bf16_merged"] and aoti["identity_prompts_identical"] == 1 and aoti["restart_s"] < aoti["build_s"]
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):
