@@ -720,8 +720,9 @@ def result_view(check: CheckResult | None, folder: str) -> tuple:
     if check is None or not check.sql:
         return gr.update(visible=False), *(gr.skip(),) * 6
     hidden = gr.update(visible=False)
-    # A plot stays in the page when hidden: Gradio's plot reads its removed element's width if unmounted.
-    plot_hidden = gr.update(visible="hidden")
+    # A plot stays mounted, hidden by CSS: Gradio's plot reads its removed element's width if unmounted
+    # (visible=False), and visible="hidden" still shows an empty plot when the result area first appears.
+    plot_hidden = gr.update(visible=True, elem_classes=[PLOT_OFF])
     if check.rows is None or not check.columns:
         return gr.update(visible=True), check.sql, verdict_line(check), hidden, plot_hidden, plot_hidden, hidden
     frame = result_frame(check.columns, check.rows)
@@ -736,11 +737,11 @@ def result_view(check: CheckResult | None, folder: str) -> tuple:
             years = pd.api.types.is_numeric_dtype(shown[x])
             shown = shown.assign(**{x: pd.to_datetime(shown[x].astype("Int64").astype(str) if years else shown[x],
                                                       format="%Y" if years else None, errors="coerce")})
-            line = gr.update(value=shown, x=x, y=y, visible=True, title=f"{y} by {x}")
+            line = gr.update(value=shown, x=x, y=y, visible=True, elem_classes=[], title=f"{y} by {x}")
         else:  # the bars in the result's order, from zero
             shown = shown.assign(**{x: shown[x].astype(str)})
             low, high = min(0, shown[y].min()), max(0, shown[y].max())
-            bar = gr.update(value=shown, x=x, y=y, visible=True, title=f"{y} by {x}", y_lim=[low, high or 1],
+            bar = gr.update(value=shown, x=x, y=y, visible=True, elem_classes=[], title=f"{y} by {x}", y_lim=[low, high or 1],
                             sort=list(dict.fromkeys(shown[x])))
     return (gr.update(visible=True), check.sql, verdict_line(check), gr.update(value=frame, visible=True), bar, line,
             gr.update(value=str(csv_path), visible=True))
@@ -932,7 +933,9 @@ JSON; `/check` checks your own SQL the same way; `/chat` streams the reply (see 
 # ---------------------------------------------------------------------------------------------
 # The UI, declared in one place.
 
+PLOT_OFF = "plot-off"  # the class of a chart the result has none for (CSS below)
 CSS = """
+.plot-off { display: none !important; }
 #chat table th, #chat table td { padding: 4px 12px !important; font-size: 0.92em; }
 #chat [data-testid="status-tracker"] .progress-text { font-size: var(--text-md); font-weight: 600;
     color: var(--body-text-color); background: var(--color-accent-soft); padding: 2px 10px; border-radius: var(--radius-md); }
@@ -971,8 +974,8 @@ with gr.Blocks(title="StarSQL: English to SQL") as demo:
                 with gr.Row(equal_height=True):
                     table = gr.Dataframe(interactive=False, max_height=360, show_label=False, scale=3,
                                          buttons=["copy", "fullscreen"], elem_id="result-table")
-                    bar = gr.BarPlot(visible="hidden", scale=2, height=340, x_label_angle=-30, elem_id="bar-chart")
-                    line = gr.LinePlot(visible="hidden", scale=2, height=340, elem_id="line-chart")
+                    bar = gr.BarPlot(scale=2, height=340, x_label_angle=-30, elem_id="bar-chart", elem_classes=[PLOT_OFF])
+                    line = gr.LinePlot(scale=2, height=340, elem_id="line-chart", elem_classes=[PLOT_OFF])
             with gr.Column(visible=not LIVE_URL):  # the examples bring their own databases, not the live one
                 examples = gr.Examples(
                     examples=[[q, db] for _, q, db in EXAMPLES], inputs=[question, schema],

@@ -776,7 +776,8 @@ def test_the_result_area_shows_a_table_a_chart_and_a_csv_of_first_n_of_m_rows(ap
     assert box["visible"] and shown_sql == check.sql and "first 100 of 300 rows" in verdict
     assert list(table["value"].columns) == ["label", "i"] and len(table["value"]) == 100
     assert bar["visible"] is True and (bar["x"], bar["y"]) == ("label", "i") and len(bar["value"]) == app.CHART_ROWS
-    assert line["visible"] == "hidden"  # kept in the page, not shown
+    assert line["visible"] is True and line["elem_classes"] == [app.PLOT_OFF]  # kept in the page, not shown
+    assert bar["elem_classes"] == []
     csv = Path(download["value"]).read_text().splitlines()
     assert csv[0] == "label,i" and len(csv) == 101
     # An answer with no rows hides the table, chart and CSV, and says why.

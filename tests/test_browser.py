@@ -179,6 +179,8 @@ def test_upload_a_database_ask_and_see_the_table_and_the_chart(browser, app_url,
     expect(bot.first).to_contain_text("postgres", timeout=60_000)  # checked as PostgreSQL SQL
     result = page.locator("#result")
     expect(result).to_be_visible()
+    expect(page.locator("#bar-chart")).to_be_hidden()  # no rows: no empty charts either
+    expect(page.locator("#line-chart")).to_be_hidden()
 
     # The tiny test model writes noise: fix its SQL in the box under the chat and run it again.
     replace_code(page, "#result", "SELECT city, COUNT(*) AS customers FROM customer GROUP BY city ORDER BY customers DESC")
@@ -197,6 +199,7 @@ def test_upload_a_database_ask_and_see_the_table_and_the_chart(browser, app_url,
     page.get_by_role("button", name="Run SQL").click()
     expect(page.locator("#verdict")).to_contain_text("5 rows", timeout=30_000)
     expect(page.locator("#line-chart")).to_contain_text("amount by order_date")
+    expect(page.locator("#line-chart")).to_be_visible()
     expect(page.locator("#bar-chart")).to_be_hidden()
     with page.expect_download() as download:
         page.get_by_role("button", name="Download CSV").click()
