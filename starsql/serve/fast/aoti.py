@@ -18,9 +18,8 @@ from threading import Lock
 
 import torch
 
-from ..decode import GenerateBackend
-from . import DECODER_TOKENS, compile_cache_dir
-from .decoder import stream_greedy
+from . import DECODER_TOKENS, FastDecodeBackend, compile_cache_dir
+from .decoder import check_fits
 
 # Weights stay out of the compiled code (they are loaded from the model at load time), as spaces.aoti_compile does.
 CODE_ONLY = {"aot_inductor.package_constants_in_so": False}
@@ -123,12 +122,7 @@ class AotiDecoder:
     @torch.inference_mode()
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
         """Yield greedy token ids one by one, up to and including EOS, at most `max_new_tokens`."""
-        length = input_ids.shape[-1]
-        if length + max_new_tokens > self.max_length:
-            raise ValueError(
-                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
-                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
-            )
+        length = check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
         if max_new_tokens <= 0:
             return
         ids = input_ids.view(1, -1).to(self.device)
@@ -142,32 +136,15 @@ class AotiDecoder:
             positions = positions[-1:] + 1
 
 
-class AotiDecodeBackend:
-    """A backend (see starsql.serve.decode) over an AotiDecoder, with plain generate() beside it for sampled
-    answers, prompts longer than the cache and requests that arrive while the decoder is busy."""
-
-    def __init__(self, model, tokenizer, decoder: AotiDecoder):
-        self.decoder, self.tokenizer = decoder, tokenizer
-        self.plain = GenerateBackend(model, tokenizer)
+class AotiDecodeBackend(FastDecodeBackend):
+    """FastDecodeBackend over an AotiDecoder: greedy answers through it, one at a time; plain generate() beside it
+    for sampled answers, prompts longer than the cache and requests that arrive while the decoder is busy."""
 
     @property
     def concurrency(self) -> int:
         """One static cache serves one request at a time; a second request let in beside it would only go
         through the slower generate(), so requests queue for the decoder."""
         return 1
-
-    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        if max_new_tokens <= 0:
-            return
-        input_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        fits = input_ids.shape[-1] + max_new_tokens <= self.decoder.max_length
-        if temperature == 0 and fits and self.decoder.lock.acquire(blocking=False):
-            try:
-                yield from stream_greedy(self.decoder, self.tokenizer, input_ids, max_new_tokens)
-            finally:
-                self.decoder.lock.release()
-            return
-        yield from self.plain.stream(prompt, max_new_tokens, temperature)
 
 
 def build_aoti_backend(model, tokenizer, max_cache_len: int = DECODER_TOKENS, zero_gpu: bool = False,

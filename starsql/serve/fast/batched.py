@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoder import GreedyDecoder, capture_graph
+from .decoder import GreedyDecoder, capture_graph, check_fits
 from .gemv import routing
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
@@ -283,12 +283,7 @@ class BatchedDecoder:
 
     def submit(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Request:
         """Queue a request for the engine (which admits it at its next step); read its tokens from `request.out`."""
-        length = input_ids.shape[-1]
-        if length + max_new_tokens > self.max_length:
-            raise ValueError(
-                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
-                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
-            )
+        length = check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
         request = Request(input_ids, max_new_tokens, eos_token_id)
         self.incoming.put(request)
         return request

@@ -219,12 +219,7 @@ class GreedyDecoder:
     @torch.inference_mode()
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
         """Yield greedy token ids one by one, up to and including EOS, at most `max_new_tokens`."""
-        length = input_ids.shape[-1]
-        if length + max_new_tokens > self.max_length:
-            raise ValueError(
-                f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
-                f"max_length ({self.max_length}): shorten the schema or ask for fewer tokens."
-            )
+        length = check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
         if max_new_tokens <= 0:
             return
         slot = next(s for s in self.caches if s.length == self.cache_length(length + max_new_tokens))
@@ -259,6 +254,14 @@ class GreedyDecoder:
             for slot in self.caches:
                 if not slot.prepared:
                     self._prepare(slot)
+
+
+def check_fits(length: int, max_new_tokens: int, max_length: int) -> int:
+    """`length`, if a prompt of `length` tokens and `max_new_tokens` fit a decoder's `max_length`; else a clear error."""
+    if length + max_new_tokens > max_length:
+        raise ValueError(f"Prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the decoder's "
+                         f"max_length ({max_length}): shorten the schema or ask for fewer tokens.")
+    return length
 
 
 def stream_greedy(decoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[str]:
