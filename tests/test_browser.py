@@ -214,11 +214,12 @@ def test_a_question_waiting_in_line_is_told_so(browser, app_url):
     from playwright.sync_api import expect
 
     page, errors = open_app(browser, app_url)
-    # Long answers for other users fill every slot the model has (the CPU backend answers two at once).
+    # Long answers for other users fill every slot the model has (the CPU backend answers two at once), and more
+    # wait behind them: seconds of work ahead of the question, however fast the tiny model writes.
     busy = [Client(app_url, verbose=False).submit(f"Which singers are older than {age}?", "CREATE TABLE singer (age INT);",
-                                                  [], 512, 0.0, api_name="/chat") for age in (30, 40)]
+                                                  [], 512, 0.0, api_name="/chat") for age in range(30, 38)]
     deadline = time.monotonic() + 30
-    while not all(job.status().code in (Status.PROCESSING, Status.ITERATING) for job in busy):
+    while sum(job.status().code in (Status.PROCESSING, Status.ITERATING) for job in busy) < 2:
         assert time.monotonic() < deadline, [job.status().code for job in busy]
         time.sleep(0.05)
     box = page.get_by_placeholder("e.g. Which singers are older than 40?")
