@@ -142,10 +142,9 @@ def zero_gpu_aoti_backend(model, tokenizer):
     """ZeroGPU with DECODE_AOTI=1: the decoder exported and compiled once, at start, inside a GPU lease
     (spaces.aoti_compile); each answer's @spaces.GPU call then runs the compiled program. If that fails, a
     warning, and plain generate()."""
-    from starsql.serve.fast import DECODER_TOKENS
-    from starsql.serve.fast.aoti import AotiDecodeBackend, AotiDecoder, compile_decoder, export_decoder
+    from starsql.serve.fast.aoti import AotiDecodeBackend, AotiDecoder, cache_length, compile_decoder, export_decoder
 
-    tokens = min(DECODER_TOKENS, getattr(model.config, "sliding_window", None) or DECODER_TOKENS)
+    tokens = cache_length(model)
 
     @spaces.GPU(duration=AOTI_COMPILE_S)
     def compile_on_gpu():
@@ -391,12 +390,12 @@ def pieces_until_stopped(stream: Iterator[str], stopped, every: float | None = N
                 pieces.put(end)
 
     threading.Thread(target=pump, daemon=True, name="starsql-stream").start()
-    pending, passed_at = None, None  # the newest text not passed on yet; when the last one was
+    pending, passed_at = None, float("-inf")  # the newest text not passed on yet; when the last one was
     try:
         while not stopped():
             wait = STOP_POLL_S
             if pending is not None:
-                wait = (passed_at or 0.0) + every - time.monotonic()
+                wait = passed_at + every - time.monotonic()
                 if wait <= 0:
                     yield pending
                     pending, passed_at = None, time.monotonic()

@@ -339,6 +339,21 @@ def main(argv=None) -> int:
         return {"identity_prompts_identical": sum(m is None for m in mismatches), "identity_prompts": len(mismatches),
                 "identity_first_mismatches": mismatches}  # fmt: skip
 
+    def request(decoder, max_new_tokens: int, timed: int | None = None) -> tuple[list[int], float, float]:
+        """One request of the timed prompt, no EOS (it runs to max_new_tokens): its first `timed` new tokens,
+        the seconds to the first and the seconds to the last of them."""
+        sync()
+        start = time.perf_counter()
+        new, first = [], None
+        stream = decoder.tokens(single[0], max_new_tokens)
+        for token in stream:
+            first = first or time.perf_counter()
+            new.append(token)
+            if len(new) == (timed or max_new_tokens):
+                break
+        stream.close()
+        return new, first - start, time.perf_counter() - start
+
     def aoti_speed() -> dict:
         import tempfile
 
@@ -351,21 +366,12 @@ def main(argv=None) -> int:
         restarting = time.perf_counter()
         decoder = build_aoti_backend(model, tokenizer, max_cache_len=args.aoti_tokens, cache_dir=folder).decoder
         restart_s = time.perf_counter() - restarting
-        runs = []
-        for _ in range(args.repeats + 1):  # the first untimed
-            sync()
-            start, new, first = time.perf_counter(), [], None
-            for token in decoder.tokens(single[0], args.new_tokens):
-                first = first or time.perf_counter()
-                new.append(token)
-            sync()
-            runs.append((new, first - start, time.perf_counter() - start))
-        runs = runs[1:]
+        runs = [request(decoder, args.new_tokens) for _ in range(args.repeats + 1)][1:]  # the first untimed
         seconds = statistics.median(total for _, _, total in runs)
         mismatch = first_mismatch(runs[-1][0], plain.get("new_token_ids", []))
         return {"tokens_per_s": round(args.new_tokens / seconds, 2), "time_s": round(seconds, 3),
                 "ttft_s": round(statistics.median(ttft for _, ttft, _ in runs), 4), "build_s": round(build_s, 1),
-                "restart_s": round(restart_s, 1), "cache_length_used": args.aoti_tokens,
+                "restart_s": round(restart_s, 1), "cache_length_used": decoder.max_length,
                 "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
                 **identity_report(decoder, reference=plain_tokens(model, identity))}  # fmt: skip
 
@@ -393,21 +399,6 @@ def main(argv=None) -> int:
         decoder = decoder_class(model, max_length=length, lengths=())
         decoder.warm_up()
         return decoder
-
-    def request(decoder, max_new_tokens: int, timed: int | None = None) -> tuple[list[int], float, float]:
-        """One request of the timed prompt, no EOS (it runs to max_new_tokens): its first `timed` new tokens,
-        the seconds to the first and the seconds to the last of them."""
-        sync()
-        start = time.perf_counter()
-        new, first = [], None
-        stream = decoder.tokens(single[0], max_new_tokens)
-        for token in stream:
-            first = first or time.perf_counter()
-            new.append(token)
-            if len(new) == (timed or max_new_tokens):
-                break
-        stream.close()
-        return new, first - start, time.perf_counter() - start
 
     def decoder_speed(build, reserve: int | None = None, check_identity: bool = True) -> dict:
         """The decoder `build()` returns, compiled and captured, timed on the prompt: median of --repeats requests

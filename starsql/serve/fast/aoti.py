@@ -147,18 +147,19 @@ class AotiDecodeBackend(FastDecodeBackend):
         return 1
 
 
-def build_aoti_backend(model, tokenizer, max_cache_len: int = DECODER_TOKENS, zero_gpu: bool = False,
-                       cache_dir=None) -> AotiDecodeBackend:  # fmt: skip
-    """The AOTI backend: the decoder exported and compiled, or, off ZeroGPU, loaded from
-    `cache_dir`/<package_key>.pt2 (default: compile_cache_dir()/aoti, which outlives a restart) without
-    exporting. `max_cache_len`: prompt + answer it holds, at most the model's sliding window."""
-    max_cache_len = min(max_cache_len, getattr(model.config, "sliding_window", None) or max_cache_len)
-    if zero_gpu:
-        step = compile_decoder(export_decoder(model, max_cache_len), zero_gpu=True)
+def cache_length(model, max_cache_len: int = DECODER_TOKENS) -> int:
+    """Prompt + answer the decoder's static cache holds: `max_cache_len`, at most the model's sliding window."""
+    return min(max_cache_len, getattr(model.config, "sliding_window", None) or max_cache_len)
+
+
+def build_aoti_backend(model, tokenizer, max_cache_len: int = DECODER_TOKENS, cache_dir=None) -> AotiDecodeBackend:
+    """The AOTI backend off ZeroGPU: the decoder loaded from `cache_dir`/<package_key>.pt2 (default:
+    compile_cache_dir()/aoti, which outlives a restart) without exporting, or exported and compiled there first.
+    (On ZeroGPU the compile must run inside a GPU lease: app.py's zero_gpu_aoti_backend.)"""
+    max_cache_len = cache_length(model, max_cache_len)
+    path = Path(cache_dir or compile_cache_dir() / "aoti") / f"{package_key(model, max_cache_len)}.pt2"
+    if path.is_file():
+        step = load_decoder(path, _exportable(model, max_cache_len))
     else:
-        path = Path(cache_dir or compile_cache_dir() / "aoti") / f"{package_key(model, max_cache_len)}.pt2"
-        if path.is_file():
-            step = load_decoder(path, _exportable(model, max_cache_len))
-        else:
-            step = compile_decoder(export_decoder(model, max_cache_len), package_path=path)
+        step = compile_decoder(export_decoder(model, max_cache_len), package_path=path)
     return AotiDecodeBackend(model, tokenizer, AotiDecoder(step, max_cache_len, model.device))

@@ -283,7 +283,7 @@ class BatchedDecoder:
 
     def submit(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Request:
         """Queue a request for the engine (which admits it at its next step); read its tokens from `request.out`."""
-        length = check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
+        check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
         request = Request(input_ids, max_new_tokens, eos_token_id)
         self.incoming.put(request)
         return request

@@ -266,8 +266,9 @@ def check_fits(length: int, max_new_tokens: int, max_length: int) -> int:
 
 def stream_greedy(decoder, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[str]:
     """The decoder's tokens as the text so far, as `starsql.serve.decode.stream_sql` yields it: whole characters
-    only, up to EOS or the end of the first statement. `decoder`: a GreedyDecoder (the caller holds its `lock`)
-    or a starsql.serve.fast.batched.BatchedDecoder; closing the stream ends the request."""
+    only, up to EOS or the end of the first statement. `decoder`: a GreedyDecoder or an aoti.AotiDecoder (the
+    caller holds its `lock`), or a batched.BatchedDecoder; closing the stream ends the request. The tokens it
+    got are counted in USAGE."""
     generated: list[int] = []
     try:
         for token in decoder.tokens(input_ids, max_new_tokens, tokenizer.eos_token_id):
