@@ -648,8 +648,15 @@ def chat_api(message: str, schema: str | None = None, history: list[list[str]] |
 
 
 def usage_api() -> dict:
-    """Tokens generated and answers given since the app started (`tokens`, `answers`): the load, for operators."""
-    return USAGE.snapshot()
+    """Tokens generated and answers given since the app started (`tokens`, `answers`): the load, for operators.
+    With the batched decoder, also its engine's totals (`decoder`: steps, rows decoded, seconds stepping,
+    prefill forwards, requests prefilled, seconds prefilling): where a slow load spends its time."""
+    usage = USAGE.snapshot()
+    fast = getattr(BACKEND, "fast", BACKEND)  # a WarmingBackend's built backend (None while it warms up)
+    timings = getattr(getattr(fast, "decoder", None), "timings", None)
+    if timings is not None:
+        usage["decoder"] = timings.snapshot()
+    return usage
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ For each start:
   while the fast backend warms up), to the log's "Fast decoding is ready" line (`fast_ready_after_s`) and the
   build's own seconds (`fast_build_s`, after the weights are loaded); `gradio_cost`: round trips of /check
   (a SQL check with no model), Gradio's own cost per request (the queue, the event stream) plus a small check.
-- per user count: each user asks --rounds questions one after another (user u asks questions u, u + 1, ...
+- per client (--clients: gradio_client, then plain HTTP as the browser calls it) and user count: each user asks
+  --rounds questions one after another (user u asks questions u, u + 1, ...
   of the list), all users starting together. tokens = what the model generated during the load, from the app's
   /usage API (the app streams a growing answer at most every CHAT_UPDATE_S, not a token at a time);
   tokens_per_s in all (tokens / wall time), per user (a request's mean tokens x the user's requests / its busy
-  time, median), time to the first streamed update p50/p95 (from sending), request latency p50/p95, and the
-  app process's CPU use (cores) over the load.
+  time, median), time to the first streamed update p50/p95 (from sending), request latency p50/p95, the
+  app process's CPU use (cores) over the load, and the batched decoder's own work (`engine`, from /usage: steps,
+  requests a step, ms a step, prefills, requests a prefill, its busy share of the wall time).
 - `plain_http_ttft`: the same /chat request read as plain HTTP (POST, then its event stream), one user: the
   first update without gradio_client's own polling (it looks for new messages every 50 ms).
 Users are processes of their own, so that the client's parsing does not share one Python with the others.
@@ -157,6 +159,30 @@ def ask(url: str, question: str, new_tokens: int) -> dict:
     return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
 
 
+def ask_http(url: str, question: str, new_tokens: int) -> dict:
+    """The same request as plain HTTP, as the browser sends it: POST /chat, then read its event stream."""
+    import httpx
+
+    http = _clients.get(("http", url)) or _clients.setdefault(("http", url), httpx.Client(base_url=f"{url}gradio_api/call/chat", timeout=120))
+    sent = time.time()
+    event = http.post("", json={"data": [question, SCHEMA, [], new_tokens, 0.0, "sqlite", None]}).json()["event_id"]
+    first, updates, last = None, 0, ""
+    with http.stream("GET", f"/{event}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: error"):
+                raise RuntimeError(f"/chat answered with an error event: {line}")
+            if line.startswith("data:") and WRITING in line:
+                updates += 1
+                first = first or time.time()
+            if line.startswith("data:"):
+                last = line
+    done = time.time()
+    return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
+
+
+ASK = {"gradio_client": ask, "http": ask_http}
+
+
 def ready(url: str, barrier) -> int:
     """Connect this worker's client and make one call (gradio_client reads the API's description on its first),
     then wait for every other user's worker: the loads then time requests, not processes starting."""
@@ -178,10 +204,10 @@ def start_users(pool: ProcessPoolExecutor, url: str, users: int):
     assert len(set(pids)) == users, "each user needs a worker process of its own"
 
 
-def user(url: str, questions: list[str], new_tokens: int, start_at: float) -> list[dict]:
+def user(url: str, questions: list[str], new_tokens: int, start_at: float, client: str) -> list[dict]:
     connect(url)
     time.sleep(max(0.0, start_at - time.time()))  # all users start together
-    return [ask(url, q, new_tokens) for q in questions]
+    return [ASK[client](url, q, new_tokens) for q in questions]
 
 
 def usage(url: str) -> dict:
@@ -190,25 +216,8 @@ def usage(url: str) -> dict:
 
 
 def plain_http_ttft(url: str, question: str, new_tokens: int, repeats: int) -> list[float]:
-    """Seconds from sending /chat as plain HTTP to its first streamed update (a `generating` event)."""
-    import httpx
-
-    times = []
-    with httpx.Client(base_url=f"{url}gradio_api/call/chat", timeout=120) as http:
-        for _ in range(repeats):
-            sent = time.perf_counter()
-            event = http.post("", json={"data": [question, SCHEMA, [], new_tokens, 0.0, "sqlite", None]}).json()["event_id"]
-            first = None
-            with http.stream("GET", f"/{event}") as stream:
-                for line in stream.iter_lines():
-                    if line.startswith("event: error"):
-                        raise RuntimeError(f"/chat answered with an error event: {line}")
-                    if first is None and line.startswith("event: generating"):
-                        first = time.perf_counter() - sent
-            if first is None:
-                raise RuntimeError("/chat streamed no update before its answer")
-            times.append(first)
-    return times
+    """Seconds from sending /chat as plain HTTP to its first streamed update, one request at a time."""
+    return [answer["first"] - answer["sent"] for answer in (ask_http(url, question, new_tokens) for _ in range(repeats))]
 
 
 def check_round_trips(url: str, repeats: int) -> list[float]:
@@ -222,14 +231,27 @@ def check_round_trips(url: str, repeats: int) -> list[float]:
     return times
 
 
-def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tokens: int) -> dict:
+def engine_use(before: dict, after: dict, wall: float) -> dict | None:
+    """The batched decoder's work during a load, from /usage's engine totals: steps, requests a step, ms a step,
+    prefill forwards, requests a prefill, ms a prefill, and the share of the wall time the engine was busy."""
+    if "decoder" not in after:
+        return None
+    d = {name: after["decoder"][name] - before["decoder"][name] for name in after["decoder"]}
+    return {"steps": d["steps"], "requests_per_step": round(d["rows"] / max(d["steps"], 1), 2),
+            "step_ms": round(1e3 * d["step_s"] / max(d["steps"], 1), 3), "prefills": d["prefills"],
+            "requests_per_prefill": round(d["prefilled"] / max(d["prefills"], 1), 2),
+            "prefill_ms": round(1e3 * d["prefill_s"] / max(d["prefills"], 1), 2),
+            "busy_share": round((d["step_s"] + d["prefill_s"]) / wall, 3)}  # fmt: skip
+
+
+def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tokens: int, client: str) -> dict:
     import psutil
 
     url, server = app.url, psutil.Process(app.process.pid)
     before = usage(url)
     start_at = time.time() + 1.0
     plans = [[QUESTIONS[(u + r) % len(QUESTIONS)] for r in range(rounds)] for u in range(users)]
-    futures = [pool.submit(user, url, plan, new_tokens, start_at) for plan in plans]
+    futures = [pool.submit(user, url, plan, new_tokens, start_at, client) for plan in plans]
     time.sleep(max(0.0, start_at - time.time()))
     cpu_before = sum(server.cpu_times()[:2])
     per_user = [f.result() for f in futures]
@@ -245,12 +267,12 @@ def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tok
     each = [mean * len(rs) / sum(r["done"] - r["sent"] for r in rs) for rs in per_user]
     ttft = [r["first"] - r["sent"] for r in requests]
     latency = [r["done"] - r["sent"] for r in requests]
-    return {"users": users, "requests": len(requests), "tokens": tokens, "wall_s": round(wall, 3),
+    return {"client": client, "users": users, "requests": len(requests), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1), "per_user_tokens_per_s": round(statistics.median(each), 1),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
             "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
             "tokens_per_request": round(mean, 1), "updates_per_request": round(statistics.mean(r["updates"] for r in requests), 1),
-            "app_cpu_cores": round(cpu / wall, 2),
+            "app_cpu_cores": round(cpu / wall, 2), "engine": engine_use(before, after, wall),
             # Each request: [user, sent (s from the load's first), time to first update, latency]: where stalls are.
             "each_request": [[u, round(r["sent"] - begin, 3), round(r["first"] - r["sent"], 3), round(r["done"] - r["sent"], 3)]
                              for u, rs in enumerate(per_user) for r in rs]}  # fmt: skip
@@ -279,7 +301,8 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
                 start_users(pool, app.url, max(args.users))  # after the start: it must not slow the build it times
                 ttft = plain_http_ttft(app.url, QUESTIONS[0], args.new_tokens, 10)
                 record["plain_http_ttft"] = {f"p{q}_s": percentile(ttft, q) for q in (50, 95)}
-                record["loads"] = [load(pool, app, users, args.rounds, args.new_tokens) for users in args.users]
+                record["loads"] = [load(pool, app, users, args.rounds, args.new_tokens, client)
+                                   for client in args.clients for users in args.users]  # fmt: skip
     except Exception as error:  # noqa: BLE001 -- the record says what failed; the other apps still run
         record["error"] = f"{type(error).__name__}: {error}"[:500]
     finally:
@@ -297,6 +320,9 @@ def main(argv=None) -> int:
     parser.add_argument("--users", default="1,4,16", help="Concurrent users, comma-separated.")
     parser.add_argument("--rounds", type=int, default=3, help="Questions each user asks, one after another.")
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--clients", default="gradio_client,http",
+                        help="How users call /chat, comma-separated: gradio_client (it polls for messages every 50 ms) "
+                             "and/or http (plain HTTP and its event stream, as the browser does).")
     parser.add_argument("--app", action="append", help=f"name=VAR=value,VAR=value (repeatable; default {DEFAULT_APPS}).")
     parser.add_argument("--start_only", default=DEFAULT_START_ONLY, help="Comma-separated app names timed at start only (no loads).")
     parser.add_argument("--compile_cache", default=f"/tmp/starsql-serve-load-{os.getpid()}",
@@ -305,6 +331,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log_dir", default=None, help="The apps' logs (default: beside --out).")
     args = parser.parse_args(argv)
     args.users = [int(u) for u in args.users.split(",")]
+    args.clients = args.clients.split(",")
+    if set(args.clients) - set(ASK):
+        parser.error(f"--clients takes {', '.join(ASK)}, not {args.clients}")
     args.start_only = args.start_only.split(",")
     args.log_dir = args.log_dir or str(Path(args.out).parent)
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)

@@ -636,6 +636,22 @@ def test_the_queue_follows_the_backend(app):
     assert app.demo._queue.default_concurrency_limit == app.BACKEND.concurrency == 2
 
 
+def test_usage_shows_the_batched_engines_totals_once_it_serves(app, monkeypatch):
+    # An operator reads where a slow load's time goes: the batched decoder's steps and prefills.
+    from starsql.serve.decode import GenerateBackend, WarmingBackend
+    from starsql.serve.fast import BatchedDecodeBackend
+    from starsql.serve.fast.batched import BatchedDecoder
+
+    assert "decoder" not in app.usage_api()  # plain generate() has no engine
+    fast = BatchedDecodeBackend(app.MODEL, app.TOKENIZER, BatchedDecoder(app.MODEL, max_batch=2, max_length=256))
+    monkeypatch.setattr(app, "BACKEND", WarmingBackend(GenerateBackend(app.MODEL, app.TOKENIZER), lambda: fast, 2))
+    app.BACKEND.wait(60)
+    list(app.BACKEND.stream("-- SQL\nSELECT", 6))
+    engine = app.usage_api()["decoder"]
+    assert engine["prefills"] == engine["prefilled"] == 1
+    assert engine["steps"] == engine["rows"] == 5 and engine["step_s"] > 0  # the first token came from the prefill
+
+
 # --- in-process: limits, cut answers, history, Stop --------------------------------------------
 
 def test_sampled_answer_with_nul_gets_a_message(app, monkeypatch):

@@ -77,6 +77,55 @@ def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(cha
     assert not decoder.slots and int(decoder.live.sum()) == 0
 
 
+def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_tokens(chaotic, monkeypatch):
+    # Five prompts of five lengths waiting at once: one right-padded forward for all (or as many as
+    # PREFILL_TOKENS allows), each prompt's K/V in its own slot; a sixth arrives alone while they decode.
+    import starsql.serve.fast.batched as batched
+
+    model, tokenizer = chaotic
+    prompts = MORE_PROMPTS + [PROMPTS[0]]
+    expected = [plain_greedy(model, tokenizer, p, 20) for p in prompts]
+    lengths = [len(ids_of(tokenizer, p)[0]) for p in MORE_PROMPTS]
+    for limit, forwards in [(batched.PREFILL_TOKENS, 1), (2 * max(lengths), 3)]:
+        monkeypatch.setattr(batched, "PREFILL_TOKENS", limit)
+        decoder = BatchedDecoder(model, max_batch=8, max_length=256, buckets=(2, 4, 8))
+        decoder.warm_up()
+        requests = [decoder.submit(ids_of(tokenizer, p), 20, tokenizer.eos_token_id) for p in MORE_PROMPTS]
+        decoder.run_once()
+        assert decoder.timings.snapshot()["prefills"] == forwards
+        assert decoder.timings.snapshot()["prefilled"] == len(MORE_PROMPTS)
+        requests.append(decoder.submit(ids_of(tokenizer, prompts[-1]), 20, tokenizer.eos_token_id))
+        while decoder.run_once():
+            pass
+        assert [drain(r) for r in requests] == expected
+        assert decoder.timings.snapshot()["prefills"] == forwards + 1  # the latecomer: a prefill of its own
+        assert decoder.timings.snapshot()["prefilled"] == len(prompts)
+
+
+def test_prompts_forwards_never_attend_through_cudnn(chaotic, monkeypatch):
+    # cuDNN's attention builds a plan for each new prompt shape the first time, a stall the whole batch waits
+    # out on a GPU: both prefills (a lone prompt's, prompts together) attend without it; the steps do not use SDPA.
+    model, tokenizer = chaotic
+    cudnn_on = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,))
+    decoder.warm_up()
+    alone = decoder.submit(ids_of(tokenizer, PROMPTS[0]), 3, tokenizer.eos_token_id)
+    decoder.run_once()
+    together = [decoder.submit(ids_of(tokenizer, p), 3, tokenizer.eos_token_id) for p in MORE_PROMPTS[1:3]]
+    while decoder.run_once():
+        pass
+    assert decoder.timings.snapshot()["prefills"] == 2 and drain(alone) and all(drain(r) for r in together)
+    assert cudnn_on and not any(cudnn_on)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for the prefills only
+
+
 def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic):
     # As the app calls it: each request from its own thread, through the engine thread; one stream closed
     # early (Stop) leaves the others unchanged and frees its slot.

@@ -263,10 +263,23 @@ def test_serve_load_smoke_drives_the_app_over_http(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (record,) = json.loads(out.read_text())["apps"]
     assert "error" not in record, record
-    one, three = record["loads"]
-    assert (one["users"], one["requests"], three["requests"]) == (1, 1, 3)
-    for load in (one, three):
+    # Each user count through gradio_client, then through plain HTTP as the browser calls it.
+    assert [(load["client"], load["users"], load["requests"]) for load in record["loads"]] == [
+        ("gradio_client", 1, 1), ("gradio_client", 3, 3), ("http", 1, 1), ("http", 3, 3)]
+    for load in record["loads"]:
         # The random model never ends its statement: every answer runs to its 64 tokens, and /usage saw them all.
         assert load["tokens"] == 64 * load["requests"] and load["tokens_per_s"] > 0
         assert len(load["each_request"]) == load["requests"] and load["ttft_p50_s"] <= load["latency_p50_s"]
+        assert load["updates_per_request"] >= 1  # the streamed reply was read as it came
     assert record["plain_http_ttft"]["p50_s"] > 0
+
+
+def test_serve_load_reads_the_engines_work_during_a_load_from_usage():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve_load import engine_use
+
+    assert engine_use({"tokens": 0}, {"tokens": 64}, 1.0) is None  # plain generate(): no engine
+    before = {"decoder": {"steps": 10, "rows": 10, "step_s": 0.04, "prefills": 1, "prefilled": 1, "prefill_s": 0.01}}
+    after = {"decoder": {"steps": 74, "rows": 1034, "step_s": 0.36, "prefills": 3, "prefilled": 17, "prefill_s": 0.11}}
+    assert engine_use(before, after, 2.0) == {"steps": 64, "requests_per_step": 16.0, "step_ms": 5.0, "prefills": 2,
+                                             "requests_per_prefill": 8.0, "prefill_ms": 50.0, "busy_share": 0.21}

@@ -3,9 +3,11 @@
 A decoding step of a 3B model is bound by memory bandwidth: it reads every weight once whatever the number of
 rows, so 16 requests decoded together cost little more than one. `BatchedDecoder` keeps a static KV cache with
 a slot (a batch row) per request. One engine thread runs everything on the model: between two steps it admits
-waiting requests (each prompt's forward runs alone, through a GreedyDecoder's prefill, and its K/V are copied
-into a free slot) and drops the ones that are done (EOS, their token budget, or their stream closed), so a
-request joins the running batch at the next step and leaves as soon as it is done. A step runs the first
+waiting requests and drops the ones that are done (EOS, their token budget, or their stream closed), so a
+request joins the running batch at the next step and leaves as soon as it is done. A request that arrives alone
+is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
+requests that arrive together (16 users pressing Enter at once) share one forward, right-padded, which writes
+each prompt's K/V straight into its slot: one prefill's kernels instead of one per request. A step runs the first
 `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each bucket's step is
 captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
 Each row writes and reads only its own cache row, up to its own position, so a request's tokens are the ones it
@@ -20,11 +22,12 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoder import GreedyDecoder, capture_graph, check_fits
+from .decoder import GreedyDecoder, capture_graph, check_fits, prefill_attention
 from .gemv import routing
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
 REPORT_EVERY = 2000  # steps between two lines of the engine's timings in the log
+PREFILL_TOKENS = 8192  # prompt tokens (padded) at most in one joint prefill: bounds its activations' memory
 SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
 
 
@@ -41,6 +44,22 @@ class SlotCache:
         self.keys[layer_idx].scatter_(2, where, key_states)
         self.values[layer_idx].scatter_(2, where, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
+
+
+class PrefillCache:
+    """Where a joint prefill's attention layers put K/V, as a transformers Cache (they call `update` only): each
+    prompt's row goes straight to its slot's cache row from position 0 (the padding's too: past its prompt, where
+    each step's mask hides it until the row's own steps overwrite it). The slots were free, so attention sees the
+    new K/V only."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor):
+        self.keys, self.values, self.slots = keys, values, slots
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        width = key_states.shape[2]
+        self.keys[layer_idx][self.slots, :, :width] = key_states
+        self.values[layer_idx][self.slots, :, :width] = value_states
+        return key_states, value_states
 
 
 class _Bucket:
@@ -60,29 +79,36 @@ class EngineTimings:
     """What the engine thread spends its time on, written to the log every REPORT_EVERY steps: where a slow
     batch shows its cause (the GPU's step, the host between steps, prefills)."""
 
-    def __init__(self):
-        self.steps = self.rows = self.prefills = 0
-        self.step_s = self.prefill_s = 0.0
-        self.since = time.perf_counter()
+    FIELDS = ("steps", "rows", "step_s", "prefills", "prefilled", "prefill_s")
 
-    def prefilled(self, seconds: float):
-        self.prefills += 1
-        self.prefill_s += seconds
+    def __init__(self):
+        self.since = time.perf_counter()
+        self.counts = dict.fromkeys(self.FIELDS, 0)  # since the last line in the log
+        self.totals = dict.fromkeys(self.FIELDS, 0)  # since the start: the app's /usage
+
+    def _add(self, **amounts):
+        for name, amount in amounts.items():
+            self.counts[name] += amount
+            self.totals[name] += amount
+
+    def prefilled(self, requests: int, seconds: float):
+        self._add(prefills=1, prefilled=requests, prefill_s=seconds)
 
     def stepped(self, rows: int, seconds: float):
-        self.steps += 1
-        self.rows += rows
-        self.step_s += seconds
-        if self.steps >= REPORT_EVERY:
+        self._add(steps=1, rows=rows, step_s=seconds)
+        if self.counts["steps"] >= REPORT_EVERY:
             print(self.line(), file=sys.stderr, flush=True)
-            self.__init__()
+            self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
 
     def line(self) -> str:
-        wall = time.perf_counter() - self.since
-        per_step = 1e3 * self.step_s / max(self.steps, 1)
-        return (f"Batched decoder: {self.steps} steps in {wall:.1f} s, {self.rows / max(self.steps, 1):.1f} requests a "
-                f"step, {per_step:.2f} ms a step (replay to tokens on the host); {self.prefills} prefills, "
-                f"{1e3 * self.prefill_s / max(self.prefills, 1):.1f} ms each")
+        c, wall = self.counts, time.perf_counter() - self.since
+        return (f"Batched decoder: {c['steps']} steps in {wall:.1f} s, {c['rows'] / max(c['steps'], 1):.1f} requests a "
+                f"step, {1e3 * c['step_s'] / max(c['steps'], 1):.2f} ms a step (replay to tokens on the host); "
+                f"{c['prefilled']} requests in {c['prefills']} prefills, {1e3 * c['prefill_s'] / max(c['prefills'], 1):.1f} ms each")
+
+    def snapshot(self) -> dict:
+        """The totals since the start (seconds rounded to microseconds)."""
+        return {name: round(value, 6) if isinstance(value, float) else value for name, value in self.totals.items()}
 
 
 class Request:
@@ -192,8 +218,8 @@ class BatchedDecoder:
     # --- the engine ---
 
     def _prefill(self, request: Request, slot: int) -> int:
-        """The prompt's forward into the prefiller's cache, its K/V copied into `slot`, and the slot's first
-        step input set; returns the first new token."""
+        """One prompt's forward into the prefiller's cache (its graph of the prompt's width, on a GPU), its K/V
+        copied into `slot`, and the slot's first step input set; returns the first new token."""
         cache = self.prefiller.caches[0]
         self.prefiller._prefill(cache, request.input_ids.to(self.device))
         length = request.input_ids.shape[-1]
@@ -204,29 +230,69 @@ class BatchedDecoder:
         self.positions[slot].copy_(cache.position[0])
         return int(cache.token)
 
+    def _prefill_together(self, requests: list[Request], slots: list[int]) -> list[int]:
+        """The prompts' forward as one batch, right-padded to the longest, each row's K/V written into its slot
+        (PrefillCache), and the slots' first step inputs set; returns each request's first new token. Eager: the
+        batch's work hides the kernel launches that a lone prompt's graph saves."""
+        lengths = [request.input_ids.shape[-1] for request in requests]
+        rows, width = len(requests), max(lengths)
+        prompts = torch.zeros((rows, width), dtype=torch.long)  # padding: any token; the mask hides it
+        for row, request in enumerate(requests):
+            prompts[row, : lengths[row]] = request.input_ids[0]
+        positions = torch.arange(width, device=self.device)
+        # Causal: no prompt token sees the padding after it. Our own mask, as the step has.
+        visible = positions[None, :] <= positions[:, None]
+        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)
+        on_device = torch.tensor(slots, device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        with prefill_attention():
+            out = self.model(input_ids=prompts.to(self.device), attention_mask=mask.expand(rows, 1, width, width),
+                             position_ids=positions.expand(rows, width), use_cache=True, logits_to_keep=last,
+                             past_key_values=PrefillCache(self.keys, self.values, on_device))  # fmt: skip
+        # Every row's logits at every row's last position (a 1-D logits_to_keep, which transformers 5 takes
+        # everywhere): each row keeps its own.
+        first = out.logits[torch.arange(rows), torch.arange(rows)].argmax(-1)
+        self.step_tokens[on_device] = first.view(-1, 1)
+        self.positions[on_device] = last + 1
+        return first.tolist()
+
     def _admit(self, wait: bool):
-        """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`)."""
+        """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`): those
+        that arrived together are prefilled together, PREFILL_TOKENS (padded) at most a forward."""
         for slot in [slot for slot, request in self.slots.items() if request.closed]:
             self._leave(slot)
-        while len(self.slots) < self.max_batch:
+        arrived: list[Request] = []
+        while len(self.slots) + len(arrived) < self.max_batch:
             try:
                 request = self.incoming.get(block=wait)
             except queue.Empty:
-                return
+                break
             wait = False
-            if request.closed:
-                continue
-            slot = min(set(range(self.max_batch)) - self.slots.keys())  # the lowest: smaller buckets
+            if not request.closed:
+                arrived.append(request)
+        free = sorted(set(range(self.max_batch)) - self.slots.keys())  # the lowest first: smaller buckets
+        while arrived:
+            group = [arrived.pop(0)]
+            width = group[0].input_ids.shape[-1]
+            while arrived and (len(group) + 1) * max(width, arrived[0].input_ids.shape[-1]) <= PREFILL_TOKENS:
+                group.append(arrived.pop(0))
+                width = max(width, group[-1].input_ids.shape[-1])
+            slots, free = free[: len(group)], free[len(group) :]
             started = time.perf_counter()
             try:
-                first = self._prefill(request, slot)
+                if len(group) == 1:
+                    firsts = [self._prefill(group[0], slots[0])]
+                else:
+                    firsts = self._prefill_together(group, slots)
             except BaseException as error:
-                request.out.put(error)
+                for request in group + arrived:
+                    request.out.put(error)
                 raise
-            self.timings.prefilled(time.perf_counter() - started)
-            if not request.deliver(first):
-                self.slots[slot] = request
-                self.live[slot] = 1
+            self.timings.prefilled(len(group), time.perf_counter() - started)
+            for request, slot, first in zip(group, slots, firsts):
+                if not request.deliver(first):
+                    self.slots[slot] = request
+                    self.live[slot] = 1
 
     def _leave(self, slot: int):
         del self.slots[slot]

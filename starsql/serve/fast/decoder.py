@@ -16,6 +16,15 @@ from .gemv import routing
 
 
 
+def prefill_attention():
+    """Prompts' forwards attend through SDPA's flash, memory-efficient or math kernels, not cuDNN's: cuDNN builds a
+    plan for each new (batch, width) the first time it meets it, a long stall on a GPU (BENCHMARKS.md) that every
+    request of the batched engine waits out; the others have no such first-time cost and run as fast here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def capture_graph(run, side: torch.cuda.Stream, warmups: int, what: str, pool=None):
     """`run` warmed up on the `side` stream (cuBLAS picks and allocates its workspaces outside the capture),
     then one call of it captured: (graph, what that call returned), or (None, None) with a warning if
@@ -157,7 +166,8 @@ class GreedyDecoder:
         # Our own mask, as the step has: transformers' mask building may read tensors on the host (a sync,
         # which breaks a capture).
         mask = self._causal_mask(positions, slot.length)
-        with routing():  # one-row linears (the last token's head) through starsql.serve.fast.gemv's kernel, if the model has it
+        # One-row linears (the last token's head) through starsql.serve.fast.gemv's kernel, if the model has it.
+        with routing(), prefill_attention():
             out = self.model(input_ids=slot.prompt[:, :width], attention_mask=mask, position_ids=positions.view(1, -1),
                              cache_position=positions, past_key_values=slot.cache, use_cache=True,
                              logits_to_keep=(slot.prompt_length - 1).view(1))  # the last real token's logits only
