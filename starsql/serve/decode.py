@@ -217,7 +217,8 @@ def decode_compile() -> bool:
 
 def decode_aoti() -> bool:
     """DECODE_AOTI from the environment: greedy answers through the ahead-of-time compiled decoder
-    (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: not yet measured on a GPU."""
+    (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: its compile crashed the process
+    on its one GPU run (BENCHMARKS.md)."""
     value = os.environ.get("DECODE_AOTI", "0").lower()
     if value not in ("0", "1", "false", "true", "no", "yes"):
         raise ValueError(f"DECODE_AOTI must be 1 (the ahead-of-time compiled decoder) or 0 (do not use it), not {value!r}")
