@@ -1,5 +1,5 @@
-"""The app as users meet it: app.py started as a process, driven over HTTP with gradio_client (/chat, streamed) by
-1, 4 and 16 users at once; the same questions at every count, 64 new tokens at most, greedy. Writes one JSON.
+"""The app as users meet it: app.py started as a process, driven over HTTP (/chat, streamed; through gradio_client
+and as plain HTTP) by 1, 4 and 16 users at once; the same questions at every count, 64 new tokens at most, greedy. Writes one JSON.
 
     python3 bench/serve_load.py --out bench/results/serve_load.json                     # GPU: the random StarCoder2-3B
     python3 bench/serve_load.py --smoke --users 1,2 --out /tmp/serve_load_smoke.json    # CPU, tiny model: wiring
@@ -166,15 +166,16 @@ def ask_http(url: str, question: str, new_tokens: int) -> dict:
     http = _clients.get(("http", url)) or _clients.setdefault(("http", url), httpx.Client(base_url=f"{url}gradio_api/call/chat", timeout=120))
     sent = time.time()
     event = http.post("", json={"data": [question, SCHEMA, [], new_tokens, 0.0, "sqlite", None]}).json()["event_id"]
-    first, updates, last = None, 0, ""
+    first, updates, last, failed = None, 0, "", False
     with http.stream("GET", f"/{event}") as stream:
         for line in stream.iter_lines():
-            if line.startswith("event: error"):
-                raise RuntimeError(f"/chat answered with an error event: {line}")
-            if line.startswith("data:") and WRITING in line:
-                updates += 1
-                first = first or time.time()
+            failed = failed or line.startswith("event: error")
             if line.startswith("data:"):
+                if failed:
+                    raise RuntimeError(f"/chat answered with an error: {line[5:].strip()[:300]}")
+                if WRITING in line:
+                    updates += 1
+                    first = first or time.time()
                 last = line
     done = time.time()
     return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
@@ -217,7 +218,10 @@ def usage(url: str) -> dict:
 
 def plain_http_ttft(url: str, question: str, new_tokens: int, repeats: int) -> list[float]:
     """Seconds from sending /chat as plain HTTP to its first streamed update, one request at a time."""
-    return [answer["first"] - answer["sent"] for answer in (ask_http(url, question, new_tokens) for _ in range(repeats))]
+    answers = [ask_http(url, question, new_tokens) for _ in range(repeats)]
+    if not all(answer["updates"] for answer in answers):
+        raise RuntimeError("/chat streamed no update before its answer")
+    return [answer["first"] - answer["sent"] for answer in answers]
 
 
 def check_round_trips(url: str, repeats: int) -> list[float]:
@@ -234,7 +238,7 @@ def check_round_trips(url: str, repeats: int) -> list[float]:
 def engine_use(before: dict, after: dict, wall: float) -> dict | None:
     """The batched decoder's work during a load, from /usage's engine totals: steps, requests a step, ms a step,
     prefill forwards, requests a prefill, ms a prefill, and the share of the wall time the engine was busy."""
-    if "decoder" not in after:
+    if "decoder" not in after or "decoder" not in before:  # no engine, or it became ready during the load
         return None
     d = {name: after["decoder"][name] - before["decoder"][name] for name in after["decoder"]}
     return {"steps": d["steps"], "requests_per_step": round(d["rows"] / max(d["steps"], 1), 2),

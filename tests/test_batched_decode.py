@@ -73,33 +73,86 @@ def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(cha
     six = requests[1]
     left_at = next(i for i, slots in enumerate(slots_seen) if six not in slots.values())
     assert left_at == 5 - 1  # its first token came from the prefill, its 5 others from steps 0..4
-    assert any(slots.get(1) in (requests[3], requests[4]) for slots in slots_seen)
+    (its_slot,) = {slot for slot, request in slots_seen[0].items() if request is six}
+    assert any(slots.get(its_slot) in (requests[3], requests[4]) for slots in slots_seen)
     assert not decoder.slots and int(decoder.live.sum()) == 0
 
 
 def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_tokens(chaotic, monkeypatch):
-    # Five prompts of five lengths waiting at once: one right-padded forward for all (or as many as
-    # PREFILL_TOKENS allows), each prompt's K/V in its own slot; a sixth arrives alone while they decode.
+    # Five prompts of five lengths waiting at once: one right-padded forward for all (or several, each within
+    # PREFILL_TOKENS), each prompt's K/V in its own slot; a sixth arrives alone while they decode.
     import starsql.serve.fast.batched as batched
 
     model, tokenizer = chaotic
     prompts = MORE_PROMPTS + [PROMPTS[0]]
     expected = [plain_greedy(model, tokenizer, p, 20) for p in prompts]
     lengths = [len(ids_of(tokenizer, p)[0]) for p in MORE_PROMPTS]
-    for limit, forwards in [(batched.PREFILL_TOKENS, 1), (2 * max(lengths), 3)]:
+    default = batched.PREFILL_TOKENS
+    for limit in (default, 2 * max(lengths)):
         monkeypatch.setattr(batched, "PREFILL_TOKENS", limit)
         decoder = BatchedDecoder(model, max_batch=8, max_length=256, buckets=(2, 4, 8))
         decoder.warm_up()
+        shapes, together = [], decoder._prefill_together
+
+        def recorded(group, slots):
+            shapes.append((len(group), max(r.input_ids.shape[-1] for r in group)))
+            return together(group, slots)
+
+        decoder._prefill_together = recorded
         requests = [decoder.submit(ids_of(tokenizer, p), 20, tokenizer.eos_token_id) for p in MORE_PROMPTS]
         decoder.run_once()
-        assert decoder.timings.snapshot()["prefills"] == forwards
+        forwards = decoder.timings.snapshot()["prefills"]
         assert decoder.timings.snapshot()["prefilled"] == len(MORE_PROMPTS)
+        assert all(rows * width <= limit for rows, width in shapes)
+        assert forwards == 1 if limit == default else 1 < forwards < len(MORE_PROMPTS)
         requests.append(decoder.submit(ids_of(tokenizer, prompts[-1]), 20, tokenizer.eos_token_id))
         while decoder.run_once():
             pass
         assert [drain(r) for r in requests] == expected
         assert decoder.timings.snapshot()["prefills"] == forwards + 1  # the latecomer: a prefill of its own
         assert decoder.timings.snapshot()["prefilled"] == len(prompts)
+
+
+def test_a_joint_prefill_out_of_memory_falls_back_to_one_at_a_time_and_any_other_error_reaches_every_caller(chaotic):
+    model, tokenizer = chaotic
+    expected = [plain_greedy(model, tokenizer, p, 12) for p in MORE_PROMPTS[:3]]
+
+    def out_of_memory(group, slots):
+        raise torch.OutOfMemoryError("the joint forward's activations")
+
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,))
+    decoder.warm_up()
+    decoder._prefill_together = out_of_memory
+    requests = [decoder.submit(ids_of(tokenizer, p), 12, tokenizer.eos_token_id) for p in MORE_PROMPTS[:3]]
+    while decoder.run_once():
+        pass
+    assert [drain(r) for r in requests] == expected  # each prompt prefilled alone instead
+    assert decoder.timings.snapshot()["prefills"] == 1 and decoder.error is None
+
+    def broken(group, slots):
+        raise RuntimeError("a broken forward")
+
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,))
+    decoder.warm_up()
+    decoder._prefill_together = broken
+    for prompt in MORE_PROMPTS[:3]:  # waiting together when the engine starts: one joint prefill, which fails
+        decoder.submit(ids_of(tokenizer, prompt), 12, tokenizer.eos_token_id)
+    errors = []
+
+    def ask(prompt):
+        try:
+            list(decoder.tokens(ids_of(tokenizer, prompt), 12, tokenizer.eos_token_id))
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in MORE_PROMPTS[3:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)  # nobody hangs
+    assert len(errors) == 2 and all("a broken forward" in e for e in errors)
+    assert isinstance(decoder.error, RuntimeError)
 
 
 def test_prompts_forwards_never_attend_through_cudnn(chaotic, monkeypatch):

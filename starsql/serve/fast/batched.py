@@ -4,10 +4,10 @@ A decoding step of a 3B model is bound by memory bandwidth: it reads every weigh
 rows, so 16 requests decoded together cost little more than one. `BatchedDecoder` keeps a static KV cache with
 a slot (a batch row) per request. One engine thread runs everything on the model: between two steps it admits
 waiting requests and drops the ones that are done (EOS, their token budget, or their stream closed), so a
-request joins the running batch at the next step and leaves as soon as it is done. A request that arrives alone
+request joins the running batch at the next step and leaves as soon as it is done. A request admitted alone
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
-requests that arrive together (16 users pressing Enter at once) share one forward, right-padded, which writes
-each prompt's K/V straight into its slot: one prefill's kernels instead of one per request. A step runs the first
+requests waiting together when the engine admits share forwards (PREFILL_TOKENS padded tokens at most each),
+right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests. A step runs the first
 `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each bucket's step is
 captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
 Each row writes and reads only its own cache row, up to its own position, so a request's tokens are the ones it
@@ -85,11 +85,13 @@ class EngineTimings:
         self.since = time.perf_counter()
         self.counts = dict.fromkeys(self.FIELDS, 0)  # since the last line in the log
         self.totals = dict.fromkeys(self.FIELDS, 0)  # since the start: the app's /usage
+        self._lock = threading.Lock()  # /usage reads the totals from another thread: whole updates only
 
     def _add(self, **amounts):
-        for name, amount in amounts.items():
-            self.counts[name] += amount
-            self.totals[name] += amount
+        with self._lock:
+            for name, amount in amounts.items():
+                self.counts[name] += amount
+                self.totals[name] += amount
 
     def prefilled(self, requests: int, seconds: float):
         self._add(prefills=1, prefilled=requests, prefill_s=seconds)
@@ -108,7 +110,8 @@ class EngineTimings:
 
     def snapshot(self) -> dict:
         """The totals since the start (seconds rounded to microseconds)."""
-        return {name: round(value, 6) if isinstance(value, float) else value for name, value in self.totals.items()}
+        with self._lock:
+            return {name: round(value, 6) if isinstance(value, float) else value for name, value in self.totals.items()}
 
 
 class Request:
@@ -256,6 +259,17 @@ class BatchedDecoder:
         self.positions[on_device] = last + 1
         return first.tolist()
 
+    def _prefill_group(self, group: list[Request], slots: list[int]) -> list[int]:
+        """The group's prompts prefilled into `slots`: together if more than one, else (or if the joint forward's
+        activations do not fit in memory) one at a time."""
+        if len(group) > 1:
+            try:
+                return self._prefill_together(group, slots)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return [self._prefill(request, slot) for request, slot in zip(group, slots)]
+
     def _admit(self, wait: bool):
         """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`): those
         that arrived together are prefilled together, PREFILL_TOKENS (padded) at most a forward."""
@@ -271,6 +285,7 @@ class BatchedDecoder:
             if not request.closed:
                 arrived.append(request)
         free = sorted(set(range(self.max_batch)) - self.slots.keys())  # the lowest first: smaller buckets
+        arrived.sort(key=lambda request: request.input_ids.shape[-1])  # similar widths together: less padding
         while arrived:
             group = [arrived.pop(0)]
             width = group[0].input_ids.shape[-1]
@@ -280,10 +295,7 @@ class BatchedDecoder:
             slots, free = free[: len(group)], free[len(group) :]
             started = time.perf_counter()
             try:
-                if len(group) == 1:
-                    firsts = [self._prefill(group[0], slots[0])]
-                else:
-                    firsts = self._prefill_together(group, slots)
+                firsts = self._prefill_group(group, slots)
             except BaseException as error:
                 for request in group + arrived:
                     request.out.put(error)

@@ -17,9 +17,11 @@ from .gemv import routing
 
 
 def prefill_attention():
-    """Prompts' forwards attend through SDPA's flash, memory-efficient or math kernels, not cuDNN's: cuDNN builds a
-    plan for each new (batch, width) the first time it meets it, a long stall on a GPU (BENCHMARKS.md) that every
-    request of the batched engine waits out; the others have no such first-time cost and run as fast here."""
+    """Prompts' forwards attend through SDPA's flash, memory-efficient or math kernels, not cuDNN's: cuDNN plans
+    new (batch, width) shapes the first time it meets them, for some a long stall on a GPU (BENCHMARKS.md) that every
+    request of the batched engine waits out; the others have no such first-time cost and run as fast here.
+    The switch is process-wide (torch's SDPA flags), set and restored around each forward; prefills never overlap
+    (the batched engine's one thread, the one-stream decoder's lock), so nesting cannot leave it off."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
