@@ -7,9 +7,9 @@ waiting requests and drops the ones that are done (EOS, their token budget, or t
 request joins the running batch at the next step and leaves as soon as it is done. A request admitted alone
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
 requests waiting together when the engine admits share forwards (PREFILL_TOKENS padded tokens at most each),
-right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests. A step runs the first
-`rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each bucket's step is
-captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
+right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests.
+A step runs the first `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each
+bucket's step is captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
 Each row writes and reads only its own cache row, up to its own position, so a request's tokens are the ones it
 gets decoded alone. Every REPORT_EVERY steps the engine writes its timings to the log.
 """
