@@ -78,9 +78,10 @@ def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(cha
     assert not decoder.slots and int(decoder.live.sum()) == 0
 
 
-def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_tokens(chaotic, monkeypatch):
+def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_tokens(chaotic):
     # Five prompts of five lengths waiting at once: one right-padded forward for all (or several, each within
-    # PREFILL_TOKENS), each prompt's K/V in its own slot; a sixth arrives alone while they decode.
+    # `prefill_tokens`), each prompt's K/V in its own slot; a sixth arrives alone while they decode. With
+    # prefill_tokens=0 (DECODE_PREFILL_TOKENS=0), each prompt is prefilled alone.
     import starsql.serve.fast.batched as batched
 
     model, tokenizer = chaotic
@@ -88,9 +89,8 @@ def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_
     expected = [plain_greedy(model, tokenizer, p, 20) for p in prompts]
     lengths = [len(ids_of(tokenizer, p)[0]) for p in MORE_PROMPTS]
     default = batched.PREFILL_TOKENS
-    for limit in (default, 2 * max(lengths)):
-        monkeypatch.setattr(batched, "PREFILL_TOKENS", limit)
-        decoder = BatchedDecoder(model, max_batch=8, max_length=256, buckets=(2, 4, 8))
+    for limit in (default, 2 * max(lengths), 0):
+        decoder = BatchedDecoder(model, max_batch=8, max_length=256, buckets=(2, 4, 8), prefill_tokens=None if limit == default else limit)
         decoder.warm_up()
         shapes, together = [], decoder._prefill_together
 
@@ -104,7 +104,8 @@ def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_
         forwards = decoder.timings.snapshot()["prefills"]
         assert decoder.timings.snapshot()["prefilled"] == len(MORE_PROMPTS)
         assert all(rows * width <= limit for rows, width in shapes)
-        assert forwards == 1 if limit == default else 1 < forwards < len(MORE_PROMPTS)
+        expected_forwards = {default: [1], 0: [len(MORE_PROMPTS)]}.get(limit, range(2, len(MORE_PROMPTS)))
+        assert forwards in expected_forwards and (limit or not shapes)
         requests.append(decoder.submit(ids_of(tokenizer, prompts[-1]), 20, tokenizer.eos_token_id))
         while decoder.run_once():
             pass
@@ -270,6 +271,12 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_BATCH", "2")
     monkeypatch.setenv("DECODE_COMPILE", "maybe")
     with pytest.raises(ValueError, match="DECODE_COMPILE must be 1"):
+        build_backend(model, tokenizer, fast=True)
+    monkeypatch.setenv("DECODE_COMPILE", "0")
+    monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")  # each prompt prefilled alone: the baseline of joint prefills
+    assert build_backend(model, tokenizer, fast=True).wait(60).decoder.prefill_tokens == 0
+    monkeypatch.setenv("DECODE_PREFILL_TOKENS", "lots")
+    with pytest.raises(ValueError, match="DECODE_PREFILL_TOKENS must be a whole number"):
         build_backend(model, tokenizer, fast=True)
 
 

@@ -233,6 +233,17 @@ def decode_batch() -> int:
     return int(value)
 
 
+def decode_prefill_tokens() -> int | None:
+    """DECODE_PREFILL_TOKENS from the environment: the batched decoder's joint prefills hold at most this many
+    padded prompt tokens (0: each prompt prefilled alone); unset: its default."""
+    value = os.environ.get("DECODE_PREFILL_TOKENS")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"DECODE_PREFILL_TOKENS must be a whole number of tokens, 0 or more (0: each prompt alone), not {value!r}")
+    return int(value)
+
+
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):
     """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
     answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
@@ -249,7 +260,7 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
     from . import fast as fast_package
 
     batch = decode_batch() if batch is None else batch
-    compile = decode_compile()
+    compile, prefill_tokens = decode_compile(), decode_prefill_tokens()
     try:
         # Changes the model in place: done here, before any request, not beside a running generate().
         fast_package.prepare_model(model)
@@ -257,5 +268,5 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
         warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         return GenerateBackend(model, tokenizer)
     return WarmingBackend(GenerateBackend(model, tokenizer),
-                          lambda: fast_package.build(model, tokenizer, batch, compile=compile),
+                          lambda: fast_package.build(model, tokenizer, batch, compile=compile, prefill_tokens=prefill_tokens),
                           concurrency=fast_package.concurrency(model, batch))  # fmt: skip

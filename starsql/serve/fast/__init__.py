@@ -60,12 +60,14 @@ def prepare_model(model) -> bool:
     return kernel
 
 
-def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True):
+def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
+          prefill_tokens: int | None = None):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
-    (seconds, not minutes; slower steps). If that fails, the kernel is turned off again before the error
-    propagates, so generate() runs on cuBLAS."""
+    (seconds, not minutes; slower steps). `prefill_tokens`: the batched decoder's most padded prompt tokens in
+    one joint prefill (0: each prompt alone; None: its default). If building fails, the kernel is turned off
+    again before the error propagates, so generate() runs on cuBLAS."""
     keep_compiled_artefacts()
     kernel = prepare_model(model)
     try:
@@ -73,7 +75,8 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
             decoder = GreedyDecoder(model, max_length=max_length or DECODER_TOKENS, compile=None if compile else False)
             decoder.warm_up()
             return FastDecodeBackend(model, tokenizer, decoder)
-        decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False)
+        decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False,
+                                 prefill_tokens=prefill_tokens)  # fmt: skip
         decoder.start()  # warms up first
         return BatchedDecodeBackend(model, tokenizer, decoder)
     except Exception:

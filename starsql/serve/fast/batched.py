@@ -6,7 +6,7 @@ a slot (a batch row) per request. One engine thread runs everything on the model
 waiting requests and drops the ones that are done (EOS, their token budget, or their stream closed), so a
 request joins the running batch at the next step and leaves as soon as it is done. A request admitted alone
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
-requests waiting together when the engine admits share forwards (PREFILL_TOKENS padded tokens at most each),
+requests waiting together when the engine admits share forwards (`prefill_tokens` padded tokens at most each),
 right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests.
 A step runs the first `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each
 bucket's step is captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
@@ -27,7 +27,7 @@ from .gemv import routing
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
 REPORT_EVERY = 2000  # steps between two lines of the engine's timings in the log
-PREFILL_TOKENS = 8192  # prompt tokens (padded) at most in one joint prefill: bounds its activations' memory
+PREFILL_TOKENS = 8192  # prompt tokens (padded) at most in one joint prefill by default: bounds its activations' memory
 SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
 
 
@@ -140,9 +140,11 @@ class BatchedDecoder:
     runs eagerly."""
 
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
-                 compile: bool | None = None, prefill_bucket: int = 64):  # fmt: skip
+                 compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
+        # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
+        self.prefill_tokens = PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
         # The prompts' forward: a one-stream decoder's prefill into its own cache of the same length.
         self.prefiller = GreedyDecoder(model, max_length=max_length, lengths=(), compile=False, prefill_bucket=prefill_bucket)
         self.model, self.device, self.max_batch = model, model.device, max_batch
@@ -272,7 +274,7 @@ class BatchedDecoder:
 
     def _admit(self, wait: bool):
         """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`): those
-        that arrived together are prefilled together, PREFILL_TOKENS (padded) at most a forward."""
+        that arrived together are prefilled together, `prefill_tokens` (padded) at most a forward."""
         for slot in [slot for slot, request in self.slots.items() if request.closed]:
             self._leave(slot)
         arrived: list[Request] = []
@@ -289,7 +291,7 @@ class BatchedDecoder:
         while arrived:
             group = [arrived.pop(0)]
             width = group[0].input_ids.shape[-1]
-            while arrived and (len(group) + 1) * max(width, arrived[0].input_ids.shape[-1]) <= PREFILL_TOKENS:
+            while arrived and (len(group) + 1) * max(width, arrived[0].input_ids.shape[-1]) <= self.prefill_tokens:
                 group.append(arrived.pop(0))
                 width = max(width, group[-1].input_ids.shape[-1])
             slots, free = free[: len(group)], free[len(group) :]
