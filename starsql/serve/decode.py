@@ -208,40 +208,42 @@ class Usage:
 USAGE = Usage()
 
 
-def decode_compile() -> bool:
-    value = os.environ.get("DECODE_COMPILE", "1").lower()
+def env_switch(name: str, default: bool, on: str, off: str) -> bool:
+    """The on/off switch `name` from the environment (1/0, true/false, yes/no); a clear error for anything else."""
+    value = os.environ.get(name, "1" if default else "0").lower()
     if value not in ("0", "1", "false", "true", "no", "yes"):
-        raise ValueError(f"DECODE_COMPILE must be 1 (compile the fast backend's step) or 0 (do not), not {value!r}")
+        raise ValueError(f"{name} must be 1 ({on}) or 0 ({off}), not {value!r}")
     return value in ("1", "true", "yes")
+
+
+def env_count(name: str, least: int, unit: str, least_means: str) -> int | None:
+    """The whole number `name` from the environment, at least `least`; None if unset; a clear error otherwise."""
+    value = os.environ.get(name)
+    if value is not None and (not value.isdigit() or int(value) < least):
+        raise ValueError(f"{name} must be a whole number of {unit}, {least} or more ({least}: {least_means}), not {value!r}")
+    return None if value is None else int(value)
+
+
+def decode_compile() -> bool:
+    return env_switch("DECODE_COMPILE", True, "compile the fast backend's step", "do not")
 
 
 def decode_aoti() -> bool:
     """DECODE_AOTI from the environment: greedy answers through the ahead-of-time compiled decoder
-    (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: its compile crashed the process
-    on its one GPU run (BENCHMARKS.md)."""
-    value = os.environ.get("DECODE_AOTI", "0").lower()
-    if value not in ("0", "1", "false", "true", "no", "yes"):
-        raise ValueError(f"DECODE_AOTI must be 1 (the ahead-of-time compiled decoder) or 0 (do not use it), not {value!r}")
-    return value in ("1", "true", "yes")
+    (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: the README says why."""
+    return env_switch("DECODE_AOTI", False, "the ahead-of-time compiled decoder", "do not use it")
 
 
 def decode_batch() -> int:
     """DECODE_BATCH from the environment: how many answers the fast backend decodes together."""
-    value = os.environ.get("DECODE_BATCH", str(DECODE_BATCH))
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"DECODE_BATCH must be a whole number of answers, 1 or more (1: one at a time), not {value!r}")
-    return int(value)
+    batch = env_count("DECODE_BATCH", 1, "answers", "one at a time")
+    return DECODE_BATCH if batch is None else batch
 
 
 def decode_prefill_tokens() -> int | None:
     """DECODE_PREFILL_TOKENS from the environment: the batched decoder's joint prefills hold at most this many
     padded prompt tokens (0: each prompt prefilled alone); unset: its default."""
-    value = os.environ.get("DECODE_PREFILL_TOKENS")
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"DECODE_PREFILL_TOKENS must be a whole number of tokens, 0 or more (0: each prompt alone), not {value!r}")
-    return int(value)
+    return env_count("DECODE_PREFILL_TOKENS", 0, "tokens", "each prompt alone")
 
 
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):

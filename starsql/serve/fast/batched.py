@@ -245,13 +245,11 @@ class BatchedDecoder:
         for row, request in enumerate(requests):
             prompts[row, : lengths[row]] = request.input_ids[0]
         positions = torch.arange(width, device=self.device)
-        # Causal: no prompt token sees the padding after it. Our own mask, as the step has.
-        visible = positions[None, :] <= positions[:, None]
-        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)
+        mask = self.prefiller._causal_mask(positions, width)  # no prompt token sees the padding after it
         on_device = torch.tensor(slots, device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
         with prefill_attention():
-            out = self.model(input_ids=prompts.to(self.device), attention_mask=mask.expand(rows, 1, width, width),
+            out = self.model(input_ids=prompts.to(self.device), attention_mask=mask.expand(rows, -1, -1, -1),
                              position_ids=positions.expand(rows, width), use_cache=True, logits_to_keep=last,
                              past_key_values=PrefillCache(self.keys, self.values, on_device))  # fmt: skip
         # Every row's logits at every row's last position (a 1-D logits_to_keep, which transformers 5 takes
@@ -290,10 +288,9 @@ class BatchedDecoder:
         arrived.sort(key=lambda request: request.input_ids.shape[-1])  # similar widths together: less padding
         while arrived:
             group = [arrived.pop(0)]
-            width = group[0].input_ids.shape[-1]
-            while arrived and (len(group) + 1) * max(width, arrived[0].input_ids.shape[-1]) <= self.prefill_tokens:
+            # Shortest first: the next request is the widest, its width the padded one of the group it joins.
+            while arrived and (len(group) + 1) * arrived[0].input_ids.shape[-1] <= self.prefill_tokens:
                 group.append(arrived.pop(0))
-                width = max(width, group[-1].input_ids.shape[-1])
             slots, free = free[: len(group)], free[len(group) :]
             started = time.perf_counter()
             try:
