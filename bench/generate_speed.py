@@ -555,7 +555,8 @@ def main(argv=None) -> int:
 
     def fp32_batched_identity() -> dict:
         """The batched decoder on fp32 weights (prepared as the app prepares it, one bucket of all the identity
-        prompts, compiled and captured), every prompt submitted at once, against plain generate() of the
+        prompts, compiled unless --batch_compile 0, and captured; its steps over the first prompt + new_tokens / 2
+        positions, then over the whole slots), every prompt submitted at once, against plain generate() of the
         unfused fp32 model on cuBLAS."""
         from transformers import AutoModelForCausalLM
 
@@ -565,7 +566,8 @@ def main(argv=None) -> int:
 
         prepare_model(model32)
         decoder = BatchedDecoder(model32, max_batch=len(identity), max_length=args.prompt_tokens + args.new_tokens + 8,
-                                 buckets=(len(identity),))
+                                 buckets=(len(identity),), lengths=(args.prompt_tokens + args.new_tokens // 2,),
+                                 compile=bool(args.batch_compile))  # fmt: skip
         return {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True)}
 
     if not args.skip_fp32 and wanted("fp32-batched-identity"):

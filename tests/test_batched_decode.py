@@ -46,7 +46,10 @@ def drain(request) -> list[int]:
     return tokens
 
 
-def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(chaotic):
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(chaotic, queue_ahead):
+    # Queued ahead (the GPU's way), each step is queued before the last one's tokens are handed out: the same
+    # tokens, each a step later; steps attend over 64 or 128 positions while those hold every busy row.
     model, tokenizer = chaotic
     budgets = [40, 6, 30, 40, 12]  # the 6- and 12-token requests leave early; later ones take their slots
     arrivals = [0, 0, 3, 5, 9]  # the step at which each request is submitted
@@ -54,8 +57,10 @@ def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(cha
     assert len({len(ids_of(tokenizer, p)[0]) for p in MORE_PROMPTS}) == len(MORE_PROMPTS)  # all lengths differ
     assert len({tuple(e) for e in expected}) == len(expected)  # and all answers: a mixed-up row would show
 
-    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(1, 2, 4))
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(1, 2, 4), lengths=(64, 128), queue_ahead=queue_ahead)
     decoder.warm_up()
+    lengths_used, advance = [], decoder._advance
+    decoder._advance = lambda bucket: (lengths_used.append(bucket.length), advance(bucket))
     requests, batch_sizes, slots_seen = [None] * len(budgets), [], []
     for step in range(200):
         for i, at in enumerate(arrivals):
@@ -72,10 +77,32 @@ def test_requests_joining_and_leaving_the_batch_get_their_solo_greedy_tokens(cha
     # The 6-token request left after its last token, and its slot went to a request that came after it.
     six = requests[1]
     left_at = next(i for i, slots in enumerate(slots_seen) if six not in slots.values())
-    assert left_at == 5 - 1  # its first token came from the prefill, its 5 others from steps 0..4
+    # Its first token came from the prefill, its 5 others from steps 0..4 (handed out a step later when queued ahead).
+    assert left_at == 5 - 1 + queue_ahead
     (its_slot,) = {slot for slot, request in slots_seen[0].items() if request is six}
     assert any(slots.get(its_slot) in (requests[3], requests[4]) for slots in slots_seen)
-    assert not decoder.slots and int(decoder.live.sum()) == 0
+    assert not decoder.slots and int(decoder.live.sum()) == 0 and int(decoder.positions.abs().sum()) == 0
+    assert set(lengths_used) == {64, 128}  # prompts of 28-76 tokens, up to 40 more: never the whole slot (256)
+
+
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_steps_attend_over_the_shortest_length_that_holds_every_busy_row(chaotic, queue_ahead):
+    # A 76-token prompt and a 28-token one decode together over 128 positions; once the long one has left, the
+    # short one's steps attend over 64 (its positions stay below 64), its free neighbour's row among them.
+    model, tokenizer = chaotic
+    short, long = MORE_PROMPTS[1], MORE_PROMPTS[4]
+    assert len(ids_of(tokenizer, short)[0]) + 30 < 64 < len(ids_of(tokenizer, long)[0]) < 128 - 4
+    expected = [plain_greedy(model, tokenizer, short, 30), plain_greedy(model, tokenizer, long, 4)]
+    decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64, 128), queue_ahead=queue_ahead)
+    decoder.warm_up()
+    lengths_used, advance = [], decoder._advance
+    decoder._advance = lambda bucket: (lengths_used.append(bucket.length), advance(bucket))
+    requests = [decoder.submit(ids_of(tokenizer, p), n, tokenizer.eos_token_id) for p, n in ((short, 30), (long, 4))]
+    while decoder.run_once():
+        pass
+    assert [drain(r) for r in requests] == expected
+    # 3 steps (4 queued ahead) with both rows, then the short one alone; one more queued ahead at its end.
+    assert lengths_used == [128] * (3 + queue_ahead) + [64] * (29 - 3)
 
 
 def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_tokens(chaotic):
@@ -180,12 +207,13 @@ def test_prompts_forwards_never_attend_through_cudnn(chaotic, monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for the prefills only
 
 
-def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic):
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic, queue_ahead):
     # As the app calls it: each request from its own thread, through the engine thread; one stream closed
     # early (Stop) leaves the others unchanged and frees its slot.
     model, tokenizer = chaotic
     expected = [plain_greedy(model, tokenizer, p, 24) for p in MORE_PROMPTS]
-    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(2, 4))
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(2, 4), lengths=(64,), queue_ahead=queue_ahead)
     results = [None] * len(MORE_PROMPTS)
     go = threading.Barrier(len(MORE_PROMPTS) + 1)
 
@@ -274,7 +302,15 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
         build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_COMPILE", "0")
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")  # each prompt prefilled alone: the baseline of joint prefills
-    assert build_backend(model, tokenizer, fast=True).wait(60).decoder.prefill_tokens == 0
+    decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
+    assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
+    monkeypatch.setenv("DECODE_LENGTHS", "0")  # every step over whole slots, each step read before the next
+    monkeypatch.setenv("DECODE_QUEUE_AHEAD", "0")
+    decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
+    assert not decoder.queue_ahead and decoder.lengths == [2048]
+    monkeypatch.setenv("DECODE_QUEUE_AHEAD", "later")
+    with pytest.raises(ValueError, match="DECODE_QUEUE_AHEAD must be 1"):
+        build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "lots")
     with pytest.raises(ValueError, match="DECODE_PREFILL_TOKENS must be a whole number"):
         build_backend(model, tokenizer, fast=True)

@@ -93,7 +93,7 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path, shared_dir
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
     done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
-                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity,aoti",
+                           "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity,fp32-batched-identity,aoti",
                            "--aoti_tokens", "512", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -108,6 +108,8 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # Through the app's backend; without CUDA graphs it answers two at once (the decoder and generate()).
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 2 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 1
+    # The batched decoder, its steps over 332 positions, then the whole slot: plain generate's tokens.
+    assert lines["fp32-batched-identity"]["identity_prompts_identical"] == 1
     # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear),
     # and with the prompt's forward eager at its own width: the same tokens.
     assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]
@@ -115,6 +117,22 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # DECODE_AOTI's decoder: compiled once, then loaded from its package as a restart does; generate()'s tokens.
     aoti = lines["aoti"]
     assert aoti["identical_to_bf16_merged"] and aoti["identity_prompts_identical"] == 1 and aoti["restart_s"] < aoti["build_s"]
+
+
+def test_batched_step_smoke_times_every_step_prefill_and_engine(tmp_path):
+    """bench/batched_step.py on a CPU: each (rows, length) step timed, prefills together and alone, and the four
+    engines (whole slots or lengths, step by step or queued ahead) serving the same users every token."""
+    out = tmp_path / "batched_step.json"
+    done = subprocess.run([sys.executable, "bench/batched_step.py", "--smoke", "--parts", "steps,prefill,engine", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {(s["rows"], s["length"]) for s in result["steps"]} == {(r, n) for r in (1, 2, 4, 8, 16) for n in (256, 512, 1024, 2048)}
+    assert all(s["gpu_ms"] > 0 and s["host_ms"] > 0 for s in result["steps"])
+    assert [p["prompts"] for p in result["prefill"]] == [1, 2, 4, 8, 16] and result["prefill"][0]["together_ms"] is None
+    engines = {e["engine"]: e for e in result["engine"]}
+    assert set(engines) == {"whole-slots", "lengths", "queue-ahead", "both"}
+    assert all(e["tokens"] == 16 * 8 and e["ms_a_step"] > 0 and e["prefills"] >= 1 for e in engines.values())
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):

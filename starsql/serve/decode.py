@@ -246,6 +246,16 @@ def decode_prefill_tokens() -> int | None:
     return env_count("DECODE_PREFILL_TOKENS", 0, "tokens", "each prompt alone")
 
 
+def batched_switches() -> dict:
+    """The batched decoder's switches from the environment, as keyword arguments of starsql.serve.fast.build:
+    DECODE_PREFILL_TOKENS, DECODE_LENGTHS=0 (every step over whole slots) and DECODE_QUEUE_AHEAD=0 (each step's
+    tokens read before the next is queued), the baselines their defaults are measured against (BENCHMARKS.md)."""
+    return {"prefill_tokens": decode_prefill_tokens(),
+            "whole_slots": not env_switch("DECODE_LENGTHS", True, "steps over the positions in use", "over whole slots"),
+            "queue_ahead": env_switch("DECODE_QUEUE_AHEAD", True, "queue each step before the last one's tokens are read",
+                                      "one step at a time")}  # fmt: skip
+
+
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):
     """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
     answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
@@ -262,7 +272,7 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
     from . import fast as fast_package
 
     batch = decode_batch() if batch is None else batch
-    compile, prefill_tokens = decode_compile(), decode_prefill_tokens()
+    compile, switches = decode_compile(), batched_switches()
     try:
         # Changes the model in place: done here, before any request, not beside a running generate().
         fast_package.prepare_model(model)
@@ -270,5 +280,5 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
         warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         return GenerateBackend(model, tokenizer)
     return WarmingBackend(GenerateBackend(model, tokenizer),
-                          lambda: fast_package.build(model, tokenizer, batch, compile=compile, prefill_tokens=prefill_tokens),
+                          lambda: fast_package.build(model, tokenizer, batch, compile=compile, **switches),
                           concurrency=fast_package.concurrency(model, batch))  # fmt: skip

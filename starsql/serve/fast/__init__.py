@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..decode import GENERATE_CONCURRENCY, GenerateBackend
-from .batched import BatchedDecoder
+from .batched import LENGTHS, BatchedDecoder
 from .decoder import GreedyDecoder, stream_greedy
 from .fused_qkv import fuse_qkv_projections
 from .gemv import gemv_available, use_gemv
@@ -61,12 +61,14 @@ def prepare_model(model) -> bool:
 
 
 def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
-          prefill_tokens: int | None = None):
+          prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
     (seconds, not minutes; slower steps). `prefill_tokens`: the batched decoder's most padded prompt tokens in
-    one joint prefill (0: each prompt alone; None: its default). If building fails, the kernel is turned off
+    one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
+    not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
+    on a GPU). If building fails, the kernel is turned off
     again before the error propagates, so generate() runs on cuBLAS."""
     keep_compiled_artefacts()
     kernel = prepare_model(model)
@@ -76,7 +78,8 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
             decoder.warm_up()
             return FastDecodeBackend(model, tokenizer, decoder)
         decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False,
-                                 prefill_tokens=prefill_tokens)  # fmt: skip
+                                 prefill_tokens=prefill_tokens, lengths=() if whole_slots else LENGTHS,
+                                 queue_ahead=queue_ahead)  # fmt: skip
         decoder.start()  # warms up first
         return BatchedDecodeBackend(model, tokenizer, decoder)
     except Exception:

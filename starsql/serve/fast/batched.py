@@ -8,10 +8,14 @@ request joins the running batch at the next step and leaves as soon as it is don
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
 requests waiting together when the engine admits share forwards (`prefill_tokens` padded tokens at most each),
 right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests.
-A step runs the first `rows` slots, the smallest bucket of BUCKETS that holds every busy slot; on a GPU each
-bucket's step is captured as a CUDA graph (compiled twice: the one-row step, and one graph whose number of rows is a symbol).
+A step runs the first `rows` slots over the first `length` positions of each: the smallest bucket of BUCKETS
+that holds every busy slot, and the shortest of LENGTHS that holds every busy slot's position (attending over a
+whole 2,048-position slot for a 300-token prompt reads K/V nobody sees). On a GPU each (rows, length) step is
+captured as a CUDA graph (compiled twice: the one-row step, and one graph whose rows and length are symbols).
 Each row writes and reads only its own cache row, up to its own position, so a request's tokens are the ones it
-gets decoded alone. Every REPORT_EVERY steps the engine writes its timings to the log.
+gets decoded alone. On a GPU the engine queues the next step before it hands out the current step's tokens
+(`queue_ahead`): the GPU computes while the engine thread waits for Python's lock, which the app's many request
+threads hold in turn. Every REPORT_EVERY steps the engine writes its timings to the log.
 """
 
 import queue
@@ -26,6 +30,7 @@ from .decoder import GreedyDecoder, capture_graph, check_fits, prefill_attention
 from .gemv import routing
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
+LENGTHS = (256, 512, 1024)  # slot positions a step attends over, below the slot's length (which a step always has)
 REPORT_EVERY = 2000  # steps between two lines of the engine's timings in the log
 PREFILL_TOKENS = 8192  # prompt tokens (padded) at most in one joint prefill by default: bounds its activations' memory
 SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
@@ -63,16 +68,27 @@ class PrefillCache:
 
 
 class _Bucket:
-    """The step over the first `rows` slots: views of the decoder's tensors (fixed inputs of its CUDA graph)."""
+    """The step over the first `rows` slots' first `length` positions: views of the decoder's tensors (fixed
+    inputs of its CUDA graph)."""
 
-    def __init__(self, decoder: "BatchedDecoder", rows: int):
-        self.rows = rows
+    def __init__(self, decoder: "BatchedDecoder", rows: int, length: int):
+        self.rows, self.length = rows, length
         self.tokens = decoder.step_tokens[:rows]
         self.live = decoder.live[:rows]
-        self.host = decoder.host_tokens[:rows]
-        self.cache = SlotCache([k[:rows] for k in decoder.keys], [v[:rows] for v in decoder.values], decoder.positions[:rows])
+        self.cache = SlotCache([k[:rows, :, :length] for k in decoder.keys], [v[:rows, :, :length] for v in decoder.values],
+                               decoder.positions[:rows])  # fmt: skip
         self.graph = None
         self.prepared = False
+
+
+class _Step:
+    """A step queued on the GPU: the requests of its rows then, and where its tokens land on the host (pinned
+    memory on a GPU, read once `done` has passed)."""
+
+    def __init__(self, rows: int, cuda: bool):
+        self.host = torch.zeros(rows, dtype=torch.long, pin_memory=cuda)
+        self.requests: dict[int, "Request"] = {}
+        self.started = self.done = None  # BatchedDecoder._mark()s around it
 
 
 class EngineTimings:
@@ -105,7 +121,7 @@ class EngineTimings:
     def line(self) -> str:
         c, wall = self.counts, time.perf_counter() - self.since
         return (f"Batched decoder: {c['steps']} steps in {wall:.1f} s, {c['rows'] / max(c['steps'], 1):.1f} requests a "
-                f"step, {1e3 * c['step_s'] / max(c['steps'], 1):.2f} ms a step (replay to tokens on the host); "
+                f"step, {1e3 * c['step_s'] / max(c['steps'], 1):.2f} ms a step on the GPU; "
                 f"{c['prefilled']} requests in {c['prefills']} prefills, {1e3 * c['prefill_s'] / max(c['prefills'], 1):.1f} ms each")
 
     def snapshot(self) -> dict:
@@ -137,10 +153,13 @@ class BatchedDecoder:
     """Greedy decoding of up to `max_batch` requests at once over a static cache of `max_length` positions a
     slot. `tokens()` is safe to call from many threads: each call is one request, served by the engine thread.
     On a GPU each bucket's step is compiled (`compile`) and replayed as a CUDA graph; on a CPU the same loop
-    runs eagerly."""
+    runs eagerly. `lengths`: the positions a step attends over, below `max_length` (() or (max_length,): every
+    step over whole slots). `queue_ahead` (default: on a GPU) queues each step before the last one's tokens are
+    handed out; the price, as for the one-stream decoder: a request that ends computes one step it does not use."""
 
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
-                 compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None):  # fmt: skip
+                 compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
+                 lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -151,7 +170,9 @@ class BatchedDecoder:
         self.max_length = self.prefiller.max_length  # at most the model's sliding window
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (max_batch, config.num_key_value_heads, self.max_length, head_dim)
+        # One position more than a slot holds, never used: every step's K/V are then a strict prefix of the cache
+        # (not contiguous) whatever its length, so one compiled step serves them all (compiling specialises on it).
+        shape = (max_batch, config.num_key_value_heads, self.max_length + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         # Each slot's next input token and its position; `live` is 1 where a request decodes (its position advances).
@@ -159,18 +180,31 @@ class BatchedDecoder:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.live = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.use_graph = self.device.type == "cuda"
-        self.host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.use_graph)
-        self.buckets = {rows: _Bucket(self, rows) for rows in sorted({b for b in buckets if b < max_batch} | {max_batch})}
+        self.queue_ahead = self.use_graph if queue_ahead is None else queue_ahead
+        # The host's copy of each slot's next position (the device's, as of the last step queued): which length a step needs.
+        self.next_position = [0] * max_batch
+        self.lengths = sorted({n for n in lengths if n < self.max_length} | {self.max_length})
+        rows = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.buckets = {(r, n): _Bucket(self, r, n) for n in self.lengths for r in rows}
         self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # buckets never run at once
+        # Two steps at most are in flight (one queued ahead of the one being read): each with its host tokens.
+        self._steps = [_Step(max_batch, self.use_graph) for _ in range(2)]
+        self._in_flight: _Step | None = None
+        self._parity = 0
         compile = self.use_graph if compile is None else compile
-        # Two compiles, not one a bucket: the 1-row step (the kernel's linears), then, when the next bucket's size
-        # differs, torch.compile's automatic dynamic shapes make the rows a symbol, one graph for every other bucket.
+        # Two compiles, not one a bucket: the 1-row step (the kernel's linears), then one graph whose rows are a symbol;
+        # the length is a symbol in both (marked so: automatic dynamic shapes would compile again for each change).
         self._step = torch.compile(self._forward_step, fullgraph=True) if compile else self._forward_step
         if compile:  # all decoders share _forward_step's compile budget; past it, fullgraph raises
             import torch._dynamo as dynamo
 
-            dynamo.config.recompile_limit += 2
+            dynamo.config.recompile_limit += 4
+            for bucket in self.buckets.values():
+                for tensor in (bucket.tokens, bucket.cache.positions, *bucket.cache.keys, *bucket.cache.values):
+                    dynamo.maybe_mark_dynamic(tensor, 0)
+                for tensor in (*bucket.cache.keys, *bucket.cache.values):
+                    dynamo.maybe_mark_dynamic(tensor, 2)
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.slots: dict[int, Request] = {}  # busy slot -> its request; only the engine thread touches it
         self.error: BaseException | None = None  # what stopped the engine; requests then fail with it
@@ -184,27 +218,26 @@ class BatchedDecoder:
         # Each row sees its own cache row up to its own position (our mask: transformers' would read the
         # cache's length as a Python int, one compile per length).
         positions = cache.positions
-        visible = torch.arange(self.max_length, device=positions.device) <= positions[:, None]
+        visible = torch.arange(cache.keys[0].shape[2], device=positions.device) <= positions[:, None]
         mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[:, None, None, :]
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions[:, None], past_key_values=cache,
                          use_cache=True)  # fmt: skip
         return out.logits[:, -1].argmax(-1, keepdim=True)  # argmax inside the graph: no logits leave it
 
     def _advance(self, bucket: _Bucket):
-        """One step of the bucket's rows: each gets its next token and, where live, the next position; the
-        tokens are copied to the host (pinned memory on a GPU: read once the stream has run the step)."""
+        """One step of the bucket's rows: each gets its next token (in `bucket.tokens`) and, where live, the next
+        position."""
         with routing():  # one row (the 1 bucket): the linears through starsql.serve.fast.gemv's kernel, if the model has it
             next_tokens = self._step(bucket.tokens, bucket.cache)
         bucket.tokens.copy_(next_tokens)
         bucket.cache.positions.add_(bucket.live)
-        bucket.host.copy_(next_tokens.view(-1), non_blocking=self.use_graph)
 
     def _prepare(self, bucket: _Bucket):
         """Compile and warm up the bucket's step (and capture it on a GPU). Only while no slot is busy: the
         warm-up steps overwrite every row's token (no position moves: no row is live)."""
         if self.use_graph:
-            bucket.graph, _ = capture_graph(lambda: self._advance(bucket), self._side, warmups=3,
-                                            what=f"the {bucket.rows}-row decoding step", pool=self._pool)  # fmt: skip
+            bucket.graph, _ = capture_graph(lambda: self._advance(bucket), self._side, warmups=3, pool=self._pool,
+                                            what=f"the decoding step of {bucket.rows} rows over {bucket.length} positions")  # fmt: skip
             self.use_graph = bucket.graph is not None
         elif self._step is not self._forward_step:
             self._advance(bucket)  # compiles it
@@ -222,9 +255,9 @@ class BatchedDecoder:
 
     # --- the engine ---
 
-    def _prefill(self, request: Request, slot: int) -> int:
+    def _prefill(self, request: Request, slot: int) -> torch.Tensor:
         """One prompt's forward into the prefiller's cache (its graph of the prompt's width, on a GPU), its K/V
-        copied into `slot`, and the slot's first step input set; returns the first new token."""
+        copied into `slot`, and the slot's first step input set; returns the first new token (on the device)."""
         cache = self.prefiller.caches[0]
         self.prefiller._prefill(cache, request.input_ids.to(self.device))
         length = request.input_ids.shape[-1]
@@ -233,12 +266,12 @@ class BatchedDecoder:
             values[slot, :, :length].copy_(layer.values[0, :, :length])
         self.step_tokens[slot].copy_(cache.token[0])
         self.positions[slot].copy_(cache.position[0])
-        return int(cache.token)
+        return cache.token.view(-1).clone()  # the next prompt's prefill overwrites cache.token
 
-    def _prefill_together(self, requests: list[Request], slots: list[int]) -> list[int]:
+    def _prefill_together(self, requests: list[Request], slots: list[int]) -> torch.Tensor:
         """The prompts' forward as one batch, right-padded to the longest, each row's K/V written into its slot
-        (PrefillCache), and the slots' first step inputs set; returns each request's first new token. Eager: the
-        batch's work hides the kernel launches that a lone prompt's graph saves."""
+        (PrefillCache), and the slots' first step inputs set; returns each request's first new token (on the
+        device). Eager: the batch's work hides the kernel launches that a lone prompt's graph saves."""
         lengths = [request.input_ids.shape[-1] for request in requests]
         rows, width = len(requests), max(lengths)
         prompts = torch.zeros((rows, width), dtype=torch.long)  # padding: any token; the mask hides it
@@ -257,9 +290,9 @@ class BatchedDecoder:
         first = out.logits[torch.arange(rows), torch.arange(rows)].argmax(-1)
         self.step_tokens[on_device] = first.view(-1, 1)
         self.positions[on_device] = last + 1
-        return first.tolist()
+        return first
 
-    def _prefill_group(self, group: list[Request], slots: list[int]) -> list[int]:
+    def _prefill_group(self, group: list[Request], slots: list[int]) -> torch.Tensor:
         """The group's prompts prefilled into `slots`: together if more than one, else (or if the joint forward's
         activations do not fit in memory) one at a time."""
         if len(group) > 1:
@@ -268,7 +301,7 @@ class BatchedDecoder:
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-        return [self._prefill(request, slot) for request, slot in zip(group, slots)]
+        return torch.cat([self._prefill(request, slot) for request, slot in zip(group, slots)])
 
     def _admit(self, wait: bool):
         """Drop closed requests, then give free slots to waiting requests (waiting for one if `wait`): those
@@ -292,49 +325,87 @@ class BatchedDecoder:
             while arrived and (len(group) + 1) * arrived[0].input_ids.shape[-1] <= self.prefill_tokens:
                 group.append(arrived.pop(0))
             slots, free = free[: len(group)], free[len(group) :]
-            started = time.perf_counter()
+            started = self._mark()
             try:
                 firsts = self._prefill_group(group, slots)
+                ended = self._mark()
+                firsts = firsts.tolist()  # waits for the prefill (and a step queued before it)
             except BaseException as error:
                 for request in group + arrived:
                     request.out.put(error)
                 raise
-            self.timings.prefilled(len(group), time.perf_counter() - started)
+            self.timings.prefilled(len(group), self._between(started, ended))
             for request, slot, first in zip(group, slots, firsts):
                 if not request.deliver(first):
                     self.slots[slot] = request
                     self.live[slot] = 1
+                    self.next_position[slot] = request.input_ids.shape[-1]
 
     def _leave(self, slot: int):
+        """Free `slot`. Its position goes back to 0: a free row within a step's rows still writes K/V at its
+        position, which must lie within the step's length."""
         del self.slots[slot]
         self.live[slot] = 0
+        self.positions[slot] = 0
+        self.next_position[slot] = 0
 
-    def _decode(self):
-        """One step of every busy slot, and each new token handed to its request."""
-        bucket = next(b for rows, b in self.buckets.items() if rows > max(self.slots))
+    def _mark(self):
+        """A point in the GPU stream's time (an event, its time read once it has passed); on a CPU, where each
+        operation is done when it returns, the wall clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @staticmethod
+    def _between(start, end) -> float:
+        """Seconds between two `_mark`s, once the second has passed."""
+        return end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
+
+    def _queue_step(self) -> _Step:
+        """Queue one step of every busy slot (the smallest bucket that holds them), and its tokens' copy to the host."""
+        rows, length = max(self.slots) + 1, max(self.next_position[slot] for slot in self.slots) + 1
+        bucket = next(b for (r, n), b in self.buckets.items() if r >= rows and n >= length)  # the shortest length first
         if not bucket.prepared:
             raise RuntimeError("the decoder was not warmed up")
+        step, self._parity = self._steps[self._parity], 1 - self._parity
+        step.requests = dict(self.slots)
+        for slot in self.slots:
+            self.next_position[slot] += 1
         # Few Python calls into torch a step: each lets go of the GIL and may wait for it to come back.
-        started = time.perf_counter()
+        step.started = self._mark()
         if bucket.graph is not None:
             bucket.graph.replay()
         else:
             self._advance(bucket)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # releases the GIL while the step runs
-        tokens = bucket.host.tolist()
-        self.timings.stepped(len(self.slots), time.perf_counter() - started)
-        for slot, request in list(self.slots.items()):
+        step.host[: bucket.rows].copy_(bucket.tokens.view(-1), non_blocking=self.device.type == "cuda")
+        step.done = self._mark()
+        return step
+
+    def _finish(self, step: _Step):
+        """Wait for a queued step, then hand its token to each of its requests still decoding."""
+        if not isinstance(step.done, float):
+            step.done.synchronize()  # releases the GIL while the GPU works
+        tokens = step.host.tolist()
+        self.timings.stepped(len(step.requests), self._between(step.started, step.done))
+        for slot, request in step.requests.items():
+            if self.slots.get(slot) is not request:
+                continue  # it left after this step was queued: its stream closed, or a step before ended it
             if request.closed or request.deliver(tokens[slot]):
                 self._leave(slot)
 
     @torch.inference_mode()
     def run_once(self, wait: bool = False) -> int:
-        """Admit waiting requests (waiting for one if `wait` and none decodes), then one step of all. The engine
-        thread loops over it; tests call it to set when requests arrive. Returns how many requests decode."""
-        self._admit(wait and not self.slots)
-        if self.slots:
-            self._decode()
+        """Admit waiting requests (waiting for one if `wait` and nothing decodes), queue one step of all, and hand out
+        the tokens of the step queued before it (`queue_ahead`) or of this one. The engine thread loops over it;
+        tests call it to set when requests arrive. Returns how many requests decode."""
+        self._admit(wait and not self.slots and self._in_flight is None)
+        queued = self._queue_step() if self.slots else None
+        if self.queue_ahead:
+            queued, self._in_flight = self._in_flight, queued
+        if queued is not None:
+            self._finish(queued)
         return len(self.slots)
 
     def _serve(self):
