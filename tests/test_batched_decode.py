@@ -141,6 +141,26 @@ def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_
         assert decoder.timings.snapshot()["prefilled"] == len(prompts)
 
 
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_a_request_done_on_its_first_token_leaves_its_row_within_the_shorter_steps(chaotic, queue_ahead):
+    # A 76-token prompt asking for one token ends on its prefill; its free row, between two short requests', is
+    # still in every step of 4 rows, which now attend over 64 positions: it must not write at position 76.
+    model, tokenizer = chaotic
+    prompts, budgets = [MORE_PROMPTS[1], MORE_PROMPTS[4], MORE_PROMPTS[3]], [20, 1, 20]  # 28, 76 and 33 tokens
+    expected = [plain_greedy(model, tokenizer, p, n) for p, n in zip(prompts, budgets)]
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), lengths=(64, 128), queue_ahead=queue_ahead)
+    decoder.warm_up()
+    lengths_used, advance = [], decoder._advance
+    decoder._advance = lambda bucket: (lengths_used.append(bucket.length), advance(bucket))
+    requests = [decoder.submit(ids_of(tokenizer, p), n, tokenizer.eos_token_id) for p, n in zip(prompts, budgets)]
+    decoder.run_once()
+    assert sorted(decoder.slots) == [0, 1]  # the short ones (prefilled shortest first); slot 2 free again
+    while decoder.run_once():
+        pass
+    assert [drain(r) for r in requests] == expected and set(lengths_used) == {64}
+    assert decoder.error is None and int(decoder.positions.abs().sum()) == 0
+
+
 def test_a_joint_prefill_out_of_memory_falls_back_to_one_at_a_time_and_any_other_error_reaches_every_caller(chaotic):
     model, tokenizer = chaotic
     expected = [plain_greedy(model, tokenizer, p, 12) for p in MORE_PROMPTS[:3]]

@@ -25,7 +25,7 @@ from .fused_qkv import fuse_qkv_projections
 from .gemv import gemv_available, use_gemv
 
 DECODER_TOKENS = 4096  # prompt + answer the one-stream decoder holds (at most StarCoder2's window); longer requests use generate()
-BATCH_TOKENS = 2048  # prompt + answer of each batched slot: every step attends over the whole slot, for every row
+BATCH_TOKENS = 2048  # prompt + answer of each batched slot: a step attends over the positions its longest request uses
 
 
 def compile_cache_dir() -> Path:

@@ -37,9 +37,9 @@ SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after
 
 
 class SlotCache:
-    """The K/V of the first rows of the decoder's cache, for the model's attention layers as a transformers Cache
-    (they call `update` only): each row's new token's K/V go to that row's own position, and each row gets its
-    whole cache row back; the mask hides what lies past its position. One-token steps only."""
+    """The K/V of the first rows and positions of the decoder's cache (a step's bucket), for the model's attention
+    layers as a transformers Cache (they call `update` only): each row's new token's K/V go to that row's own
+    position, and each row gets those positions back; the mask hides what lies past its position. One-token steps only."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
         self.keys, self.values, self.positions = keys, values, positions
@@ -336,7 +336,9 @@ class BatchedDecoder:
                 raise
             self.timings.prefilled(len(group), self._between(started, ended))
             for request, slot, first in zip(group, slots, firsts):
-                if not request.deliver(first):
+                if request.deliver(first):  # done on its first token: the slot stays free, its position back to 0
+                    self.positions[slot] = 0
+                else:
                     self.slots[slot] = request
                     self.live[slot] = 1
                     self.next_position[slot] = request.input_ids.shape[-1]
@@ -351,7 +353,9 @@ class BatchedDecoder:
 
     def _mark(self):
         """A point in the GPU stream's time (an event, its time read once it has passed); on a CPU, where each
-        operation is done when it returns, the wall clock."""
+        operation is done when it returns, the wall clock. Between two marks lies what the GPU ran and, where the
+        engine thread was slower to queue it than the GPU to run it (a joint prefill's launches, a wait for the
+        GIL), the GPU's wait for it."""
         if self.device.type != "cuda":
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
@@ -388,12 +392,14 @@ class BatchedDecoder:
         if not isinstance(step.done, float):
             step.done.synchronize()  # releases the GIL while the GPU works
         tokens = step.host.tolist()
-        self.timings.stepped(len(step.requests), self._between(step.started, step.done))
+        decoded = 0
         for slot, request in step.requests.items():
             if self.slots.get(slot) is not request:
                 continue  # it left after this step was queued: its stream closed, or a step before ended it
+            decoded += 1
             if request.closed or request.deliver(tokens[slot]):
                 self._leave(slot)
+        self.timings.stepped(decoded, self._between(step.started, step.done))
 
     @torch.inference_mode()
     def run_once(self, wait: bool = False) -> int:
