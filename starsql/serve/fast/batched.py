@@ -392,14 +392,12 @@ class BatchedDecoder:
         if not isinstance(step.done, float):
             step.done.synchronize()  # releases the GIL while the GPU works
         tokens = step.host.tolist()
-        decoded = 0
-        for slot, request in step.requests.items():
-            if self.slots.get(slot) is not request:
-                continue  # it left after this step was queued: its stream closed, or a step before ended it
-            decoded += 1
+        # Those that left after this step was queued (their stream closed, or a step before ended them) get nothing.
+        decoding = [(slot, request) for slot, request in step.requests.items() if self.slots.get(slot) is request]
+        self.timings.stepped(len(decoding), self._between(step.started, step.done))  # before a caller can read its last token
+        for slot, request in decoding:
             if request.closed or request.deliver(tokens[slot]):
                 self._leave(slot)
-        self.timings.stepped(decoded, self._between(step.started, step.done))
 
     @torch.inference_mode()
     def run_once(self, wait: bool = False) -> int:
