@@ -249,7 +249,7 @@ def decode_prefill_tokens() -> int | None:
 def batched_switches() -> dict:
     """The batched decoder's switches from the environment, as keyword arguments of starsql.serve.fast.build:
     DECODE_PREFILL_TOKENS, DECODE_LENGTHS=0 (every step over whole slots) and DECODE_QUEUE_AHEAD=0 (each step's
-    tokens read before the next is queued), the baselines their defaults are measured against (BENCHMARKS.md)."""
+    tokens read before the next is queued); each 0 keeps the simpler path its default replaces."""
     return {"prefill_tokens": decode_prefill_tokens(),
             "whole_slots": not env_switch("DECODE_LENGTHS", True, "steps over the positions in use", "over whole slots"),
             "queue_ahead": env_switch("DECODE_QUEUE_AHEAD", True, "queue each step before the last one's tokens are read",

@@ -336,12 +336,11 @@ class BatchedDecoder:
                 raise
             self.timings.prefilled(len(group), self._between(started, ended))
             for request, slot, first in zip(group, slots, firsts):
-                if request.deliver(first):  # done on its first token: the slot stays free, its position back to 0
-                    self.positions[slot] = 0
-                else:
-                    self.slots[slot] = request
-                    self.live[slot] = 1
-                    self.next_position[slot] = request.input_ids.shape[-1]
+                self.slots[slot] = request
+                self.live[slot] = 1
+                self.next_position[slot] = request.input_ids.shape[-1]
+                if request.deliver(first):  # done on its first token (EOS, or a budget of one)
+                    self._leave(slot)
 
     def _leave(self, slot: int):
         """Free `slot`. Its position goes back to 0: a free row within a step's rows still writes K/V at its
