@@ -9,9 +9,12 @@ batched decoder (its first start, then a restart that finds the compiled artefac
 one-stream decoder (DECODE_BATCH=1), all with the same --compile_cache, so a run's numbers sit side by side.
 For each start:
 - start: seconds from the process's start to its first streamed answer (`answers_after_s`: plain generate()
-  while the fast backend warms up), to the log's "Fast decoding is ready" line (`fast_ready_after_s`) and the
-  build's own seconds (`fast_build_s`, after the weights are loaded); `gradio_cost`: round trips of /check
-  (a SQL check with no model), Gradio's own cost per request (the queue, the event stream) plus a small check.
+  while the fast backend warms up), to the log's "Fast decoding is on" line (`eager_ready_after_s`: the eager
+  CUDA graphs answer) and "Fast decoding is ready" line (`fast_ready_after_s`: the compiled ones), with the
+  build's own seconds to each (`eager_build_s`, `fast_build_s`: after the weights are loaded); `meanwhile`: one
+  user's answers one after another until then, by what answered them (plain generate(), the eager graphs), as
+  [seconds from the start, tokens, latency]; `gradio_cost`: round trips of /check (a SQL check with no model),
+  Gradio's own cost per request (the queue, the event stream) plus a small check.
 - per client (--clients: gradio_client, then plain HTTP as the browser calls it) and user count: each user asks
   --rounds questions one after another (user u asks questions u, u + 1, ...
   of the list), all users starting together. tokens = what the model generated during the load, from the app's
@@ -59,7 +62,8 @@ QUESTIONS = [
     "Count the singers of each country, most first.",
 ]
 WRITING = "Writing SQL"  # app.py's marker of a reply the model is still writing
-READY_LINE = "Fast decoding is ready"  # starsql.serve.decode.WarmingBackend's log line
+READY_LINE = "Fast decoding is ready"  # starsql.serve.decode.WarmingBackend's log line: the last build serves
+EAGER_LINE = "Fast decoding is on"  # its line when the eager CUDA graphs serve and the compiled ones follow
 DEFAULT_APPS = ["batched=DECODE_BATCH=16", "batched-restart=DECODE_BATCH=16", "one-stream=DECODE_BATCH=1"]
 DEFAULT_START_ONLY = "batched-restart"
 
@@ -224,6 +228,23 @@ def plain_http_ttft(url: str, question: str, new_tokens: int, repeats: int) -> l
     return [answer["first"] - answer["sent"] for answer in answers]
 
 
+def answers_meanwhile(app: "App", new_tokens: int, timeout: float) -> dict:
+    """One user's answers, one after another, until the last fast build serves (or `timeout`): by what answered
+    (the eager CUDA graphs once their log line is out, plain generate() before), [seconds from the app's start,
+    tokens, latency] each."""
+    answers: dict[str, list] = {"generate": [], "eager": []}
+    deadline = time.perf_counter() + timeout
+    while app.seen(READY_LINE) is None and time.perf_counter() < deadline and app.process.poll() is None:
+        by = "generate" if app.seen(EAGER_LINE) is None else "eager"
+        before = usage(app.url)["tokens"]
+        answer = ask(app.url, QUESTIONS[0], new_tokens)
+        if by == "generate" and app.seen(EAGER_LINE) is not None:
+            continue  # the eager graphs came in during the answer: which one answered is not known
+        at = round(answer["done"] - time.time() + time.perf_counter() - app.started, 2)
+        answers[by].append([at, usage(app.url)["tokens"] - before, round(answer["done"] - answer["sent"], 3)])
+    return answers
+
+
 def check_round_trips(url: str, repeats: int) -> list[float]:
     """/check with a trivial query: Gradio's own per-request cost, plus a SQLite check of a few ms."""
     client = connect(url)
@@ -293,11 +314,13 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
             record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
+            record["meanwhile"] = answers_meanwhile(app, args.new_tokens, args.start_timeout if fast else 0)
             ready = app.wait_for(READY_LINE, args.start_timeout if fast else 0)
             record["fast_ready_after_s"] = None if ready is None else round(ready, 2)
-            built = next((line for _, line in app.lines if READY_LINE in line), "")
-            match = re.search(r"\(([\d.]+) s to build\)", built)
-            record["fast_build_s"] = float(match.group(1)) if match else None
+            record["eager_ready_after_s"] = None if app.seen(EAGER_LINE) is None else round(app.seen(EAGER_LINE), 2)
+            for key, text in (("eager_build_s", EAGER_LINE), ("fast_build_s", READY_LINE)):
+                match = re.search(r"\(([\d.]+) s to build\)", next((line for _, line in app.lines if text in line), ""))
+                record[key] = float(match.group(1)) if match else None
             record["gradio_cost"] = {f"check_round_trip_p{q}_s": percentile(check_round_trips(app.url, 20), q) for q in (50, 95)}
             for question in QUESTIONS:  # untimed: each prompt width's prefill graph is captured on first use
                 ask(app.url, question, args.new_tokens)

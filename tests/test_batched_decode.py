@@ -254,6 +254,94 @@ def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic
     assert decoder.error is None and not decoder.slots
 
 
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_a_closed_decoder_finishes_the_answers_it_has_then_its_engine_ends(chaotic, queue_ahead):
+    # A faster decoder replaces this one: what it decodes ends as it would have; nothing new reaches it.
+    model, tokenizer = chaotic
+    expected = plain_greedy(model, tokenizer, PROMPTS[1], 20)
+    decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,), queue_ahead=queue_ahead)
+    answer = decoder.tokens(ids_of(tokenizer, PROMPTS[1]), 20, tokenizer.eos_token_id)
+    first = [next(answer), next(answer)]
+    decoder.close()
+    with pytest.raises(RuntimeError, match="closed: a newer one serves"):
+        decoder.submit(ids_of(tokenizer, PROMPTS[0]), 4)
+    assert first + list(answer) == expected
+    decoder._engine.join(timeout=30)
+    assert not decoder._engine.is_alive() and decoder.error is None and not decoder.slots
+    idle = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,), queue_ahead=queue_ahead)
+    assert len(list(idle.tokens(ids_of(tokenizer, PROMPTS[0]), 3))) == 3
+    idle.close()  # nothing decoding: the engine ends at once
+    idle._engine.join(timeout=30)
+    assert not idle._engine.is_alive()
+
+
+class _Backend:
+    """A stand-in built backend: answers "<name> 1", "<name> 2", pausing at `hold` (while set) between them."""
+
+    def __init__(self, name: str):
+        self.name, self.closed, self.hold = name, 0, threading.Event()
+
+    def stream(self, prompt, max_new_tokens, temperature=0.0):
+        yield f"{self.name} 1"
+        while self.hold.is_set():
+            threading.Event().wait(0.01)
+        yield f"{self.name} 2"
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_faster_backend_replaces_the_first_once_built_and_the_first_closes_after_its_last_answer(capfd):
+    plain, eager, compiled = _Backend("plain"), _Backend("eager"), _Backend("compiled")
+    first_built, faster_go = threading.Event(), threading.Event()
+    warming = WarmingBackend(plain, lambda: eager, concurrency=4,
+                             faster=lambda: (first_built.set(), faster_go.wait(30), compiled)[2])  # fmt: skip
+    assert first_built.wait(30) and warming.fast is eager and not warming.ready.is_set()
+    eager.hold.set()
+    begun = warming.stream("q", 8)
+    assert next(begun) == "eager 1"  # an answer in progress on the eager backend
+    faster_go.set()
+    assert warming.wait(30) is compiled and warming.fast is compiled
+    assert list(warming.stream("q", 8)) == ["compiled 1", "compiled 2"]  # new answers: the faster one
+    assert eager.closed == 0  # not while its answer runs
+    eager.hold.clear()
+    assert list(begun) == ["eager 2"] and eager.closed == 1 and compiled.closed == 0 and plain.closed == 0
+    log = capfd.readouterr().err
+    assert "Fast decoding is on (" in log and "a faster build follows" in log and "Fast decoding is ready (" in log
+
+
+def test_a_failing_faster_build_leaves_the_first_backend_answering():
+    eager = _Backend("eager")
+
+    def failing():
+        raise RuntimeError("Triton cannot compile")
+
+    with pytest.warns(UserWarning, match="Fast decoding is off.*Triton cannot compile.*answers use an earlier build"):
+        warming = WarmingBackend(_Backend("plain"), lambda: eager, concurrency=2, faster=failing)
+        assert warming.wait(30) is eager
+    assert list(warming.stream("q", 8)) == ["eager 1", "eager 2"] and eager.closed == 0
+
+
+def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run, monkeypatch):
+    import starsql.serve.fast as fast_package
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    builds = []
+    monkeypatch.setattr(fast_package, "build", lambda *a, compile, **k: builds.append(compile) or f"compile={compile}")
+    monkeypatch.setenv("DECODE_BATCH", "2")
+    assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [False, True]
+    monkeypatch.setenv("DECODE_EAGER_FIRST", "0")  # plain generate() answers until the compiled step is built
+    builds.clear()
+    assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [True]
+    monkeypatch.setenv("DECODE_EAGER_FIRST", "1")
+    monkeypatch.setenv("DECODE_COMPILE", "0")  # eager graphs only: one build
+    builds.clear()
+    assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=False" and builds == [False]
+    monkeypatch.setenv("DECODE_EAGER_FIRST", "soon")
+    with pytest.raises(ValueError, match="DECODE_EAGER_FIRST must be 1"):
+        build_backend(model, tokenizer, fast=True)
+
+
 def test_the_batched_backend_streams_what_generate_streams_and_falls_back_for_sampling(tiny_run):
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
     before = USAGE.snapshot()

@@ -9,7 +9,8 @@ A backend that cannot answer (an endpoint down, slow or refusing) raises `Backen
 for the user. `GenerateBackend` is plain `generate()`: any model, any device, greedy or sampled.
 `build_backend` picks the app's backend; `starsql.serve.fast` (a dedicated GPU) and `starsql.serve.remote`
 (an OpenAI-compatible endpoint) are imported only when chosen. The fast backend takes minutes to compile the
-first time: `WarmingBackend` answers through plain generate() until it is ready.
+first time: `WarmingBackend` answers through plain generate() until its eager CUDA graphs are captured
+(seconds), then through them until the compiled ones are ready.
 Prompts come from `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
@@ -150,39 +151,81 @@ class GenerateBackend:
 
 
 class WarmingBackend:
-    """Plain generate() until the backend that `build()` makes in a background thread is ready, then that one.
-    `concurrency` is the built backend's from the start (app.py's queue reads it once); until then at most
-    `plain`'s concurrency answer at once, the others wait. If the build fails, a warning, and plain generate()
-    for good."""
+    """Plain generate() until the backend that `build()` makes in a background thread is ready, then that one;
+    with `faster`, a second build that starts once the first serves and replaces it when ready (the eager
+    CUDA-graph decoder within seconds, then the compiled one after minutes). A replaced backend finishes the
+    answers it has begun and is then closed. `concurrency` is the built backend's from the start (app.py's queue
+    reads it once); until then at most `plain`'s concurrency answer at once, the others wait. If a build fails, a
+    warning, and the backend that answers keeps answering (plain generate() if none was built)."""
 
-    def __init__(self, plain: GenerateBackend, build: Callable[[], object], concurrency: int):
+    def __init__(self, plain: GenerateBackend, build: Callable[[], object], concurrency: int,
+                 faster: Callable[[], object] | None = None):
         self.plain, self.concurrency = plain, concurrency
         self.fast = None
-        self.ready = Event()  # set once the build ended, built or failed
+        self.ready = Event()  # set once every build ended, built or failed
         self.build_s: float | None = None
-        Thread(target=self._build, args=(build,), daemon=True, name="starsql-fast-backend-build").start()
+        self._lock = Lock()
+        self._streams: dict[int, int] = {}  # id of a built backend -> its answers in progress
+        builds = [build] if faster is None else [build, faster]
+        Thread(target=self._build, args=(builds,), daemon=True, name="starsql-fast-backend-build").start()
 
-    def _build(self, build: Callable[[], object]):
+    def _build(self, builds: list[Callable[[], object]]):
         started = time.perf_counter()
         sys.setswitchinterval(min(sys.getswitchinterval(), BUILD_SWITCH_INTERVAL_S))  # for the whole process
         try:
-            self.fast = build()
-            # One line in the log, which operators (and bench/serve_load.py) read.
-            print(f"Fast decoding is ready ({time.perf_counter() - started:.1f} s to build).", file=sys.stderr, flush=True)
-        except Exception as error:  # noqa: BLE001 -- a model the fast path cannot take still serves, via generate()
-            warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
+            for index, build in enumerate(builds):
+                try:
+                    self._serve_with(build())
+                except Exception as error:  # noqa: BLE001 -- a model the fast path cannot take still serves
+                    answers = "an earlier build" if self.fast is not None else "generate()"
+                    warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use {answers}.", stacklevel=2)
+                    continue
+                # One line in the log, which operators (and bench/serve_load.py) read.
+                seconds = time.perf_counter() - started
+                if index < len(builds) - 1:
+                    print(f"Fast decoding is on ({seconds:.1f} s to build); a faster build follows.", file=sys.stderr, flush=True)
+                else:
+                    print(f"Fast decoding is ready ({seconds:.1f} s to build).", file=sys.stderr, flush=True)
         finally:
             self.build_s = time.perf_counter() - started
             self.ready.set()
 
+    def _serve_with(self, built):
+        """New answers go to `built`; the backend it replaces is closed now if idle, else by its last answer."""
+        with self._lock:
+            replaced, self.fast = self.fast, built
+            idle = replaced is not None and not self._streams.get(id(replaced))
+        if idle:
+            self._close(replaced)
+
+    @staticmethod
+    def _close(backend):
+        getattr(backend, "close", lambda: None)()
+
     def wait(self, timeout: float | None = None):
-        """The backend that answers once the build ended (the fast one, or plain if it failed); None on timeout."""
+        """The backend that answers once every build ended (the last built, or plain if all failed); None on timeout."""
         if not self.ready.wait(timeout):
             return None
         return self.fast or self.plain
 
     def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        return (self.fast or self.plain).stream(prompt, max_new_tokens, temperature)
+        with self._lock:
+            backend = self.fast
+            if backend is not None:
+                self._streams[id(backend)] = self._streams.get(id(backend), 0) + 1
+        if backend is None:
+            yield from self.plain.stream(prompt, max_new_tokens, temperature)
+            return
+        try:
+            yield from backend.stream(prompt, max_new_tokens, temperature)
+        finally:
+            with self._lock:
+                self._streams[id(backend)] -= 1
+                last = backend is not self.fast and not self._streams[id(backend)]
+                if not self._streams[id(backend)]:
+                    del self._streams[id(backend)]
+            if last:
+                self._close(backend)
 
 
 class Usage:
@@ -228,6 +271,14 @@ def decode_compile() -> bool:
     return env_switch("DECODE_COMPILE", True, "compile the fast backend's step", "do not")
 
 
+def decode_eager_first() -> bool:
+    """DECODE_EAGER_FIRST from the environment: while the compiled step builds (minutes the first time, tens of
+    seconds on a restart), the fast backend's CUDA graphs captured from the eager model answer (seconds to build);
+    0: plain generate() answers meanwhile."""
+    return env_switch("DECODE_EAGER_FIRST", True, "eager CUDA graphs answer while the compiled step builds",
+                      "plain generate() answers meanwhile")
+
+
 def decode_aoti() -> bool:
     """DECODE_AOTI from the environment: greedy answers through the ahead-of-time compiled decoder
     (`starsql.serve.fast.aoti`) instead of the CUDA-graph decoders. Off by default: the README says why."""
@@ -260,9 +311,11 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
     """The app's backend. Plain generate() unless `fast` (a dedicated CUDA GPU, bf16 weights): then greedy
     answers through `starsql.serve.fast`, `batch` of them decoded together (default DECODE_BATCH; 1: the
     one-stream decoder), its step compiled unless DECODE_COMPILE=0; with DECODE_AOTI=1, through the ahead-of-time
-    compiled decoder instead. The fast backend is compiled and captured
-    in a background thread (a WarmingBackend: plain generate() answers meanwhile); if it cannot be built for
-    this model (torch.compile or Triton fails), a warning, and plain generate() on the model as it was."""
+    compiled decoder instead. The fast backend is built in a background thread (a WarmingBackend): plain
+    generate() answers until CUDA graphs of the eager model are captured (seconds), which answer until the
+    compiled ones are (minutes the first time; DECODE_EAGER_FIRST=0: plain generate() answers until then). If
+    it cannot be built for this model (torch.compile or Triton fails), a warning, and the backend that answers
+    keeps answering."""
     if not fast:
         return GenerateBackend(model, tokenizer)
     if decode_aoti():  # the model as loaded, exported and compiled ahead of time (or loaded from its package)
@@ -272,13 +325,17 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
     from . import fast as fast_package
 
     batch = decode_batch() if batch is None else batch
-    compile, switches = decode_compile(), batched_switches()
+    compile, switches, eager_first = decode_compile(), batched_switches(), decode_eager_first()
     try:
         # Changes the model in place: done here, before any request, not beside a running generate().
         fast_package.prepare_model(model)
     except Exception as error:  # noqa: BLE001
         warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         return GenerateBackend(model, tokenizer)
-    return WarmingBackend(GenerateBackend(model, tokenizer),
-                          lambda: fast_package.build(model, tokenizer, batch, compile=compile, **switches),
-                          concurrency=fast_package.concurrency(model, batch))  # fmt: skip
+
+    def build(compiled: bool):
+        return lambda: fast_package.build(model, tokenizer, batch, compile=compiled, **switches)
+
+    staged = compile and eager_first
+    return WarmingBackend(GenerateBackend(model, tokenizer), build(compile and not staged),
+                          concurrency=fast_package.concurrency(model, batch), faster=build(True) if staged else None)  # fmt: skip

@@ -208,6 +208,8 @@ class BatchedDecoder:
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.slots: dict[int, Request] = {}  # busy slot -> its request; only the engine thread touches it
         self.error: BaseException | None = None  # what stopped the engine; requests then fail with it
+        self.closed = False  # close() was called: no new requests; the engine thread ends once the last is done
+        self._closing = False  # the engine thread has seen close()'s mark in `incoming`
         self._engine: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.timings = EngineTimings()
@@ -315,7 +317,9 @@ class BatchedDecoder:
             except queue.Empty:
                 break
             wait = False
-            if not request.closed:
+            if request is None:  # close()'s mark: requests queued before it are still served
+                self._closing = True
+            elif not request.closed:
                 arrived.append(request)
         free = sorted(set(range(self.max_batch)) - self.slots.keys())  # the lowest first: smaller buckets
         arrived.sort(key=lambda request: request.input_ids.shape[-1])  # similar widths together: less padding
@@ -413,19 +417,27 @@ class BatchedDecoder:
 
     def _serve(self):
         try:
-            while True:
+            while not (self._closing and not self.slots and self._in_flight is None):
                 self.run_once(wait=True)
         except BaseException as error:  # noqa: BLE001 -- every request, now and later, fails with it
             self.error = error
             for request in self.slots.values():
                 request.out.put(error)
-            while True:
-                self.incoming.get().out.put(error)
+            while (request := self.incoming.get()) is not None:
+                request.out.put(error)
+
+    def close(self):
+        """Take no new requests; the engine thread ends once those it has are done, and the decoder's caches and
+        graphs are freed with its last reference. For a decoder that a faster one replaces while it serves."""
+        with self._start_lock:
+            self.closed = True
+            if self._engine is not None:
+                self.incoming.put(None)
 
     def start(self):
         """Start the engine thread (once); `tokens()` does."""
         with self._start_lock:
-            if self._engine is None:
+            if self._engine is None and not self.closed:
                 self.warm_up()
                 # Request threads decode text while the engine steps: it must not wait 5 ms for the GIL.
                 sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
@@ -436,7 +448,10 @@ class BatchedDecoder:
         """Queue a request for the engine (which admits it at its next step); read its tokens from `request.out`."""
         check_fits(input_ids.shape[-1], max_new_tokens, self.max_length)
         request = Request(input_ids, max_new_tokens, eos_token_id)
-        self.incoming.put(request)
+        with self._start_lock:  # not after close()'s mark, which the engine may have left on
+            if self.closed:
+                raise RuntimeError("this batched decoder was closed: a newer one serves")
+            self.incoming.put(request)
         return request
 
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[int]:
