@@ -146,14 +146,29 @@ def connect(url: str, timeout: float = 600):
     return _clients[url]
 
 
-def ask(url: str, question: str, new_tokens: int) -> dict:
-    """One /chat request, streamed: wall-clock times of sending, the first streamed token and the end."""
+def streamed(job, poll_s: float = 0.005):
+    """A gradio_client job's updates as they come. Not `for update in job`: gradio_client 2.7.2's iterator sleeps
+    while holding the lock its reader thread needs to add an update, and can starve it for seconds."""
+    seen = 0
+    while True:
+        done = job.done()  # before reading: an update added after this read is read on the next turn
+        outputs = job.outputs()
+        yield from outputs[seen:]
+        seen = len(outputs)
+        if done:
+            return
+        time.sleep(poll_s)
+
+
+def ask(url: str, question: str, new_tokens: int, iterate: bool = False) -> dict:
+    """One /chat request, streamed: wall-clock times of sending, the first streamed token and the end. `iterate`:
+    read the job with gradio_client's own iterator (`for update in job`), not `streamed`."""
     client = connect(url)
     sent = time.time()
     job = client.submit(message=question, schema=SCHEMA, history=[], max_new_tokens=new_tokens, temperature=0.0,
                         api_name="/chat")  # fmt: skip
     first, updates, last = None, 0, ""
-    for update in job:
+    for update in job if iterate else streamed(job):
         last = update
         if WRITING in update:  # the reply while the model writes
             updates += 1
@@ -185,7 +200,11 @@ def ask_http(url: str, question: str, new_tokens: int) -> dict:
     return {"sent": sent, "first": first or done, "done": done, "updates": updates, "reply_chars": len(last)}
 
 
-ASK = {"gradio_client": ask, "http": ask_http}
+def ask_iterating(url: str, question: str, new_tokens: int) -> dict:
+    return ask(url, question, new_tokens, iterate=True)
+
+
+ASK = {"gradio_client": ask, "gradio_client_iterator": ask_iterating, "http": ask_http}
 
 
 def ready(url: str, barrier) -> int:
@@ -348,7 +367,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Questions each user asks, one after another.")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--clients", default="gradio_client,http",
-                        help="How users call /chat, comma-separated: gradio_client (it polls for messages every 50 ms) "
+                        help="How users call /chat, comma-separated: gradio_client (it polls for messages every 50 ms; "
+                             "its job read by `streamed`), gradio_client_iterator (`for update in job`, which can stall) "
                              "and/or http (plain HTTP and its event stream, as the browser does).")
     parser.add_argument("--app", action="append", help=f"name=VAR=value,VAR=value (repeatable; default {DEFAULT_APPS}).")
     parser.add_argument("--start_only", default=DEFAULT_START_ONLY, help="Comma-separated app names timed at start only (no loads).")

@@ -117,6 +117,21 @@ def test_chat_streams(client):
     assert "Writing SQL" in job.outputs()[0]
 
 
+def test_chat_streams_as_the_readme_reads_it(client):
+    # README's loop (gradio_client's own iterator can hold updates back): every update once, in order.
+    job = client.submit("How many singers are from France?", SCHEMA, api_name="/chat")
+    seen, printed = 0, []
+    while True:
+        done, partials = job.done(), job.outputs()
+        printed += partials[seen:]
+        seen = len(partials)
+        if done:
+            break
+        time.sleep(0.01)
+    assert printed == job.outputs() and len(printed) > 1 and printed[-1] == job.result()
+    assert "Writing SQL" in printed[0] and "Writing SQL" not in printed[-1]
+
+
 def test_usage_counts_the_tokens_each_answer_generated(client):
     before = client.predict(api_name="/usage")
     client.predict("How many singers are there?", SCHEMA, [], 16, 0.0, api_name="/chat")  # the random model runs on

@@ -301,3 +301,16 @@ def test_serve_load_reads_the_engines_work_during_a_load_from_usage():
     after = {"decoder": {"steps": 74, "rows": 1034, "step_s": 0.36, "prefills": 3, "prefilled": 17, "prefill_s": 0.11}}
     assert engine_use(before, after, 2.0) == {"steps": 64, "requests_per_step": 16.0, "step_ms": 5.0, "prefills": 2,
                                              "requests_per_prefill": 8.0, "prefill_ms": 50.0, "busy_share": 0.21}
+
+
+def test_app_ceiling_drives_the_app_with_an_engine_that_takes_no_time(tmp_path):
+    """bench/app_ceiling.py end to end: the app in process, a stand-in engine, users over plain HTTP."""
+    out = tmp_path / "ceiling.json"
+    done = subprocess.run([sys.executable, "bench/app_ceiling.py", "--users", "2", "--rounds", "2", "--new_tokens", "16",
+                           "--step_ms", "1", "--out", str(out), "--model_dir", str(tmp_path / "model")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (load,) = json.loads(out.read_text())["loads"]
+    assert load["users"] == 2 and load["requests"] == 4 and load["answers_per_s"] > 0
+    # The stand-in never sends EOS; an answer stops early only where its random text ends a statement.
+    assert 0 < load["tokens"] <= 16 * 4 and load["app_cpu_ms_per_request"] > 0 and load["updates_per_request"] >= 1
