@@ -156,6 +156,7 @@ def streamed(job, poll_s: float = 0.005):
         yield from outputs[seen:]
         seen = len(outputs)
         if done:
+            job.result()  # raises if the request failed
             return
         time.sleep(poll_s)
 
@@ -334,7 +335,7 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
             record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built
             record["meanwhile"] = answers_meanwhile(app, args.new_tokens, args.start_timeout if fast else 0)
-            ready = app.wait_for(READY_LINE, args.start_timeout if fast else 0)
+            ready = app.wait_for(READY_LINE, max(0.0, args.start_timeout - (time.perf_counter() - app.started)) if fast else 0)
             record["fast_ready_after_s"] = None if ready is None else round(ready, 2)
             record["eager_ready_after_s"] = None if app.seen(EAGER_LINE) is None else round(app.seen(EAGER_LINE), 2)
             for key, text in (("eager_build_s", EAGER_LINE), ("fast_build_s", READY_LINE)):

@@ -3,6 +3,7 @@ when done, and each gets exactly the greedy tokens it gets decoded alone; the ba
 warming backend that answers through plain generate() until the fast one is built."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -254,6 +255,12 @@ def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic
     assert decoder.error is None and not decoder.slots
 
 
+def within(seconds: float, function, *args):
+    """function(*args) in a thread, its result within `seconds` (a test fails, not hangs, on a stuck engine)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(function, *args).result(timeout=seconds)
+
+
 @pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
 def test_a_closed_decoder_finishes_the_answers_it_has_then_its_engine_ends(chaotic, queue_ahead):
     # A faster decoder replaces this one: what it decodes ends as it would have; nothing new reaches it.
@@ -261,18 +268,50 @@ def test_a_closed_decoder_finishes_the_answers_it_has_then_its_engine_ends(chaot
     expected = plain_greedy(model, tokenizer, PROMPTS[1], 20)
     decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,), queue_ahead=queue_ahead)
     answer = decoder.tokens(ids_of(tokenizer, PROMPTS[1]), 20, tokenizer.eos_token_id)
-    first = [next(answer), next(answer)]
+    first = within(60, lambda: [next(answer), next(answer)])
     decoder.close()
     with pytest.raises(RuntimeError, match="closed: a newer one serves"):
         decoder.submit(ids_of(tokenizer, PROMPTS[0]), 4)
-    assert first + list(answer) == expected
+    assert first + within(60, list, answer) == expected
     decoder._engine.join(timeout=30)
     assert not decoder._engine.is_alive() and decoder.error is None and not decoder.slots
+    assert decoder.keys == [] and decoder.buckets == {}  # caches and graphs let go of at once
     idle = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,), queue_ahead=queue_ahead)
-    assert len(list(idle.tokens(ids_of(tokenizer, PROMPTS[0]), 3))) == 3
+    assert len(within(60, list, idle.tokens(ids_of(tokenizer, PROMPTS[0]), 3))) == 3
     idle.close()  # nothing decoding: the engine ends at once
     idle._engine.join(timeout=30)
     assert not idle._engine.is_alive()
+
+
+def test_a_request_submitted_before_close_is_served_even_if_the_engine_had_not_started(chaotic):
+    model, tokenizer = chaotic
+    decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,))
+    request = decoder.submit(ids_of(tokenizer, PROMPTS[0]), 5)
+    decoder.close()
+    decoder.start()  # as tokens() does after its submit
+    assert within(60, lambda: [request.out.get() for _ in range(6)]) == plain_greedy(model, tokenizer, PROMPTS[0], 5) + [None]
+    decoder._engine.join(timeout=30)
+    assert not decoder._engine.is_alive()
+
+
+def test_an_engine_failing_after_close_reaches_its_request_and_ends(chaotic):
+    model, tokenizer = chaotic
+    decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=(64,), queue_ahead=False)
+    answer = decoder.tokens(ids_of(tokenizer, PROMPTS[1]), 20)
+    within(60, next, answer)
+    steps = decoder._queue_step
+
+    def failing_after_close():
+        if decoder._closing:
+            raise RuntimeError("the GPU fell over")
+        return steps()
+
+    decoder._queue_step = failing_after_close
+    decoder.close()
+    with pytest.raises(RuntimeError, match="The batched decoder stopped.*the GPU fell over"):
+        within(60, list, answer)
+    decoder._engine.join(timeout=30)
+    assert not decoder._engine.is_alive() and decoder.keys == []
 
 
 class _Backend:
@@ -322,14 +361,22 @@ def test_a_failing_faster_build_leaves_the_first_backend_answering():
     assert list(warming.stream("q", 8)) == ["eager 1", "eager 2"] and eager.closed == 0
 
 
+def test_a_replaced_backend_with_no_answer_running_is_closed_at_once():
+    eager, compiled = _Backend("eager"), _Backend("compiled")
+    warming = WarmingBackend(_Backend("plain"), lambda: eager, concurrency=2, faster=lambda: compiled)
+    assert warming.wait(30) is compiled and eager.closed == 1 and compiled.closed == 0
+
+
 def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run, monkeypatch):
     import starsql.serve.fast as fast_package
 
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
-    builds = []
-    monkeypatch.setattr(fast_package, "build", lambda *a, compile, **k: builds.append(compile) or f"compile={compile}")
+    builds, timings = [], []
+    monkeypatch.setattr(fast_package, "build", lambda *a, compile, **k: (builds.append(compile), timings.append(k.get("timings")),
+                                                                          f"compile={compile}")[2])  # fmt: skip
     monkeypatch.setenv("DECODE_BATCH", "2")
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [False, True]
+    assert timings[0] is timings[1] is not None  # one set of engine totals for /usage, across the swap
     monkeypatch.setenv("DECODE_EAGER_FIRST", "0")  # plain generate() answers until the compiled step is built
     builds.clear()
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [True]

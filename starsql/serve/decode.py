@@ -200,7 +200,10 @@ class WarmingBackend:
 
     @staticmethod
     def _close(backend):
-        getattr(backend, "close", lambda: None)()
+        try:
+            getattr(backend, "close", lambda: None)()
+        except Exception as error:  # noqa: BLE001 -- the new backend answers whatever became of the old one
+            warnings.warn(f"The replaced backend did not close ({type(error).__name__}: {error}).", stacklevel=2)
 
     def wait(self, timeout: float | None = None):
         """The backend that answers once every build ended (the last built, or plain if all failed); None on timeout."""
@@ -333,9 +336,14 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
         warnings.warn(f"Fast decoding is off ({type(error).__name__}: {error}); answers use generate().", stacklevel=2)
         return GenerateBackend(model, tokenizer)
 
+    staged = compile and eager_first
+    if staged and batch > 1:  # /usage's engine totals run on across the swap to the compiled decoder
+        from .fast.batched import EngineTimings
+
+        switches["timings"] = EngineTimings()
+
     def build(compiled: bool):
         return lambda: fast_package.build(model, tokenizer, batch, compile=compiled, **switches)
 
-    staged = compile and eager_first
     return WarmingBackend(GenerateBackend(model, tokenizer), build(compile and not staged),
                           concurrency=fast_package.concurrency(model, batch), faster=build(True) if staged else None)  # fmt: skip

@@ -114,9 +114,12 @@ class EngineTimings:
 
     def stepped(self, rows: int, seconds: float):
         self._add(steps=1, rows=rows, step_s=seconds)
-        if self.counts["steps"] >= REPORT_EVERY:
-            print(self.line(), file=sys.stderr, flush=True)
+        with self._lock:  # two decoders may share these totals (the eager one finishing, the compiled one taking over)
+            if self.counts["steps"] < REPORT_EVERY:
+                return
+            line = self.line()
             self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
+        print(line, file=sys.stderr, flush=True)
 
     def line(self) -> str:
         c, wall = self.counts, time.perf_counter() - self.since
@@ -159,7 +162,8 @@ class BatchedDecoder:
 
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
                  compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
-                 lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None):  # fmt: skip
+                 lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None,
+                 timings: EngineTimings | None = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -212,7 +216,7 @@ class BatchedDecoder:
         self._closing = False  # the engine thread has seen close()'s mark in `incoming`
         self._engine: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.timings = EngineTimings()
+        self.timings = EngineTimings() if timings is None else timings  # shared: totals over the decoders that replace each other
 
     # --- the step ---
 
@@ -423,21 +427,31 @@ class BatchedDecoder:
             self.error = error
             for request in self.slots.values():
                 request.out.put(error)
-            while (request := self.incoming.get()) is not None:
-                request.out.put(error)
+            while not self._closing or not self.incoming.empty():  # after close()'s mark nothing more can come
+                if (request := self.incoming.get()) is None:
+                    self._closing = True
+                else:
+                    request.out.put(error)
+        self._release()
 
     def close(self):
-        """Take no new requests; the engine thread ends once those it has are done, and the decoder's caches and
-        graphs are freed with its last reference. For a decoder that a faster one replaces while it serves."""
+        """Take no new requests; the engine thread ends once those it has are done, and frees the decoder's caches
+        and CUDA graphs. For a decoder that a faster one replaces while it serves."""
         with self._start_lock:
             self.closed = True
-            if self._engine is not None:
-                self.incoming.put(None)
+            self.incoming.put(None)  # after every request submitted so far: the engine serves them first
+
+    def _release(self):
+        """Drop the caches and graphs (the engine thread, once closed): the GPU memory goes back now, not when the
+        garbage collector finds the decoder (its compiled step refers back to it)."""
+        self.buckets, self.keys, self.values, self.prefiller, self._steps = {}, [], [], None, []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def start(self):
         """Start the engine thread (once); `tokens()` does."""
         with self._start_lock:
-            if self._engine is None and not self.closed:
+            if self._engine is None:  # after close() too: requests submitted before it are served, then it ends
                 self.warm_up()
                 # Request threads decode text while the engine steps: it must not wait 5 ms for the GIL.
                 sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
