@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from threading import Event, Lock, Semaphore, Thread
 
@@ -165,7 +166,7 @@ class WarmingBackend:
         self.ready = Event()  # set once every build ended, built or failed
         self.build_s: float | None = None
         self._lock = Lock()
-        self._streams: dict[int, int] = {}  # id of a built backend -> its answers in progress
+        self._streams: Counter[int] = Counter()  # id of a built backend -> its answers in progress
         builds = [build] if faster is None else [build, faster]
         Thread(target=self._build, args=(builds,), daemon=True, name="starsql-fast-backend-build").start()
 
@@ -194,7 +195,7 @@ class WarmingBackend:
         """New answers go to `built`; the backend it replaces is closed now if idle, else by its last answer."""
         with self._lock:
             replaced, self.fast = self.fast, built
-            idle = replaced is not None and not self._streams.get(id(replaced))
+            idle = replaced is not None and not self._streams[id(replaced)]
         if idle:
             self._close(replaced)
 
@@ -215,7 +216,7 @@ class WarmingBackend:
         with self._lock:
             backend = self.fast
             if backend is not None:
-                self._streams[id(backend)] = self._streams.get(id(backend), 0) + 1
+                self._streams[id(backend)] += 1
         if backend is None:
             yield from self.plain.stream(prompt, max_new_tokens, temperature)
             return
@@ -337,7 +338,7 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
         return GenerateBackend(model, tokenizer)
 
     staged = compile and eager_first
-    if staged and batch > 1:  # /usage's engine totals run on across the swap to the compiled decoder
+    if staged:  # /usage's engine totals run on across the swap to the compiled decoder
         from .fast.batched import EngineTimings
 
         switches["timings"] = EngineTimings()

@@ -68,8 +68,9 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
     (seconds, not minutes; slower steps). `prefill_tokens`: the batched decoder's most padded prompt tokens in
     one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
-    on a GPU); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing it). If building fails, the kernel is turned off again before the error propagates, so generate() runs
-    on cuBLAS."""
+    on a GPU); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
+    it). If building fails, the kernel is turned off again before the error propagates, so generate() runs on
+    cuBLAS."""
     keep_compiled_artefacts()
     kernel = prepare_model(model)
     try:

@@ -103,23 +103,25 @@ class EngineTimings:
         self.totals = dict.fromkeys(self.FIELDS, 0)  # since the start: the app's /usage
         self._lock = threading.Lock()  # /usage reads the totals from another thread: whole updates only
 
-    def _add(self, **amounts):
+    def _add(self, **amounts) -> str | None:
+        """Add, under the lock (two decoders may share these totals: the eager one finishing, the compiled one taking
+        over); the log line, counts then reset, once REPORT_EVERY steps have passed."""
         with self._lock:
             for name, amount in amounts.items():
                 self.counts[name] += amount
                 self.totals[name] += amount
+            if self.counts["steps"] < REPORT_EVERY:
+                return None
+            line = self.line()
+            self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
+            return line
 
     def prefilled(self, requests: int, seconds: float):
         self._add(prefills=1, prefilled=requests, prefill_s=seconds)
 
     def stepped(self, rows: int, seconds: float):
-        self._add(steps=1, rows=rows, step_s=seconds)
-        with self._lock:  # two decoders may share these totals (the eager one finishing, the compiled one taking over)
-            if self.counts["steps"] < REPORT_EVERY:
-                return
-            line = self.line()
-            self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
-        print(line, file=sys.stderr, flush=True)
+        if (line := self._add(steps=1, rows=rows, step_s=seconds)) is not None:
+            print(line, file=sys.stderr, flush=True)
 
     def line(self) -> str:
         c, wall = self.counts, time.perf_counter() - self.since
