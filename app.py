@@ -85,6 +85,10 @@ STOP_POLL_S = 0.05  # how often a waiting answer looks at its Stop event
 # A growing answer is sent at most this often, in the chat and through /chat: each update costs the server's one
 # Python about a millisecond in Gradio, which many users streaming every token would saturate; readers need no more.
 CHAT_UPDATE_S = 0.1
+# Gradio recomputes its monitoring summary (a pandas table of up to its last 10,000 events) after each event by
+# default: milliseconds of the server's one Python process an answer, more as events pile up. Once every this many
+# events is enough for its /monitoring page; the variable, if set, decides.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 AOTI_COMPILE_S = 1500  # ZeroGPU lease to export and compile the decoder at start (DECODE_AOTI=1)
 

@@ -39,6 +39,9 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
 - aoti: DECODE_AOTI's decoder (starsql.serve.fast.aoti) on the model as loaded (not fused): exported and compiled
   into a package in an empty folder (build_s), then built again from that package as a restarted app builds it
   (restart_s), timed as the decoders are; its tokens against plain generate()'s (bf16, so near ties may differ).
+- aoti-zerogpu: app.py's ZeroGPU decoder (DECODE_AOTI=1 on ZeroGPU) off ZeroGPU: the same export compiled by
+  spaces.aoti_compile (export_s, build_s), timed likewise, against bf16-merged (vs_bf16_merged), plus the cost of
+  loading the package again in a new context (load_in_new_context_s). Needs the `spaces` package and a CUDA torch.
 - fp32-identity: the decoder built as the app builds it, on fp32 weights, against plain generate() of the
   unfused fp32 model on cuBLAS, on the identity prompts. Kernels' rounding differences are ~2^16 times smaller
   than in bf16: a logic bug would still show, a near tie of random weights would not.
@@ -372,11 +375,42 @@ def main(argv=None) -> int:
         return {"tokens_per_s": round(args.new_tokens / seconds, 2), "time_s": round(seconds, 3),
                 "ttft_s": round(statistics.median(ttft for _, ttft, _ in runs), 4), "build_s": round(build_s, 1),
                 "restart_s": round(restart_s, 1), "cache_length_used": decoder.max_length,
+                "vs_bf16_merged": ratio(round(args.new_tokens / seconds, 2), plain.get("tokens_per_s")),
                 "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
                 **identity_report(decoder, reference=plain_tokens(model, identity))}  # fmt: skip
 
     if wanted("aoti"):  # before the model is fused: DECODE_AOTI exports the model as loaded
         record("aoti", 1, guarded(aoti_speed), **details)
+        free_memory()
+
+    def aoti_zero_gpu_speed() -> dict:
+        """What app.py's zero_gpu_aoti_backend builds, off ZeroGPU: the same export compiled by spaces.aoti_compile.
+        spaces keeps the loaded program per context (a ContextVar), so a call from a new context loads the package
+        again: timed apart (load_in_new_context_s) from the requests, which share one context."""
+        import contextvars
+
+        from starsql.serve.fast.aoti import AotiDecoder, cache_length, compile_decoder, export_decoder
+
+        tokens = cache_length(model, args.aoti_tokens)
+        building = time.perf_counter()
+        exported = export_decoder(model, tokens)
+        export_s = time.perf_counter() - building
+        decoder = AotiDecoder(compile_decoder(exported, zero_gpu=True), tokens, model.device)
+        build_s = time.perf_counter() - building
+        _, _, first_s = contextvars.Context().run(request, decoder, args.new_tokens)
+        runs = [request(decoder, args.new_tokens) for _ in range(args.repeats + 1)][1:]  # the first untimed
+        seconds = statistics.median(total for _, _, total in runs)
+        mismatch = first_mismatch(runs[-1][0], plain.get("new_token_ids", []))
+        tokens_per_s = round(args.new_tokens / seconds, 2)
+        return {"tokens_per_s": tokens_per_s, "time_s": round(seconds, 3),
+                "ttft_s": round(statistics.median(ttft for _, ttft, _ in runs), 4), "export_s": round(export_s, 1),
+                "build_s": round(build_s, 1), "load_in_new_context_s": round(first_s - seconds, 2),
+                "cache_length_used": tokens, "vs_bf16_merged": ratio(tokens_per_s, plain.get("tokens_per_s")),
+                "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
+                **identity_report(decoder, reference=plain_tokens(model, identity))}  # fmt: skip
+
+    if wanted("aoti-zerogpu"):  # the model as loaded, as on ZeroGPU (bf16, merged, not fused)
+        record("aoti-zerogpu", 1, guarded(aoti_zero_gpu_speed), **details)
         free_memory()
 
     # The app's model: prepared as FastDecodeBackend.build prepares it (q/k/v fused, the gemv kernel where it runs),

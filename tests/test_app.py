@@ -960,3 +960,22 @@ def test_zero_gpu_aoti_that_cannot_compile_warns_and_keeps_generate(app, monkeyp
     monkeypatch.setattr(aoti, "compile_decoder", compile_decoder)
     with pytest.warns(UserWarning, match="ahead-of-time compiled decoder is off.*no CUDA here"):
         assert app.zero_gpu_aoti_backend(app.MODEL, app.TOKENIZER) is app.BACKEND
+
+
+def test_gradio_rebuilds_its_monitoring_table_only_every_thousand_events(app, monkeypatch):
+    # Gradio's default rebuilds a pandas table of its past events after every event: milliseconds of the
+    # server's one Python process per answer (bench/app_ceiling.py). The app asks for once every 1,000.
+    queue = app.demo._queue
+    built = []
+    real = queue._get_df
+    monkeypatch.setattr(queue, "_get_df", lambda records: built.append(len(records)) or real(records))
+    monkeypatch.setattr(queue, "events_recorded", queue.events_recorded)
+    monkeypatch.setattr(queue, "event_count_at_last_cache", queue.events_recorded)
+    records = [{"function": "chat", "status": "success", "process_time": 0.1}]
+    for _ in range(999):
+        queue.events_recorded += 1
+        queue.compute_analytics_summary(records)
+    assert built == []
+    queue.events_recorded += 1
+    queue.compute_analytics_summary(records)
+    assert built == [1]
