@@ -59,7 +59,7 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import USAGE, BackendError, build_backend, decode_aoti, statement_finished
+from starsql.serve.decode import BackendError, build_backend, decode_aoti, fast_decode, statement_finished, usage_report
 from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
@@ -110,18 +110,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "else --base_model).")
     parser.add_argument("--inference_concurrency", type=int, default=int(os.environ.get("INFERENCE_CONCURRENCY", "8")),
                         help="Answers sent to the endpoint at once (env INFERENCE_CONCURRENCY); the queue holds the rest.")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1),
+                        help="App processes (env WORKERS): above 1, the model runs in a process of its own and a router "
+                             "on this address spreads users over that many app processes (starsql/serve/workers.py); "
+                             "one process serves a few dozen answers a second at most. Not on ZeroGPU.")
     parser.add_argument("--database", default=os.environ.get("DATABASE_URL", ""),
                         help="Your live database (env DATABASE_URL): postgresql://, mysql://, sqlite:///, duckdb:///. "
                              "Questions are answered and queries run on it, read-only. Off unless given; on a Space "
                              "DATABASE_URL is ignored unless DATABASE_ON_SPACE=1, since a Space is usually public.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers (env WORKERS) must be 1 or more, not {args.workers}")
+    return args
 
 
 # Flags only when run as a script; `import app` (tests, Spaces' reloader) reads the env vars alone.
 ARGS = parse_args(None if __name__ == "__main__" else [])
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
-# FAST_DECODE=0: plain generate() on a dedicated GPU too (no CUDA graphs, no Triton kernel).
-FAST_DECODE = os.environ.get("FAST_DECODE", "1").lower() not in ("0", "false", "no")
+if __name__ == "__main__" and ARGS.workers > 1:
+    if ZERO_GPU:  # each answer already runs in a GPU process of ZeroGPU's; there is no model process to share
+        raise SystemExit("WORKERS above 1 needs a GPU of its own; on ZeroGPU leave it unset.")
+    from starsql.serve.workers import serve_workers
+
+    # This process only launches and routes: the model loads in its own process, the UI in the app processes.
+    serve_workers(__file__, ARGS.workers,
+                  engine_args=["--base_model", ARGS.base_model, *(["--adapter", ARGS.adapter] if ARGS.adapter else []),
+                               *(["--load_in_4bit"] if ARGS.load_in_4bit else [])],
+                  worker_env={"BASE_MODEL": ARGS.base_model, "ADAPTER": ARGS.adapter,
+                              **({"DATABASE_URL": ARGS.database} if ARGS.database else {})},
+                  host=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                  port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860), inference_url=ARGS.inference_url)  # fmt: skip
+    raise SystemExit(0)
 if ARGS.inference_url:
     # A thin front end: the endpoint generates; the prompt, checks and UI stay here.
     from starsql.serve.remote import RemoteBackend
@@ -139,7 +158,7 @@ else:
         MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
     # The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
     DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
-    BACKEND = build_backend(MODEL, TOKENIZER, fast=FAST_DECODE and DEDICATED_GPU)
+    BACKEND = build_backend(MODEL, TOKENIZER, fast=fast_decode() and DEDICATED_GPU)
 
 
 def zero_gpu_aoti_backend(model, tokenizer):
@@ -655,12 +674,8 @@ def usage_api() -> dict:
     """Tokens generated and answers given since the app started (`tokens`, `answers`): the load, for operators.
     With the batched decoder, also its engine's totals (`decoder`: steps, rows decoded, seconds stepping,
     prefill forwards, requests prefilled, seconds prefilling): where a slow load spends its time."""
-    usage = USAGE.snapshot()
-    fast = getattr(BACKEND, "fast", BACKEND)  # a WarmingBackend's built backend (None while it warms up)
-    timings = getattr(getattr(fast, "decoder", None), "timings", None)
-    if timings is not None:
-        usage["decoder"] = timings.snapshot()
-    return usage
+    engine = getattr(BACKEND, "usage", None)  # an endpoint of ours (starsql.serve.engine_server) counts its own
+    return (engine and engine()) or usage_report(BACKEND)
 
 
 # ---------------------------------------------------------------------------------------------

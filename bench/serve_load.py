@@ -21,7 +21,7 @@ For each start:
   /usage API (the app streams a growing answer at most every CHAT_UPDATE_S, not a token at a time);
   tokens_per_s in all (tokens / wall time), per user (a request's mean tokens x the user's requests / its busy
   time, median), time to the first streamed update p50/p95 (from sending), request latency p50/p95, the
-  app process's CPU use (cores) over the load, and the batched decoder's own work (`engine`, from /usage: steps,
+  CPU use (cores) of the app and its child processes (with WORKERS: the model's process and the app processes) over the load, and the batched decoder's own work (`engine`, from /usage: steps,
   requests a step, ms a step, prefills, requests a prefill, its busy share of the wall time).
 - `plain_http_ttft`: the same /chat request read as plain HTTP (POST, then its event stream), one user: the
   first update without gradio_client's own polling (it looks for new messages every 50 ms).
@@ -298,9 +298,20 @@ def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tok
     plans = [[QUESTIONS[(u + r) % len(QUESTIONS)] for r in range(rounds)] for u in range(users)]
     futures = [pool.submit(user, url, plan, new_tokens, start_at, client) for plan in plans]
     time.sleep(max(0.0, start_at - time.time()))
-    cpu_before = sum(server.cpu_times()[:2])
+    processes = [server, *server.children(recursive=True)]  # with WORKERS: the model's process and the app processes
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for process in processes:
+            try:
+                total += sum(process.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    cpu_before = cpu_seconds()
     per_user = [f.result() for f in futures]
-    cpu = sum(server.cpu_times()[:2]) - cpu_before
+    cpu = cpu_seconds() - cpu_before
     after = usage(url)
     requests = [r for rs in per_user for r in rs]
     begin = min(r["sent"] for r in requests)

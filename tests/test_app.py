@@ -593,9 +593,10 @@ def test_space_files_are_exactly_what_app_needs(tiny_run, tmp_path):
     imported = {m.replace(".", "/") + ("/__init__.py" if (ROOT / m.replace(".", "/")).is_dir() else ".py")
                 for m in modules}
     assert "trl" not in modules  # the Space does not install it
-    # The dedicated-GPU and endpoint backends ship with the Space, and are imported only when chosen.
-    chosen = {f for f in files if f.startswith("starsql/serve/fast/")} | {"starsql/serve/remote.py"}
-    assert {"starsql/serve/fast/decoder.py", "starsql/serve/remote.py"} <= set(files) and not imported & chosen
+    # The dedicated-GPU and endpoint backends and WORKERS' processes ship with the Space, imported only when chosen.
+    chosen = {f for f in files if f.startswith("starsql/serve/fast/")} | {
+        "starsql/serve/remote.py", "starsql/serve/workers.py", "starsql/serve/engine_server.py"}
+    assert chosen <= set(files) and "starsql/serve/fast/decoder.py" in files and not imported & chosen
     assert imported == set(files) - {"app.py"} - chosen
 
 

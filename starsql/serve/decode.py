@@ -255,6 +255,17 @@ class Usage:
 USAGE = Usage()
 
 
+def usage_report(backend) -> dict:
+    """The app's /usage figures for `backend`: USAGE's totals and, with the batched decoder, its engine's
+    (`decoder`: steps, rows decoded, seconds stepping, prefill forwards, requests prefilled, seconds prefilling)."""
+    usage = USAGE.snapshot()
+    fast = getattr(backend, "fast", backend)  # a WarmingBackend's built backend (None while it warms up)
+    timings = getattr(getattr(fast, "decoder", None), "timings", None)
+    if timings is not None:
+        usage["decoder"] = timings.snapshot()
+    return usage
+
+
 def env_switch(name: str, default: bool, on: str, off: str) -> bool:
     """The on/off switch `name` from the environment (1/0, true/false, yes/no); a clear error for anything else."""
     value = os.environ.get(name, "1" if default else "0").lower()
@@ -269,6 +280,12 @@ def env_count(name: str, least: int, unit: str, least_means: str) -> int | None:
     if value is not None and (not value.isdigit() or int(value) < least):
         raise ValueError(f"{name} must be a whole number of {unit}, {least} or more ({least}: {least_means}), not {value!r}")
     return None if value is None else int(value)
+
+
+def fast_decode() -> bool:
+    """FAST_DECODE from the environment: 0 serves plain generate() on a dedicated GPU too (no CUDA graphs, no
+    Triton kernel)."""
+    return env_switch("FAST_DECODE", True, "the fast backend on a dedicated GPU", "plain generate() only")
 
 
 def decode_compile() -> bool:

@@ -69,6 +69,20 @@ class RemoteBackend:
                 response.close()
 
 
+    def usage(self) -> dict | None:
+        """The endpoint's /usage figures, if it is starsql.serve.engine_server (the model's own process behind
+        WORKERS); None from any other endpoint, or one that does not answer at once."""
+        import httpx
+
+        root = self.url.rstrip("/").removesuffix("/v1")
+        try:
+            response = httpx.get(f"{root}/usage", timeout=2.0)
+            usage = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return usage if isinstance(usage, dict) and "tokens" in usage else None
+
+
 def _short(message: str, limit: int = 200) -> str:
     message = " ".join(str(message).split())
     return message if len(message) <= limit else message[:limit] + "…"

@@ -1,0 +1,165 @@
+"""The model in a process of its own, behind an OpenAI-compatible completions endpoint: what `WORKERS` puts
+behind several app processes (starsql.serve.workers), each a thin front end through `INFERENCE_URL`.
+
+    python -m starsql.serve.engine_server --base_model bigcode/starcoder2-3b --adapter USER/starcoder2-3b-sql --port 8000
+
+It serves the backend the app would build in its own process (starsql.serve.decode.build_backend: on a dedicated
+GPU the batched decoder, which decodes the answers of every front end together), as much of the OpenAI API as
+starsql.serve.remote.RemoteBackend and other plain clients use:
+- POST /v1/completions: `prompt`, `max_tokens`, `temperature` (0: greedy), `stream`; the text ends with the
+  answer's first statement, as the app's own backends end it.
+- GET /v1/models; GET /health (200 once the model is loaded, with the answers it decodes at once); GET /usage
+  (the app's /usage figures).
+At most the backend's concurrency answers run at once; the rest wait here, in arrival order.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .decode import BackendError, build_backend, fast_decode, usage_report
+from .load import load_for_inference
+
+MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)
+
+
+def completion_request(body) -> tuple[str, int, float, bool]:
+    """(prompt, max_tokens, temperature, stream) from a request body; ValueError says what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("The body must be a JSON object.")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("`prompt` must be a non-empty string (one prompt per request).")
+    max_tokens, temperature = body.get("max_tokens", 16), body.get("temperature", 1.0)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS:
+        raise ValueError(f"`max_tokens` must be a whole number from 1 to {MAX_TOKENS}; got {max_tokens!r}.")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise ValueError(f"`temperature` must be a number from 0 to 2; got {temperature!r}.")
+    return prompt, max_tokens, float(temperature), bool(body.get("stream", False))
+
+
+def _chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> str:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [choice]}  # fmt: skip
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def build_app(backend, model_name: str) -> Starlette:
+    """The endpoint over `backend` (anything with stream() and concurrency, as starsql.serve.decode describes)."""
+    slots = asyncio.Semaphore(backend.concurrency)
+
+    async def pieces(prompt: str, max_tokens: int, temperature: float):
+        """The answer's new text, piece by piece. The backend runs in a thread of its own; pieces that pile up
+        while the event loop is busy are sent as one. Leaving early (the client went) ends the generation."""
+        loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def pump():
+            stream = backend.stream(prompt, max_tokens, temperature)
+            try:
+                for text in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, text)
+                    if gone.is_set():
+                        break
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except Exception as error:  # noqa: BLE001 -- handed to the reader, which reports it
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            finally:
+                stream.close()
+
+        async with slots:
+            threading.Thread(target=pump, daemon=True, name="engine-request").start()
+            sent = ""
+            try:
+                while True:
+                    items = [await queue.get()]
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    texts = [item for item in items if isinstance(item, str)]
+                    if texts and len(texts[-1]) > len(sent):  # each piece is the whole text so far
+                        yield texts[-1][len(sent):]
+                        sent = texts[-1]
+                    if items[-1] is None:  # the end, or an error, is always the last thing put
+                        return
+                    if isinstance(items[-1], Exception):
+                        raise items[-1]
+            finally:
+                gone.set()
+
+    async def completions(request: Request):
+        try:
+            prompt, max_tokens, temperature, stream = completion_request(await request.json())
+        except json.JSONDecodeError:
+            return _error(400, "The body is not JSON.")
+        except ValueError as error:
+            return _error(400, str(error))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if not stream:
+            text = ""
+            try:
+                async for piece in pieces(prompt, max_tokens, temperature):
+                    text += piece
+            except BackendError as error:
+                return _error(503, str(error))
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
+                                 "model": model_name, "choices": [choice]})  # fmt: skip
+
+        async def events():
+            try:
+                async for piece in pieces(prompt, max_tokens, temperature):
+                    yield _chunk(request_id, model_name, piece, None)
+            except BackendError as error:  # the stream has begun: the error travels in it, as OpenAI's does
+                yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                return
+            yield _chunk(request_id, model_name, "", "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def models(_):
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "starsql"}]})
+
+    async def health(_):
+        return JSONResponse({"status": "ok", "concurrency": backend.concurrency})
+
+    async def usage(_):
+        return JSONResponse(usage_report(backend))
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models),
+                             Route("/health", health), Route("/usage", usage)])  # fmt: skip
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The StarSQL model behind an OpenAI-compatible completions endpoint.")
+    parser.add_argument("--base_model", default=os.environ.get("BASE_MODEL") or "bigcode/starcoder2-3b")
+    parser.add_argument("--adapter", default=os.environ.get("ADAPTER", ""))
+    parser.add_argument("--load_in_4bit", action="store_true")
+    parser.add_argument("--model_name", default="", help="The name clients ask for (default: --adapter, else --base_model).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_inference(args.base_model, args.adapter or None, args.load_in_4bit)
+    # The fast backend needs a GPU of its own and bf16 weights, as in app.py.
+    backend = build_backend(model, tokenizer, fast=fast_decode() and torch.cuda.is_available() and not args.load_in_4bit)
+    app = build_app(backend, args.model_name or args.adapter or args.base_model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Several app processes in front of one model process: `WORKERS=3 python app.py`.
+
+One Python process serves a few dozen answers a second at most, whatever the GPU does: Gradio's queue and event
+streams take most of an answer's CPU time, under one interpreter lock (BENCHMARKS.md). With WORKERS=N,
+`python app.py` starts instead:
+- the model's process (starsql.serve.engine_server, an OpenAI-compatible endpoint on a free local port), whose
+  batched decoder decodes every front end's answers together;
+- N app processes, each `python app.py` with INFERENCE_URL set to it: the prompt, the checks and the UI;
+- a router on the app's own address (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT) that sends each user to one app
+  process, always the same: by a cookie it sets on the first response (browsers and gradio_client send it back
+  with every request), else by the Gradio session of the request (its session_hash), else, for a plain
+  `/call/<api>` request, by the event id the first half of that call was given; the rest take turns.
+Every app process saves uploads into one shared folder (GRADIO_TEMP_DIR), so a file sent to one is found by all.
+"""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from collections import OrderedDict
+from itertools import count
+
+COOKIE = "starsql_worker"
+START_TIMEOUT_S = 1800  # the model's process loads the weights (minutes from the Hub) before it answers
+CALL_EVENTS = 10_000  # plain /call event ids remembered (the second half of a call follows the first at once)
+JSON_BODY_BYTES = 1 << 20  # request bodies read to find their session; bigger ones (uploads) stream through
+_SESSION_IN_PATH = re.compile(r"/heartbeat/([^/?]+)")
+_CALL_EVENT = re.compile(r"/call/[^/]+/([^/?]+)$")
+# Connection-level headers belong to one hop, not to the request or answer passed on (the router's server sets
+# its own date, server and length headers).
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
+                "content-length"}  # fmt: skip
+_OWN_HEADERS = {"date", "server"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def router_app(upstreams: list[str]):
+    """The router: an ASGI app that passes every request on to one of `upstreams` (app processes' base URLs)."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(max_connections=None))
+    turns, events = count(), OrderedDict()
+
+    def pick(request: Request, body: bytes | None) -> tuple[int, bool]:
+        """(the app process for this request, whether the request came with a valid cookie)."""
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie.isdigit() and int(cookie) < len(upstreams):
+            return int(cookie), True
+        session = request.query_params.get("session_hash")
+        if session is None and (match := _SESSION_IN_PATH.search(request.url.path)):
+            session = match.group(1)
+        if session is None and body:
+            try:
+                session = json.loads(body).get("session_hash")
+            except (ValueError, AttributeError):
+                session = None
+        if isinstance(session, str) and session:
+            return zlib.crc32(session.encode()) % len(upstreams), False
+        if (match := _CALL_EVENT.search(request.url.path)) and match.group(1) in events:
+            return events[match.group(1)], False
+        return next(turns) % len(upstreams), False
+
+    async def forward(request: Request):
+        body = None
+        if request.method in ("POST", "PUT", "PATCH") and "multipart" not in request.headers.get("content-type", ""):
+            if int(request.headers.get("content-length") or 0) <= JSON_BODY_BYTES:
+                body = await request.body()
+        worker, had_cookie = pick(request, body)
+        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
+        url = httpx.URL(upstreams[worker] + request.url.path, query=request.url.query.encode())
+        upstream = client.build_request(request.method, url, headers=headers,
+                                        content=body if body is not None else request.stream())  # fmt: skip
+        try:
+            response = await client.send(upstream, stream=True)
+        except httpx.HTTPError as error:
+            return PlainTextResponse(f"The app's process {worker} does not answer ({type(error).__name__}); try "
+                                     "again in a moment.", status_code=502)  # fmt: skip
+        content = response.aiter_raw()
+        if request.method == "POST" and "/call/" in request.url.path and response.status_code == 200:
+            raw = await response.aread()  # {"event_id": ...}: its second half (GET .../<event_id>) comes here too
+            try:
+                events[json.loads(raw)["event_id"]] = worker
+                while len(events) > CALL_EVENTS:
+                    events.popitem(last=False)
+            except (ValueError, KeyError, TypeError):
+                pass
+            content = iter([raw])
+        answer = StreamingResponse(content, status_code=response.status_code, background=BackgroundTask(response.aclose))
+        for key, value in response.headers.multi_items():
+            if key.lower() not in _HOP_HEADERS | _OWN_HEADERS:
+                answer.raw_headers.append((key.encode("latin-1"), value.encode("latin-1")))
+        if not had_cookie:
+            answer.set_cookie(COOKIE, str(worker), httponly=True, samesite="lax")
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        await client.aclose()
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+
+
+def _wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"{what} exited with code {process.returncode} before it answered; its log is above.")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not answer within {timeout:.0f} s; its log is above.") from None
+            time.sleep(0.5)
+
+
+def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_env: dict[str, str], host: str,
+                  port: int, inference_url: str = "") -> None:  # fmt: skip
+    """Start the model's process (starsql.serve.engine_server with `engine_args`; none if `inference_url` names
+    an endpoint already running), `workers` app processes (app_path, with `worker_env` added to this process's
+    environment), and the router on host:port; run until stopped (Ctrl-C or SIGTERM), then stop them all."""
+    import uvicorn
+
+    from . import engine_server  # imported here so that a Space's files include it (starsql.serve.deploy)
+
+    root = os.path.dirname(os.path.abspath(app_path))
+    children: list[subprocess.Popen] = []
+
+    def stop(*_):
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        concurrency = os.environ.get("INFERENCE_CONCURRENCY", "")
+        if not inference_url:
+            engine_port = free_port()
+            command = [sys.executable, "-m", engine_server.__name__, "--model_name", "starsql",
+                       "--port", str(engine_port), *engine_args]  # fmt: skip
+            children.append(subprocess.Popen(command, cwd=root))
+            print(f"StarSQL: the model's process is loading (port {engine_port}).", flush=True)
+            inference_url = f"http://127.0.0.1:{engine_port}"
+            _wait_until_answers(f"{inference_url}/health", children[0], "The model's process", START_TIMEOUT_S)
+            # each app process lets as many answers through as the model's process decodes together; it queues the rest
+            concurrency = concurrency or _engine_concurrency(inference_url)
+            worker_env = {**worker_env, "INFERENCE_MODEL": "starsql"}
+        shared = os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="starsql-uploads-")
+        ports = [free_port() for _ in range(workers)]
+        started = []
+        for worker_port in ports:
+            env = {**os.environ, **worker_env, "WORKERS": "1", "INFERENCE_URL": inference_url,
+                   "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(worker_port), "GRADIO_TEMP_DIR": shared}
+            if concurrency:
+                env["INFERENCE_CONCURRENCY"] = concurrency
+            started.append(subprocess.Popen([sys.executable, app_path], cwd=root, env=env))
+            children.append(started[-1])
+        for number, (worker_port, child) in enumerate(zip(ports, started)):
+            _wait_until_answers(f"http://127.0.0.1:{worker_port}/", child, f"App process {number}", START_TIMEOUT_S)
+        print(f"StarSQL: {workers} app processes ready; serving on http://{host}:{port}", flush=True)
+        uvicorn.run(router_app([f"http://127.0.0.1:{p}" for p in ports]), host=host, port=port, log_level="warning")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            stop()
+        except SystemExit:
+            pass
+
+
+def _engine_concurrency(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        return str(json.load(response)["concurrency"])

@@ -1,0 +1,145 @@
+"""WORKERS: the model in a process of its own (starsql.serve.engine_server, an OpenAI-compatible endpoint), several
+app processes in front of it, and the router that keeps each user on one of them (starsql.serve.workers). Real
+processes on 127.0.0.1 with the tiny model and its trained adapter."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from starsql.prompt import build_prompt
+from starsql.serve.decode import stream_sql
+from starsql.serve.load import load_for_inference
+from starsql.serve.remote import RemoteBackend
+from test_app import ROOT, app_env, free_port, running_app
+
+PROMPT = build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER)", "Names of singers older than 30?")
+SCHEMA = "CREATE TABLE singer (singer_id INTEGER, name VARCHAR, age INTEGER);"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_run, tmp_path_factory):
+    """`python -m starsql.serve.engine_server` with the app's model, until /health answers."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("engine") / "engine.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "starsql.serve.engine_server", "--base_model", "tiny-starcoder2",
+                                    "--adapter", str(tiny_run), "--port", str(port)], cwd=ROOT, env=app_env(tiny_run),
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_engine_streams_what_the_app_generates_and_counts_it(engine, tiny_run):
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    backend = RemoteBackend(engine, model=str(tiny_run))
+    before = backend.usage()
+    pieces = list(backend.stream(PROMPT, 24))
+    *_, local = stream_sql(model, tokenizer, PROMPT, max_new_tokens=24)
+    assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # streamed, growing
+    assert pieces[-1] == local  # greedy: the same answer as in the app's own process
+    after = backend.usage()
+    assert after["answers"] == before["answers"] + 1 and after["tokens"] > before["tokens"]
+    # Another endpoint has no /usage of ours: the app then counts nothing rather than failing.
+    assert RemoteBackend(f"http://127.0.0.1:{free_port()}", model="x").usage() is None
+
+
+def test_the_engine_answers_requests_at_once_as_each_alone(engine, tiny_run):
+    backend = RemoteBackend(engine, model="any")
+    prompts = [build_prompt(SCHEMA, question) for question in ("How many singers?", "Oldest singer?", "Names?")]
+    alone = [list(backend.stream(prompt, 16))[-1] for prompt in prompts]
+    together = [None] * len(prompts)
+
+    def ask(i):
+        together[i] = list(backend.stream(prompts[i], 16))[-1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert together == alone
+
+
+def test_the_engine_refuses_a_bad_request_with_what_to_fix(engine):
+    def post(body):
+        return httpx.post(f"{engine}/v1/completions", json=body, timeout=30)
+
+    for body, words in (({"prompt": PROMPT, "max_tokens": 0}, "`max_tokens` must be"),
+                        ({"prompt": "", "max_tokens": 4}, "`prompt` must be"),
+                        ({"prompt": PROMPT, "temperature": "hot"}, "`temperature` must be"),
+                        (["not", "an", "object"], "JSON object")):  # fmt: skip
+        reply = post(body)
+        assert reply.status_code == 400 and words in reply.json()["error"]["message"], (body, reply.text)
+    whole = post({"prompt": PROMPT, "max_tokens": 8, "temperature": 0})  # not streamed: one JSON answer
+    assert whole.status_code == 200 and isinstance(whole.json()["choices"][0]["text"], str)
+    assert httpx.get(f"{engine}/health").json()["concurrency"] >= 1
+
+
+@pytest.fixture(scope="module")
+def workers_url(tiny_run, tmp_path_factory):
+    """`WORKERS=2 python app.py`: the model's process, two app processes and the router."""
+    with running_app(tiny_run, tmp_path_factory.mktemp("workers") / "app.log", timeout=240, WORKERS="2") as url:
+        yield url
+
+
+def test_two_app_processes_answer_through_one_address_with_one_model(workers_url):
+    from gradio_client import Client
+
+    clients = [Client(workers_url, verbose=False) for _ in range(2)]
+    # The router sets its cookie on the first response; gradio_client sends it with every later request.
+    assert sorted(c.cookies.get("starsql_worker") for c in clients) == ["0", "1"]
+    before = clients[0].predict(api_name="/usage")
+    replies = [c.predict("How many singers are there?", SCHEMA, [], 24, 0.0, "sqlite", None, api_name="/chat")
+               for c in clients]  # fmt: skip
+    assert replies[0] == replies[1] and replies[0]  # one model, greedy: the same answer from either app process
+    after = clients[1].predict(api_name="/usage")  # the model's process counts every app process's answers
+    assert after["answers"] == before["answers"] + 2
+
+
+def test_plain_http_calls_reach_the_process_that_holds_them(workers_url):
+    # POST /call/<api> gives an event id that only the app process that took the POST knows; the GET that reads
+    # the answer comes without cookie or session, and the router sends it to that process.
+    for _ in range(4):
+        body = json.dumps({"data": ["SELECT count(*) FROM singer", SCHEMA, "sqlite", None]}).encode()
+        request = urllib.request.Request(f"{workers_url}gradio_api/call/check", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            event_id = json.loads(reply.read())["event_id"]
+        with urllib.request.urlopen(f"{workers_url}gradio_api/call/check/{event_id}", timeout=60) as reply:
+            last = reply.read().decode().strip().split("\n\n")[-1]
+        assert last.startswith("event: complete") and '"valid": true' in last, last
+
+
+def test_a_file_uploaded_to_one_app_process_is_found_by_another(workers_url, tmp_path):
+    path = tmp_path / "shop.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("CREATE TABLE item (id INTEGER, name TEXT); INSERT INTO item VALUES (1, 'a'), (2, 'b');")
+    conn.close()
+    # No cookie: the upload and the call that uses it take consecutive turns, i.e. the two app processes.
+    with open(path, "rb") as file:
+        uploaded = httpx.post(f"{workers_url}gradio_api/upload", files={"files": ("shop.sqlite", file)}, timeout=60)
+    assert uploaded.status_code == 200, uploaded.text
+    database = {"path": uploaded.json()[0], "orig_name": "shop.sqlite", "meta": {"_type": "gradio.FileData"}}
+    body = {"data": ["SELECT count(*) FROM item", "", "sqlite", database]}
+    event_id = httpx.post(f"{workers_url}gradio_api/call/check", json=body, timeout=60).json()["event_id"]
+    last = httpx.get(f"{workers_url}gradio_api/call/check/{event_id}", timeout=60).text.strip().split("\n\n")[-1]
+    assert last.startswith("event: complete"), last
+    assert json.loads(last.split("data: ", 1)[1])[0]["rows"] == [[2]]
