@@ -131,8 +131,10 @@ class App:
 _clients: dict = {}
 
 
-def connect(url: str, timeout: float = 600):
-    """This process's gradio_client Client of the app at `url`, once the app answers HTTP."""
+def connect(url: str, timeout: float = 600, server_pid: int | None = None):
+    """This process's gradio_client Client of the app at `url`, once the app answers HTTP; an error at once if the
+    app's process (`server_pid`) has ended meanwhile."""
+    import psutil
     from gradio_client import Client
 
     deadline = time.time() + timeout
@@ -142,6 +144,13 @@ def connect(url: str, timeout: float = 600):
         except Exception:  # noqa: BLE001 -- not up yet
             if time.time() > deadline:
                 raise
+            if server_pid is not None:
+                try:
+                    gone = psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    gone = True
+                if gone:
+                    raise RuntimeError("the app's process ended before it answered HTTP (see its log)") from None
             time.sleep(0.5)
     return _clients[url]
 
@@ -161,10 +170,10 @@ def streamed(job, poll_s: float = 0.005):
         time.sleep(poll_s)
 
 
-def ask(url: str, question: str, new_tokens: int, iterate: bool = False) -> dict:
+def ask(url: str, question: str, new_tokens: int, iterate: bool = False, server_pid: int | None = None) -> dict:
     """One /chat request, streamed: wall-clock times of sending, the first streamed token and the end. `iterate`:
-    read the job with gradio_client's own iterator (`for update in job`), not `streamed`."""
-    client = connect(url)
+    read the job with gradio_client's own iterator (`for update in job`), not `streamed`. `server_pid`: see connect."""
+    client = connect(url, server_pid=server_pid)
     sent = time.time()
     job = client.submit(message=question, schema=SCHEMA, history=[], max_new_tokens=new_tokens, temperature=0.0,
                         api_name="/chat")  # fmt: skip
@@ -341,7 +350,8 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
     try:
         # Spawned, not forked: a fork would copy this process's gradio_client (its threads do not survive a fork).
         with ProcessPoolExecutor(max(args.users), mp_context=multiprocessing.get_context("spawn")) as pool:
-            first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens).result(timeout=args.start_timeout)
+            first = pool.submit(ask, app.url, QUESTIONS[0], args.new_tokens, server_pid=app.process.pid).result(
+                timeout=args.start_timeout)
             record["answers_after_s"] = round(first["done"] - time.time() + time.perf_counter() - app.started, 2)
             record["first_answer_updates"] = first["updates"]
             fast = torch.cuda.is_available() and env.get("FAST_DECODE", "1") != "0"  # else no fast backend is built

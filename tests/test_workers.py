@@ -143,3 +143,11 @@ def test_a_file_uploaded_to_one_app_process_is_found_by_another(workers_url, tmp
     last = httpx.get(f"{workers_url}gradio_api/call/check/{event_id}", timeout=60).text.strip().split("\n\n")[-1]
     assert last.startswith("event: complete"), last
     assert json.loads(last.split("data: ", 1)[1])[0]["rows"] == [[2]]
+
+
+def test_workers_without_the_openai_package_stop_at_once_and_say_what_to_install(tiny_run, tmp_path):
+    (tmp_path / "openai").mkdir()
+    (tmp_path / "openai" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**app_env(tiny_run), "WORKERS": "2", "PYTHONPATH": str(tmp_path), "GRADIO_SERVER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs the `openai` package: pip install -r requirements.txt" in done.stderr

@@ -139,6 +139,10 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
     """Start the model's process (starsql.serve.engine_server with `engine_args`; none if `inference_url` names
     an endpoint already running), `workers` app processes (app_path, with `worker_env` added to this process's
     environment), and the router on host:port; run until stopped (Ctrl-C or SIGTERM), then stop them all."""
+    try:
+        import openai  # noqa: F401 -- the app processes reach the model's process through it (starsql.serve.remote)
+    except ImportError:
+        raise SystemExit("WORKERS above 1 needs the `openai` package: pip install -r requirements.txt") from None
     import uvicorn
 
     from . import engine_server  # imported here so that a Space's files include it (starsql.serve.deploy)
