@@ -17,7 +17,7 @@ from starsql.prompt import build_prompt
 from starsql.serve.decode import stream_sql
 from starsql.serve.load import load_for_inference
 from starsql.serve.remote import RemoteBackend
-from test_app import ROOT, app_env, free_port, running_app
+from test_app import ROOT, app_env, free_port
 
 PROMPT = build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER)", "Names of singers older than 30?")
 SCHEMA = "CREATE TABLE singer (singer_id INTEGER, name VARCHAR, age INTEGER);"
@@ -93,11 +93,52 @@ def test_the_engine_refuses_a_bad_request_with_what_to_fix(engine):
     assert httpx.get(f"{engine}/health").json()["concurrency"] >= 1
 
 
+def started_workers(tiny_run, log_path):
+    """`WORKERS=2 python app.py` as a process of its own, once it serves: (the launcher, its child processes)."""
+    import psutil
+
+    port = free_port()
+    env = {**app_env(tiny_run), "WORKERS": "2", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while "serving on" not in log_path.read_text():
+        assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    children = psutil.Process(launcher.pid).children()
+    assert len(children) == 3  # the model's process and two app processes
+    return launcher, children
+
+
+def all_gone(processes, seconds: float) -> bool:
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    return not alive
+
+
+def launcher_port(log_path) -> int:
+    import re
+
+    return int(re.search(r"serving on http://[\d.]+:(\d+)", log_path.read_text()).group(1))
+
+
 @pytest.fixture(scope="module")
-def workers_url(tiny_run, tmp_path_factory):
-    """`WORKERS=2 python app.py`: the model's process, two app processes and the router."""
-    with running_app(tiny_run, tmp_path_factory.mktemp("workers") / "app.log", timeout=240, WORKERS="2") as url:
-        yield url
+def workers(tiny_run, tmp_path_factory):
+    """`WORKERS=2 python app.py`: the model's process, two app processes and the router. The module's last test
+    stops it; killed afterwards if a test failed first."""
+    log_path = tmp_path_factory.mktemp("workers") / "app.log"
+    launcher, children = started_workers(tiny_run, log_path)
+    try:
+        yield launcher, children, f"http://127.0.0.1:{launcher_port(log_path)}/"
+    finally:
+        launcher.kill()
+        all_gone(children, 30)
+
+
+@pytest.fixture
+def workers_url(workers):
+    return workers[2]
 
 
 def test_two_app_processes_answer_through_one_address_with_one_model(workers_url):
@@ -151,3 +192,35 @@ def test_workers_without_the_openai_package_stop_at_once_and_say_what_to_install
     env = {**app_env(tiny_run), "WORKERS": "2", "PYTHONPATH": str(tmp_path), "GRADIO_SERVER_PORT": str(free_port())}
     done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "needs the `openai` package: pip install -r requirements.txt" in done.stderr
+
+
+def test_when_the_model_process_dies_the_app_stops_with_an_error_and_leaves_nothing(tiny_run, tmp_path):
+    launcher, children = started_workers(tiny_run, tmp_path / "app.log")
+    try:
+        engine = next(c for c in children if "engine_server" in " ".join(c.cmdline()))
+        engine.kill()  # a crash: whatever restarts the app (a Space) must see it end
+        assert launcher.wait(timeout=40) == 1
+        assert "The model's process ended" in (tmp_path / "app.log").read_text()
+        assert all_gone(children, 10)
+    finally:
+        launcher.kill()
+
+
+def test_a_killed_launcher_takes_its_processes_with_it(tiny_run, tmp_path):
+    launcher, children = started_workers(tiny_run, tmp_path / "app.log")
+    launcher.kill()  # SIGKILL runs no cleanup: the children end through the death signal they asked for
+    launcher.wait()
+    assert all_gone(children, 30)
+
+
+def test_a_terminated_launcher_stops_its_processes_and_ends_cleanly(workers):
+    # The module's last test: it stops the shared launcher.
+    from gradio_client import Client
+
+    launcher, children, url = workers
+    client = Client(url, verbose=False)  # its open event stream must not hold the shutdown
+    client.predict(api_name="/usage")
+    launcher.terminate()
+    assert launcher.wait(timeout=40) == 0
+    assert all_gone(children, 10)
+

@@ -14,6 +14,7 @@ Every app process saves uploads into one shared folder (GRADIO_TEMP_DIR), so a f
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zlib
@@ -149,51 +151,89 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
 
     root = os.path.dirname(os.path.abspath(app_path))
     children: list[subprocess.Popen] = []
+    ended: list[str] = []  # a child that ended by itself, while serving
 
-    def stop(*_):
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        raise SystemExit(0)
+    def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+        children.append(subprocess.Popen(command, cwd=root, env=env, preexec_fn=_die_with_launcher))
+        return children[-1]
 
-    signal.signal(signal.SIGTERM, stop)
+    def watch(names: dict[subprocess.Popen, str]) -> None:
+        """A child that ends while the router serves ends the whole app (exit code 1), so that whatever
+        restarts it (a Space, a container) does: a router without its model answers nobody."""
+        while not ended:
+            for child, name in names.items():
+                if child.poll() is not None:
+                    ended.append(f"{name} ended with code {child.returncode}; stopping.")
+                    print(f"StarSQL: {ended[-1]}", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(1.0)
+
+    def stopped(*_):
+        raise SystemExit(1 if ended else 0)
+
+    signal.signal(signal.SIGTERM, stopped)  # until uvicorn runs, which handles SIGTERM itself and then returns
     try:
         concurrency = os.environ.get("INFERENCE_CONCURRENCY", "")
+        names = {}
         if not inference_url:
             engine_port = free_port()
-            command = [sys.executable, "-m", engine_server.__name__, "--model_name", "starsql",
-                       "--port", str(engine_port), *engine_args]  # fmt: skip
-            children.append(subprocess.Popen(command, cwd=root))
+            engine = start([sys.executable, "-m", engine_server.__name__, "--model_name", "starsql",
+                            "--port", str(engine_port), *engine_args])  # fmt: skip
+            names[engine] = "The model's process"
             print(f"StarSQL: the model's process is loading (port {engine_port}).", flush=True)
             inference_url = f"http://127.0.0.1:{engine_port}"
-            _wait_until_answers(f"{inference_url}/health", children[0], "The model's process", START_TIMEOUT_S)
+            _wait_until_answers(f"{inference_url}/health", engine, names[engine], START_TIMEOUT_S)
             # each app process lets as many answers through as the model's process decodes together; it queues the rest
             concurrency = concurrency or _engine_concurrency(inference_url)
             worker_env = {**worker_env, "INFERENCE_MODEL": "starsql"}
         shared = os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="starsql-uploads-")
         ports = [free_port() for _ in range(workers)]
-        started = []
-        for worker_port in ports:
+        for number, worker_port in enumerate(ports):
             env = {**os.environ, **worker_env, "WORKERS": "1", "INFERENCE_URL": inference_url,
                    "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(worker_port), "GRADIO_TEMP_DIR": shared}
             if concurrency:
                 env["INFERENCE_CONCURRENCY"] = concurrency
-            started.append(subprocess.Popen([sys.executable, app_path], cwd=root, env=env))
-            children.append(started[-1])
-        for number, (worker_port, child) in enumerate(zip(ports, started)):
-            _wait_until_answers(f"http://127.0.0.1:{worker_port}/", child, f"App process {number}", START_TIMEOUT_S)
+            names[start([sys.executable, app_path], env)] = f"App process {number}"
+        for worker_port, (child, name) in zip(ports, list(names.items())[-workers:]):
+            _wait_until_answers(f"http://127.0.0.1:{worker_port}/", child, name, START_TIMEOUT_S)
         print(f"StarSQL: {workers} app processes ready; serving on http://{host}:{port}", flush=True)
-        uvicorn.run(router_app([f"http://127.0.0.1:{p}" for p in ports]), host=host, port=port, log_level="warning")
+        threading.Thread(target=watch, args=(names,), daemon=True, name="starsql-watch").start()
+        # Open event streams would hold a graceful shutdown forever: a few seconds, then they are cut.
+        config = uvicorn.Config(router_app([f"http://127.0.0.1:{p}" for p in ports]), host=host, port=port,
+                                log_level="warning", timeout_graceful_shutdown=3)  # fmt: skip
+        uvicorn.Server(config).run()
+        if ended:
+            raise SystemExit(1)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping: a second SIGTERM must not cut this short
+        ended.append("stopping")  # ends the watch
+        _stop(children)
+
+
+def _stop(children: list[subprocess.Popen], seconds: float = 20.0) -> None:
+    """Ask every child to end (SIGTERM), wait `seconds` for them all, then kill the rest."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + seconds
+    for child in children:
         try:
-            stop()
-        except SystemExit:
-            pass
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+_prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> None:
+    """In each child, before it runs (preexec_fn): SIGTERM it when the launcher dies, even by SIGKILL, which
+    skips every `finally`, so that no model process is left holding the GPU."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _engine_concurrency(url: str) -> str:
