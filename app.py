@@ -137,6 +137,9 @@ if __name__ == "__main__" and ARGS.workers > 1:
                   engine_args=["--base_model", ARGS.base_model, *(["--adapter", ARGS.adapter] if ARGS.adapter else []),
                                *(["--load_in_4bit"] if ARGS.load_in_4bit else [])],
                   worker_env={"BASE_MODEL": ARGS.base_model, "ADAPTER": ARGS.adapter,
+                              # an endpoint of the user's: their model name and concurrency (else the model's process's)
+                              **({"INFERENCE_MODEL": ARGS.inference_model or ARGS.adapter or ARGS.base_model,
+                                  "INFERENCE_CONCURRENCY": str(ARGS.inference_concurrency)} if ARGS.inference_url else {}),
                               **({"DATABASE_URL": ARGS.database} if ARGS.database else {})},
                   host=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                   port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860), inference_url=ARGS.inference_url)  # fmt: skip

@@ -2,6 +2,7 @@
 app processes in front of it, and the router that keeps each user on one of them (starsql.serve.workers). Real
 processes on 127.0.0.1 with the tiny model and its trained adapter."""
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from starsql.prompt import build_prompt
-from starsql.serve.decode import stream_sql
+from starsql.serve.decode import BackendError, stream_sql
 from starsql.serve.load import load_for_inference
 from starsql.serve.remote import RemoteBackend
 from test_app import ROOT, app_env, free_port
@@ -63,7 +64,7 @@ def test_the_engine_streams_what_the_app_generates_and_counts_it(engine, tiny_ru
     assert RemoteBackend(f"http://127.0.0.1:{free_port()}", model="x").usage() is None
 
 
-def test_the_engine_answers_requests_at_once_as_each_alone(engine, tiny_run):
+def test_the_engine_answers_requests_sent_together_as_each_alone(engine, tiny_run):
     backend = RemoteBackend(engine, model="any")
     prompts = [build_prompt(SCHEMA, question) for question in ("How many singers?", "Oldest singer?", "Names?")]
     alone = [list(backend.stream(prompt, 16))[-1] for prompt in prompts]
@@ -123,6 +124,70 @@ def launcher_port(log_path) -> int:
     return int(re.search(r"serving on http://[\d.]+:(\d+)", log_path.read_text()).group(1))
 
 
+class StandIn:
+    """A backend that takes no model: `stream` waits `hold_s`, then yields "SELECT 1" letter by letter; with `fail`,
+    it raises that after the first letter. One answer at a time, as plain generate() serves."""
+
+    concurrency = 1
+
+    def __init__(self, hold_s: float = 0.0, fail: Exception | None = None):
+        self.hold_s, self.fail = hold_s, fail
+
+    def stream(self, prompt, max_new_tokens, temperature=0.0):
+        time.sleep(self.hold_s)
+        text = ""
+        for letter in "SELECT 1":
+            text += letter
+            yield text
+            if self.fail is not None:
+                raise self.fail
+
+
+@contextlib.contextmanager
+def serving(backend, keep_alive_s: float):
+    """starsql.serve.engine_server's app over `backend`, served by uvicorn on a free port in this process."""
+    import uvicorn
+
+    from starsql.serve.engine_server import build_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(backend, "stand-in", keep_alive_s), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_request_waiting_for_the_model_is_kept_alive_not_timed_out():
+    # One answer at a time, each taking 1.5 s; the client gives up after 0.8 s of silence. The second request
+    # waits 1.5 s for its turn, hearing a keep-alive comment every 0.2 s, and gets its answer.
+    with serving(StandIn(hold_s=1.5), keep_alive_s=0.2) as url:
+        backend = RemoteBackend(url, model="stand-in", timeout=0.8)
+        answers = [None, None]
+
+        def ask(i):
+            answers[i] = list(backend.stream(PROMPT, 16))[-1]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert answers == ["SELECT 1", "SELECT 1"]
+
+
+def test_a_model_that_fails_while_answering_is_reported_as_such():
+    with serving(StandIn(fail=RuntimeError("CUDA out of memory")), keep_alive_s=5) as url:
+        with pytest.raises(BackendError, match="failed while answering: The model failed: RuntimeError: CUDA out of memory"):
+            list(RemoteBackend(url, model="stand-in").stream(PROMPT, 16))
+        whole = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8}, timeout=30)
+        assert whole.status_code == 500 and "CUDA out of memory" in whole.json()["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def workers(tiny_run, tmp_path_factory):
     """`WORKERS=2 python app.py`: the model's process, two app processes and the router. The module's last test
@@ -153,6 +218,15 @@ def test_two_app_processes_answer_through_one_address_with_one_model(workers_url
     assert replies[0] == replies[1] and replies[0]  # one model, greedy: the same answer from either app process
     after = clients[1].predict(api_name="/usage")  # the model's process counts every app process's answers
     assert after["answers"] == before["answers"] + 2
+
+
+def test_the_cookie_decides_which_app_process_answers(workers_url):
+    # Half a plain call on process 0, its other half sent with process 1's cookie: process 1 does not know it.
+    body = {"data": ["SELECT 1", SCHEMA, "sqlite", None]}
+    event = httpx.post(f"{workers_url}gradio_api/call/check", json=body, cookies={"starsql_worker": "0"}).json()["event_id"]
+    elsewhere = httpx.get(f"{workers_url}gradio_api/call/check/{event}", cookies={"starsql_worker": "1"}, timeout=30)
+    here = httpx.get(f"{workers_url}gradio_api/call/check/{event}", cookies={"starsql_worker": "0"}, timeout=30)
+    assert "event: complete" not in elsewhere.text and "event: complete" in here.text
 
 
 def test_plain_http_calls_reach_the_process_that_holds_them(workers_url):

@@ -32,6 +32,7 @@ from .decode import BackendError, build_backend, fast_decode, usage_report
 from .load import load_for_inference
 
 MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)
+KEEP_ALIVE_S = 10.0  # a waiting stream's comment interval: well inside a client's read timeout (the app's: 60 s)
 
 
 def completion_request(body) -> tuple[str, int, float, bool]:
@@ -56,13 +57,22 @@ def _chunk(request_id: str, model: str, text: str, finish_reason: str | None) ->
     return f"data: {json.dumps(body)}\n\n"
 
 
-def build_app(backend, model_name: str) -> Starlette:
-    """The endpoint over `backend` (anything with stream() and concurrency, as starsql.serve.decode describes)."""
+def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> Starlette:
+    """The endpoint over `backend` (anything with stream() and concurrency, as starsql.serve.decode describes).
+    A streamed request that waits (for a free slot, or for its first token while the model warms up) gets an SSE
+    comment every `keep_alive_s`, so that its client does not take the silence for a dead endpoint."""
     slots = asyncio.Semaphore(backend.concurrency)
 
     async def pieces(prompt: str, max_tokens: int, temperature: float):
-        """The answer's new text, piece by piece. The backend runs in a thread of its own; pieces that pile up
-        while the event loop is busy are sent as one. Leaving early (the client went) ends the generation."""
+        """The answer's new text, piece by piece, and "" after each `keep_alive_s` without any. The backend runs
+        in a thread of its own; pieces that pile up while the event loop is busy are sent as one. Leaving early
+        (the client went) ends the generation."""
+        while True:  # a cancelled acquire() leaves the semaphore as it was
+            try:
+                await asyncio.wait_for(slots.acquire(), keep_alive_s)
+                break
+            except TimeoutError:
+                yield ""
         loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def pump():
@@ -78,24 +88,28 @@ def build_app(backend, model_name: str) -> Starlette:
             finally:
                 stream.close()
 
-        async with slots:
+        try:
             threading.Thread(target=pump, daemon=True, name="engine-request").start()
             sent = ""
-            try:
-                while True:
-                    items = [await queue.get()]
-                    while not queue.empty():
-                        items.append(queue.get_nowait())
-                    texts = [item for item in items if isinstance(item, str)]
-                    if texts and len(texts[-1]) > len(sent):  # each piece is the whole text so far
-                        yield texts[-1][len(sent):]
-                        sent = texts[-1]
-                    if items[-1] is None:  # the end, or an error, is always the last thing put
-                        return
-                    if isinstance(items[-1], Exception):
-                        raise items[-1]
-            finally:
-                gone.set()
+            while True:
+                try:  # asyncio.Queue.get gives up nothing when cancelled
+                    items = [await asyncio.wait_for(queue.get(), keep_alive_s)]
+                except TimeoutError:
+                    yield ""
+                    continue
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                texts = [item for item in items if isinstance(item, str)]
+                if texts and len(texts[-1]) > len(sent):  # each piece is the whole text so far
+                    yield texts[-1][len(sent):]
+                    sent = texts[-1]
+                if items[-1] is None:  # the end, or an error, is always the last thing put
+                    return
+                if isinstance(items[-1], Exception):
+                    raise items[-1]
+        finally:
+            gone.set()
+            slots.release()
 
     async def completions(request: Request):
         try:
@@ -110,8 +124,8 @@ def build_app(backend, model_name: str) -> Starlette:
             try:
                 async for piece in pieces(prompt, max_tokens, temperature):
                     text += piece
-            except BackendError as error:
-                return _error(503, str(error))
+            except Exception as error:  # noqa: BLE001 -- the client gets what failed, not a dropped connection
+                return _error(500, _failure(error), "server_error")
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
             return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
                                  "model": model_name, "choices": [choice]})  # fmt: skip
@@ -119,9 +133,9 @@ def build_app(backend, model_name: str) -> Starlette:
         async def events():
             try:
                 async for piece in pieces(prompt, max_tokens, temperature):
-                    yield _chunk(request_id, model_name, piece, None)
-            except BackendError as error:  # the stream has begun: the error travels in it, as OpenAI's does
-                yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                    yield _chunk(request_id, model_name, piece, None) if piece else ": waiting\n\n"
+            except Exception as error:  # noqa: BLE001 -- the stream has begun: the error travels in it, as OpenAI's does
+                yield f"data: {json.dumps({'error': {'message': _failure(error), 'type': 'server_error'}})}\n\n"
                 return
             yield _chunk(request_id, model_name, "", "stop")
             yield "data: [DONE]\n\n"
@@ -141,8 +155,13 @@ def build_app(backend, model_name: str) -> Starlette:
                              Route("/health", health), Route("/usage", usage)])  # fmt: skip
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def _failure(error: Exception) -> str:
+    """What a failed answer tells the client: the backend's own message, or the error's kind and text."""
+    return str(error) if isinstance(error, BackendError) else f"The model failed: {type(error).__name__}: {error}"
 
 
 def main(argv: list[str] | None = None) -> None:

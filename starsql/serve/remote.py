@@ -64,6 +64,8 @@ class RemoteBackend:
                 f"The inference endpoint {self.url} refused the request (HTTP {error.status_code}: "
                 f"{_short(error.message)}). Check INFERENCE_URL, INFERENCE_MODEL ({self.model!r}) and INFERENCE_API_KEY."
             ) from error
+        except openai.APIError as error:  # an error sent inside the stream, after it began
+            raise BackendError(f"The inference endpoint {self.url} failed while answering: {_short(error.message)}") from error
         finally:
             if response is not None:
                 response.close()

@@ -15,6 +15,7 @@ Every app process saves uploads into one shared folder (GRADIO_TEMP_DIR), so a f
 
 import contextlib
 import ctypes
+import http.cookiejar
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from itertools import count
 COOKIE = "starsql_worker"
 START_TIMEOUT_S = 1800  # the model's process loads the weights (minutes from the Hub) before it answers
 CALL_EVENTS = 10_000  # plain /call event ids remembered (the second half of a call follows the first at once)
-JSON_BODY_BYTES = 1 << 20  # request bodies read to find their session; bigger ones (uploads) stream through
+JSON_BODY_BYTES = 64 << 20  # non-multipart request bodies read to find their session; others stream through
 _SESSION_IN_PATH = re.compile(r"/heartbeat/([^/?]+)")
 _CALL_EVENT = re.compile(r"/call/[^/]+/([^/?]+)$")
 # Connection-level headers belong to one hop, not to the request or answer passed on (the router's server sets
@@ -58,7 +59,9 @@ def router_app(upstreams: list[str]):
     from starlette.responses import PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(max_connections=None))
+    # No cookie jar: a cookie one app process sets belongs to one user, not to every later request.
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(max_connections=None),
+                               cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])))
     turns, events = count(), OrderedDict()
 
     def pick(request: Request, body: bytes | None) -> tuple[int, bool]:
@@ -66,7 +69,8 @@ def router_app(upstreams: list[str]):
         cookie = request.cookies.get(COOKIE, "")
         if cookie.isdigit() and int(cookie) < len(upstreams):
             return int(cookie), True
-        session = request.query_params.get("session_hash")
+        # An upload and its progress stream share an upload_id (the progress is kept in the process that took it).
+        session = request.query_params.get("session_hash") or request.query_params.get("upload_id")
         if session is None and (match := _SESSION_IN_PATH.search(request.url.path)):
             session = match.group(1)
         if session is None and body:
@@ -86,7 +90,10 @@ def router_app(upstreams: list[str]):
             if int(request.headers.get("content-length") or 0) <= JSON_BODY_BYTES:
                 body = await request.body()
         worker, had_cookie = pick(request, body)
-        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
+        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS | {"x-forwarded-for"}]
+        if request.client is not None:  # the user's address, for the app process (gr.Request.client)
+            forwarded = ", ".join(filter(None, [request.headers.get("x-forwarded-for"), request.client.host]))
+            headers.append((b"x-forwarded-for", forwarded.encode("latin-1")))
         url = httpx.URL(upstreams[worker] + request.url.path, query=request.url.query.encode())
         upstream = client.build_request(request.method, url, headers=headers,
                                         content=body if body is not None else request.stream())  # fmt: skip
@@ -95,7 +102,7 @@ def router_app(upstreams: list[str]):
         except httpx.HTTPError as error:
             return PlainTextResponse(f"The app's process {worker} does not answer ({type(error).__name__}); try "
                                      "again in a moment.", status_code=502)  # fmt: skip
-        content = response.aiter_raw()
+        content = _relay(response)
         if request.method == "POST" and "/call/" in request.url.path and response.status_code == 200:
             raw = await response.aread()  # {"event_id": ...}: its second half (GET .../<event_id>) comes here too
             try:
@@ -109,8 +116,9 @@ def router_app(upstreams: list[str]):
         for key, value in response.headers.multi_items():
             if key.lower() not in _HOP_HEADERS | _OWN_HEADERS:
                 answer.raw_headers.append((key.encode("latin-1"), value.encode("latin-1")))
-        if not had_cookie:
-            answer.set_cookie(COOKIE, str(worker), httponly=True, samesite="lax")
+        if not had_cookie:  # behind https (a Space, embedded in its page) the cookie must cross sites
+            secure = request.headers.get("x-forwarded-proto", request.url.scheme) == "https"
+            answer.set_cookie(COOKIE, str(worker), httponly=True, secure=secure, samesite="none" if secure else "lax")
         return answer
 
     @contextlib.asynccontextmanager
@@ -120,6 +128,18 @@ def router_app(upstreams: list[str]):
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+
+
+async def _relay(response):
+    """The app process's answer as it comes. An app process that cuts its stream short (Gradio does, after an error
+    event) ends ours there, cleanly, rather than as a broken connection."""
+    import httpx
+
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.HTTPError:
+        return
 
 
 def _wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float) -> None:
@@ -154,7 +174,8 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
     ended: list[str] = []  # a child that ended by itself, while serving
 
     def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
-        children.append(subprocess.Popen(command, cwd=root, env=env, preexec_fn=_die_with_launcher))
+        # A session of its own: Ctrl-C in a terminal reaches the launcher alone, which stops the children in order.
+        children.append(subprocess.Popen(command, cwd=root, env=env, preexec_fn=_die_with_launcher, start_new_session=True))
         return children[-1]
 
     def watch(names: dict[subprocess.Popen, str]) -> None:
