@@ -218,12 +218,17 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
             names[start([sys.executable, app_path], env)] = f"App process {number}"
         for worker_port, (child, name) in zip(ports, list(names.items())[-workers:]):
             _wait_until_answers(f"http://127.0.0.1:{worker_port}/", child, name, START_TIMEOUT_S)
+        # Listening before it says so: a client that reads the line and connects at once is let in.
+        listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+        listening.listen(2048)
         print(f"StarSQL: {workers} app processes ready; serving on http://{host}:{port}", flush=True)
         threading.Thread(target=watch, args=(names,), daemon=True, name="starsql-watch").start()
         # Open event streams would hold a graceful shutdown forever: a few seconds, then they are cut.
-        config = uvicorn.Config(router_app([f"http://127.0.0.1:{p}" for p in ports]), host=host, port=port,
-                                log_level="warning", timeout_graceful_shutdown=3)  # fmt: skip
-        uvicorn.Server(config).run()
+        config = uvicorn.Config(router_app([f"http://127.0.0.1:{p}" for p in ports]), log_level="warning",
+                                timeout_graceful_shutdown=3)  # fmt: skip
+        uvicorn.Server(config).run(sockets=[listening])
         if ended:
             raise SystemExit(1)
     finally:
