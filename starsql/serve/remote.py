@@ -70,7 +70,6 @@ class RemoteBackend:
             if response is not None:
                 response.close()
 
-
     def usage(self) -> dict | None:
         """The endpoint's /usage figures, if it is starsql.serve.engine_server (the model's own process behind
         WORKERS); None from any other endpoint, or one that does not answer at once."""
