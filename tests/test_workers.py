@@ -180,6 +180,26 @@ def test_a_request_waiting_for_the_model_is_kept_alive_not_timed_out():
         assert answers == ["SELECT 1", "SELECT 1"]
 
 
+def test_a_client_that_leaves_while_waiting_gives_its_turn_back():
+    # One answer at a time. A second client waits (hearing keep-alives), then leaves; the third is answered once the
+    # first is done: the slot the second waited for is not lost.
+    with serving(StandIn(hold_s=1.0), keep_alive_s=0.1) as url:
+        backend = RemoteBackend(url, model="stand-in", timeout=5)
+        first = threading.Thread(target=lambda: list(backend.stream(PROMPT, 16)))
+        first.start()
+        time.sleep(0.2)
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "stream": True},
+                          timeout=5) as waiting:  # fmt: skip
+            assert next(waiting.iter_lines()) == ": waiting"
+        first.join(10)
+        third = []  # in a thread: with its turn lost it would wait forever, kept alive
+        threading.Thread(target=lambda: third.append(list(backend.stream(PROMPT, 16))[-1]), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not third and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert third == ["SELECT 1"]
+
+
 def test_a_model_that_fails_while_answering_is_reported_as_such():
     with serving(StandIn(fail=RuntimeError("CUDA out of memory")), keep_alive_s=5) as url:
         with pytest.raises(BackendError, match="failed while answering: The model failed: RuntimeError: CUDA out of memory"):

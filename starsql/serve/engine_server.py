@@ -67,12 +67,16 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
         """The answer's new text, piece by piece, and "" after each `keep_alive_s` without any. The backend runs
         in a thread of its own; pieces that pile up while the event loop is busy are sent as one. Leaving early
         (the client went) ends the generation."""
-        while True:  # a cancelled acquire() leaves the semaphore as it was
-            try:
-                await asyncio.wait_for(slots.acquire(), keep_alive_s)
-                break
-            except TimeoutError:
+        # Waits go through asyncio.wait, which never cancels what it waits for on a timeout (wait_for may, and
+        # on some Pythons lose a slot or a queue item that arrived at that moment).
+        acquiring = asyncio.ensure_future(slots.acquire())
+        try:
+            while not (await asyncio.wait({acquiring}, timeout=keep_alive_s))[0]:
                 yield ""
+        except BaseException:  # the client left while waiting: a slot taken meanwhile goes back
+            if not acquiring.cancel() and not acquiring.cancelled() and acquiring.exception() is None:
+                slots.release()
+            raise
         loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def pump():
@@ -88,15 +92,16 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
             finally:
                 stream.close()
 
+        getting = None
         try:
             threading.Thread(target=pump, daemon=True, name="engine-request").start()
             sent = ""
             while True:
-                try:  # asyncio.Queue.get gives up nothing when cancelled
-                    items = [await asyncio.wait_for(queue.get(), keep_alive_s)]
-                except TimeoutError:
+                getting = getting or asyncio.ensure_future(queue.get())
+                if not (await asyncio.wait({getting}, timeout=keep_alive_s))[0]:
                     yield ""
                     continue
+                items, getting = [getting.result()], None
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 texts = [item for item in items if isinstance(item, str)]
@@ -108,6 +113,8 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
                 if isinstance(items[-1], Exception):
                     raise items[-1]
         finally:
+            if getting is not None:
+                getting.cancel()
             gone.set()
             slots.release()
 
