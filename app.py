@@ -59,7 +59,8 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import BackendError, build_backend, decode_aoti, fast_decode, statement_finished, usage_report
+from starsql.serve.decode import (BackendError, build_backend, decode_aoti, fast_backend_wanted, statement_finished,
+                                  usage_report)
 from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
@@ -159,9 +160,7 @@ else:
         MODEL = MODEL.to(torch.bfloat16).to("cuda")
     else:
         MODEL, TOKENIZER = load_for_inference(ARGS.base_model, ARGS.adapter or None, ARGS.load_in_4bit)
-    # The fast backend needs a GPU of its own (ZeroGPU lends one per call) and bf16 weights (not a 4-bit base).
-    DEDICATED_GPU = torch.cuda.is_available() and not ZERO_GPU and not ARGS.load_in_4bit
-    BACKEND = build_backend(MODEL, TOKENIZER, fast=fast_decode() and DEDICATED_GPU)
+    BACKEND = build_backend(MODEL, TOKENIZER, fast=fast_backend_wanted(ARGS.load_in_4bit, ZERO_GPU))
 
 
 def zero_gpu_aoti_backend(model, tokenizer):

@@ -288,6 +288,12 @@ def fast_decode() -> bool:
     return env_switch("FAST_DECODE", True, "the fast backend on a dedicated GPU", "plain generate() only")
 
 
+def fast_backend_wanted(load_in_4bit: bool, zero_gpu: bool = False) -> bool:
+    """Whether build_backend should build the fast backend: FAST_DECODE on, a GPU this process owns (ZeroGPU lends
+    one per call) and bf16 weights (not a 4-bit base)."""
+    return fast_decode() and torch.cuda.is_available() and not zero_gpu and not load_in_4bit
+
+
 def decode_compile() -> bool:
     return env_switch("DECODE_COMPILE", True, "compile the fast backend's step", "do not")
 

@@ -21,14 +21,13 @@ import threading
 import time
 import uuid
 
-import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .decode import BackendError, build_backend, fast_decode, usage_report
+from .decode import BackendError, build_backend, fast_backend_wanted, usage_report
 from .load import load_for_inference
 
 MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)
@@ -181,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     model, tokenizer = load_for_inference(args.base_model, args.adapter or None, args.load_in_4bit)
-    # The fast backend needs a GPU of its own and bf16 weights, as in app.py.
-    backend = build_backend(model, tokenizer, fast=fast_decode() and torch.cuda.is_available() and not args.load_in_4bit)
+    backend = build_backend(model, tokenizer, fast=fast_backend_wanted(args.load_in_4bit))
     app = build_app(backend, args.model_name or args.adapter or args.base_model)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
