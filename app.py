@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1),
                         help="App processes (env WORKERS): above 1, the model runs in a process of its own and a router "
                              "on this address spreads users over that many app processes (starsql/serve/workers.py); "
-                             "one process serves a few dozen answers a second at most. Not on ZeroGPU.")
+                             "one Python process caps the answers a second it serves. Not on ZeroGPU.")
     parser.add_argument("--database", default=os.environ.get("DATABASE_URL", ""),
                         help="Your live database (env DATABASE_URL): postgresql://, mysql://, sqlite:///, duckdb:///. "
                              "Questions are answered and queries run on it, read-only. Off unless given; on a Space "

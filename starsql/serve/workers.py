@@ -1,8 +1,8 @@
 """Several app processes in front of one model process: `WORKERS=3 python app.py`.
 
-One Python process serves a few dozen answers a second at most, whatever the GPU does: Gradio's queue and event
-streams take most of an answer's CPU time, under one interpreter lock (BENCHMARKS.md). With WORKERS=N,
-`python app.py` starts instead:
+One Python process caps the answers a second the app can serve, whatever the GPU does: Gradio's queue and event
+streams take most of an answer's CPU time, all under one interpreter lock. With WORKERS=N, `python app.py` starts
+instead:
 - the model's process (starsql.serve.engine_server, an OpenAI-compatible endpoint on a free local port), whose
   batched decoder decodes every front end's answers together;
 - N app processes, each `python app.py` with INFERENCE_URL set to it: the prompt, the checks and the UI;
