@@ -98,15 +98,16 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0) -> Path:
-    """Build the random model + tokenizer in `model_dir` unless it is already there."""
+def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shape: dict | None = None) -> Path:
+    """Build the random model + tokenizer in `model_dir` unless it is already there (`shape`: its config, by
+    default StarCoder2-3B's, or SMOKE's with `smoke`)."""
     from transformers import AutoModelForCausalLM, Starcoder2Config
 
     out = Path(model_dir)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     started = time.perf_counter()
-    shape = SMOKE if smoke else STARCODER2_3B
+    shape = shape or (SMOKE if smoke else STARCODER2_3B)
     # The tokenizer's vocabulary is smaller than the model's: ids stay valid, the embedding keeps its real size.
     tokenizer = build_tokenizer(min(8192, shape["vocab_size"]))
     config = Starcoder2Config(**shape, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -48,6 +48,7 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
 """
 
 import argparse
+import ast
 import statistics
 import sys
 import time
@@ -274,10 +275,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_compile", type=int, default=1, choices=(0, 1),
                         help="0: the batched backend's CUDA graphs from the eager model (app.py's DECODE_COMPILE=0).")
     parser.add_argument("--aoti_tokens", type=int, default=DECODER_TOKENS, help="The aoti decoder's cache (the app's).")
+    parser.add_argument("--aoti_config", action="append", default=[],
+                        help="KEY=VALUE: an inductor setting over the aoti decoder's own (repeatable; what bench/aoti_probe.py found).")
     parser.add_argument("--only", default="", help="Comma-separated configs to run (the baseline and bf16-merged always run).")
     args = parser.parse_args(argv)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
         args.model_dir = "/tmp/sc2-smoke-random"
+    for item in args.aoti_config:  # read by compile_decoder at each compile
+        from starsql.serve.fast.aoti import CODE_ONLY
+
+        key, value = item.split("=", 1)
+        CODE_ONLY[key] = ast.literal_eval(value)
     started = time.perf_counter()
     model_dir = ensure_model(args.model_dir, smoke=args.smoke)
     adapter_dir = ensure_adapter(model_dir, Path(args.adapter_dir or f"{args.model_dir}-lora"))
@@ -374,7 +382,7 @@ def main(argv=None) -> int:
         mismatch = first_mismatch(runs[-1][0], plain.get("new_token_ids", []))
         return {"tokens_per_s": round(args.new_tokens / seconds, 2), "time_s": round(seconds, 3),
                 "ttft_s": round(statistics.median(ttft for _, ttft, _ in runs), 4), "build_s": round(build_s, 1),
-                "restart_s": round(restart_s, 1), "cache_length_used": decoder.max_length,
+                "restart_s": round(restart_s, 1), "cache_length_used": decoder.max_length, "aoti_config": args.aoti_config,
                 "vs_bf16_merged": ratio(round(args.new_tokens / seconds, 2), plain.get("tokens_per_s")),
                 "identical_to_bf16_merged": mismatch is None, "first_mismatch": mismatch,
                 **identity_report(decoder, reference=plain_tokens(model, identity))}  # fmt: skip
