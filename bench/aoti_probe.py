@@ -1,8 +1,7 @@
 """Where does the ahead-of-time compiled decoder (starsql.serve.fast.aoti) fail on a GPU? The one-token step alone,
 exported with static shapes (no dynamic dimension), compiled by AOTInductor, then loaded and timed; what the
 compiled library links and which OpenMP runtimes the process holds are printed before the load, and the library
-is opened alone (ctypes) before torch's loader opens it. Each switch
-changes one suspect, so that one process per switch tells them apart:
+is opened alone (ctypes) before torch's loader opens it. Each switch changes one suspect, one process per switch:
 
     PYTHONFAULTHANDLER=1 python3 bench/aoti_probe.py                    # aoti_compile_and_package, as DECODE_AOTI
     PYTHONFAULTHANDLER=1 python3 bench/aoti_probe.py --mode spaces      # spaces.aoti_compile, as on ZeroGPU
@@ -52,11 +51,9 @@ def main() -> None:
         else:
             key, value = item.split("=", 1)
             configs[key] = ast.literal_eval(value)
-    model_dir = "/tmp/sc2-3b-random"
-    if args.layers:
-        model_dir = f"/tmp/sc2-3b-random-{args.layers}l"
-        shape = dict(STARCODER2_3B, num_hidden_layers=args.layers)
-    model, _ = load_for_inference(str(ensure_model(model_dir, shape=shape if args.layers else None)), None)
+    model_dir = f"/tmp/sc2-3b-random-{args.layers}l" if args.layers else "/tmp/sc2-3b-random"
+    shape = dict(STARCODER2_3B, num_hidden_layers=args.layers) if args.layers else None
+    model, _ = load_for_inference(str(ensure_model(model_dir, shape=shape)), None)
     print(card(), torch.__version__, model.dtype, model.device, "configs", configs, flush=True)
     ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     positions = torch.arange(1, device=model.device)
