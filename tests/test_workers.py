@@ -144,24 +144,30 @@ class StandIn:
 
 
 @contextlib.contextmanager
+def running(server):
+    """A uvicorn server (its config's port) run in a thread of this process: its URL, until stopped."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def serving(backend, keep_alive_s: float):
     """starsql.serve.engine_server's app over `backend`, served by uvicorn on a free port in this process."""
     import uvicorn
 
     from starsql.serve.engine_server import build_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(backend, "stand-in", keep_alive_s), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    config = uvicorn.Config(build_app(backend, "stand-in", keep_alive_s), host="127.0.0.1", port=free_port(),
+                            log_level="warning")  # fmt: skip
+    with running(uvicorn.Server(config)) as url:
+        yield url
 
 
 def test_a_request_waiting_for_the_model_is_kept_alive_not_timed_out():
@@ -208,6 +214,52 @@ def test_a_model_that_fails_while_answering_is_reported_as_such():
         assert whole.status_code == 500 and "CUDA out of memory" in whole.json()["error"]["message"]
 
 
+def test_the_router_lets_go_of_a_stream_its_user_left_and_ends_open_ones_when_it_stops():
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from starsql.serve.workers import router_app, router_server
+
+    ended = []  # the app process's streams that ended, by who read them
+
+    async def events(request):  # an event stream that never ends by itself, as a page's does
+        async def beats():
+            try:
+                while True:
+                    yield b": beat\n\n"
+                    await asyncio.sleep(0.05)
+            finally:
+                ended.append(request.query_params["who"])
+
+        return StreamingResponse(beats(), media_type="text/event-stream")
+
+    app_process = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/stream", events)]), host="127.0.0.1",
+                                                port=free_port(), log_level="warning"))  # fmt: skip
+    with running(app_process) as upstream:
+        router = router_app([upstream])
+        server = router_server(router, host="127.0.0.1", port=free_port(), log_level="warning",
+                               timeout_graceful_shutdown=30)  # fmt: skip
+        with running(server) as url:
+            with httpx.stream("GET", f"{url}/stream?who=left", timeout=10) as response:
+                next(response.iter_raw())
+            deadline = time.monotonic() + 10
+            while "left" not in ended or router.state.relaying:  # the user left: the router let go of its stream
+                assert time.monotonic() < deadline, (ended, router.state.relaying)
+                time.sleep(0.05)
+            with httpx.stream("GET", f"{url}/stream?who=stayed", timeout=10) as response:
+                chunks = response.iter_raw()
+                next(chunks)
+                server.should_exit = True
+                started = time.monotonic()
+                rest = b"".join(chunks)  # ends as a finished stream does: a cut one raises here
+            assert rest.count(b": beat") < 100 and time.monotonic() - started < 10  # well before the grace period
+    assert "stayed" in ended
+
+
 @pytest.fixture(scope="module")
 def workers(tiny_run, tmp_path_factory):
     """`WORKERS=2 python app.py`: the model's process, two app processes and the router. The module's last test
@@ -215,7 +267,7 @@ def workers(tiny_run, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("workers") / "app.log"
     launcher, children = started_workers(tiny_run, log_path)
     try:
-        yield launcher, children, f"http://127.0.0.1:{launcher_port(log_path)}/"
+        yield launcher, children, f"http://127.0.0.1:{launcher_port(log_path)}/", log_path
     finally:
         launcher.kill()
         all_gone(children, 30)
@@ -311,10 +363,13 @@ def test_a_terminated_launcher_stops_its_processes_and_ends_cleanly(workers):
     # The module's last test: it stops the shared launcher.
     from gradio_client import Client
 
-    launcher, children, url = workers
+    launcher, children, url, log_path = workers
     client = Client(url, verbose=False)  # its open event stream must not hold the shutdown
     client.predict(api_name="/usage")
+    logged = len(log_path.read_text())
     launcher.terminate()
     assert launcher.wait(timeout=40) == 0
     assert all_gone(children, 10)
+    stopping = log_path.read_text()[logged:]  # the router ended the open stream itself: nothing cut, no crash shown
+    assert "Traceback" not in stopping and "timeout graceful shutdown exceeded" not in stopping, stopping[-3000:]
 

@@ -54,7 +54,6 @@ def router_app(upstreams: list[str]):
     """The router: an ASGI app that passes every request on to one of `upstreams` (app processes' base URLs)."""
     import httpx
     from starlette.applications import Starlette
-    from starlette.background import BackgroundTask
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse, StreamingResponse
     from starlette.routing import Route
@@ -63,6 +62,7 @@ def router_app(upstreams: list[str]):
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(max_connections=None),
                                cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])))
     turns, events = count(), OrderedDict()
+    relaying = set()  # the app processes' answers being passed on (an event stream stays open as long as its page)
 
     def pick(request: Request, body: bytes | None) -> tuple[int, bool]:
         """(the app process for this request, whether the request came with a valid cookie)."""
@@ -102,9 +102,9 @@ def router_app(upstreams: list[str]):
         except httpx.HTTPError as error:
             return PlainTextResponse(f"The app's process {worker} does not answer ({type(error).__name__}); try "
                                      "again in a moment.", status_code=502)  # fmt: skip
-        content = _relay(response)
         if request.method == "POST" and "/call/" in request.url.path and response.status_code == 200:
             raw = await response.aread()  # {"event_id": ...}: its second half (GET .../<event_id>) comes here too
+            await response.aclose()
             try:
                 events[json.loads(raw)["event_id"]] = worker
                 while len(events) > CALL_EVENTS:
@@ -112,7 +112,9 @@ def router_app(upstreams: list[str]):
             except (ValueError, KeyError, TypeError):
                 pass
             content = iter([raw])
-        answer = StreamingResponse(content, status_code=response.status_code, background=BackgroundTask(response.aclose))
+        else:
+            content = _relay(response, relaying)
+        answer = StreamingResponse(content, status_code=response.status_code)
         for key, value in response.headers.multi_items():
             if key.lower() not in _HOP_HEADERS | _OWN_HEADERS:
                 answer.raw_headers.append((key.encode("latin-1"), value.encode("latin-1")))
@@ -121,25 +123,51 @@ def router_app(upstreams: list[str]):
             answer.set_cookie(COOKIE, str(worker), httponly=True, secure=secure, samesite="none" if secure else "lax")
         return answer
 
+    async def end_streams():
+        """Stopping: end every answer still being passed on, so that each ends as a finished stream does, rather
+        than being cut when the server's grace period runs out (an error and a traceback in the log)."""
+        for response in list(relaying):
+            await response.aclose()
+
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
         await client.aclose()
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
-    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+    app = Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+    app.state.relaying, app.state.end_streams = relaying, end_streams
+    return app
 
 
-async def _relay(response):
-    """The app process's answer as it comes. An app process that cuts its stream short (Gradio does, after an error
-    event) ends ours there, cleanly, rather than as a broken connection."""
+def router_server(router, **config):
+    """uvicorn's server for `router` (router_app) with uvicorn.Config's `config`, which ends the streams the router
+    passes on as it begins to stop: open event streams would otherwise hold its graceful shutdown until they are cut."""
+    import uvicorn
+
+    class RouterServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await router.state.end_streams()
+            await super().shutdown(sockets=sockets)
+
+    return RouterServer(uvicorn.Config(router, **config))
+
+
+async def _relay(response, relaying: set):
+    """The app process's answer as it comes, listed in `relaying` meanwhile. An app process that cuts its stream
+    short (Gradio does, after an error event) ends ours there, cleanly, rather than as a broken connection; so
+    does the router closing it as it stops. Closed however it ends: finished, cut, or its user gone."""
     import httpx
 
+    relaying.add(response)
     try:
         async for chunk in response.aiter_raw():
             yield chunk
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.StreamError):  # StreamError: closed by the router, stopping (end_streams)
         return
+    finally:
+        relaying.discard(response)
+        await response.aclose()
 
 
 def _wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float) -> None:
@@ -165,8 +193,6 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
         import openai  # noqa: F401 -- the app processes reach the model's process through it (starsql.serve.remote)
     except ImportError:
         raise SystemExit("WORKERS above 1 needs the `openai` package: pip install -r requirements.txt") from None
-    import uvicorn
-
     from . import engine_server  # imported here so that a Space's files include it (starsql.serve.deploy)
 
     root = os.path.dirname(os.path.abspath(app_path))
@@ -225,10 +251,9 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
         listening.listen(2048)
         print(f"StarSQL: {workers} app processes ready; serving on http://{host}:{port}", flush=True)
         threading.Thread(target=watch, args=(names,), daemon=True, name="starsql-watch").start()
-        # Open event streams would hold a graceful shutdown forever: a few seconds, then they are cut.
-        config = uvicorn.Config(router_app([f"http://127.0.0.1:{p}" for p in ports]), log_level="warning",
-                                timeout_graceful_shutdown=3)  # fmt: skip
-        uvicorn.Server(config).run(sockets=[listening])
+        # What is left after a few seconds of stopping is cut.
+        router = router_app([f"http://127.0.0.1:{p}" for p in ports])
+        router_server(router, log_level="warning", timeout_graceful_shutdown=3).run(sockets=[listening])
         if ended:
             raise SystemExit(1)
     finally:
