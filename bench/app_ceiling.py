@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import ROOT, card, ensure_model
+from common import ROOT, card, ensure_model, free_port
 
 
 class InstantEngine:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     engine = InstantEngine(args.step_ms / 1e3, args.prefill_ms / 1e3)
     app.BACKEND = InstantBackend(app.TOKENIZER, engine, concurrency=max(users))
     app.demo.queue(default_concurrency_limit=max(users), max_size=app.QUEUE_SIZE)  # the queue follows the backend
-    port = serve_load.free_port()
+    port = free_port()
     app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     launched = Launched(f"http://127.0.0.1:{port}/")
     results = {"card": card(), "step_ms": args.step_ms, "prefill_ms": args.prefill_ms, "new_tokens": args.new_tokens,

@@ -21,14 +21,14 @@ Workspace.close runs after the reply, in app.py's closing thread: its time is li
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, free_port
+
 QUESTION = "How many singers are there?"
 CHECK_SQL = "SELECT name, age FROM singer WHERE country = 'France' ORDER BY age DESC"
 
@@ -41,12 +41,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=32, help="Tokens an answer of /chat at most.")
     parser.add_argument("--out", default="", help="Also write the numbers as JSON here.")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ms(seconds: float) -> float:

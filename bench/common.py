@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +97,13 @@ def build_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
     )
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1 (for an app a benchmark starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shape: dict | None = None) -> Path:

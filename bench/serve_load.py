@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from common import ROOT, card, ensure_model
+from common import ROOT, card, ensure_model, free_port
 
 SCHEMA = """\
 CREATE TABLE stadium (stadium_id INTEGER, name VARCHAR, location VARCHAR, capacity INTEGER);
@@ -73,12 +72,6 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))], 4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class App:

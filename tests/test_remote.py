@@ -2,7 +2,6 @@
 127.0.0.1), and the messages a user gets when an endpoint is down, slow or refuses."""
 
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +14,9 @@ from starsql.prompt import build_prompt
 from starsql.serve.decode import BackendError, stream_sql
 from starsql.serve.load import load_for_inference
 from starsql.serve.remote import RemoteBackend
+from servers import free_port
 
 PROMPT = build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER)", "Names of singers older than 30?")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from starsql.prompt import build_prompt
 from starsql.serve.decode import BackendError, stream_sql
 from starsql.serve.load import load_for_inference
 from starsql.serve.remote import RemoteBackend
-from test_app import ROOT, app_env, free_port
+from servers import free_port
+from test_app import ROOT, app_env
 
 PROMPT = build_prompt("CREATE TABLE singer (name VARCHAR, age INTEGER)", "Names of singers older than 30?")
 SCHEMA = "CREATE TABLE singer (singer_id INTEGER, name VARCHAR, age INTEGER);"
