@@ -49,11 +49,15 @@ def completion_request(body) -> tuple[str, int, float, bool]:
     return prompt, max_tokens, float(temperature), bool(body.get("stream", False))
 
 
-def _chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> str:
+def _completion(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+    """An OpenAI text completion: the whole answer, or one piece of a streamed one."""
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice]}  # fmt: skip
-    return f"data: {json.dumps(body)}\n\n"
+
+
+def _chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> str:
+    return f"data: {json.dumps(_completion(request_id, model, text, finish_reason))}\n\n"
 
 
 def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> Starlette:
@@ -132,9 +136,7 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
                     text += piece
             except Exception as error:  # noqa: BLE001 -- the client gets what failed, not a dropped connection
                 return _error(500, _failure(error), "server_error")
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-            return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
-                                 "model": model_name, "choices": [choice]})  # fmt: skip
+            return JSONResponse(_completion(request_id, model_name, text, "stop"))
 
         async def events():
             try:
