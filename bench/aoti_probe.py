@@ -14,7 +14,6 @@ Prints the export and compile seconds, then three times the seconds of 64 one-to
 """
 
 import argparse
-import ast
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def main() -> None:
         sys.modules["sklearn"] = None  # find_spec then answers None: transformers treats it as not installed
 
     import torch
-    from common import STARCODER2_3B, card, ensure_model
+    from common import STARCODER2_3B, card, ensure_model, setting
 
     from starsql.serve.fast.aoti import CODE_ONLY, _exportable, load_decoder
     from starsql.serve.load import load_for_inference
@@ -49,8 +48,7 @@ def main() -> None:
 
             configs.update(INDUCTOR_CONFIGS_OVERRIDES)
         else:
-            key, value = item.split("=", 1)
-            configs[key] = ast.literal_eval(value)
+            configs.update([setting(item)])
     model_dir = f"/tmp/sc2-3b-random-{args.layers}l" if args.layers else "/tmp/sc2-3b-random"
     shape = dict(STARCODER2_3B, num_hidden_layers=args.layers) if args.layers else None
     model, _ = load_for_inference(str(ensure_model(model_dir, shape=shape)), None)

@@ -7,6 +7,7 @@ once, so every configuration loads it through `from_pretrained` like a real chec
     python bench/common.py /tmp/sc2-3b-random          # build it (GPU, bf16) if missing
 """
 
+import ast
 import gc
 import json
 import math
@@ -97,6 +98,12 @@ def build_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
     )
+
+
+def setting(item: str) -> tuple[str, object]:
+    """KEY=VALUE from the command line: the key and the value as a Python literal (True, 0.5, "text")."""
+    key, value = item.split("=", 1)
+    return key, ast.literal_eval(value)
 
 
 def free_port() -> int:

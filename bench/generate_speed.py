@@ -48,7 +48,6 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
 """
 
 import argparse
-import ast
 import statistics
 import sys
 import time
@@ -59,8 +58,8 @@ import torch
 import torch._dynamo
 
 from common import (
-    LORA_TARGETS, card, device, emit, ensure_model, examples, free_memory, peak_gib, peak_reserved_gib, ratio, sync,
-    table,
+    LORA_TARGETS, card, device, emit, ensure_model, examples, free_memory, peak_gib, peak_reserved_gib, ratio, setting,
+    sync, table,
 )  # fmt: skip
 from starsql.serve.decode import generation_kwargs
 from starsql.serve.fast import DECODER_TOKENS, FastDecodeBackend, build
@@ -284,8 +283,7 @@ def main(argv=None) -> int:
     for item in args.aoti_config:  # read by compile_decoder at each compile
         from starsql.serve.fast.aoti import CODE_ONLY
 
-        key, value = item.split("=", 1)
-        CODE_ONLY[key] = ast.literal_eval(value)
+        CODE_ONLY.update([setting(item)])
     started = time.perf_counter()
     model_dir = ensure_model(args.model_dir, smoke=args.smoke)
     adapter_dir = ensure_adapter(model_dir, Path(args.adapter_dir or f"{args.model_dir}-lora"))
