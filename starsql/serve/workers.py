@@ -170,14 +170,15 @@ async def _relay(response, relaying: set):
         await response.aclose()
 
 
-def _wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float) -> None:
+def _wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float) -> bytes:
+    """The body of `url` once `process` answers it; SystemExit if it ends first or takes longer than `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise SystemExit(f"{what} exited with code {process.returncode} before it answered; its log is above.")
         try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read()
         except OSError:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{what} did not answer within {timeout:.0f} s; its log is above.") from None
@@ -230,9 +231,9 @@ def serve_workers(app_path: str, workers: int, engine_args: list[str], worker_en
             names[engine] = "The model's process"
             print(f"StarSQL: the model's process is loading (port {engine_port}).", flush=True)
             inference_url = f"http://127.0.0.1:{engine_port}"
-            _wait_until_answers(f"{inference_url}/health", engine, names[engine], START_TIMEOUT_S)
+            health = json.loads(_wait_until_answers(f"{inference_url}/health", engine, names[engine], START_TIMEOUT_S))
             # each app process lets as many answers through as the model's process decodes together; it queues the rest
-            concurrency = concurrency or _engine_concurrency(inference_url)
+            concurrency = concurrency or str(health["concurrency"])
             worker_env = {**worker_env, "INFERENCE_MODEL": "starsql"}
         shared = os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="starsql-uploads-")
         ports = [free_port() for _ in range(workers)]
@@ -286,7 +287,3 @@ def _die_with_launcher() -> None:
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
-
-def _engine_concurrency(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-        return str(json.load(response)["concurrency"])
