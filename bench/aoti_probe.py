@@ -9,6 +9,7 @@ is opened alone (ctypes) before torch's loader opens it. Each switch changes one
     python3 bench/aoti_probe.py --config aot_inductor.package_constants_in_so=True   # weights inside the library
     python3 bench/aoti_probe.py --config spaces                         # spaces' own inductor settings
     python3 bench/aoti_probe.py --hide_sklearn                          # transformers without scikit-learn's OpenMP
+    PYTHONFAULTHANDLER=1 python3 bench/aoti_probe.py --trivial          # one Linear: does torch's loader work at all?
 
 Prints the export and compile seconds, then three times the seconds of 64 one-token steps and tokens/s, then "loaded".
 """
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[],
                         help="An inductor setting KEY=VALUE over the app's (repeatable), or 'spaces' for spaces' own.")
     parser.add_argument("--hide_sklearn", action="store_true", help="Import transformers as if scikit-learn were absent.")
+    parser.add_argument("--trivial", action="store_true",
+                        help="One Linear layer instead of the model, packaged without settings, then with the app's.")
     args = parser.parse_args()
     if args.hide_sklearn:
         sys.modules["sklearn"] = None  # find_spec then answers None: transformers treats it as not installed
@@ -49,6 +52,9 @@ def main() -> None:
             configs.update(INDUCTOR_CONFIGS_OVERRIDES)
         else:
             configs.update([setting(item)])
+    if args.trivial:
+        trivial(torch, configs)
+        return
     model_dir = f"/tmp/sc2-3b-random-{args.layers}l" if args.layers else "/tmp/sc2-3b-random"
     shape = dict(STARCODER2_3B, num_hidden_layers=args.layers) if args.layers else None
     model, _ = load_for_inference(str(ensure_model(model_dir, shape=shape)), None)
@@ -92,6 +98,24 @@ def main() -> None:
             seconds = time.perf_counter() - started
             print("64 steps s", round(seconds, 4), "tokens/s", round(64 / seconds, 1), flush=True)
     print("loaded", flush=True)
+
+
+def trivial(torch, configs: dict) -> None:
+    """One Linear layer through AOTInductor and torch's loader: without inductor settings (its weights inside the
+    package), then with `configs` (the app's: its weights given to the loaded program, as load_decoder does)."""
+    from starsql.serve.fast.aoti import load_decoder
+
+    linear = torch.nn.Linear(64, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(4, 64, device=linear.weight.device)
+    exported = torch.export.export(linear, (x,))
+    for name, settings in (("no settings", {}), ("the app's settings", configs)):
+        started = time.perf_counter()
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(tempfile.mkdtemp(), "linear.pt2"),
+                                                        inductor_configs=settings)  # fmt: skip
+        print(f"one Linear, {name}: compiled in {time.perf_counter() - started:.1f} s; loading", flush=True)
+        runner = load_decoder(path, exported) if settings else torch._inductor.aoti_load_package(path)
+        with torch.inference_mode():
+            print(f"one Linear, {name}: loaded; largest difference from eager {float((runner(x) - linear(x)).abs().max()):.2e}", flush=True)
 
 
 if __name__ == "__main__":

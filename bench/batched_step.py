@@ -8,13 +8,18 @@ The model is prepared as starsql.serve.fast.build prepares it (q/k/v fused, the 
   positions) timed with every row at position --position (or the step's last): GPU time a step (CUDA events over
   --steps back-to-back replays) and the engine's old pattern (replay, wait, tokens to the host: `host_ms`).
 - profile: the GPU kernels of one eager 16-row step over the whole slots, the top ones by time.
+- prefill_profile: the same for a joint prefill of 4 prompts from past their first --shared_tokens (its graph's
+  forward run eagerly), with the graph's replay and a whole-prompt joint prefill timed beside it.
 - prefill: k prompts of --prompt_tokens tokens, prefilled together (one forward) against one at a time (the
-  lone prompt's path: a CUDA graph per width), for k in 1, 2, 4, 8, 16.
+  lone prompt's path: a CUDA graph per width), for k in 1, 2, 4, 8, 16; with --shared_tokens, also together from
+  past their first --shared_tokens (restored from kept prefixes: `rest_ms`; through a graph if the rest fits one).
 - engine: --users requests of --prompt_tokens + --new_tokens at once through the decoder's tokens(), each read
-  by a thread of its own, as the app reads them, --rounds times: tokens/s in all and the engine's timings (busy
-  share, ms a step), for the engine as it was (`whole-slots`: every step over the whole slots, each step's tokens
-  read before the next is queued), with steps over the positions in use (`lengths`), with the next step queued
-  before the last one's tokens are read (`queue-ahead`), and both (`both`, the default engine).
+  by a thread of its own, as the app reads them, --rounds times, a new prompt each time whose first
+  --shared_tokens all prompts share (the app's prompts begin with their database's schema): tokens/s in all and the
+  engine's timings (busy share, ms a step), for the engines of --engines: as it was (`whole-slots`: every step over
+  the whole slots, each step's tokens read before the next is queued), with steps over the positions in use
+  (`lengths`), with the next step queued before the last one's tokens are read (`queue-ahead`), both (`both`),
+  and both with kept prefixes (`prefixes`, the default engine).
 """
 
 import argparse
@@ -98,6 +103,23 @@ def step_times(model, args) -> list[dict]:
     return rows
 
 
+def kernel_profile(run, calls: int, unit: str, top: int = 12) -> dict:
+    """The GPU kernels (on a CPU, the ops) of `calls` back-to-back runs of `run`: microseconds a `unit`, the top ones."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            run()
+        sync()
+    kind = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
+    events = [e for e in profiler.key_averages() if e.device_type == kind]
+    total = sum(e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total, reverse=True)
+    return {f"kernel_us_per_{unit}": round(total / calls, 1),
+            "top": [{"kernel": e.key[:90], f"us_per_{unit}": round((e.self_device_time_total if torch.cuda.is_available()
+                                                                     else e.self_cpu_time_total) / calls, 1),
+                     f"calls_per_{unit}": e.count / calls} for e in ranked[:top]]}  # fmt: skip
+
+
 @torch.inference_mode()
 def profile_step(model, length: int, top: int = 12) -> dict:
     decoder = BatchedDecoder(model, max_batch=16, max_length=length, compile=False, lengths=())
@@ -107,27 +129,38 @@ def profile_step(model, length: int, top: int = 12) -> dict:
     for _ in range(3):
         decoder._advance(bucket)
     sync()
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    steps = 5
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(steps):
-            decoder._advance(bucket)
-        sync()
-    kind = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
-    events = [e for e in profiler.key_averages() if e.device_type == kind]
-    total = sum(e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total for e in events)
-    ranked = sorted(events, key=lambda e: e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total, reverse=True)
-    return {"length": length, "kernel_us_per_step": round(total / steps, 1),
-            "top": [{"kernel": e.key[:90], "us_per_step": round((e.self_device_time_total if torch.cuda.is_available()
-                                                                  else e.self_cpu_time_total) / steps, 1),
-                     "calls_per_step": e.count / steps} for e in ranked[:top]]}  # fmt: skip
+    return {"length": length, **kernel_profile(lambda: decoder._advance(bucket), 5, "step", top)}
 
 
 @torch.inference_mode()
+def profile_prefill(model, args, rows: int = 4, top: int = 15) -> dict:
+    """The kernels of one joint prefill of `rows` prompts from past their first --shared_tokens (the graph's
+    forward, run eagerly on its fixed inputs), against the graph's replay and a whole-prompt joint prefill."""
+    from starsql.serve.fast.batched import Request
+
+    decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False)
+    decoder.warm_up()
+    generator = torch.Generator().manual_seed(3)
+    requests = [Request(torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=generator), 8, None)
+                for _ in range(rows)]  # fmt: skip
+    slots = list(range(rows))
+    whole_ms = gpu_ms(lambda: decoder._prefill_together(requests, slots), 5)
+    for request in requests:
+        request.reused = args.shared_tokens
+    replay_ms = gpu_ms(lambda: decoder._prefill_together(requests, slots), 5)
+    prefill = decoder._prefill_graph_for(rows, args.prompt_tokens - args.shared_tokens)
+    eager_ms = gpu_ms(lambda: decoder._run_prefill_graph(prefill), 5)
+    return {"rows": rows, "rest_tokens": args.prompt_tokens - args.shared_tokens, "graph": [prefill.rows, prefill.width],
+            "whole_ms": round(whole_ms, 2), "replay_ms": round(replay_ms, 2), "eager_ms": round(eager_ms, 2),
+            "replay_only_ms": round(gpu_ms(prefill.graph.replay, 5), 2) if prefill.graph is not None else None,
+            **kernel_profile(lambda: decoder._run_prefill_graph(prefill), 5, "prefill", top)}  # fmt: skip
+
+
 def prefill_times(model, args) -> list[dict]:
     from starsql.serve.fast.batched import Request
 
     decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False)
+    decoder.warm_up()  # the joint prefills' graphs (of prompts' rests up to GRAPH_WIDTHS tokens) too
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     rows = []
@@ -138,27 +171,37 @@ def prefill_times(model, args) -> list[dict]:
         alone = gpu_ms(lambda: [decoder._prefill(r, s) for r, s in zip(requests, slots)], 5)
         rows.append({"prompts": k, "together_ms": together and round(together, 2), "alone_ms": round(alone, 2),
                      "together_ms_a_prompt": together and round(together / k, 2), "alone_ms_a_prompt": round(alone / k, 2)})
+        if args.shared_tokens:  # the same forward from past the restored prefix (its K/V: whatever the slots hold)
+            for request in requests:
+                request.reused = args.shared_tokens
+            rows[-1]["rest_ms"] = round(gpu_ms(lambda: decoder._prefill_together(requests, slots), 5), 2)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
-ENGINES = {"whole-slots": dict(lengths=(), queue_ahead=False), "lengths": dict(queue_ahead=False),
-           "queue-ahead": dict(lengths=(), queue_ahead=True), "both": {}}
+ENGINES = {"whole-slots": dict(lengths=(), queue_ahead=False, prefixes=0), "lengths": dict(queue_ahead=False, prefixes=0),
+           "queue-ahead": dict(lengths=(), queue_ahead=True, prefixes=0), "both": dict(prefixes=0), "prefixes": {}}
 
 
 def engine_load(model, args, engine: str) -> dict:
     decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=bool(args.compile), **ENGINES[engine])
     decoder.start()
     generator = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=generator) for _ in range(args.users)]
+    vocab = model.config.vocab_size
+    shared = torch.randint(vocab, (1, args.shared_tokens), generator=generator)
+
+    def prompt():  # the shared first tokens, then the prompt's own
+        return torch.cat([shared, torch.randint(vocab, (1, args.prompt_tokens - args.shared_tokens), generator=generator)], 1)
+
     results = {}
     for rounds in (1, args.rounds):  # the first: untimed (prefill graphs of the widths)
+        prompts = [[prompt() for _ in range(rounds)] for _ in range(args.users)]
         before = decoder.timings.snapshot()
         counts = [0] * args.users
 
         def user(index):
-            for _ in range(rounds):
-                for _token in decoder.tokens(prompts[index], args.new_tokens):
+            for round_prompt in prompts[index]:
+                for _token in decoder.tokens(round_prompt, args.new_tokens):
                     counts[index] += 1
 
         started = time.perf_counter()
@@ -175,7 +218,9 @@ def engine_load(model, args, engine: str) -> dict:
                    "busy_share": round((delta["step_s"] + delta["prefill_s"]) / wall, 3),
                    "ms_a_step": round(1e3 * delta["step_s"] / max(delta["steps"], 1), 3),
                    "rows_a_step": round(delta["rows"] / max(delta["steps"], 1), 2),
-                   "prefill_share": round(delta["prefill_s"] / wall, 3), "prefills": delta["prefills"]}  # fmt: skip
+                   "prefill_share": round(delta["prefill_s"] / wall, 3), "prefills": delta["prefills"],
+                   "ms_a_prefill": round(1e3 * delta["prefill_s"] / max(delta["prefills"], 1), 2),
+                   "reused_share": round(delta["reused_tokens"] / max(delta["prompt_tokens"], 1), 3)}  # fmt: skip
     return results  # its engine thread idles on (a daemon), holding its cache: a GPU's memory holds four
 
 
@@ -190,10 +235,18 @@ def main(argv=None) -> int:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shared_tokens", type=int, default=0, help="First prompt tokens all prompts share (a schema).")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"Engines of the engine part, of {', '.join(ENGINES)}.")
     parser.add_argument("--parts", default="steps,profile,prefill,engine")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.prompt_tokens, args.new_tokens, args.rounds = 3, 24, 8, 1
+        args.shared_tokens = min(args.shared_tokens, 16)
+    if not 0 <= args.shared_tokens < args.prompt_tokens:
+        parser.error(f"--shared_tokens must be from 0 to --prompt_tokens - 1 ({args.prompt_tokens - 1}), not {args.shared_tokens}")
+    unknown = set(args.engines.split(",")) - ENGINES.keys()
+    if unknown:
+        parser.error(f"--engines: no engine {', '.join(sorted(unknown))}; they are {', '.join(ENGINES)}")
     parts = set(args.parts.split(","))
     model = build_model(args.smoke)
     result = {"card": card(), "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "out"}}
@@ -204,9 +257,12 @@ def main(argv=None) -> int:
         print(json.dumps(result["profile"], indent=1), file=sys.stderr, flush=True)
     if "prefill" in parts:
         result["prefill"] = prefill_times(model, args)
+    if "prefill_profile" in parts:
+        result["prefill_profile"] = profile_prefill(model, args)
+        print(json.dumps(result["prefill_profile"], indent=1), file=sys.stderr, flush=True)
     if "engine" in parts:
         result["engine"] = []
-        for engine in ENGINES:
+        for engine in args.engines.split(","):
             result["engine"].append(engine_load(model, args, engine))
             print(json.dumps(result["engine"][-1]), file=sys.stderr, flush=True)
             free_memory()

@@ -34,8 +34,9 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
 - batched-concurrent1, -4, -16 (--batch): that many requests at once through the batched backend app.py builds
   by default (starsql.serve.fast.build, continuous batching, a CUDA graph per batch bucket), built once (its
   build_s on the first); batched-identity: the identity prompts all at once through it, against plain generate().
-- fp32-batched-identity: the batched decoder on fp32 weights, the identity prompts submitted at once (one batch),
-  against plain generate() of the unfused fp32 model on cuBLAS.
+- fp32-batched-identity: the batched decoder on fp32 weights, against plain generate() of the unfused fp32 model on
+  cuBLAS: the identity prompts (each the start of the next longer one) first one at a time, shortest first, each
+  prefilled from past the one before it (its kept prefix), then all at once (one batch; each kept whole already).
 - aoti: DECODE_AOTI's decoder (starsql.serve.fast.aoti) on the model as loaded (not fused): exported and compiled
   into a package in an empty folder (build_s), then built again from that package as a restarted app builds it
   (restart_s), timed as the decoders are; its tokens against plain generate()'s (bf16, so near ties may differ).
@@ -331,10 +332,10 @@ def main(argv=None) -> int:
 
     identity = [prompt_ids(tokenizer, args.prompt_tokens - 24 * i) for i in range(1, args.identity_prompts + 1)]
 
-    def identity_report(decoder, reference=None, together: bool = False) -> dict:
+    def identity_report(decoder, reference=None, together: bool = False, shortest_first: bool = False) -> dict:
         """The decoder's greedy tokens on the identity prompts against `reference`, by default plain generate's
         of the model the decoder runs. `together`: all prompts at once, each from its own thread (the batched
-        decoder decodes them in one batch)."""
+        decoder decodes them in one batch); else one after another, the longest first unless `shortest_first`."""
         from concurrent.futures import ThreadPoolExecutor
 
         reference = plain_tokens(decoder.model, identity) if reference is None else reference
@@ -342,6 +343,8 @@ def main(argv=None) -> int:
         if together:
             with ThreadPoolExecutor(len(identity)) as pool:
                 decoded = list(pool.map(decode, [ids for ids, _ in identity]))
+        elif shortest_first:
+            decoded = [decode(ids) for ids, _ in identity[::-1]][::-1]
         else:
             decoded = [decode(ids) for ids, _ in identity]
         mismatches = [first_mismatch(a, b) for a, b in zip(decoded, reference)]
@@ -596,8 +599,9 @@ def main(argv=None) -> int:
     def fp32_batched_identity() -> dict:
         """The batched decoder on fp32 weights (prepared as the app prepares it, one bucket of all the identity
         prompts, compiled unless --batch_compile 0, and captured; its steps over the first prompt + new_tokens / 2
-        positions, then over the whole slots), every prompt submitted at once, against plain generate() of the
-        unfused fp32 model on cuBLAS."""
+        positions, then over the whole slots), against plain generate() of the unfused fp32 model on cuBLAS: the
+        prompts one at a time, shortest first (each prefilled from past the one before, whose K/V were kept), then
+        every prompt submitted at once (each found kept whole: one token through the model)."""
         from transformers import AutoModelForCausalLM
 
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
@@ -608,7 +612,16 @@ def main(argv=None) -> int:
         decoder = BatchedDecoder(model32, max_batch=len(identity), max_length=args.prompt_tokens + args.new_tokens + 8,
                                  buckets=(len(identity),), lengths=(args.prompt_tokens + args.new_tokens // 2,),
                                  compile=bool(args.batch_compile))  # fmt: skip
-        return {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True)}
+        one_by_one = identity_report(decoder, reference, shortest_first=True)
+        reused = decoder.timings.snapshot()
+        result = {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True),
+                  "one_by_one_identical": one_by_one["identity_prompts_identical"],
+                  "one_by_one_first_mismatches": one_by_one["identity_first_mismatches"],
+                  "one_by_one_reused_share": round(reused["reused_tokens"] / max(reused["prompt_tokens"], 1), 3)}  # fmt: skip
+        after = decoder.timings.snapshot()
+        result["together_reused_share"] = round((after["reused_tokens"] - reused["reused_tokens"])
+                                                / max(after["prompt_tokens"] - reused["prompt_tokens"], 1), 3)  # fmt: skip
+        return result
 
     if not args.skip_fp32 and wanted("fp32-batched-identity"):
         record("fp32-batched-identity", len(identity), guarded(fp32_batched_identity), cache="static")

@@ -280,7 +280,8 @@ def check_round_trips(url: str, repeats: int) -> list[float]:
 
 def engine_use(before: dict, after: dict, wall: float) -> dict | None:
     """The batched decoder's work during a load, from /usage's engine totals: steps, requests a step, ms a step,
-    prefill forwards, requests a prefill, ms a prefill, and the share of the wall time the engine was busy."""
+    prefill forwards, requests a prefill, ms a prefill, the share of prompt tokens restored from kept prefixes,
+    and the share of the wall time the engine was busy."""
     if "decoder" not in after or "decoder" not in before:  # no engine, or it became ready during the load
         return None
     d = {name: after["decoder"][name] - before["decoder"][name] for name in after["decoder"]}
@@ -288,6 +289,7 @@ def engine_use(before: dict, after: dict, wall: float) -> dict | None:
             "step_ms": round(1e3 * d["step_s"] / max(d["steps"], 1), 3), "prefills": d["prefills"],
             "requests_per_prefill": round(d["prefilled"] / max(d["prefills"], 1), 2),
             "prefill_ms": round(1e3 * d["prefill_s"] / max(d["prefills"], 1), 2),
+            "reused_share": round(d["reused_tokens"] / max(d["prompt_tokens"], 1), 3),
             "busy_share": round((d["step_s"] + d["prefill_s"]) / wall, 3)}  # fmt: skip
 
 

@@ -228,6 +228,124 @@ def test_prompts_forwards_never_attend_through_cudnn(chaotic, monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for the prefills only
 
 
+SCHEMA = ("CREATE TABLE singer (singer_id INTEGER, name VARCHAR, country VARCHAR, age INTEGER); "
+          "CREATE TABLE concert (concert_id INTEGER, concert_name VARCHAR, stadium_id INTEGER, year INTEGER); "
+          "CREATE TABLE singer_in_concert (concert_id INTEGER, singer_id INTEGER)")
+FIRST = build_prompt(SCHEMA, "How many singers are there?")
+SAME_SCHEMA = [build_prompt(SCHEMA, "Names of singers from France?"), build_prompt(SCHEMA, "Concerts per year?")]
+FOLLOW_UP = build_prompt(SCHEMA, "And from Spain?", history=[("How many singers are there?", "SELECT count(*) FROM singer")])
+
+
+def prompt_kv(decoder, request) -> torch.Tensor:
+    """The K/V of the request's prompt in its slot, every layer's (while it decodes)."""
+    (slot,) = [slot for slot, busy in decoder.slots.items() if busy is request]
+    length = request.input_ids.shape[-1]
+    return torch.cat([cache[slot, :, :length] for cache in decoder.keys + decoder.values])
+
+
+def whole_prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The K/V of a prompt prefilled whole, alone."""
+    decoder = BatchedDecoder(model, max_batch=1, max_length=256, prefixes=0)
+    decoder.warm_up()
+    request = decoder.submit(input_ids, 8, None)
+    decoder.run_once()
+    return prompt_kv(decoder, request)
+
+
+def shared_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many first tokens two prompts share, at most all but b's last."""
+    a, b = a.view(-1), b.view(-1)
+    most = min(len(a), len(b) - 1)
+    return next((i for i in range(most) if a[i] != b[i]), most)
+
+
+@pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
+def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_their_solo_greedy_tokens(chaotic, queue_ahead):
+    # Questions about one database share its schema: the K/V of the first prompt are kept, and each later prompt
+    # gets its longest shared prefix restored into its slot and runs only the rest through the model: two at once in
+    # one forward from different starts, and a follow-up whose prompt begins with a whole earlier one. With
+    # prefixes=0 (DECODE_PREFIXES=0) every prompt is prefilled whole: the same tokens.
+    model, tokenizer = chaotic
+    ids = {p: ids_of(tokenizer, p) for p in [FIRST, *SAME_SCHEMA, FOLLOW_UP, MORE_PROMPTS[3]]}
+    expected = {p: plain_greedy(model, tokenizer, p, 16) for p in ids}
+    assert shared_tokens(ids[FIRST], ids[FOLLOW_UP]) == len(ids[FIRST][0])  # the follow-up begins with the first
+    for prefixes in (None, 0):
+        decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), queue_ahead=queue_ahead, prefixes=prefixes)
+        decoder.warm_up()
+        first = decoder.submit(ids[FIRST], 16, tokenizer.eos_token_id)
+        decoder.run_once()
+        later = {p: decoder.submit(ids[p], 16, tokenizer.eos_token_id) for p in [SAME_SCHEMA[0], FOLLOW_UP, MORE_PROMPTS[3]]}
+        decoder.run_once()  # the three waiting together: one forward
+        for prompt, request in later.items():  # each prompt's K/V as its whole prefill writes them
+            torch.testing.assert_close(prompt_kv(decoder, request), whole_prefill_kv(model, ids[prompt]), atol=1e-4, rtol=1e-4)
+        while decoder.run_once():
+            pass
+        last = decoder.submit(ids[SAME_SCHEMA[1]], 16, tokenizer.eos_token_id)  # kept: the first and the three after it
+        while decoder.run_once():
+            pass
+        requests = {FIRST: first, **later, SAME_SCHEMA[1]: last}
+        assert {p: drain(r) for p, r in requests.items()} == expected
+        usage = decoder.timings.snapshot()
+        assert usage["prefills"] == 3 and usage["prompt_tokens"] == sum(len(i[0]) for i in ids.values())
+        if prefixes == 0:
+            assert usage["reused_tokens"] == 0 and not any(r.reused for r in requests.values())
+            continue
+        kept_before = [ids[FIRST]]
+        assert first.reused == 0 and later[SAME_SCHEMA[0]].reused == shared_tokens(ids[FIRST], ids[SAME_SCHEMA[0]]) > 0
+        assert later[FOLLOW_UP].reused == len(ids[FIRST][0]) and later[MORE_PROMPTS[3]].reused < 20  # another schema
+        kept_before += [ids[p] for p in later]
+        assert last.reused == max(shared_tokens(k, ids[SAME_SCHEMA[1]]) for k in kept_before)
+        assert usage["reused_tokens"] == sum(r.reused for r in requests.values())
+        assert usage["reused_tokens"] > usage["prompt_tokens"] / 2  # most of each prompt is its schema
+
+
+def test_a_prefix_found_for_a_prompt_is_restored_before_another_prompt_takes_its_entry(chaotic):
+    # One kept prompt. Two arrive together, prefilled one at a time (prefill_tokens=0): a short one that shares
+    # no token with it first, then one that shares the kept prompt's schema. Prompts are kept only after the
+    # admission's last prefill: kept at once, the first would have taken the entry the second was found in, and
+    # the second would decode from the wrong K/V.
+    model, tokenizer = chaotic
+    other, alike = "SELECT name FROM", SAME_SCHEMA[0]
+    expected = [plain_greedy(model, tokenizer, p, 12) for p in (other, alike)]
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), prefill_tokens=0, prefixes=1)
+    decoder.warm_up()
+    decoder.submit(ids_of(tokenizer, FIRST), 1, tokenizer.eos_token_id)
+    decoder.run_once()
+    requests = [decoder.submit(ids_of(tokenizer, p), 12, tokenizer.eos_token_id) for p in (other, alike)]
+    decoder.run_once()
+    assert requests[0].reused == 0 and decoder.timings.snapshot()["prefills"] == 3  # one forward each
+    assert len(ids_of(tokenizer, other)[0]) < len(ids_of(tokenizer, alike)[0]) - requests[1].reused  # the first of them
+    torch.testing.assert_close(prompt_kv(decoder, requests[1]), whole_prefill_kv(model, ids_of(tokenizer, alike)), atol=1e-4, rtol=1e-4)
+    while decoder.run_once():
+        pass
+    assert requests[1].reused > 0 and [drain(r) for r in requests] == expected
+
+
+def test_the_prefix_store_keeps_the_newest_prompts_and_lets_a_turn_take_the_entry_of_the_one_it_extends():
+    from starsql.serve.fast.prefixes import PrefixStore
+
+    store = PrefixStore(2, layers=1, heads=1, length=8, head_dim=1, dtype=torch.float32, device="cpu")
+    slots = [torch.arange(4 * 9, dtype=torch.float32).view(4, 1, 9, 1)]  # slot s holds 9s .. 9s + 8
+    prompt = lambda *tokens: torch.tensor([tokens])  # noqa: E731
+    assert store.find(prompt(1, 2, 3)) == (-1, 0)
+    store.keep(prompt(1, 2, 3), slots, slots, slot=1)
+    assert store.find(prompt(1, 2, 3, 4)) == (0, 3) and store.find(prompt(1, 2, 3)) == (0, 2)  # one token left to run
+    store.keep(prompt(1, 2), slots, slots, slot=2)  # the kept prompt begins with all of it: nothing new kept
+    assert store.prompts[1] is None
+    store.keep(prompt(1, 2, 3, 4, 5), slots, slots, slot=2)  # a turn after the kept prompt: takes its entry
+    assert [p.tolist() for p in store.prompts if p is not None] == [[1, 2, 3, 4, 5]]
+    store.keep(prompt(7, 7), slots, slots, slot=3)
+    store.find(prompt(1, 2, 9))  # the first entry found: used last
+    store.keep(prompt(8, 8, 8), slots, slots, slot=0)  # replaces the least recently used: (7, 7)
+    assert [p.tolist() for p in store.prompts] == [[1, 2, 3, 4, 5], [8, 8, 8]]
+    store.keep(prompt(*range(9)), slots, slots, slot=0)  # longer than an entry: not kept
+    assert [p.tolist() for p in store.prompts] == [[1, 2, 3, 4, 5], [8, 8, 8]]
+    target = [torch.zeros(4, 1, 9, 1)]
+    store.restore(0, 4, target, target, slot=3)
+    assert target[0][3, 0, :, 0].tolist() == [18, 19, 20, 21, 0, 0, 0, 0, 0]  # slot 2's first 4 positions
+    assert target[0][:3].abs().sum() == 0
+
+
 @pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])
 def test_requests_from_many_threads_at_once_get_their_solo_greedy_tokens(chaotic, queue_ahead):
     # As the app calls it: each request from its own thread, through the engine thread; one stream closed
@@ -459,15 +577,21 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")  # each prompt prefilled alone: the baseline of joint prefills
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
     assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
+    assert len(decoder.prefixes.prompts) == 2  # a prompt kept for each slot
     monkeypatch.setenv("DECODE_LENGTHS", "0")  # every step over whole slots, each step read before the next
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "0")
+    monkeypatch.setenv("DECODE_PREFIXES", "0")  # every prompt prefilled whole
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
-    assert not decoder.queue_ahead and decoder.lengths == [2048]
+    assert not decoder.queue_ahead and decoder.lengths == [2048] and decoder.prefixes is None
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "later")
     with pytest.raises(ValueError, match="DECODE_QUEUE_AHEAD must be 1"):
         build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "lots")
     with pytest.raises(ValueError, match="DECODE_PREFILL_TOKENS must be a whole number"):
+        build_backend(model, tokenizer, fast=True)
+    monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")
+    monkeypatch.setenv("DECODE_PREFIXES", "-1")
+    with pytest.raises(ValueError, match="DECODE_PREFIXES must be a whole number of prompts"):
         build_backend(model, tokenizer, fast=True)
 
 

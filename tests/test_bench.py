@@ -92,7 +92,7 @@ def test_heldout_split_drops_paraphrases_and_keeps_the_rest(tmp_path, shared_dir
 
 def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     out = tmp_path / "generate.jsonl"
-    done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "1",
+    done = subprocess.run([sys.executable, "bench/generate_speed.py", "--smoke", "--repeats", "1", "--identity_prompts", "2",
                            "--model_dir", str(tmp_path / "model"), "--only", "bf16-merged-graph,bf16-merged-graph-app-default,bf16-merged-graph-512-cublas,bf16-merged-graph-512-eager-prefill,app-concurrent16,fp32-identity,fp32-batched-identity,aoti",
                            "--aoti_tokens", "512", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -101,38 +101,49 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     assert not any("error" in r for r in lines.values()), lines
     # The app's cache lengths, the shortest that holds 300 + 64 tokens; tokens as plain generate's.
     assert graph["cache_lengths"][0] == 512 and graph["cache_length_used"] == 512
-    assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 1
+    assert graph["identical_to_bf16_merged"] and graph["identity_prompts_identical"] == 2
     assert graph["fused_qkv_layers"] == 2  # prepared as the fast backend prepares it: q/k/v fused in every layer
     app_default = lines["bf16-merged-graph-app-default"]  # room for 256 new tokens: the 1,024 cache, same tokens
     assert app_default["cache_length_used"] == 1024 and app_default["identical_to_bf16_merged"]
     # Through the app's backend; without CUDA graphs it answers two at once (the decoder and generate()).
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 2 and concurrent["tokens_per_s"] > 0
-    assert lines["fp32-identity"]["identity_prompts_identical"] == 1
-    # The batched decoder, its steps over 332 positions, then the whole slot: plain generate's tokens.
-    assert lines["fp32-batched-identity"]["identity_prompts_identical"] == 1
+    assert lines["fp32-identity"]["identity_prompts_identical"] == 2
+    # The batched decoder, its steps over 332 positions, then the whole slot: plain generate's tokens; the shorter
+    # prompt (the longer one's start) first, then the longer from past it; then both at once, each kept whole.
+    batched = lines["fp32-batched-identity"]
+    assert batched["identity_prompts_identical"] == batched["one_by_one_identical"] == 2
+    assert 0.3 < batched["one_by_one_reused_share"] < 0.5 and batched["together_reused_share"] > 0.99
     # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear),
     # and with the prompt's forward eager at its own width: the same tokens.
     assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]
     assert lines["bf16-merged-graph-512-eager-prefill"]["identical_to_bf16_merged"]
     # DECODE_AOTI's decoder: compiled once, then loaded from its package as a restart does; generate()'s tokens.
     aoti = lines["aoti"]
-    assert aoti["identical_to_bf16_merged"] and aoti["identity_prompts_identical"] == 1 and aoti["restart_s"] < aoti["build_s"]
+    assert aoti["identical_to_bf16_merged"] and aoti["identity_prompts_identical"] == 2 and aoti["restart_s"] < aoti["build_s"]
 
 
 def test_batched_step_smoke_times_every_step_prefill_and_engine(tmp_path):
-    """bench/batched_step.py on a CPU: each (rows, length) step timed, prefills together and alone, and the four
-    engines (whole slots or lengths, step by step or queued ahead) serving the same users every token."""
+    """bench/batched_step.py on a CPU: each (rows, length) step timed, prefills together, alone and from past a
+    restored prefix, and the five engines (whole slots or lengths, step by step or queued ahead, prefixes kept or
+    not) serving the same users every token; prompts sharing their first tokens, which only `prefixes` reuses."""
     out = tmp_path / "batched_step.json"
-    done = subprocess.run([sys.executable, "bench/batched_step.py", "--smoke", "--parts", "steps,prefill,engine", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, "bench/batched_step.py", "--smoke", "--parts", "steps,prefill,prefill_profile,engine", "--out", str(out),
+                           "--shared_tokens", "12"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {(s["rows"], s["length"]) for s in result["steps"]} == {(r, n) for r in (1, 2, 4, 8, 16) for n in (256, 512, 1024, 2048)}
     assert all(s["gpu_ms"] > 0 and s["host_ms"] > 0 for s in result["steps"])
     assert [p["prompts"] for p in result["prefill"]] == [1, 2, 4, 8, 16] and result["prefill"][0]["together_ms"] is None
+    assert all(p["rest_ms"] > 0 for p in result["prefill"])
+    profile = result["prefill_profile"]  # 4 prompts' last 12 tokens: the smallest graph that holds them
+    assert profile["graph"] == [4, 32] and profile["kernel_us_per_prefill"] > 0 and profile["top"]
     engines = {e["engine"]: e for e in result["engine"]}
-    assert set(engines) == {"whole-slots", "lengths", "queue-ahead", "both"}
+    assert set(engines) == {"whole-slots", "lengths", "queue-ahead", "both", "prefixes"}
     assert all(e["tokens"] == 16 * 8 and e["ms_a_step"] > 0 and e["prefills"] >= 1 for e in engines.values())
+    assert engines["prefixes"]["reused_share"] >= 0.5 and all(e["reused_share"] == 0 for n, e in engines.items() if n != "prefixes")
+    rejected = subprocess.run([sys.executable, "bench/batched_step.py", "--smoke", "--engines", "both,fastest"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert rejected.returncode == 2 and "no engine fastest" in rejected.stderr
 
 
 def test_paired_gains_count_changes_and_gains_a_zero_result_would_give(tmp_path, spider_dir):
@@ -297,10 +308,13 @@ def test_serve_load_reads_the_engines_work_during_a_load_from_usage():
     from serve_load import engine_use
 
     assert engine_use({"tokens": 0}, {"tokens": 64}, 1.0) is None  # plain generate(): no engine
-    before = {"decoder": {"steps": 10, "rows": 10, "step_s": 0.04, "prefills": 1, "prefilled": 1, "prefill_s": 0.01}}
-    after = {"decoder": {"steps": 74, "rows": 1034, "step_s": 0.36, "prefills": 3, "prefilled": 17, "prefill_s": 0.11}}
+    before = {"decoder": {"steps": 10, "rows": 10, "step_s": 0.04, "prefills": 1, "prefilled": 1, "prefill_s": 0.01,
+                          "prompt_tokens": 300, "reused_tokens": 0}}
+    after = {"decoder": {"steps": 74, "rows": 1034, "step_s": 0.36, "prefills": 3, "prefilled": 17, "prefill_s": 0.11,
+                         "prompt_tokens": 5100, "reused_tokens": 4320}}
     assert engine_use(before, after, 2.0) == {"steps": 64, "requests_per_step": 16.0, "step_ms": 5.0, "prefills": 2,
-                                             "requests_per_prefill": 8.0, "prefill_ms": 50.0, "busy_share": 0.21}
+                                             "requests_per_prefill": 8.0, "prefill_ms": 50.0, "reused_share": 0.9,
+                                             "busy_share": 0.21}
 
 
 def test_app_ceiling_drives_the_app_with_an_engine_that_takes_no_time(tmp_path):

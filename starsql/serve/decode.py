@@ -324,11 +324,18 @@ def decode_prefill_tokens() -> int | None:
     return env_count("DECODE_PREFILL_TOKENS", 0, "tokens", "each prompt alone")
 
 
+def decode_prefixes() -> int | None:
+    """DECODE_PREFIXES from the environment: how many prompts' K/V the batched decoder keeps, so that a prompt
+    beginning like one of them (the same schema, an earlier turn) is prefilled from where they part (0: none, every
+    prompt prefilled whole); unset: its default."""
+    return env_count("DECODE_PREFIXES", 0, "prompts", "none kept, every prompt prefilled whole")
+
+
 def batched_switches() -> dict:
     """The batched decoder's switches from the environment, as keyword arguments of starsql.serve.fast.build:
-    DECODE_PREFILL_TOKENS, DECODE_LENGTHS=0 (every step over whole slots) and DECODE_QUEUE_AHEAD=0 (each step's
-    tokens read before the next is queued); each 0 keeps the simpler path its default replaces."""
-    return {"prefill_tokens": decode_prefill_tokens(),
+    DECODE_PREFILL_TOKENS, DECODE_PREFIXES, DECODE_LENGTHS=0 (every step over whole slots) and DECODE_QUEUE_AHEAD=0
+    (each step's tokens read before the next is queued); each 0 keeps the simpler path its default replaces."""
+    return {"prefill_tokens": decode_prefill_tokens(), "prefixes": decode_prefixes(),
             "whole_slots": not env_switch("DECODE_LENGTHS", True, "steps over the positions in use", "over whole slots"),
             "queue_ahead": env_switch("DECODE_QUEUE_AHEAD", True, "queue each step before the last one's tokens are read",
                                       "one step at a time")}  # fmt: skip

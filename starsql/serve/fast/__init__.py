@@ -61,14 +61,16 @@ def prepare_model(model) -> bool:
 
 
 def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
-          prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None, timings=None):
+          prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None, timings=None,
+          prefixes: int | None = None):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
     (seconds, not minutes; slower steps). `prefill_tokens`: the batched decoder's most padded prompt tokens in
     one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
-    on a GPU); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
+    on a GPU); `prefixes`: how many prompts' K/V it keeps to prefill prompts that begin alike from where they part
+    (0: none; None: its default); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
     it). If building fails, the kernel is turned off again before the error propagates, so generate() runs on
     cuBLAS."""
     keep_compiled_artefacts()
@@ -80,7 +82,7 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
             return FastDecodeBackend(model, tokenizer, decoder)
         decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False,
                                  prefill_tokens=prefill_tokens, lengths=() if whole_slots else LENGTHS,
-                                 queue_ahead=queue_ahead, timings=timings)  # fmt: skip
+                                 queue_ahead=queue_ahead, timings=timings, prefixes=prefixes)  # fmt: skip
         decoder.start()  # warms up first
         return BatchedDecodeBackend(model, tokenizer, decoder)
     except Exception:

@@ -28,11 +28,15 @@ import torch
 
 from .decoder import GreedyDecoder, capture_graph, check_fits, prefill_attention
 from .gemv import routing
+from .prefixes import PrefixStore
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
 LENGTHS = (256, 512, 1024)  # slot positions a step attends over, below the slot's length (which a step always has)
 REPORT_EVERY = 2000  # steps between two lines of the engine's timings in the log
 PREFILL_TOKENS = 8192  # prompt tokens (padded) at most in one joint prefill by default: bounds its activations' memory
+# Prompt tokens (past their kept prefixes) a joint prefill with a graph of its own runs, padded to one of these; wider
+# ones run eagerly. A question past its schema, or a follow-up past the turn before, fits.
+GRAPH_WIDTHS = (32, 64, 128)
 SWITCH_INTERVAL_S = 0.001  # the engine thread gets the GIL back this soon after a step (Python's default: 5 ms)
 
 
@@ -53,18 +57,20 @@ class SlotCache:
 
 class PrefillCache:
     """Where a joint prefill's attention layers put K/V, as a transformers Cache (they call `update` only): each
-    prompt's row goes straight to its slot's cache row from position 0 (the padding's too: past its prompt, where
-    each step's mask hides it until the row's own steps overwrite it). The slots were free, so attention sees the
-    new K/V only."""
+    prompt's row goes straight to its slot's cache row at its own `positions` (rows, width): from where the K/V
+    restored from the prefix store end (position 0 without), the padding's too (past its prompt, where each step's
+    mask hides it until the row's own steps overwrite it; past the slot, on its spare last position). Attention gets
+    each slot's first `span` positions back: the restored prefix and the new K/V."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor):
-        self.keys, self.values, self.slots = keys, values, slots
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor,
+                 span: int):  # fmt: skip
+        self.keys, self.values, self.slots, self.positions, self.span = keys, values, slots, positions, span
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        width = key_states.shape[2]
-        self.keys[layer_idx][self.slots, :, :width] = key_states
-        self.values[layer_idx][self.slots, :, :width] = value_states
-        return key_states, value_states
+        rows = self.slots[:, None]
+        self.keys[layer_idx][rows, :, self.positions] = key_states.transpose(1, 2)  # (rows, width, heads, head dim)
+        self.values[layer_idx][rows, :, self.positions] = value_states.transpose(1, 2)
+        return self.keys[layer_idx][self.slots, :, : self.span], self.values[layer_idx][self.slots, :, : self.span]
 
 
 class _Bucket:
@@ -81,6 +87,21 @@ class _Bucket:
         self.prepared = False
 
 
+class _PrefillGraph:
+    """A joint prefill of up to `rows` prompts, each up to `width` tokens past its restored prefix, attending over
+    whole slots: its fixed inputs, its output (each row's first new token) and, on a GPU, its CUDA graph. Rows
+    past the group's are padding: they write on slot 0's spare last position, which no step reads."""
+
+    def __init__(self, decoder: "BatchedDecoder", rows: int, width: int):
+        self.rows, self.width, device = rows, width, decoder.device
+        self.prompts = torch.zeros((rows, width), dtype=torch.long, device=device)
+        self.positions = torch.full((rows, width), decoder.max_length, dtype=torch.long, device=device)
+        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        self.last = torch.zeros(rows, dtype=torch.long, device=device)
+        self.first = torch.zeros(rows, dtype=torch.long, device=device)
+        self.graph = None
+
+
 class _Step:
     """A step queued on the GPU: the requests of its rows then, and where its tokens land on the host (pinned
     memory on a GPU, read once `done` has passed)."""
@@ -95,7 +116,7 @@ class EngineTimings:
     """What the engine thread spends its time on, written to the log every REPORT_EVERY steps: where a slow
     batch shows its cause (the GPU's step, the host between steps, prefills)."""
 
-    FIELDS = ("steps", "rows", "step_s", "prefills", "prefilled", "prefill_s")
+    FIELDS = ("steps", "rows", "step_s", "prefills", "prefilled", "prefill_s", "prompt_tokens", "reused_tokens")
 
     def __init__(self):
         self.since = time.perf_counter()
@@ -116,8 +137,10 @@ class EngineTimings:
             self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
             return line
 
-    def prefilled(self, requests: int, seconds: float):
-        self._add(prefills=1, prefilled=requests, prefill_s=seconds)
+    def prefilled(self, requests: int, seconds: float, prompt_tokens: int = 0, reused_tokens: int = 0):
+        """A prefill forward of `requests` prompts, `prompt_tokens` in all, `reused_tokens` of them restored from the
+        prefix store (not run through the model)."""
+        self._add(prefills=1, prefilled=requests, prefill_s=seconds, prompt_tokens=prompt_tokens, reused_tokens=reused_tokens)
 
     def stepped(self, rows: int, seconds: float):
         if (line := self._add(steps=1, rows=rows, step_s=seconds)) is not None:
@@ -127,7 +150,8 @@ class EngineTimings:
         c, wall = self.counts, time.perf_counter() - self.since
         return (f"Batched decoder: {c['steps']} steps in {wall:.1f} s, {c['rows'] / max(c['steps'], 1):.1f} requests a "
                 f"step, {1e3 * c['step_s'] / max(c['steps'], 1):.2f} ms a step on the GPU; "
-                f"{c['prefilled']} requests in {c['prefills']} prefills, {1e3 * c['prefill_s'] / max(c['prefills'], 1):.1f} ms each")
+                f"{c['prefilled']} requests in {c['prefills']} prefills, {1e3 * c['prefill_s'] / max(c['prefills'], 1):.1f} ms each, "
+                f"{c['reused_tokens']} of {c['prompt_tokens']} prompt tokens from kept prefixes")
 
     def snapshot(self) -> dict:
         """The totals since the start (seconds rounded to microseconds)."""
@@ -142,6 +166,7 @@ class Request:
         self.input_ids, self.max_new_tokens, self.eos_token_id = input_ids.view(1, -1), max_new_tokens, eos_token_id
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.produced = 0
+        self.reused = 0  # its first prompt tokens whose K/V the prefix store gave its slot: its prefill runs the rest
         self.closed = False  # its stream was closed (Stop, a client gone): it leaves at the next step
 
     def deliver(self, token: int) -> bool:
@@ -165,7 +190,7 @@ class BatchedDecoder:
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
                  compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
                  lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None,
-                 timings: EngineTimings | None = None):  # fmt: skip
+                 timings: EngineTimings | None = None, prefixes: int | None = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -181,6 +206,11 @@ class BatchedDecoder:
         shape = (max_batch, config.num_key_value_heads, self.max_length + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        # The K/V of the last `prefixes` prompts (default: as many as slots; 0: none): a prompt that begins like one
+        # of them (the same schema, an earlier turn) is prefilled from where they part (prefixes.py).
+        prefixes = max_batch if prefixes is None else prefixes
+        self.prefixes = PrefixStore(prefixes, config.num_hidden_layers, config.num_key_value_heads, self.max_length,
+                                    head_dim, model.dtype, self.device) if prefixes else None  # fmt: skip
         # Each slot's next input token and its position; `live` is 1 where a request decodes (its position advances).
         self.step_tokens = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -192,8 +222,10 @@ class BatchedDecoder:
         self.lengths = sorted({n for n in lengths if n < self.max_length} | {self.max_length})
         rows = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.buckets = {(r, n): _Bucket(self, r, n) for n in self.lengths for r in rows}
+        self.prefill_graphs = {(r, w): _PrefillGraph(self, r, w) for w in GRAPH_WIDTHS if w < self.max_length for r in rows}
         self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # buckets never run at once
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # nor do prefills
         # Two steps at most are in flight (one queued ahead of the one being read): each with its host tokens.
         self._steps = [_Step(max_batch, self.use_graph) for _ in range(2)]
         self._in_flight: _Step | None = None
@@ -260,6 +292,15 @@ class BatchedDecoder:
         for bucket in self.buckets.values():
             if not bucket.prepared:
                 self._prepare(bucket)
+        if self.use_graph:  # each joint prefill's graph: its padding rows write on a spare position only
+            for prefill in self.prefill_graphs.values():
+                if prefill.graph is None:
+                    prefill.graph, _ = capture_graph(lambda p=prefill: self._run_prefill_graph(p), self._side, warmups=2,
+                                                     pool=self._prefill_pool, what=f"the prefill of {prefill.rows} prompts "
+                                                     f"of {prefill.width} tokens")  # fmt: skip
+                    if prefill.graph is None:  # capture failed (warned): joint prefills run eagerly
+                        self.prefill_graphs = {}
+                        break
 
     # --- the engine ---
 
@@ -276,39 +317,80 @@ class BatchedDecoder:
         self.positions[slot].copy_(cache.position[0])
         return cache.token.view(-1).clone()  # the next prompt's prefill overwrites cache.token
 
-    def _prefill_together(self, requests: list[Request], slots: list[int]) -> torch.Tensor:
-        """The prompts' forward as one batch, right-padded to the longest, each row's K/V written into its slot
-        (PrefillCache), and the slots' first step inputs set; returns each request's first new token (on the
-        device). Eager: the batch's work hides the kernel launches that a lone prompt's graph saves."""
-        lengths = [request.input_ids.shape[-1] for request in requests]
-        rows, width = len(requests), max(lengths)
-        prompts = torch.zeros((rows, width), dtype=torch.long)  # padding: any token; the mask hides it
-        for row, request in enumerate(requests):
-            prompts[row, : lengths[row]] = request.input_ids[0]
-        positions = torch.arange(width, device=self.device)
-        mask = self.prefiller._causal_mask(positions, width)  # no prompt token sees the padding after it
-        on_device = torch.tensor(slots, device=self.device)
-        last = torch.tensor(lengths, device=self.device) - 1
+    def _forward_prompts(self, prompts: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                         span: int) -> torch.Tensor:  # fmt: skip
+        """The forward of prompts (rows, width) at their `positions` (each row from where its restored prefix ends,
+        on past its prompt for its padding), each row's K/V written into its slot (PrefillCache) and attending over
+        the slot's first `span` positions up to its own; returns each row's next token after its `last` column."""
+        visible = torch.arange(span, device=self.device) <= positions[:, :, None]  # no token sees the padding after it
+        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[:, None]
+        cache = PrefillCache(self.keys, self.values, slots, positions.clamp(max=self.max_length), span)
         with prefill_attention():
-            out = self.model(input_ids=prompts.to(self.device), attention_mask=mask.expand(rows, -1, -1, -1),
-                             position_ids=positions.expand(rows, width), use_cache=True, logits_to_keep=last,
-                             past_key_values=PrefillCache(self.keys, self.values, on_device))  # fmt: skip
-        # Every row's logits at every row's last position (a 1-D logits_to_keep, which transformers 5 takes
+            out = self.model(input_ids=prompts, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=last, past_key_values=cache)  # fmt: skip
+        # Every row's logits at every row's last column (a 1-D logits_to_keep, which transformers 5 takes
         # everywhere): each row keeps its own.
-        first = out.logits[torch.arange(rows), torch.arange(rows)].argmax(-1)
+        rows = torch.arange(prompts.shape[0], device=self.device)
+        return out.logits[rows, rows].argmax(-1)
+
+    def _run_prefill_graph(self, prefill: _PrefillGraph):
+        """The joint prefill on its fixed inputs (what its CUDA graph replays), over whole slots."""
+        prefill.first.copy_(self._forward_prompts(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
+                                                  self.max_length + 1))  # fmt: skip
+
+    def _prefill_graph_for(self, rows: int, width: int) -> _PrefillGraph | None:
+        """The joint prefill graph of the fewest tokens that holds `rows` prompts of `width` tokens; None if none does."""
+        return min((g for (r, w), g in self.prefill_graphs.items() if r >= rows and w >= width),
+                   key=lambda g: (g.width, g.rows), default=None)  # fmt: skip
+
+    def _prefill_together(self, requests: list[Request], slots: list[int]) -> torch.Tensor:
+        """The prompts' forward as one batch, each from its first token not restored from the prefix store
+        (`request.reused`), right-padded to the longest such rest, each row's K/V written into its slot after its
+        restored ones, and the slots' first step inputs set; returns each request's first new token (on the
+        device). Through the graph of the smallest (rows, width) that holds them if there is one (on a CPU the same
+        padded forward runs eagerly), else eagerly at their own width: the batch's work hides the kernel launches
+        that a lone prompt's graph saves."""
+        lengths = [request.input_ids.shape[-1] for request in requests]
+        starts = [request.reused for request in requests]
+        rows, width = len(requests), max(length - start for length, start in zip(lengths, starts))
+        prefill = self._prefill_graph_for(rows, width)
+        padded = (prefill.rows, prefill.width) if prefill is not None else (rows, width)
+        prompts = torch.zeros(padded, dtype=torch.long)  # padding: any token; the mask hides it
+        positions = torch.full(padded, self.max_length, dtype=torch.long)  # padding rows: the spare position
+        for row, request in enumerate(requests):
+            prompts[row, : lengths[row] - starts[row]] = request.input_ids[0, starts[row] :]
+            positions[row] = starts[row] + torch.arange(padded[1])
+        on_device = torch.tensor(slots, device=self.device)
+        last = torch.zeros(padded[0], dtype=torch.long)
+        last[:rows] = torch.tensor(lengths) - torch.tensor(starts) - 1
+        if prefill is None:
+            first = self._forward_prompts(prompts.to(self.device), positions.to(self.device), on_device,
+                                          last.to(self.device), span=max(lengths))  # fmt: skip
+        else:
+            prefill.prompts.copy_(prompts)
+            prefill.positions.copy_(positions)
+            prefill.slots.zero_()[:rows] = on_device
+            prefill.last.copy_(last)
+            if prefill.graph is not None:
+                prefill.graph.replay()
+            else:
+                self._run_prefill_graph(prefill)
+            first = prefill.first[:rows].clone()  # the next prefill through this graph overwrites its output
         self.step_tokens[on_device] = first.view(-1, 1)
-        self.positions[on_device] = last + 1
+        self.positions[on_device] = torch.tensor(lengths, device=self.device)
         return first
 
     def _prefill_group(self, group: list[Request], slots: list[int]) -> torch.Tensor:
-        """The group's prompts prefilled into `slots`: together if more than one, else (or if the joint forward's
-        activations do not fit in memory) one at a time."""
-        if len(group) > 1:
+        """The group's prompts prefilled into `slots`: together if more than one or if a prefix was restored, else
+        (or if the joint forward's activations do not fit in memory) one at a time, whole."""
+        if len(group) > 1 or group[0].reused:
             try:
                 return self._prefill_together(group, slots)
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+        for request in group:
+            request.reused = 0  # prefilled whole: the restored K/V are overwritten with the same
         return torch.cat([self._prefill(request, slot) for request, slot in zip(group, slots)])
 
     def _admit(self, wait: bool):
@@ -328,15 +410,24 @@ class BatchedDecoder:
             elif not request.closed:
                 arrived.append(request)
         free = sorted(set(range(self.max_batch)) - self.slots.keys())  # the lowest first: smaller buckets
-        arrived.sort(key=lambda request: request.input_ids.shape[-1])  # similar widths together: less padding
+        # Each prompt's longest prefix kept, found before this admission keeps any prompt (which may take its entry).
+        found = {request: self.prefixes.find(request.input_ids) for request in arrived} if self.prefixes else {}
+        for request, (_entry, tokens) in found.items():
+            request.reused = tokens
+        width = lambda request: request.input_ids.shape[-1] - request.reused  # what its prefill runs  # noqa: E731
+        arrived.sort(key=width)  # similar widths together: less padding
+        prefilled: list[tuple[Request, int]] = []
         while arrived:
             group = [arrived.pop(0)]
             # Shortest first: the next request is the widest, its width the padded one of the group it joins.
-            while arrived and (len(group) + 1) * arrived[0].input_ids.shape[-1] <= self.prefill_tokens:
+            while arrived and (len(group) + 1) * width(arrived[0]) <= self.prefill_tokens:
                 group.append(arrived.pop(0))
             slots, free = free[: len(group)], free[len(group) :]
             started = self._mark()
             try:
+                for request, slot in zip(group, slots):
+                    if request.reused:
+                        self.prefixes.restore(found[request][0], request.reused, self.keys, self.values, slot)
                 firsts = self._prefill_group(group, slots)
                 ended = self._mark()
                 firsts = firsts.tolist()  # waits for the prefill (and a step queued before it)
@@ -344,13 +435,18 @@ class BatchedDecoder:
                 for request in group + arrived:
                     request.out.put(error)
                 raise
-            self.timings.prefilled(len(group), self._between(started, ended))
+            self.timings.prefilled(len(group), self._between(started, ended), sum(r.input_ids.shape[-1] for r in group),
+                                   sum(r.reused for r in group))  # fmt: skip
+            prefilled += zip(group, slots)
             for request, slot, first in zip(group, slots, firsts):
                 self.slots[slot] = request
                 self.live[slot] = 1
                 self.next_position[slot] = request.input_ids.shape[-1]
                 if request.deliver(first):  # done on its first token (EOS, or a budget of one)
                     self._leave(slot)
+        if self.prefixes:  # before any step: a free slot's rows still hold its prompt's K/V
+            for request, slot in prefilled:
+                self.prefixes.keep(request.input_ids, self.keys, self.values, slot)
 
     def _leave(self, slot: int):
         """Free `slot`. Its position goes back to 0: a free row within a step's rows still writes K/V at its
@@ -446,7 +542,8 @@ class BatchedDecoder:
     def _release(self):
         """Drop the caches and graphs (the engine thread, once closed): the GPU memory goes back now, not when the
         garbage collector finds the decoder (its compiled step refers back to it)."""
-        self.buckets, self.keys, self.values, self.prefiller, self._steps = {}, [], [], None, []
+        self.buckets, self.keys, self.values, self.prefiller, self._steps, self.prefixes = {}, [], [], None, [], None
+        self.prefill_graphs = {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
