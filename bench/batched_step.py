@@ -19,7 +19,7 @@ The model is prepared as starsql.serve.fast.build prepares it (q/k/v fused, the 
   engine's timings (busy share, ms a step), for the engines of --engines: as it was (`whole-slots`: every step over
   the whole slots, each step's tokens read before the next is queued), with steps over the positions in use
   (`lengths`), with the next step queued before the last one's tokens are read (`queue-ahead`), both (`both`),
-  and both with kept prefixes (`prefixes`, the default engine).
+  and both with 16 prompts' prefixes kept (`prefixes`, DECODE_PREFIXES=16).
 """
 
 import argparse
@@ -138,7 +138,7 @@ def profile_prefill(model, args, rows: int = 4, top: int = 15) -> dict:
     forward, run eagerly on its fixed inputs), against the graph's replay and a whole-prompt joint prefill."""
     from starsql.serve.fast.batched import Request
 
-    decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False)
+    decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False, prefixes=16)
     decoder.warm_up()
     generator = torch.Generator().manual_seed(3)
     requests = [Request(torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=generator), 8, None)
@@ -148,9 +148,9 @@ def profile_prefill(model, args, rows: int = 4, top: int = 15) -> dict:
     for request in requests:
         request.reused = args.shared_tokens
     replay_ms = gpu_ms(lambda: decoder._prefill_together(requests, slots), 5)
-    prefill = decoder._prefill_graph_for(rows, args.prompt_tokens - args.shared_tokens)
+    prefill = decoder._prefill_graph_for(rows, args.prompt_tokens - args.shared_tokens, args.prompt_tokens)
     eager_ms = gpu_ms(lambda: decoder._run_prefill_graph(prefill), 5)
-    return {"rows": rows, "rest_tokens": args.prompt_tokens - args.shared_tokens, "graph": [prefill.rows, prefill.width],
+    return {"rows": rows, "rest_tokens": args.prompt_tokens - args.shared_tokens, "graph": [prefill.rows, prefill.width, prefill.span],
             "whole_ms": round(whole_ms, 2), "replay_ms": round(replay_ms, 2), "eager_ms": round(eager_ms, 2),
             "replay_only_ms": round(gpu_ms(prefill.graph.replay, 5), 2) if prefill.graph is not None else None,
             **kernel_profile(lambda: decoder._run_prefill_graph(prefill), 5, "prefill", top)}  # fmt: skip
@@ -159,8 +159,8 @@ def profile_prefill(model, args, rows: int = 4, top: int = 15) -> dict:
 def prefill_times(model, args) -> list[dict]:
     from starsql.serve.fast.batched import Request
 
-    decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False)
-    decoder.warm_up()  # the joint prefills' graphs (of prompts' rests up to GRAPH_WIDTHS tokens) too
+    decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False, prefixes=16 if args.shared_tokens else 0)
+    decoder.warm_up()  # with prefixes, the joint prefills' graphs (of prompts' rests up to GRAPH_WIDTHS tokens) too
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     rows = []
@@ -180,7 +180,7 @@ def prefill_times(model, args) -> list[dict]:
 
 
 ENGINES = {"whole-slots": dict(lengths=(), queue_ahead=False, prefixes=0), "lengths": dict(queue_ahead=False, prefixes=0),
-           "queue-ahead": dict(lengths=(), queue_ahead=True, prefixes=0), "both": dict(prefixes=0), "prefixes": {}}
+           "queue-ahead": dict(lengths=(), queue_ahead=True, prefixes=0), "both": dict(prefixes=0), "prefixes": dict(prefixes=16)}
 
 
 def engine_load(model, args, engine: str) -> dict:

@@ -611,7 +611,7 @@ def main(argv=None) -> int:
         prepare_model(model32)
         decoder = BatchedDecoder(model32, max_batch=len(identity), max_length=args.prompt_tokens + args.new_tokens + 8,
                                  buckets=(len(identity),), lengths=(args.prompt_tokens + args.new_tokens // 2,),
-                                 compile=bool(args.batch_compile))  # fmt: skip
+                                 compile=bool(args.batch_compile), prefixes=len(identity))  # fmt: skip
         one_by_one = identity_report(decoder, reference, shortest_first=True)
         reused = decoder.timings.snapshot()
         result = {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True),

@@ -264,13 +264,14 @@ def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_the
     # Questions about one database share its schema: the K/V of the first prompt are kept, and each later prompt
     # gets its longest shared prefix restored into its slot and runs only the rest through the model: two at once in
     # one forward from different starts, and a follow-up whose prompt begins with a whole earlier one. With
-    # prefixes=0 (DECODE_PREFIXES=0) every prompt is prefilled whole: the same tokens.
+    # prefixes=0 (DECODE_PREFIXES=0, the default) every prompt is prefilled whole: the same tokens.
     model, tokenizer = chaotic
     ids = {p: ids_of(tokenizer, p) for p in [FIRST, *SAME_SCHEMA, FOLLOW_UP, MORE_PROMPTS[3]]}
     expected = {p: plain_greedy(model, tokenizer, p, 16) for p in ids}
     assert shared_tokens(ids[FIRST], ids[FOLLOW_UP]) == len(ids[FIRST][0])  # the follow-up begins with the first
-    for prefixes in (None, 0):
-        decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), queue_ahead=queue_ahead, prefixes=prefixes)
+    for prefixes in (4, 0):
+        decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), lengths=(64, 128), queue_ahead=queue_ahead,
+                                 prefixes=prefixes)  # steps and joint prefills over 64, 128 or 256 positions
         decoder.warm_up()
         first = decoder.submit(ids[FIRST], 16, tokenizer.eos_token_id)
         decoder.run_once()
@@ -324,7 +325,7 @@ def test_a_prefix_found_for_a_prompt_is_restored_before_another_prompt_takes_its
 def test_the_prefix_store_keeps_the_newest_prompts_and_lets_a_turn_take_the_entry_of_the_one_it_extends():
     from starsql.serve.fast.prefixes import PrefixStore
 
-    store = PrefixStore(2, layers=1, heads=1, length=8, head_dim=1, dtype=torch.float32, device="cpu")
+    store = PrefixStore(2, layers=1, slot_shape=(1, 9, 1), dtype=torch.float32, device="cpu")  # 8 tokens and a spare
     slots = [torch.arange(4 * 9, dtype=torch.float32).view(4, 1, 9, 1)]  # slot s holds 9s .. 9s + 8
     prompt = lambda *tokens: torch.tensor([tokens])  # noqa: E731
     assert store.find(prompt(1, 2, 3)) == (-1, 0)
@@ -338,11 +339,11 @@ def test_the_prefix_store_keeps_the_newest_prompts_and_lets_a_turn_take_the_entr
     store.find(prompt(1, 2, 9))  # the first entry found: used last
     store.keep(prompt(8, 8, 8), slots, slots, slot=0)  # replaces the least recently used: (7, 7)
     assert [p.tolist() for p in store.prompts] == [[1, 2, 3, 4, 5], [8, 8, 8]]
-    store.keep(prompt(*range(9)), slots, slots, slot=0)  # longer than an entry: not kept
+    store.keep(prompt(*range(9)), slots, slots, slot=0)  # longer than an entry keeps: not kept
     assert [p.tolist() for p in store.prompts] == [[1, 2, 3, 4, 5], [8, 8, 8]]
     target = [torch.zeros(4, 1, 9, 1)]
-    store.restore(0, 4, target, target, slot=3)
-    assert target[0][3, 0, :, 0].tolist() == [18, 19, 20, 21, 0, 0, 0, 0, 0]  # slot 2's first 4 positions
+    store.restore(0, target, target, slot=3)
+    assert target[0][3, 0, :, 0].tolist() == list(range(18, 27))  # slot 2's row, as it was kept
     assert target[0][:3].abs().sum() == 0
 
 
@@ -577,7 +578,9 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")  # each prompt prefilled alone: the baseline of joint prefills
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
     assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
-    assert len(decoder.prefixes.prompts) == 2  # a prompt kept for each slot
+    assert decoder.prefixes is None and not decoder.prefill_graphs  # by default no prompt is kept
+    monkeypatch.setenv("DECODE_PREFIXES", "3")
+    assert len(build_backend(model, tokenizer, fast=True).wait(60).decoder.prefixes.prompts) == 3
     monkeypatch.setenv("DECODE_LENGTHS", "0")  # every step over whole slots, each step read before the next
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "0")
     monkeypatch.setenv("DECODE_PREFIXES", "0")  # every prompt prefilled whole

@@ -136,7 +136,7 @@ def test_batched_step_smoke_times_every_step_prefill_and_engine(tmp_path):
     assert [p["prompts"] for p in result["prefill"]] == [1, 2, 4, 8, 16] and result["prefill"][0]["together_ms"] is None
     assert all(p["rest_ms"] > 0 for p in result["prefill"])
     profile = result["prefill_profile"]  # 4 prompts' last 12 tokens: the smallest graph that holds them
-    assert profile["graph"] == [4, 32] and profile["kernel_us_per_prefill"] > 0 and profile["top"]
+    assert profile["graph"] == [4, 32, 256] and profile["kernel_us_per_prefill"] > 0 and profile["top"]
     engines = {e["engine"]: e for e in result["engine"]}
     assert set(engines) == {"whole-slots", "lengths", "queue-ahead", "both", "prefixes"}
     assert all(e["tokens"] == 16 * 8 and e["ms_a_step"] > 0 and e["prefills"] >= 1 for e in engines.values())

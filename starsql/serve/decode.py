@@ -324,11 +324,11 @@ def decode_prefill_tokens() -> int | None:
     return env_count("DECODE_PREFILL_TOKENS", 0, "tokens", "each prompt alone")
 
 
-def decode_prefixes() -> int | None:
+def decode_prefixes() -> int:
     """DECODE_PREFIXES from the environment: how many prompts' K/V the batched decoder keeps, so that a prompt
-    beginning like one of them (the same schema, an earlier turn) is prefilled from where they part (0: none, every
-    prompt prefilled whole); unset: its default."""
-    return env_count("DECODE_PREFIXES", 0, "prompts", "none kept, every prompt prefilled whole")
+    beginning like one of them (the same schema, an earlier turn) is prefilled from where they part (0, or unset:
+    none, every prompt prefilled whole)."""
+    return env_count("DECODE_PREFIXES", 0, "prompts", "none kept, every prompt prefilled whole") or 0
 
 
 def batched_switches() -> dict:

@@ -62,7 +62,7 @@ def prepare_model(model) -> bool:
 
 def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
           prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None, timings=None,
-          prefixes: int | None = None):
+          prefixes: int = 0):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
@@ -70,7 +70,7 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
     one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
     on a GPU); `prefixes`: how many prompts' K/V it keeps to prefill prompts that begin alike from where they part
-    (0: none; None: its default); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
+    (0: none); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
     it). If building fails, the kernel is turned off again before the error propagates, so generate() runs on
     cuBLAS."""
     keep_compiled_artefacts()

@@ -8,6 +8,9 @@ request joins the running batch at the next step and leaves as soon as it is don
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
 requests waiting together when the engine admits share forwards (`prefill_tokens` padded tokens at most each),
 right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests.
+The K/V of recent prompts are kept (prefixes.py): a prompt that begins like one of them gets that prefix copied into
+its slot and only the rest goes through the model, through a CUDA graph of the rows and width that hold the rests of
+the prompts prefilled together where one does (GRAPH_WIDTHS).
 A step runs the first `rows` slots over the first `length` positions of each: the smallest bucket of BUCKETS
 that holds every busy slot, and the shortest of LENGTHS that holds every busy slot's position (attending over a
 whole 2,048-position slot for a 300-token prompt reads K/V nobody sees). On a GPU each (rows, length) step is
@@ -88,12 +91,13 @@ class _Bucket:
 
 
 class _PrefillGraph:
-    """A joint prefill of up to `rows` prompts, each up to `width` tokens past its restored prefix, attending over
-    whole slots: its fixed inputs, its output (each row's first new token) and, on a GPU, its CUDA graph. Rows
-    past the group's are padding: they write on slot 0's spare last position, which no step reads."""
+    """A joint prefill of up to `rows` prompts, each up to `width` tokens past its restored prefix and `span` in all,
+    attending over its slots' first `span` positions: its fixed inputs, its output (each row's first new token) and,
+    on a GPU, its CUDA graph. Rows past the group's are padding: they write on slot 0's spare last position, which
+    no step reads."""
 
-    def __init__(self, decoder: "BatchedDecoder", rows: int, width: int):
-        self.rows, self.width, device = rows, width, decoder.device
+    def __init__(self, decoder: "BatchedDecoder", rows: int, width: int, span: int):
+        self.rows, self.width, self.span, device = rows, width, span, decoder.device
         self.prompts = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.positions = torch.full((rows, width), decoder.max_length, dtype=torch.long, device=device)
         self.slots = torch.zeros(rows, dtype=torch.long, device=device)
@@ -190,7 +194,7 @@ class BatchedDecoder:
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
                  compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
                  lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None,
-                 timings: EngineTimings | None = None, prefixes: int | None = None):  # fmt: skip
+                 timings: EngineTimings | None = None, prefixes: int = 0):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -206,11 +210,9 @@ class BatchedDecoder:
         shape = (max_batch, config.num_key_value_heads, self.max_length + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
-        # The K/V of the last `prefixes` prompts (default: as many as slots; 0: none): a prompt that begins like one
-        # of them (the same schema, an earlier turn) is prefilled from where they part (prefixes.py).
-        prefixes = max_batch if prefixes is None else prefixes
-        self.prefixes = PrefixStore(prefixes, config.num_hidden_layers, config.num_key_value_heads, self.max_length,
-                                    head_dim, model.dtype, self.device) if prefixes else None  # fmt: skip
+        # The K/V of the last `prefixes` prompts (0, the default: none): a prompt that begins like one of them (the
+        # same schema, an earlier turn) is prefilled from where they part (prefixes.py).
+        self.prefixes = PrefixStore(prefixes, config.num_hidden_layers, shape[1:], model.dtype, self.device) if prefixes else None
         # Each slot's next input token and its position; `live` is 1 where a request decodes (its position advances).
         self.step_tokens = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -222,7 +224,9 @@ class BatchedDecoder:
         self.lengths = sorted({n for n in lengths if n < self.max_length} | {self.max_length})
         rows = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.buckets = {(r, n): _Bucket(self, r, n) for n in self.lengths for r in rows}
-        self.prefill_graphs = {(r, w): _PrefillGraph(self, r, w) for w in GRAPH_WIDTHS if w < self.max_length for r in rows}
+        # With kept prefixes, joint prefills of prompts' rests run as CUDA graphs (without, prompts are prefilled whole).
+        self.prefill_graphs = {(r, w, n): _PrefillGraph(self, r, w, n) for w in GRAPH_WIDTHS if w < self.max_length
+                               for n in self.lengths for r in rows} if self.prefixes else {}  # fmt: skip
         self._side = torch.cuda.Stream(device=self.device) if self.use_graph else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # buckets never run at once
         self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # nor do prefills
@@ -297,7 +301,7 @@ class BatchedDecoder:
                 if prefill.graph is None:
                     prefill.graph, _ = capture_graph(lambda p=prefill: self._run_prefill_graph(p), self._side, warmups=2,
                                                      pool=self._prefill_pool, what=f"the prefill of {prefill.rows} prompts "
-                                                     f"of {prefill.width} tokens")  # fmt: skip
+                                                     f"of {prefill.width} tokens over {prefill.span}")  # fmt: skip
                     if prefill.graph is None:  # capture failed (warned): joint prefills run eagerly
                         self.prefill_graphs = {}
                         break
@@ -334,26 +338,26 @@ class BatchedDecoder:
         return out.logits[rows, rows].argmax(-1)
 
     def _run_prefill_graph(self, prefill: _PrefillGraph):
-        """The joint prefill on its fixed inputs (what its CUDA graph replays), over whole slots."""
+        """The joint prefill on its fixed inputs (what its CUDA graph replays)."""
         prefill.first.copy_(self._forward_prompts(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
-                                                  self.max_length + 1))  # fmt: skip
+                                                  prefill.span))  # fmt: skip
 
-    def _prefill_graph_for(self, rows: int, width: int) -> _PrefillGraph | None:
-        """The joint prefill graph of the fewest tokens that holds `rows` prompts of `width` tokens; None if none does."""
-        return min((g for (r, w), g in self.prefill_graphs.items() if r >= rows and w >= width),
-                   key=lambda g: (g.width, g.rows), default=None)  # fmt: skip
+    def _prefill_graph_for(self, rows: int, width: int, span: int) -> _PrefillGraph | None:
+        """The smallest joint prefill graph that holds `rows` prompts of `width` tokens past their restored prefixes
+        and `span` in all; None if none does."""
+        return min((g for (r, w, n), g in self.prefill_graphs.items() if r >= rows and w >= width and n >= span),
+                   key=lambda g: (g.width, g.span, g.rows), default=None)  # fmt: skip
 
     def _prefill_together(self, requests: list[Request], slots: list[int]) -> torch.Tensor:
         """The prompts' forward as one batch, each from its first token not restored from the prefix store
         (`request.reused`), right-padded to the longest such rest, each row's K/V written into its slot after its
         restored ones, and the slots' first step inputs set; returns each request's first new token (on the
-        device). Through the graph of the smallest (rows, width) that holds them if there is one (on a CPU the same
-        padded forward runs eagerly), else eagerly at their own width: the batch's work hides the kernel launches
-        that a lone prompt's graph saves."""
+        device). Through the smallest graph of (rows, width, positions attended over) that holds them if there is
+        one (on a CPU the same padded forward runs eagerly), else eagerly at their own width."""
         lengths = [request.input_ids.shape[-1] for request in requests]
         starts = [request.reused for request in requests]
         rows, width = len(requests), max(length - start for length, start in zip(lengths, starts))
-        prefill = self._prefill_graph_for(rows, width)
+        prefill = self._prefill_graph_for(rows, width, max(lengths))
         padded = (prefill.rows, prefill.width) if prefill is not None else (rows, width)
         prompts = torch.zeros(padded, dtype=torch.long)  # padding: any token; the mask hides it
         positions = torch.full(padded, self.max_length, dtype=torch.long)  # padding rows: the spare position
@@ -427,7 +431,7 @@ class BatchedDecoder:
             try:
                 for request, slot in zip(group, slots):
                     if request.reused:
-                        self.prefixes.restore(found[request][0], request.reused, self.keys, self.values, slot)
+                        self.prefixes.restore(found[request][0], self.keys, self.values, slot)
                 firsts = self._prefill_group(group, slots)
                 ended = self._mark()
                 firsts = firsts.tolist()  # waits for the prefill (and a step queued before it)

@@ -14,17 +14,20 @@ import torch
 
 
 class PrefixStore:
-    """The K/V of the last `entries` prompts kept (at most `length` tokens each), per layer, in the dtype and on the
-    device of the decoder's cache; `find` looks for a new prompt's longest shared prefix, `restore` copies it into a
-    slot, `keep` copies a slot's prompt in. Only the batched decoder's engine thread calls it."""
+    """The K/V of the last `entries` prompts kept, per layer, each entry shaped as a slot of the decoder's cache
+    (`slot_shape`: heads, positions, head dim), in its dtype and on its device; `find` looks for a new prompt's
+    longest shared prefix, `restore` copies it into a slot, `keep` copies a slot's prompt in. Only the batched
+    decoder's engine thread calls it. Copies move whole slots: every layer's in one foreach copy (a few kernels,
+    where copying each layer's first positions alone would launch two kernels a layer); the positions past the
+    prompt that come along are garbage the slot's own prefill and steps overwrite, and its mask hides."""
 
-    def __init__(self, entries: int, layers: int, heads: int, length: int, head_dim: int, dtype, device):
+    def __init__(self, entries: int, layers: int, slot_shape: tuple[int, int, int], dtype, device):
         if entries < 1:
             raise ValueError(f"a prefix store keeps at least 1 prompt, not {entries}")
-        shape = (entries, heads, length, head_dim)
+        shape = (entries, *slot_shape)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.length = length
+        self.length = slot_shape[1] - 1  # prompt tokens an entry keeps (a slot's last position is its spare)
         self.prompts: list[torch.Tensor | None] = [None] * entries  # each entry's prompt ids (1-D, on the host)
         self.used = [0] * entries  # when each entry was last found or kept: the least recently used goes first
         self._clock = 0
@@ -53,16 +56,16 @@ class PrefixStore:
             self._touch(best[0])
         return best
 
-    def restore(self, entry: int, tokens: int, keys: list[torch.Tensor], values: list[torch.Tensor], slot: int):
-        """Copy the entry's first `tokens` K/V into `slot` of the decoder's cache (`keys`, `values`: a tensor per
-        layer, slots first)."""
-        torch._foreach_copy_([k[slot, :, :tokens] for k in keys] + [v[slot, :, :tokens] for v in values],
-                             [k[entry, :, :tokens] for k in self.keys] + [v[entry, :, :tokens] for v in self.values])  # fmt: skip
+    def restore(self, entry: int, keys: list[torch.Tensor], values: list[torch.Tensor], slot: int):
+        """Copy the entry into `slot` of the decoder's cache (`keys`, `values`: a tensor per layer, slots first): the
+        prefix `find` found, and positions past it that the slot's prefill overwrites."""
+        torch._foreach_copy_([k[slot] for k in keys] + [v[slot] for v in values],
+                             [k[entry] for k in self.keys] + [v[entry] for v in self.values])  # fmt: skip
 
     def keep(self, input_ids: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], slot: int):
         """Keep the prompt whose K/V `slot` holds (its first len(input_ids) positions): in place of a kept prompt
         it extends (a conversation's turn before it), else of the least recently used; not at all if a kept prompt
-        already begins with all of it, or if it is longer than the store's entries."""
+        already begins with all of it, or if it is longer than an entry keeps."""
         ids = input_ids.view(-1).cpu()
         tokens = len(ids)
         if tokens > self.length:
@@ -79,7 +82,7 @@ class PrefixStore:
                 entry = index
         if entry is None:
             entry = min(range(len(self.prompts)), key=lambda index: (self.prompts[index] is not None, self.used[index]))
-        torch._foreach_copy_([k[entry, :, :tokens] for k in self.keys] + [v[entry, :, :tokens] for v in self.values],
-                             [k[slot, :, :tokens] for k in keys] + [v[slot, :, :tokens] for v in values])  # fmt: skip
+        torch._foreach_copy_([k[entry] for k in self.keys] + [v[entry] for v in self.values],
+                             [k[slot] for k in keys] + [v[slot] for v in values])  # fmt: skip
         self.prompts[entry] = ids.clone()
         self._touch(entry)
