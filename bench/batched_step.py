@@ -244,6 +244,8 @@ def main(argv=None) -> int:
         args.shared_tokens = min(args.shared_tokens, 16)
     if not 0 <= args.shared_tokens < args.prompt_tokens:
         parser.error(f"--shared_tokens must be from 0 to --prompt_tokens - 1 ({args.prompt_tokens - 1}), not {args.shared_tokens}")
+    if "prefill_profile" in args.parts.split(",") and not args.shared_tokens:
+        parser.error("--parts prefill_profile times prompts prefilled from past their first --shared_tokens: give it, above 0")
     unknown = set(args.engines.split(",")) - ENGINES.keys()
     if unknown:
         parser.error(f"--engines: no engine {', '.join(sorted(unknown))}; they are {', '.join(ENGINES)}")

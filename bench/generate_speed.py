@@ -35,8 +35,8 @@ The decoder (starsql.serve.fast's GreedyDecoder; each configuration compiles and
   by default (starsql.serve.fast.build, continuous batching, a CUDA graph per batch bucket), built once (its
   build_s on the first); batched-identity: the identity prompts all at once through it, against plain generate().
 - fp32-batched-identity: the batched decoder on fp32 weights, against plain generate() of the unfused fp32 model on
-  cuBLAS: the identity prompts (each the start of the next longer one) first one at a time, shortest first, each
-  prefilled from past the one before it (its kept prefix), then all at once (one batch; each kept whole already).
+  cuBLAS: the identity prompts (each the start of the next longer one) all at once with no prompt kept (prefilled
+  whole), then one at a time, shortest first, each from past the one before it, then all at once (each kept whole).
 - aoti: DECODE_AOTI's decoder (starsql.serve.fast.aoti) on the model as loaded (not fused): exported and compiled
   into a package in an empty folder (build_s), then built again from that package as a restarted app builds it
   (restart_s), timed as the decoders are; its tokens against plain generate()'s (bf16, so near ties may differ).
@@ -599,9 +599,9 @@ def main(argv=None) -> int:
     def fp32_batched_identity() -> dict:
         """The batched decoder on fp32 weights (prepared as the app prepares it, one bucket of all the identity
         prompts, compiled unless --batch_compile 0, and captured; its steps over the first prompt + new_tokens / 2
-        positions, then over the whole slots), against plain generate() of the unfused fp32 model on cuBLAS: the
-        prompts one at a time, shortest first (each prefilled from past the one before, whose K/V were kept), then
-        every prompt submitted at once (each found kept whole: one token through the model)."""
+        positions, then over the whole slots), against plain generate() of the unfused fp32 model on cuBLAS: every
+        prompt submitted at once with no prompt kept (prefilled whole, as with DECODE_PREFIXES=0), then one at a time,
+        shortest first (each prefilled from past the one before), then all at once again (each kept whole)."""
         from transformers import AutoModelForCausalLM
 
         model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device()).eval()
@@ -612,16 +612,21 @@ def main(argv=None) -> int:
         decoder = BatchedDecoder(model32, max_batch=len(identity), max_length=args.prompt_tokens + args.new_tokens + 8,
                                  buckets=(len(identity),), lengths=(args.prompt_tokens + args.new_tokens // 2,),
                                  compile=bool(args.batch_compile), prefixes=len(identity))  # fmt: skip
-        one_by_one = identity_report(decoder, reference, shortest_first=True)
-        reused = decoder.timings.snapshot()
-        result = {"dtype": "float32", **prepared_layers(model32), **identity_report(decoder, reference, together=True),
-                  "one_by_one_identical": one_by_one["identity_prompts_identical"],
-                  "one_by_one_first_mismatches": one_by_one["identity_first_mismatches"],
-                  "one_by_one_reused_share": round(reused["reused_tokens"] / max(reused["prompt_tokens"], 1), 3)}  # fmt: skip
-        after = decoder.timings.snapshot()
-        result["together_reused_share"] = round((after["reused_tokens"] - reused["reused_tokens"])
-                                                / max(after["prompt_tokens"] - reused["prompt_tokens"], 1), 3)  # fmt: skip
-        return result
+        def reused_share(run) -> tuple[dict, float]:  # a pass's report, and the share of its prompt tokens restored
+            before = decoder.timings.snapshot()
+            report = run()
+            after = decoder.timings.snapshot()
+            return report, round((after["reused_tokens"] - before["reused_tokens"]) / max(after["prompt_tokens"] - before["prompt_tokens"], 1), 3)
+
+        store, decoder.prefixes = decoder.prefixes, None  # the first pass as with DECODE_PREFIXES=0: every prompt whole
+        whole, whole_share = reused_share(lambda: identity_report(decoder, reference, together=True))
+        decoder.prefixes = store  # still empty
+        one_by_one, one_by_one_share = reused_share(lambda: identity_report(decoder, reference, shortest_first=True))
+        kept, kept_share = reused_share(lambda: identity_report(decoder, reference, together=True))
+        return {"dtype": "float32", **prepared_layers(model32), **whole, "whole_reused_share": whole_share,
+                "one_by_one_identical": one_by_one["identity_prompts_identical"],
+                "one_by_one_first_mismatches": one_by_one["identity_first_mismatches"], "one_by_one_reused_share": one_by_one_share,
+                "kept_together_identical": kept["identity_prompts_identical"], "kept_together_reused_share": kept_share}  # fmt: skip
 
     if not args.skip_fp32 and wanted("fp32-batched-identity"):
         record("fp32-batched-identity", len(identity), guarded(fp32_batched_identity), cache="static")

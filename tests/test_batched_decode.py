@@ -245,7 +245,7 @@ def prompt_kv(decoder, request) -> torch.Tensor:
 
 def whole_prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
     """The K/V of a prompt prefilled whole, alone."""
-    decoder = BatchedDecoder(model, max_batch=1, max_length=256, prefixes=0)
+    decoder = BatchedDecoder(model, max_batch=1, max_length=512, prefixes=0)
     decoder.warm_up()
     request = decoder.submit(input_ids, 8, None)
     decoder.run_once()
@@ -320,6 +320,50 @@ def test_a_prefix_found_for_a_prompt_is_restored_before_another_prompt_takes_its
     while decoder.run_once():
         pass
     assert requests[1].reused > 0 and [drain(r) for r in requests] == expected
+
+
+def test_a_rest_wider_than_any_prefill_graph_runs_eagerly_from_its_restored_prefix(chaotic):
+    # A long question about a kept schema: its rest (past the schema) is wider than GRAPH_WIDTHS, so it and a short
+    # one arriving with it are prefilled together eagerly, each from its own restored prefix.
+    from starsql.serve.fast.batched import GRAPH_WIDTHS
+
+    model, tokenizer = chaotic
+    long = build_prompt(SCHEMA, "Which singers are " + ", ".join(f"from country number {i}" for i in range(24)) + "?")
+    prompts = [long, SAME_SCHEMA[0]]
+    expected = [plain_greedy(model, tokenizer, p, 12) for p in prompts]
+    decoder = BatchedDecoder(model, max_batch=4, max_length=512, buckets=(4,), prefixes=4)
+    decoder.warm_up()
+    decoder.submit(ids_of(tokenizer, FIRST), 1, tokenizer.eos_token_id)
+    decoder.run_once()
+    requests = [decoder.submit(ids_of(tokenizer, p), 12, tokenizer.eos_token_id) for p in prompts]
+    decoder.run_once()
+    rest = len(ids_of(tokenizer, long)[0]) - requests[0].reused
+    assert requests[0].reused > 0 and requests[1].reused > 0 and rest > max(GRAPH_WIDTHS)
+    assert decoder._prefill_graph_for(2, rest, len(ids_of(tokenizer, long)[0])) is None
+    assert decoder.timings.snapshot()["prefills"] == 2  # the first prompt, then these two together
+    for prompt, request in zip(prompts, requests):
+        torch.testing.assert_close(prompt_kv(decoder, request), whole_prefill_kv(model, ids_of(tokenizer, prompt)), atol=1e-4, rtol=1e-4)
+    while decoder.run_once():
+        pass
+    assert [drain(r) for r in requests] == expected
+
+
+def test_a_restored_prompt_whose_forward_runs_out_of_memory_is_prefilled_whole(chaotic):
+    model, tokenizer = chaotic
+    decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), prefixes=2)
+    decoder.warm_up()
+    decoder.submit(ids_of(tokenizer, FIRST), 1, tokenizer.eos_token_id)
+    decoder.run_once()
+
+    def out_of_memory(group, slots):
+        raise torch.OutOfMemoryError("the forward's activations")
+
+    decoder._prefill_together = out_of_memory  # a restored prefix goes through it, even alone
+    request = decoder.submit(ids_of(tokenizer, SAME_SCHEMA[0]), 12, tokenizer.eos_token_id)
+    while decoder.run_once():
+        pass
+    assert drain(request) == plain_greedy(model, tokenizer, SAME_SCHEMA[0], 12) and decoder.error is None
+    assert request.reused == 0 and decoder.timings.snapshot()["reused_tokens"] == 0  # prefilled whole, counted so
 
 
 def test_the_prefix_store_keeps_the_newest_prompts_and_lets_a_turn_take_the_entry_of_the_one_it_extends():

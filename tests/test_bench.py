@@ -108,11 +108,12 @@ def test_generate_speed_smoke_runs_the_app_configs(tmp_path, tiny_cache):
     # Through the app's backend; without CUDA graphs it answers two at once (the decoder and generate()).
     assert concurrent["batch"] == 16 and concurrent["app_concurrency"] == 2 and concurrent["tokens_per_s"] > 0
     assert lines["fp32-identity"]["identity_prompts_identical"] == 2
-    # The batched decoder, its steps over 332 positions, then the whole slot: plain generate's tokens; the shorter
-    # prompt (the longer one's start) first, then the longer from past it; then both at once, each kept whole.
+    # The batched decoder, its steps over 332 positions, then the whole slot: plain generate's tokens; both prompts at
+    # once, prefilled whole; then the shorter (the longer one's start) and the longer from past it; both again, kept.
     batched = lines["fp32-batched-identity"]
-    assert batched["identity_prompts_identical"] == batched["one_by_one_identical"] == 2
-    assert 0.3 < batched["one_by_one_reused_share"] < 0.5 and batched["together_reused_share"] > 0.99
+    assert batched["identity_prompts_identical"] == batched["one_by_one_identical"] == batched["kept_together_identical"] == 2
+    assert batched["whole_reused_share"] == 0 and 0.3 < batched["one_by_one_reused_share"] < 0.5
+    assert batched["kept_together_reused_share"] > 0.99
     # The decoder with cuBLAS for one-token linears (the gemv kernel's baseline; on a CPU both are F.linear),
     # and with the prompt's forward eager at its own width: the same tokens.
     assert lines["bf16-merged-graph-512-cublas"]["identical_to_bf16_merged"]

@@ -8,9 +8,10 @@ request joins the running batch at the next step and leaves as soon as it is don
 is prefilled through a GreedyDecoder (a CUDA graph per prompt width) and its K/V copied into a free slot;
 requests waiting together when the engine admits share forwards (`prefill_tokens` padded tokens at most each),
 right-padded, that write each prompt's K/V straight into its slot: one forward's kernels for several requests.
-The K/V of recent prompts are kept (prefixes.py): a prompt that begins like one of them gets that prefix copied into
-its slot and only the rest goes through the model, through a CUDA graph of the rows and width that hold the rests of
-the prompts prefilled together where one does (GRAPH_WIDTHS).
+With `prefixes` (DECODE_PREFIXES; off by default) the K/V of recent prompts are kept (prefixes.py): a prompt that
+begins like one of them, alone or not, gets that prefix copied into its slot and only the rest goes through the model,
+through a CUDA graph of the rows, width and positions that hold the rests of the prompts prefilled together where one
+does (GRAPH_WIDTHS x LENGTHS).
 A step runs the first `rows` slots over the first `length` positions of each: the smallest bucket of BUCKETS
 that holds every busy slot, and the shortest of LENGTHS that holds every busy slot's position (attending over a
 whole 2,048-position slot for a 300-token prompt reads K/V nobody sees). On a GPU each (rows, length) step is
@@ -60,16 +61,22 @@ class SlotCache:
 
 class PrefillCache:
     """Where a joint prefill's attention layers put K/V, as a transformers Cache (they call `update` only): each
-    prompt's row goes straight to its slot's cache row at its own `positions` (rows, width): from where the K/V
-    restored from the prefix store end (position 0 without), the padding's too (past its prompt, where each step's
-    mask hides it until the row's own steps overwrite it; past the slot, on its spare last position). Attention gets
-    each slot's first `span` positions back: the restored prefix and the new K/V."""
+    prompt's row goes straight to its slot's cache row, the padding's too (past its prompt, where each step's mask
+    hides it until the row's own steps overwrite it). Without `positions`, from position 0: the slots were free, so
+    attention sees the new K/V only. With them (rows, width), at each row's own positions, from where the K/V restored
+    from the prefix store end (padding past the slot on its spare last position), and attention gets each slot's first
+    `span` positions back: the restored prefix and the new K/V."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor,
-                 span: int):  # fmt: skip
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor,
+                 positions: torch.Tensor | None = None, span: int = 0):  # fmt: skip
         self.keys, self.values, self.slots, self.positions, self.span = keys, values, slots, positions, span
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.positions is None:
+            width = key_states.shape[2]
+            self.keys[layer_idx][self.slots, :, :width] = key_states
+            self.values[layer_idx][self.slots, :, :width] = value_states
+            return key_states, value_states
         rows = self.slots[:, None]
         self.keys[layer_idx][rows, :, self.positions] = key_states.transpose(1, 2)  # (rows, width, heads, head dim)
         self.values[layer_idx][rows, :, self.positions] = value_states.transpose(1, 2)
@@ -205,8 +212,9 @@ class BatchedDecoder:
         self.max_length = self.prefiller.max_length  # at most the model's sliding window
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # One position more than a slot holds, never used: every step's K/V are then a strict prefix of the cache
-        # (not contiguous) whatever its length, so one compiled step serves them all (compiling specialises on it).
+        # One position more than a slot holds, never read (prefills with kept prefixes write their padding there): every
+        # step's K/V are then a strict prefix of the cache (not contiguous) whatever its length, so one compiled step
+        # serves them all (compiling specialises on it).
         shape = (max_batch, config.num_key_value_heads, self.max_length + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
@@ -322,20 +330,27 @@ class BatchedDecoder:
         return cache.token.view(-1).clone()  # the next prompt's prefill overwrites cache.token
 
     def _forward_prompts(self, prompts: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
-                         span: int) -> torch.Tensor:  # fmt: skip
+                         span: int, restored: bool = True) -> torch.Tensor:  # fmt: skip
         """The forward of prompts (rows, width) at their `positions` (each row from where its restored prefix ends,
-        on past its prompt for its padding), each row's K/V written into its slot (PrefillCache) and attending over
-        the slot's first `span` positions up to its own; returns each row's next token after its `last` column."""
-        visible = torch.arange(span, device=self.device) <= positions[:, :, None]  # no token sees the padding after it
-        mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[:, None]
-        cache = PrefillCache(self.keys, self.values, slots, positions.clamp(max=self.max_length), span)
+        on past its prompt for its padding, which stops at the slot's spare position), each row's K/V written into
+        its slot (PrefillCache) and attending over the slot's first `span` positions up to its own; returns each
+        row's next token after its `last` column. Not `restored` (every row from position 0): over the new K/V alone."""
+        rows, width = prompts.shape
+        positions = positions.clamp(max=self.max_length)
+        if restored:
+            visible = torch.arange(span, device=self.device) <= positions[:, :, None]  # no token sees the padding after it
+            mask = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)[:, None]
+            cache = PrefillCache(self.keys, self.values, slots, positions, span)
+        else:
+            mask = self.prefiller._causal_mask(positions[0], width).expand(rows, -1, -1, -1)
+            cache = PrefillCache(self.keys, self.values, slots)
         with prefill_attention():
             out = self.model(input_ids=prompts, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=last, past_key_values=cache)  # fmt: skip
         # Every row's logits at every row's last column (a 1-D logits_to_keep, which transformers 5 takes
         # everywhere): each row keeps its own.
-        rows = torch.arange(prompts.shape[0], device=self.device)
-        return out.logits[rows, rows].argmax(-1)
+        each = torch.arange(rows, device=self.device)
+        return out.logits[each, each].argmax(-1)
 
     def _run_prefill_graph(self, prefill: _PrefillGraph):
         """The joint prefill on its fixed inputs (what its CUDA graph replays)."""
@@ -353,7 +368,7 @@ class BatchedDecoder:
         (`request.reused`), right-padded to the longest such rest, each row's K/V written into its slot after its
         restored ones, and the slots' first step inputs set; returns each request's first new token (on the
         device). Through the smallest graph of (rows, width, positions attended over) that holds them if there is
-        one (on a CPU the same padded forward runs eagerly), else eagerly at their own width."""
+        one (before its capture, as on a CPU, the same padded forward runs eagerly), else eagerly at their own width."""
         lengths = [request.input_ids.shape[-1] for request in requests]
         starts = [request.reused for request in requests]
         rows, width = len(requests), max(length - start for length, start in zip(lengths, starts))
@@ -369,7 +384,7 @@ class BatchedDecoder:
         last[:rows] = torch.tensor(lengths) - torch.tensor(starts) - 1
         if prefill is None:
             first = self._forward_prompts(prompts.to(self.device), positions.to(self.device), on_device,
-                                          last.to(self.device), span=max(lengths))  # fmt: skip
+                                          last.to(self.device), span=max(lengths), restored=any(starts))  # fmt: skip
         else:
             prefill.prompts.copy_(prompts)
             prefill.positions.copy_(positions)
