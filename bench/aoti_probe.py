@@ -53,7 +53,7 @@ def main() -> None:
         else:
             configs.update([setting(item)])
     if args.trivial:
-        trivial(torch, configs)
+        trivial(configs)
         return
     model_dir = f"/tmp/sc2-3b-random-{args.layers}l" if args.layers else "/tmp/sc2-3b-random"
     shape = dict(STARCODER2_3B, num_hidden_layers=args.layers) if args.layers else None
@@ -100,9 +100,11 @@ def main() -> None:
     print("loaded", flush=True)
 
 
-def trivial(torch, configs: dict) -> None:
+def trivial(configs: dict) -> None:
     """One Linear layer through AOTInductor and torch's loader: without inductor settings (its weights inside the
     package), then with `configs` (the app's: its weights given to the loaded program, as load_decoder does)."""
+    import torch
+
     from starsql.serve.fast.aoti import load_decoder
 
     linear = torch.nn.Linear(64, 64, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -148,7 +148,7 @@ class EngineTimings:
             self.counts, self.since = dict.fromkeys(self.FIELDS, 0), time.perf_counter()
             return line
 
-    def prefilled(self, requests: int, seconds: float, prompt_tokens: int = 0, reused_tokens: int = 0):
+    def prefilled(self, requests: int, seconds: float, prompt_tokens: int, reused_tokens: int):
         """A prefill forward of `requests` prompts, `prompt_tokens` in all, `reused_tokens` of them restored from the
         prefix store (not run through the model)."""
         self._add(prefills=1, prefilled=requests, prefill_s=seconds, prompt_tokens=prompt_tokens, reused_tokens=reused_tokens)
