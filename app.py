@@ -59,8 +59,9 @@ from starsql.serve.check import (
     statement_kind,
     text_problem,
 )
-from starsql.serve.decode import (BackendError, build_backend, decode_aoti, fast_backend_wanted, statement_finished,
-                                  usage_report)
+from starsql.serve.decode import (BackendError, build_backend, decode_aoti, env_switch, fast_backend_wanted,
+                                  statement_finished, usage_report)
+from starsql.serve.gradio_sessions import lazy_session_configs
 from starsql.serve.load import load_for_inference, load_tokenizer
 
 DEFAULT_BASE = "bigcode/starcoder2-3b"
@@ -90,6 +91,10 @@ CHAT_UPDATE_S = 0.1
 # default: milliseconds of the server's one Python process an answer, more as events pile up. Once every this many
 # events is enough for its /monitoring page; the variable, if set, decides.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+# Every plain API call starts a Gradio session, which builds the whole page's configuration and keeps it: built only
+# when read (Gradio's deep links) with the switch on (starsql/serve/gradio_sessions.py).
+if env_switch("LAZY_SESSIONS", True, "sessions build the page's configuration when read", "Gradio's own sessions"):
+    lazy_session_configs()
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 AOTI_COMPILE_S = 1500  # ZeroGPU lease to export and compile the decoder at start (DECODE_AOTI=1)
 

@@ -2,6 +2,7 @@
 
     python3 bench/app_overhead.py                                   # the tiny model (random), on a CPU, under a minute
     python3 bench/app_overhead.py --adapter /tmp/ov-tiny --rounds 40
+    LAZY_SESSIONS=0 python3 bench/app_overhead.py     # the HTTP parts with Gradio's own sessions
 
 The app is imported and launched in this process (the same code as `python app.py`), then driven over HTTP
 with gradio_client, so the functions it calls can be timed where they run:
@@ -12,6 +13,9 @@ with gradio_client, so the functions it calls can be timed where they run:
   piece (from the moment the answer asks the model) and the app's own time before it asks (input checks,
   opening the database, the prompt); updates per answer and bytes per update (the reply is re-rendered each
   update; gradio sends the difference to the previous one); our time per update (reply_markdown).
+- sessions: each plain /call request starts a Gradio session (its session id is its event id); the time to start
+  one and the memory each keeps, the app's (starsql/serve/gradio_sessions.py: the page's configuration built
+  when read) against Gradio's own (every block's configuration at once), in process.
 - the chat UI (respond, in process): updates per answer, the bytes of the full history each update carries
   into Gradio (which sends each update's difference to the previous one), and our time for the final one
   (the result table, chart and CSV).
@@ -209,6 +213,34 @@ def main() -> None:
             if round_ >= 3:
                 plain_first.append(first)
     results["chat"]["plain_http_first_chunk"] = summary(plain_first)
+
+    # Sessions: what starting one costs, the app's (lazy_session_configs) against Gradio's own __init__.
+    import tracemalloc
+
+    from gradio.state_holder import SessionState
+
+    from starsql.serve.gradio_sessions import lazy_session_configs
+
+    gradio_init = getattr(SessionState.__init__, "__wrapped__", SessionState.__init__)  # with LAZY_SESSIONS=0: as is
+    lazy_session_configs()  # from here on (the HTTP parts above ran with the app's setting)
+
+    def gradio_session(blocks):
+        session = SessionState.__new__(SessionState)
+        gradio_init(session, blocks)
+        return session
+
+    results["session_start"] = {"blocks": len(app.demo.blocks)}
+    for name, start in (("gradio", gradio_session), ("app", SessionState)):
+        seconds = []
+        for _ in range(args.rounds + 3):
+            started = time.perf_counter()
+            start(app.demo)
+            seconds.append(time.perf_counter() - started)
+        tracemalloc.start()
+        kept = [start(app.demo) for _ in range(100)]
+        results["session_start"][name] = {**summary(seconds[3:]), "kept_kb_each": round(tracemalloc.get_traced_memory()[0] / len(kept) / 1024, 1)}
+        tracemalloc.stop()
+        del kept
 
     # chat_api in process: the replies it hands Gradio for one answer.
     replies = list(app.chat_api(QUESTION, app.CONCERT_DB, [], args.max_new_tokens, 0.0))

@@ -974,3 +974,42 @@ def test_gradio_rebuilds_its_monitoring_table_only_every_thousand_events(app, mo
     queue.events_recorded += 1
     queue.compute_analytics_summary(records)
     assert built == [1]
+
+
+def test_gradio_sessions_build_the_page_configuration_only_when_read(app, monkeypatch):
+    # Every plain /call request starts a Gradio session, which builds the configuration of every block of the page
+    # and keeps it (milliseconds and tens of kilobytes a request: bench/app_ceiling.py). The app's sessions build
+    # it on first read (a deep link), the same as Gradio's own then.
+    from gradio.blocks import BlocksConfig
+    from gradio.components import State
+    from gradio.state_holder import SessionState
+
+    built, real = [], BlocksConfig.config_for_block
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(lambda key, *rest: built.append(key) or real(key, *rest)))
+    lazy = SessionState(app.demo)
+    assert built == [] and "_config_values" not in vars(lazy)
+    gradio_own = SessionState.__new__(SessionState)
+    SessionState.__init__.__wrapped__(gradio_own, app.demo)  # Gradio's __init__, which builds them at once
+    assert len(built) == len(app.demo.blocks)
+    state = next(key for key, block in app.demo.blocks.items() if isinstance(block, State))
+    for session in (lazy, gradio_own):  # a State set, and its value written into the configuration
+        session[state] = "how many singers?"
+        session._update_value_in_config(state, "how many singers?")
+    assert list(lazy.components) == list(gradio_own.components)
+    assert vars(lazy)["_config_values"][state]["props"]["value"] == "how many singers?"
+    assert lazy.state_data == gradio_own.state_data
+
+
+def test_a_plain_api_call_can_still_be_deep_linked(app_url):
+    import httpx
+    from gradio.utils import get_upload_folder
+
+    with httpx.Client(base_url=f"{app_url}gradio_api", timeout=60) as http:
+        event = http.post("/call/check", json={"data": ["SELECT count(*) FROM singer", SCHEMA, "sqlite", None]}).json()["event_id"]
+        answer = http.get(f"/call/check/{event}").text
+        assert "event: complete" in answer and '"valid": true' in answer
+        link = http.get("/deep_link", params={"session_hash": event}).json()  # the call's session is its event id
+        assert http.get("/deep_link", params={"session_hash": "no-such-session"}).json() == ""
+    # The link's saved page: a session never read before builds its configuration then, every block of the page.
+    saved = json.loads((Path(get_upload_folder()) / "deep_links" / link / "state.json").read_text())
+    assert {"chatbot", "dropdown", "slider", "code"} <= {component["type"] for component in saved}
