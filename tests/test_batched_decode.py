@@ -534,15 +534,17 @@ def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run
     import starsql.serve.fast as fast_package
 
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
-    builds, timings = [], []
+    builds, timings, required = [], [], []
     monkeypatch.setattr(fast_package, "build", lambda *a, compile, **k: (builds.append(compile), timings.append(k.get("timings")),
-                                                                          f"compile={compile}")[2])  # fmt: skip
+                                                                          required.append(k["require_graphs"]), f"compile={compile}")[3])  # fmt: skip
     monkeypatch.setenv("DECODE_BATCH", "2")
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [False, True]
     assert timings[0] is timings[1] is not None  # one set of engine totals for /usage, across the swap
+    assert required == [False, True]  # the compiled build replaces eager graphs: without graphs of its own it must not
     monkeypatch.setenv("DECODE_EAGER_FIRST", "0")  # plain generate() answers until the compiled step is built
     builds.clear()
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [True]
+    assert required[-1] is False  # replaces plain generate(): even without graphs it batches
     monkeypatch.setenv("DECODE_EAGER_FIRST", "1")
     monkeypatch.setenv("DECODE_COMPILE", "0")  # eager graphs only: one build
     builds.clear()
@@ -550,6 +552,62 @@ def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run
     monkeypatch.setenv("DECODE_EAGER_FIRST", "soon")
     with pytest.raises(ValueError, match="DECODE_EAGER_FIRST must be 1"):
         build_backend(model, tokenizer, fast=True)
+
+
+def test_a_build_that_replaces_a_serving_decoder_needs_its_cuda_graphs(tiny_run, monkeypatch):
+    from types import SimpleNamespace
+
+    import starsql.serve.fast as fast_package
+    from starsql.serve.fast import check_graphs
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    checked = []
+    monkeypatch.setattr(fast_package, "check_graphs", lambda decoder, required: checked.append((type(decoder).__name__, required)))
+    for batch in (2, 1):  # the batched decoder and the one-stream one, each checked once warmed up
+        backend = fast_package.build(model, tokenizer, batch, max_length=256, compile=False, require_graphs=True)
+        getattr(backend.decoder, "close", lambda: None)()
+    assert checked == [("BatchedDecoder", True), ("GreedyDecoder", True)]
+
+    lost = SimpleNamespace(device=torch.device("cuda"), use_graph=False)  # its capture failed (a warning said so)
+    with pytest.raises(RuntimeError, match="CUDA graphs could not be captured.*slower than the decoder that serves"):
+        check_graphs(lost, required=True)
+    check_graphs(lost, required=False)  # the first build: batching without graphs still beats generate()
+    check_graphs(SimpleNamespace(device=torch.device("cuda"), use_graph=True), required=True)
+    check_graphs(SimpleNamespace(device=torch.device("cpu"), use_graph=False), required=True)  # a CPU has none to lose
+
+
+def test_cuda_graphs_are_captured_one_at_a_time_across_threads(monkeypatch):
+    # A serving decoder captures a prompt width's prefill on first use while a faster build captures its steps.
+    import contextlib
+    import time
+
+    from starsql.serve.fast import decoder as decoder_module
+
+    class Stream:
+        device = "cuda"
+
+        def wait_stream(self, other):
+            pass
+
+    capturing, most = [0], [0]
+
+    @contextlib.contextmanager
+    def graph(*args, **kwargs):
+        capturing[0] += 1
+        most[0] = max(most[0], capturing[0])
+        try:
+            yield
+        finally:
+            capturing[0] -= 1
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    with ThreadPoolExecutor(4) as pool:
+        captured = list(pool.map(lambda n: decoder_module.capture_graph(lambda: time.sleep(0.05) or n, Stream(), 1, "a step"),
+                                 range(4)))  # fmt: skip
+    assert [output for _graph, output in captured] == [0, 1, 2, 3] and most[0] == 1
 
 
 def test_the_batched_backend_streams_what_generate_streams_and_falls_back_for_sampling(tiny_run):

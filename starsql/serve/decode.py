@@ -373,8 +373,9 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
 
         switches["timings"] = EngineTimings()
 
-    def build(compiled: bool):
-        return lambda: fast_package.build(model, tokenizer, batch, compile=compiled, **switches)
+    def build(compiled: bool, replaces: bool = False):  # replaces: a decoder already serves; no graphs, no gain
+        return lambda: fast_package.build(model, tokenizer, batch, compile=compiled, require_graphs=replaces, **switches)
 
     return WarmingBackend(GenerateBackend(model, tokenizer), build(compile and not staged),
-                          concurrency=fast_package.concurrency(model, batch), faster=build(True) if staged else None)  # fmt: skip
+                          concurrency=fast_package.concurrency(model, batch),
+                          faster=build(True, replaces=True) if staged else None)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Several app processes in front of one model process: `WORKERS=3 python app.py`.
+"""Several app processes in front of one model process: `WORKERS=6 python app.py`.
 
 One Python process caps the answers a second the app can serve, whatever the GPU does: Gradio's queue and event
 streams take most of an answer's CPU time, all under one interpreter lock. With WORKERS=N, `python app.py` starts

@@ -14,6 +14,10 @@ import torch
 from ..decode import USAGE, statement_finished
 from .gemv import routing
 
+# One CUDA graph capture at a time in this process. Captures run in more than one thread: a serving decoder captures
+# a prompt width's prefill on first use while a faster build captures its steps. A GPU run's log shows both failing
+# at once that way (BENCHMARKS.md), the build then serving without graphs.
+CAPTURING = Lock()
 
 
 def prefill_attention():
@@ -29,8 +33,8 @@ def prefill_attention():
 
 def capture_graph(run, side: torch.cuda.Stream, warmups: int, what: str, pool=None):
     """`run` warmed up on the `side` stream (cuBLAS picks and allocates its workspaces outside the capture),
-    then one call of it captured: (graph, what that call returned), or (None, None) with a warning if
-    the capture fails."""
+    then one call of it captured, while no other thread captures: (graph, what that call returned), or (None, None)
+    with a warning if the capture fails."""
     current = torch.cuda.current_stream(side.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
@@ -39,7 +43,7 @@ def capture_graph(run, side: torch.cuda.Stream, warmups: int, what: str, pool=No
     graph = torch.cuda.CUDAGraph()
     try:
         # thread_local: CUDA calls of other threads (other requests) cannot break this capture.
-        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+        with CAPTURING, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             output = run()
     except RuntimeError as error:
         warnings.warn(f"CUDA graph capture of {what} failed, running it eagerly: {str(error).splitlines()[0]}")
