@@ -13,9 +13,10 @@ with gradio_client, so the functions it calls can be timed where they run:
   piece (from the moment the answer asks the model) and the app's own time before it asks (input checks,
   opening the database, the prompt); updates per answer and bytes per update (the reply is re-rendered each
   update; gradio sends the difference to the previous one); our time per update (reply_markdown).
-- sessions: each plain /call request starts a Gradio session (its session id is its event id); the time to start
-  one and the memory each keeps, the app's (starsql/serve/gradio_sessions.py: the page's configuration built
-  when read) against Gradio's own (every block's configuration at once), in process.
+- sessions: each plain /call request starts a Gradio session (its session id is its event id): the time to start
+  one, then to start one and process /check in it (Gradio's process_api, in process), the configurations it built
+  and the memory each keeps, the app's (starsql/serve/gradio_sessions.py: a block's configuration built as an
+  event writes it) against Gradio's own (every block's at once).
 - the chat UI (respond, in process): updates per answer, the bytes of the full history each update carries
   into Gradio (which sends each update's difference to the previous one), and our time for the final one
   (the result table, chart and CSV).
@@ -214,7 +215,9 @@ def main() -> None:
                 plain_first.append(first)
     results["chat"]["plain_http_first_chunk"] = summary(plain_first)
 
-    # Sessions: what starting one costs, the app's (lazy_session_configs) against Gradio's own __init__.
+    # Sessions: a plain /call's server side in process, a new session each (as Gradio starts one per such call), then
+    # Gradio's processing of /check in it: the app's sessions (lazy_session_configs) against Gradio's own __init__.
+    import asyncio
     import tracemalloc
 
     from gradio.state_holder import SessionState
@@ -223,22 +226,33 @@ def main() -> None:
 
     gradio_init = getattr(SessionState.__init__, "__wrapped__", SessionState.__init__)  # with LAZY_SESSIONS=0: as is
     lazy_session_configs()  # from here on (the HTTP parts above ran with the app's setting)
+    check_fn = next(fn for fn in app.demo.fns.values() if fn.api_name == "check")
 
     def gradio_session(blocks):
         session = SessionState.__new__(SessionState)
         gradio_init(session, blocks)
         return session
 
-    results["session_start"] = {"blocks": len(app.demo.blocks)}
+    def call(start) -> SessionState:
+        session = start(app.demo)
+        asyncio.run(app.demo.process_api(check_fn, [CHECK_SQL, app.CONCERT_DB, "sqlite", None], state=session))
+        return session
+
+    results["plain_call_session"] = {"blocks": len(app.demo.blocks)}
     for name, start in (("gradio", gradio_session), ("app", SessionState)):
-        seconds = []
+        starts, calls = [], []
         for _ in range(args.rounds + 3):
             started = time.perf_counter()
             start(app.demo)
-            seconds.append(time.perf_counter() - started)
+            starts.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            call(start)
+            calls.append(time.perf_counter() - started)
         tracemalloc.start()
-        kept = [start(app.demo) for _ in range(100)]
-        results["session_start"][name] = {**summary(seconds[3:]), "kept_kb_each": round(tracemalloc.get_traced_memory()[0] / len(kept) / 1024, 1)}
+        kept = [call(start) for _ in range(50)]
+        results["plain_call_session"][name] = {
+            "start": summary(starts[3:]), "start_and_check": summary(calls[3:]),
+            "configs_built": len(kept[0].config_values), "kept_kb_each": round(tracemalloc.get_traced_memory()[0] / len(kept) / 1024, 1)}
         tracemalloc.stop()
         del kept
 

@@ -536,11 +536,22 @@ def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run
     model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
     builds, timings, required = [], [], []
     monkeypatch.setattr(fast_package, "build", lambda *a, compile, **k: (builds.append(compile), timings.append(k.get("timings")),
-                                                                          required.append(k["require_graphs"]), f"compile={compile}")[3])  # fmt: skip
+                                                                          required.append(k.get("replaces", False)), f"compile={compile}")[3])  # fmt: skip
     monkeypatch.setenv("DECODE_BATCH", "2")
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [False, True]
     assert timings[0] is timings[1] is not None  # one set of engine totals for /usage, across the swap
     assert required == [False, True]  # the compiled build replaces eager graphs: without graphs of its own it must not
+
+    def eager_fails(*args, compile, **kwargs):
+        required.append(kwargs.get("replaces", False))
+        if not compile:
+            raise RuntimeError("no CUDA graphs here")
+        return "compile=True"
+
+    with monkeypatch.context() as patched, pytest.warns(UserWarning, match="Fast decoding is off.*no CUDA graphs here"):
+        patched.setattr(fast_package, "build", eager_fails)
+        assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True"
+    assert required[-2:] == [False, False]  # nothing to replace: plain generate() serves
     monkeypatch.setenv("DECODE_EAGER_FIRST", "0")  # plain generate() answers until the compiled step is built
     builds.clear()
     assert build_backend(model, tokenizer, fast=True).wait(30) == "compile=True" and builds == [True]
@@ -564,7 +575,7 @@ def test_a_build_that_replaces_a_serving_decoder_needs_its_cuda_graphs(tiny_run,
     checked = []
     monkeypatch.setattr(fast_package, "check_graphs", lambda decoder, required: checked.append((type(decoder).__name__, required)))
     for batch in (2, 1):  # the batched decoder and the one-stream one, each checked once warmed up
-        backend = fast_package.build(model, tokenizer, batch, max_length=256, compile=False, require_graphs=True)
+        backend = fast_package.build(model, tokenizer, batch, max_length=256, compile=False, replaces=True)
         getattr(backend.decoder, "close", lambda: None)()
     assert checked == [("BatchedDecoder", True), ("GreedyDecoder", True)]
 
@@ -574,6 +585,30 @@ def test_a_build_that_replaces_a_serving_decoder_needs_its_cuda_graphs(tiny_run,
     check_graphs(lost, required=False)  # the first build: batching without graphs still beats generate()
     check_graphs(SimpleNamespace(device=torch.device("cuda"), use_graph=True), required=True)
     check_graphs(SimpleNamespace(device=torch.device("cpu"), use_graph=False), required=True)  # a CPU has none to lose
+    released = BatchedDecoder.__new__(BatchedDecoder)  # a batched one gives its caches back before it is dropped
+    released.device, released.use_graph, released._release = torch.device("cuda"), False, lambda: checked.append("released")
+    with pytest.raises(RuntimeError, match="could not be captured"):
+        check_graphs(released, required=True)
+    assert checked[-1] == "released"
+
+
+def test_a_failed_build_that_would_replace_a_serving_decoder_leaves_its_model_as_it_is(tiny_run, monkeypatch):
+    # The eager decoder that serves runs the model with the kernel on: a failed compiled build must not turn it off.
+    import starsql.serve.fast as fast_package
+
+    model, tokenizer = load_for_inference("tiny-starcoder2", str(tiny_run))
+    switched = []
+    monkeypatch.setattr(fast_package, "prepare_model", lambda model: True)  # the kernel is on (a GPU with Triton)
+    monkeypatch.setattr(fast_package, "use_gemv", lambda model, enabled=True: switched.append(enabled))
+
+    def lost(decoder, required):
+        raise RuntimeError("its CUDA graphs could not be captured")
+
+    monkeypatch.setattr(fast_package, "check_graphs", lost)
+    for replaces in (True, False):
+        with pytest.raises(RuntimeError, match="could not be captured"):
+            fast_package.build(model, tokenizer, 2, max_length=256, compile=False, replaces=replaces)
+    assert switched == [False]  # only the build that replaces nothing turns the kernel off again
 
 
 def test_cuda_graphs_are_captured_one_at_a_time_across_threads(monkeypatch):

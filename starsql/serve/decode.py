@@ -373,9 +373,14 @@ def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None
 
         switches["timings"] = EngineTimings()
 
-    def build(compiled: bool, replaces: bool = False):  # replaces: a decoder already serves; no graphs, no gain
-        return lambda: fast_package.build(model, tokenizer, batch, compile=compiled, require_graphs=replaces, **switches)
+    built = []  # the first build's backend, once built (the builds run one after the other, in one thread)
 
-    return WarmingBackend(GenerateBackend(model, tokenizer), build(compile and not staged),
-                          concurrency=fast_package.concurrency(model, batch),
-                          faster=build(True, replaces=True) if staged else None)  # fmt: skip
+    def first():
+        built.append(fast_package.build(model, tokenizer, batch, compile=compile and not staged, **switches))
+        return built[-1]
+
+    def compiled():  # replaces the first build's decoder if that one serves: without graphs of its own, no gain
+        return fast_package.build(model, tokenizer, batch, compile=True, replaces=bool(built), **switches)
+
+    return WarmingBackend(GenerateBackend(model, tokenizer), first, concurrency=fast_package.concurrency(model, batch),
+                          faster=compiled if staged else None)

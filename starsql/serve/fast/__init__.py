@@ -62,7 +62,7 @@ def prepare_model(model) -> bool:
 
 def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
           prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None, timings=None,
-          prefixes: int = 0, require_graphs: bool = False):
+          prefixes: int = 0, replaces: bool = False):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
@@ -71,34 +71,37 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
     on a GPU); `prefixes`: how many prompts' K/V it keeps to prefill prompts that begin alike from where they part
     (0: none); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
-    it). `require_graphs`: on a GPU, a decoder whose CUDA graphs could not be captured (warned) is an error, not a
-    slower backend (for a build that would replace one that serves). If building fails, the kernel is turned off
-    again before the error propagates, so generate() runs on cuBLAS."""
+    it). `replaces`: a decoder already serves on this model, which this one would replace: on a GPU, CUDA graphs that
+    could not be captured (warned) are then an error, not a slower backend, and a failure leaves the model as that
+    decoder uses it. Otherwise, if building fails, the kernel is turned off again before the error propagates, so
+    generate() runs on cuBLAS."""
     keep_compiled_artefacts()
     kernel = prepare_model(model)
     try:
         if batch == 1:
             decoder = GreedyDecoder(model, max_length=max_length or DECODER_TOKENS, compile=None if compile else False)
             decoder.warm_up()
-            check_graphs(decoder, require_graphs)
+            check_graphs(decoder, replaces)
             return FastDecodeBackend(model, tokenizer, decoder)
         decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False,
                                  prefill_tokens=prefill_tokens, lengths=() if whole_slots else LENGTHS,
                                  queue_ahead=queue_ahead, timings=timings, prefixes=prefixes)  # fmt: skip
         decoder.warm_up()
-        check_graphs(decoder, require_graphs)
+        check_graphs(decoder, replaces)
         decoder.start()
         return BatchedDecodeBackend(model, tokenizer, decoder)
     except Exception:
-        if kernel:
+        if kernel and not replaces:
             use_gemv(model, enabled=False)
         raise
 
 
 def check_graphs(decoder, required: bool):
     """Raise if `required` and the decoder, on a GPU, runs without CUDA graphs: its steps would launch every kernel
-    from Python, slower than the decoder it was built to replace."""
+    from Python, slower than the decoder it was built to replace. A batched decoder's caches go back first."""
     if required and decoder.device.type == "cuda" and not decoder.use_graph:
+        if isinstance(decoder, BatchedDecoder):
+            decoder._release()
         raise RuntimeError("its CUDA graphs could not be captured (see the warning above), so it would be slower "
                            "than the decoder that serves")
 
