@@ -91,9 +91,9 @@ CHAT_UPDATE_S = 0.1
 # default: milliseconds of the server's one Python process an answer, more as events pile up. Once every this many
 # events is enough for its /monitoring page; the variable, if set, decides.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
-# Every plain API call starts a Gradio session, which builds the whole page's configuration and keeps it: built only
-# when read (Gradio's deep links) with the switch on (starsql/serve/gradio_sessions.py).
-if env_switch("LAZY_SESSIONS", True, "sessions build the page's configuration when read", "Gradio's own sessions"):
+# Every plain API call starts a Gradio session, which builds the whole page's configuration and keeps it: with the
+# switch on, a block's as an event writes it and the rest only for a deep link (starsql/serve/gradio_sessions.py).
+if env_switch("LAZY_SESSIONS", True, "sessions build blocks' configurations as they are used", "Gradio's own sessions"):
     lazy_session_configs()
 GPU_SECONDS = 60  # ZeroGPU lease per answer: 512 tokens of a 3B model fit easily
 AOTI_COMPILE_S = 1500  # ZeroGPU lease to export and compile the decoder at start (DECODE_AOTI=1)
