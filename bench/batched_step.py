@@ -105,19 +105,22 @@ def step_times(model, args) -> list[dict]:
 
 def kernel_profile(run, calls: int, unit: str, top: int = 12) -> dict:
     """The GPU kernels (on a CPU, the ops) of `calls` back-to-back runs of `run`: microseconds a `unit`, the top ones."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(calls):
             run()
         sync()
-    kind = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in profiler.key_averages() if e.device_type == kind]
-    total = sum(e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total for e in events)
-    ranked = sorted(events, key=lambda e: e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total, reverse=True)
-    return {f"kernel_us_per_{unit}": round(total / calls, 1),
-            "top": [{"kernel": e.key[:90], f"us_per_{unit}": round((e.self_device_time_total if torch.cuda.is_available()
-                                                                     else e.self_cpu_time_total) / calls, 1),
-                     f"calls_per_{unit}": e.count / calls} for e in ranked[:top]]}  # fmt: skip
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    ranked = sorted(events, key=self_us, reverse=True)
+    return {f"kernel_us_per_{unit}": round(sum(map(self_us, events)) / calls, 1),
+            "top": [{"kernel": e.key[:90], f"us_per_{unit}": round(self_us(e) / calls, 1), f"calls_per_{unit}": e.count / calls}
+                    for e in ranked[:top]]}  # fmt: skip
 
 
 @torch.inference_mode()
