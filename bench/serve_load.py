@@ -278,19 +278,34 @@ def check_round_trips(url: str, repeats: int) -> list[float]:
     return times
 
 
+def waits_since(before: dict | None, after: dict | None) -> list[float]:
+    """The waits a /usage RecentWaits snapshot (`after`) added since an earlier one (`before`)."""
+    if not after or not before:
+        return []
+    new = after["count"] - before["count"]
+    return after["recent_s"][-new:] if 0 < new <= len(after["recent_s"]) else []
+
+
 def engine_use(before: dict, after: dict, wall: float) -> dict | None:
     """The batched decoder's work during a load, from /usage's engine totals: steps, requests a step, ms a step,
     prefill forwards, requests a prefill, ms a prefill, the share of prompt tokens restored from kept prefixes,
-    and the share of the wall time the engine was busy."""
+    the share of the wall time the engine was busy, and the time to a first token p50/p95 in the model's process:
+    from a request's submission to the decoder (`first_token`), and, with WORKERS, from its arrival in that
+    process to its first piece of text sent back (`first_piece`): what is left of the users' is the app's."""
     if "decoder" not in after or "decoder" not in before:  # no engine, or it became ready during the load
         return None
     d = {name: after["decoder"][name] - before["decoder"][name] for name in after["decoder"]}
+    first_token = waits_since(before.get("first_token"), after.get("first_token"))
+    first_piece = waits_since(before.get("first_piece"), after.get("first_piece"))
+    ms = lambda waits, q: None if not waits else round(1e3 * percentile(waits, q), 2)  # noqa: E731
     return {"steps": d["steps"], "requests_per_step": round(d["rows"] / max(d["steps"], 1), 2),
             "step_ms": round(1e3 * d["step_s"] / max(d["steps"], 1), 3), "prefills": d["prefills"],
             "requests_per_prefill": round(d["prefilled"] / max(d["prefills"], 1), 2),
             "prefill_ms": round(1e3 * d["prefill_s"] / max(d["prefills"], 1), 2),
             "reused_share": round(d["reused_tokens"] / max(d["prompt_tokens"], 1), 3),
-            "busy_share": round((d["step_s"] + d["prefill_s"]) / wall, 3)}  # fmt: skip
+            "busy_share": round((d["step_s"] + d["prefill_s"]) / wall, 3),
+            "first_token_p50_ms": ms(first_token, 50), "first_token_p95_ms": ms(first_token, 95),
+            "first_piece_p50_ms": ms(first_piece, 50), "first_piece_p95_ms": ms(first_piece, 95)}  # fmt: skip
 
 
 def load(pool: ProcessPoolExecutor, app: "App", users: int, rounds: int, new_tokens: int, client: str) -> dict:

@@ -663,6 +663,7 @@ def test_usage_shows_the_batched_engines_totals_once_it_serves(app, monkeypatch)
     assert engine["prefills"] == engine["prefilled"] == 1
     # The first token came from the prefill, each other from a step of one row.
     assert engine["steps"] == engine["rows"] == usage["tokens"] - before - 1 > 0 and engine["step_s"] > 0
+    assert usage["first_token"]["count"] == 1 and 0 < usage["first_token"]["recent_s"][0] < 60  # its wait for it
 
 
 # --- in-process: limits, cut answers, history, Stop --------------------------------------------

@@ -3,6 +3,7 @@ when done, and each gets exactly the greedy tokens it gets decoded alone; the ba
 warming backend that answers through plain generate() until the fast one is built."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -140,6 +141,25 @@ def test_requests_arriving_together_share_one_prefill_and_get_their_solo_greedy_
         assert [drain(r) for r in requests] == expected
         assert decoder.timings.snapshot()["prefills"] == forwards + 1  # the latecomer: a prefill of its own
         assert decoder.timings.snapshot()["prefilled"] == len(prompts)
+
+
+def test_the_engine_times_each_requests_wait_from_its_submission_to_its_first_token(chaotic):
+    # /usage's time to a first token in the model's process: one request waits 0.2 s before the engine admits it
+    # together with one just submitted; each is timed from its own submission.
+    model, tokenizer = chaotic
+    decoder = BatchedDecoder(model, max_batch=2, max_length=256, buckets=(2,), lengths=())
+    decoder.warm_up()
+    ids = ids_of(tokenizer, MORE_PROMPTS[0])
+    early = decoder.submit(ids, 4, tokenizer.eos_token_id)
+    time.sleep(0.2)
+    late = decoder.submit(ids, 4, tokenizer.eos_token_id)
+    started = time.perf_counter()
+    decoder.run_once()
+    admitted = time.perf_counter() - started
+    waits = decoder.timings.first_tokens.snapshot()
+    assert waits["count"] == 2
+    early_wait, late_wait = waits["recent_s"]  # in the order admitted: the same width, the order submitted
+    assert early_wait >= 0.2 and late_wait <= admitted + 0.01 and early_wait - late_wait >= 0.19
 
 
 @pytest.mark.parametrize("queue_ahead", [False, True], ids=["step-by-step", "queue-ahead"])

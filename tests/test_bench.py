@@ -310,12 +310,20 @@ def test_serve_load_reads_the_engines_work_during_a_load_from_usage():
 
     assert engine_use({"tokens": 0}, {"tokens": 64}, 1.0) is None  # plain generate(): no engine
     before = {"decoder": {"steps": 10, "rows": 10, "step_s": 0.04, "prefills": 1, "prefilled": 1, "prefill_s": 0.01,
-                          "prompt_tokens": 300, "reused_tokens": 0}}
+                          "prompt_tokens": 300, "reused_tokens": 0}, "first_token": {"count": 1, "recent_s": [0.5]}}
     after = {"decoder": {"steps": 74, "rows": 1034, "step_s": 0.36, "prefills": 3, "prefilled": 17, "prefill_s": 0.11,
-                         "prompt_tokens": 5100, "reused_tokens": 4320}}
+                         "prompt_tokens": 5100, "reused_tokens": 4320},
+             "first_token": {"count": 5, "recent_s": [0.5, 0.004, 0.002, 0.003, 0.001]}}
     assert engine_use(before, after, 2.0) == {"steps": 64, "requests_per_step": 16.0, "step_ms": 5.0, "prefills": 2,
                                              "requests_per_prefill": 8.0, "prefill_ms": 50.0, "reused_share": 0.9,
-                                             "busy_share": 0.21}
+                                             "busy_share": 0.21, "first_token_p50_ms": 2.0, "first_token_p95_ms": 4.0,
+                                             "first_piece_p50_ms": None, "first_piece_p95_ms": None}
+    # With WORKERS the model's process also times each request from its arrival; the window is the load's own,
+    # even once older waits have dropped out of the recent ones.
+    before["first_piece"] = {"count": 1000, "recent_s": [0.9] * 4}
+    after["first_piece"] = {"count": 1003, "recent_s": [0.9, 0.010, 0.030, 0.020]}
+    use = engine_use(before, after, 2.0)
+    assert (use["first_piece_p50_ms"], use["first_piece_p95_ms"]) == (20.0, 30.0)
 
 
 def test_app_ceiling_drives_the_app_with_an_engine_that_takes_no_time(tmp_path):

@@ -159,13 +159,13 @@ def running(server):
 
 
 @contextlib.contextmanager
-def serving(backend, keep_alive_s: float):
+def serving(backend, keep_alive_s: float, **options):
     """starsql.serve.engine_server's app over `backend`, served by uvicorn on a free port in this process."""
     import uvicorn
 
     from starsql.serve.engine_server import build_app
 
-    config = uvicorn.Config(build_app(backend, "stand-in", keep_alive_s), host="127.0.0.1", port=free_port(),
+    config = uvicorn.Config(build_app(backend, "stand-in", keep_alive_s, **options), host="127.0.0.1", port=free_port(),
                             log_level="warning")  # fmt: skip
     with running(uvicorn.Server(config)) as url:
         yield url
@@ -213,6 +213,58 @@ def test_a_model_that_fails_while_answering_is_reported_as_such():
             list(RemoteBackend(url, model="stand-in").stream(PROMPT, 16))
         whole = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 8}, timeout=30)
         assert whole.status_code == 500 and "CUDA out of memory" in whole.json()["error"]["message"]
+
+
+class Paced:
+    """A backend that writes `letters` x's, `pause_s` apart (the first after `hold_s`), then ends at once."""
+
+    concurrency = 4
+
+    def __init__(self, letters: int, pause_s: float, hold_s: float = 0.0):
+        self.letters, self.pause_s, self.hold_s = letters, pause_s, hold_s
+
+    def stream(self, prompt, max_new_tokens, temperature=0.0):
+        time.sleep(self.hold_s)
+        for letter in range(1, self.letters + 1):
+            if letter > 1:
+                time.sleep(self.pause_s)
+            yield "x" * letter
+
+
+def streamed_chunks(url: str) -> tuple[list[tuple[float, str]], float]:
+    """(each streamed chunk's text, with when it came in seconds after sending), and when the stream ended."""
+    sent, chunks = time.monotonic(), []
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "stream": True},
+                      timeout=30) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data: {") and (text := json.loads(line[6:])["choices"][0]["text"]):
+                chunks.append((time.monotonic() - sent, text))
+    return chunks, time.monotonic() - sent
+
+
+def test_the_engine_sends_the_first_piece_at_once_then_what_came_meanwhile_each_interval():
+    # 21 letters over 0.4 s. With a 0.1 s interval: the first letter alone, then a few chunks of several letters,
+    # each at least the interval after the one before.
+    with serving(Paced(21, 0.02), keep_alive_s=5, stream_interval_s=0.1) as url:
+        chunks, _ = streamed_chunks(url)
+    texts = [text for _, text in chunks]
+    assert texts[0] == "x" and "".join(texts) == "x" * 21 and 3 <= len(texts) <= 7, texts
+    assert all(later - earlier >= 0.09 for (earlier, _), (later, _) in zip(chunks[:-1], chunks[1:-1])), chunks
+    # Interval 0: a chunk as each letter comes.
+    with serving(Paced(21, 0.02), keep_alive_s=5, stream_interval_s=0) as url:
+        chunks, _ = streamed_chunks(url)
+    assert "".join(text for _, text in chunks) == "x" * 21 and len(chunks) > 10, chunks
+
+
+def test_the_end_of_an_answer_is_not_held_back_by_the_interval_and_its_first_piece_is_timed():
+    # The first letter after 0.3 s of the model's, the next two 0.05 s apart, then the end: they go at once with
+    # the end, not after the 2 s interval. /usage counts the request's wait for its first piece.
+    with serving(Paced(3, 0.05, hold_s=0.3), keep_alive_s=5, stream_interval_s=2.0) as url:
+        before = httpx.get(f"{url}/usage").json()["first_piece"]
+        chunks, ended = streamed_chunks(url)
+        after = httpx.get(f"{url}/usage").json()["first_piece"]
+    assert [text for _, text in chunks] == ["x", "xx"] and ended < 1.5, (chunks, ended)
+    assert after["count"] == before["count"] + 1 and 0.3 <= after["recent_s"][-1] < 1.5
 
 
 def test_the_router_lets_go_of_a_stream_its_user_left_and_ends_open_ones_when_it_stops():

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from threading import Event, Lock, Semaphore, Thread
 
@@ -255,14 +255,35 @@ class Usage:
 USAGE = Usage()
 
 
+class RecentWaits:
+    """How many times something waited in all, and the last `keep` waits in seconds: /usage's view of a wait such
+    as the time to a first token. A reader that kept the count of an earlier look takes the newest (count - that)
+    waits: its own window's (bench/serve_load.py, a load's)."""
+
+    def __init__(self, keep: int = 1024):
+        self._lock = Lock()
+        self.count, self.recent = 0, deque(maxlen=keep)
+
+    def add(self, seconds: float):
+        with self._lock:
+            self.count += 1
+            self.recent.append(seconds)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"count": self.count, "recent_s": [round(s, 5) for s in self.recent]}
+
+
 def usage_report(backend) -> dict:
     """The app's /usage figures for `backend`: USAGE's totals and, with the batched decoder, its engine's
-    (`decoder`: steps, rows decoded, seconds stepping, prefill forwards, requests prefilled, seconds prefilling)."""
+    (`decoder`: steps, rows decoded, seconds stepping, prefill forwards, requests prefilled, seconds prefilling)
+    and its recent waits from a request's submission to its first token (`first_token`, RecentWaits)."""
     usage = USAGE.snapshot()
     fast = getattr(backend, "fast", backend)  # a WarmingBackend's built backend (None while it warms up)
     timings = getattr(getattr(fast, "decoder", None), "timings", None)
     if timings is not None:
         usage["decoder"] = timings.snapshot()
+        usage["first_token"] = timings.first_tokens.snapshot()
     return usage
 
 

@@ -27,11 +27,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .decode import BackendError, build_backend, fast_backend_wanted, usage_report
+from .decode import BackendError, RecentWaits, build_backend, env_count, fast_backend_wanted, usage_report
 from .load import load_for_inference
 
 MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)
 KEEP_ALIVE_S = 10.0  # a waiting stream's comment interval: well inside a client's read timeout (the app's: 60 s)
+# After a stream's first piece (sent at once), the next goes this long after the one before, with every token that came
+# meanwhile (env STREAM_INTERVAL_MS; 0: a chunk as each piece comes): a chunk a token costs Python time on both sides
+# (JSON, SSE, the client's parsing), here in the process whose engine thread must launch every step. The app shows
+# an update every CHAT_UPDATE_S, longer.
+STREAM_INTERVAL_MS = 20
 
 
 def completion_request(body) -> tuple[str, int, float, bool]:
@@ -60,16 +65,19 @@ def _chunk(request_id: str, model: str, text: str, finish_reason: str | None) ->
     return f"data: {json.dumps(_completion(request_id, model, text, finish_reason))}\n\n"
 
 
-def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> Starlette:
+def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S,
+              stream_interval_s: float = STREAM_INTERVAL_MS / 1e3) -> Starlette:
     """The endpoint over `backend` (anything with stream() and concurrency, as starsql.serve.decode describes).
     A streamed request that waits (for a free slot, or for its first token while the model warms up) gets an SSE
-    comment every `keep_alive_s`, so that its client does not take the silence for a dead endpoint."""
+    comment every `keep_alive_s`, so that its client does not take the silence for a dead endpoint. A stream's
+    pieces after its first go at most one every `stream_interval_s`, each with the text that came meanwhile."""
     slots = asyncio.Semaphore(backend.concurrency)
+    first_pieces = RecentWaits()  # each request's time from its arrival here to its first piece of text
 
-    async def pieces(prompt: str, max_tokens: int, temperature: float):
+    async def pieces(prompt: str, max_tokens: int, temperature: float, arrived: float):
         """The answer's new text, piece by piece, and "" after each `keep_alive_s` without any. The backend runs
-        in a thread of its own; pieces that pile up while the event loop is busy are sent as one. Leaving early
-        (the client went) ends the generation."""
+        in a thread of its own; pieces that pile up (during `stream_interval_s` after a piece, or while the event
+        loop is busy) are sent as one. Leaving early (the client went) ends the generation."""
         # Waits go through asyncio.wait, which never cancels what it waits for on a timeout (wait_for may, and
         # on some Pythons lose a slot or a queue item that arrived at that moment).
         acquiring = asyncio.ensure_future(slots.acquire())
@@ -98,20 +106,30 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
         getting = None
         try:
             threading.Thread(target=pump, daemon=True, name="engine-request").start()
-            sent = ""
+            sent, newest, send_at = "", "", 0.0  # newest: the text so far; send_at: when it may go (loop time)
             while True:
                 getting = getting or asyncio.ensure_future(queue.get())
-                if not (await asyncio.wait({getting}, timeout=keep_alive_s))[0]:
-                    yield ""
+                wait = keep_alive_s if newest == sent else max(0.0, send_at - loop.time())
+                if not (await asyncio.wait({getting}, timeout=wait))[0]:
+                    if newest == sent:
+                        yield ""  # nothing new for keep_alive_s
+                    else:  # its interval is over: what came meanwhile goes as one
+                        yield newest[len(sent):]
+                        sent, send_at = newest, loop.time() + stream_interval_s
                     continue
                 items, getting = [getting.result()], None
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 texts = [item for item in items if isinstance(item, str)]
-                if texts and len(texts[-1]) > len(sent):  # each piece is the whole text so far
-                    yield texts[-1][len(sent):]
-                    sent = texts[-1]
-                if items[-1] is None:  # the end, or an error, is always the last thing put
+                if texts and len(texts[-1]) > len(newest):  # each piece is the whole text so far
+                    newest = texts[-1]
+                ended = items[-1] is None or isinstance(items[-1], Exception)  # always the last thing put
+                if newest != sent and (ended or loop.time() >= send_at):  # the end goes at once, with the rest
+                    if not sent:
+                        first_pieces.add(time.perf_counter() - arrived)
+                    yield newest[len(sent):]
+                    sent, send_at = newest, loop.time() + stream_interval_s
+                if items[-1] is None:
                     return
                 if isinstance(items[-1], Exception):
                     raise items[-1]
@@ -122,6 +140,7 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
             slots.release()
 
     async def completions(request: Request):
+        arrived = time.perf_counter()
         try:
             prompt, max_tokens, temperature, stream = completion_request(await request.json())
         except json.JSONDecodeError:
@@ -132,7 +151,7 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
         if not stream:
             text = ""
             try:
-                async for piece in pieces(prompt, max_tokens, temperature):
+                async for piece in pieces(prompt, max_tokens, temperature, arrived):
                     text += piece
             except Exception as error:  # noqa: BLE001 -- the client gets what failed, not a dropped connection
                 return _error(500, _failure(error), "server_error")
@@ -140,7 +159,7 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
 
         async def events():
             try:
-                async for piece in pieces(prompt, max_tokens, temperature):
+                async for piece in pieces(prompt, max_tokens, temperature, arrived):
                     yield _chunk(request_id, model_name, piece, None) if piece else ": waiting\n\n"
             except Exception as error:  # noqa: BLE001 -- the stream has begun: the error travels in it, as OpenAI's does
                 yield f"data: {json.dumps({'error': {'message': _failure(error), 'type': 'server_error'}})}\n\n"
@@ -157,7 +176,7 @@ def build_app(backend, model_name: str, keep_alive_s: float = KEEP_ALIVE_S) -> S
         return JSONResponse({"status": "ok", "concurrency": backend.concurrency})
 
     async def usage(_):
-        return JSONResponse(usage_report(backend))
+        return JSONResponse({**usage_report(backend), "first_piece": first_pieces.snapshot()})
 
     return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models),
                              Route("/health", health), Route("/usage", usage)])  # fmt: skip
@@ -180,10 +199,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_name", default="", help="The name clients ask for (default: --adapter, else --base_model).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--stream_interval_ms", type=int, default=None,
+                        help="Milliseconds between two streamed chunks of an answer after its first, which goes at once "
+                             f"(env STREAM_INTERVAL_MS; default {STREAM_INTERVAL_MS}; 0: a chunk for every piece the model writes).")
     args = parser.parse_args(argv)
+    interval = args.stream_interval_ms
+    if interval is None:
+        try:
+            interval = env_count("STREAM_INTERVAL_MS", 0, "milliseconds", "a chunk for every piece")
+        except ValueError as error:
+            parser.error(str(error))
+        interval = STREAM_INTERVAL_MS if interval is None else interval
+    if interval < 0:
+        parser.error(f"--stream_interval_ms must be 0 or more, not {interval}")
     model, tokenizer = load_for_inference(args.base_model, args.adapter or None, args.load_in_4bit)
     backend = build_backend(model, tokenizer, fast=fast_backend_wanted(args.load_in_4bit))
-    app = build_app(backend, args.model_name or args.adapter or args.base_model)
+    app = build_app(backend, args.model_name or args.adapter or args.base_model, stream_interval_s=interval / 1e3)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

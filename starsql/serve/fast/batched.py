@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..decode import RecentWaits
 from .decoder import GreedyDecoder, capture_graph, check_fits, prefill_attention
 from .gemv import routing
 from .prefixes import PrefixStore
@@ -134,6 +135,7 @@ class EngineTimings:
         self.counts = dict.fromkeys(self.FIELDS, 0)  # since the last line in the log
         self.totals = dict.fromkeys(self.FIELDS, 0)  # since the start: the app's /usage
         self._lock = threading.Lock()  # /usage reads the totals from another thread: whole updates only
+        self.first_tokens = RecentWaits()  # each request's wait from its submission to its first token
 
     def _add(self, **amounts) -> str | None:
         """Add, under the lock (two decoders may share these totals: the eager one finishing, the compiled one taking
@@ -179,6 +181,7 @@ class Request:
         self.produced = 0
         self.reused = 0  # its first prompt tokens whose K/V the prefix store gave its slot: its prefill runs the rest
         self.closed = False  # its stream was closed (Stop, a client gone): it leaves at the next step
+        self.submitted = time.perf_counter()
 
     def deliver(self, token: int) -> bool:
         """Hand one token over; True once the request is done."""
@@ -456,6 +459,9 @@ class BatchedDecoder:
                 raise
             self.timings.prefilled(len(group), self._between(started, ended), sum(r.input_ids.shape[-1] for r in group),
                                    sum(r.reused for r in group))  # fmt: skip
+            now = time.perf_counter()
+            for request in group:
+                self.timings.first_tokens.add(now - request.submitted)
             prefilled += zip(group, slots)
             for request, slot, first in zip(group, slots, firsts):
                 self.slots[slot] = request
