@@ -60,7 +60,7 @@ from starsql.serve.check import (
     text_problem,
 )
 from starsql.serve.decode import (BackendError, build_backend, decode_aoti, env_switch, fast_backend_wanted,
-                                  statement_finished, usage_report)
+                                  freeze_long_lived_objects, statement_finished, usage_report)
 from starsql.serve.gradio_sessions import lazy_session_configs
 from starsql.serve.load import load_for_inference, load_tokenizer
 
@@ -1068,5 +1068,6 @@ demo.queue(default_concurrency_limit=BACKEND.concurrency, max_size=QUEUE_SIZE)
 if __name__ == "__main__":
     # The served process caps SQLite's memory (process-wide; `import app` in tests leaves it alone).
     limit_heap(SQLITE_HARD_HEAP_BYTES, SQLITE_SOFT_HEAP_BYTES)
+    freeze_long_lived_objects()  # the model, Gradio and the page: collections then walk what answers make
     # No server_name/server_port here: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT decide (Spaces sets them).
     demo.launch(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, max_file_size=MAX_UPLOAD_BYTES)

@@ -20,6 +20,7 @@ with gradio_client, so the functions it calls can be timed where they run:
 - the chat UI (respond, in process): updates per answer, the bytes of the full history each update carries
   into Gradio (which sends each update's difference to the previous one), and our time for the final one
   (the result table, chart and CSV).
+- gc: a full collection's pause in this process (the objects it walks), and after freezing what startup made.
 Workspace.close runs after the reply, in app.py's closing thread: its time is listed, not part of check_api's.
 """
 
@@ -79,6 +80,32 @@ class Timers:
     def take(self) -> dict[str, float]:
         spent, self.spent = dict(self.spent), defaultdict(float)
         return spent
+
+
+def gc_pauses() -> dict:
+    """Python's full collection walks every object the process holds while every thread waits (an answer's first
+    token too): its time in this process (the app, its model, Gradio), then after app.py's freeze_long_lived_objects,
+    which moves what lives now where collections do not look (undone after)."""
+    import gc
+
+    from starsql.serve.decode import freeze_long_lived_objects
+
+    def full_collection_ms() -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            gc.collect()
+            times.append(time.perf_counter() - started)
+        return ms(min(times))
+
+    pauses = {"objects": len(gc.get_objects()), "full_collection_ms": full_collection_ms()}
+    try:
+        pauses["frozen"] = freeze_long_lived_objects()
+        pauses["objects_frozen"] = gc.get_freeze_count()
+        pauses["full_collection_after_freeze_ms"] = full_collection_ms()
+    finally:
+        gc.unfreeze()
+    return pauses
 
 
 def main() -> None:
@@ -283,6 +310,7 @@ def main() -> None:
         "history_bytes_per_update_p50": statistics.median(ui_bytes),
         "result_view_ms_p50": ms(statistics.median(ui_final)),
     }
+    results["gc"] = gc_pauses()
     client.close()
     app.demo.close()
     print(json.dumps(results, indent=1, ensure_ascii=False))

@@ -550,6 +550,39 @@ def test_a_replaced_backend_with_no_answer_running_is_closed_at_once():
     assert warming.wait(30) is compiled and eager.closed == 1 and compiled.closed == 0
 
 
+def test_what_startup_made_is_frozen_out_of_collections_once_the_builds_end(monkeypatch):
+    # A full collection walks every object the process holds (torch, the model, compiled code) while all threads
+    # wait: once the fast backend's builds end, those are moved where collections no longer look. GC_FREEZE=0: not.
+    import gc
+
+    from starsql.serve.decode import freeze_long_lived_objects
+
+    events, go = [], threading.Event()
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("frozen"))
+    warming = WarmingBackend(_Backend("plain"), lambda: (go.wait(30), events.append("built"), _Backend("fast"))[2], 2)
+    go.set()
+    assert warming.wait(30) is not None
+    for _ in range(300):
+        if "frozen" in events:
+            break
+        threading.Event().wait(0.01)
+    assert events == ["built", "frozen"]
+    monkeypatch.setenv("GC_FREEZE", "0")
+    assert WarmingBackend(_Backend("plain"), lambda: _Backend("fast"), 2).wait(30) is not None
+    threading.Event().wait(0.2)
+    assert events == ["built", "frozen"] and freeze_long_lived_objects() is False
+    monkeypatch.setenv("GC_FREEZE", "later")
+    with pytest.raises(ValueError, match="GC_FREEZE must be 1 .* or 0"):
+        freeze_long_lived_objects()
+    monkeypatch.undo()  # the real gc.freeze: what lives now leaves the collected generations
+    before = gc.get_freeze_count()
+    try:
+        assert freeze_long_lived_objects() is True and gc.get_freeze_count() > before
+        assert gc.get_freeze_count() - before > len(gc.get_objects()) / 2  # most of what this process holds
+    finally:
+        gc.unfreeze()
+
+
 def test_build_backend_serves_eager_graphs_first_then_the_compiled_ones(tiny_run, monkeypatch):
     import starsql.serve.fast as fast_package
 

@@ -14,6 +14,7 @@ first time: `WarmingBackend` answers through plain generate() until its eager CU
 Prompts come from `starsql.prompt.build_prompt`, the template the adapter was trained on.
 """
 
+import gc
 import os
 import sys
 import time
@@ -190,6 +191,7 @@ class WarmingBackend:
         finally:
             self.build_s = time.perf_counter() - started
             self.ready.set()
+            freeze_long_lived_objects()  # what the builds made (compiled code, graphs) lives as long as the process
 
     def _serve_with(self, built):
         """New answers go to `built`; the backend it replaces is closed now if idle, else by its last answer."""
@@ -301,6 +303,19 @@ def env_count(name: str, least: int, unit: str, least_means: str) -> int | None:
     if value is not None and (not value.isdigit() or int(value) < least):
         raise ValueError(f"{name} must be a whole number of {unit}, {least} or more ({least}: {least_means}), not {value!r}")
     return None if value is None else int(value)
+
+
+def freeze_long_lived_objects() -> bool:
+    """With GC_FREEZE (on by default): collect the garbage, then move every object alive now into the permanent
+    generation (gc.freeze), which Python's collections no longer walk. A serving process holds torch, the model,
+    Gradio and compiled code, most of a million objects that live as long as it does; a full collection walks all of
+    them while every thread waits, a pause that lands on whichever first tokens are on their way (BENCHMARKS.md).
+    Called once startup work is done (the UI built, the fast backend's builds ended). True if it froze."""
+    if not env_switch("GC_FREEZE", True, "freeze what startup made", "Python's own collections"):
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def fast_decode() -> bool:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .decode import BackendError, RecentWaits, build_backend, env_count, fast_backend_wanted, usage_report
+from .decode import BackendError, RecentWaits, build_backend, env_count, freeze_long_lived_objects, fast_backend_wanted, usage_report
 from .load import load_for_inference
 
 MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_for_inference(args.base_model, args.adapter or None, args.load_in_4bit)
     backend = build_backend(model, tokenizer, fast=fast_backend_wanted(args.load_in_4bit))
     app = build_app(backend, args.model_name or args.adapter or args.base_model, stream_interval_s=interval / 1e3)
+    freeze_long_lived_objects()  # the model, torch; the fast backend's builds freeze again once they end
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
