@@ -113,9 +113,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shape: dict | None = None) -> Path:
+def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shape: dict | None = None,
+                 visible: bool = False) -> Path:
     """Build the random model + tokenizer in `model_dir` unless it is already there (`shape`: its config, by
-    default StarCoder2-3B's, or SMOKE's with `smoke`)."""
+    default StarCoder2-3B's, or SMOKE's with `smoke`). `visible`: every token it writes is text (visible_tokens_only)."""
     from transformers import AutoModelForCausalLM, Starcoder2Config
 
     out = Path(model_dir)
@@ -131,6 +132,8 @@ def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shap
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     with device():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if visible:
+        visible_tokens_only(model, tokenizer)
     tmp = out.with_name(out.name + ".tmp")  # write, then rename: a killed build leaves no half model behind
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -140,6 +143,22 @@ def ensure_model(model_dir: str | Path, smoke: bool = False, seed: int = 0, shap
         tmp.replace(out)
     print(f"Built random model in {out} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return out
+
+
+def visible_tokens_only(model, tokenizer):
+    """Make the random model write only tokens a user sees, as a trained model's answers are: zero the output rows
+    of every other id, so that their logits (0) lose to the largest of the rest's random ones. Others: the ids past the
+    tokenizer's vocabulary (most of the model's, which decode to nothing), special tokens, bytes of half a character,
+    blanks, and what would end an answer (";" and "-", as in "\n--"), so that every answer runs to its budget. Without
+    this, an answer's first text through the app comes only after the model's first visible token: the time to a
+    first token read by a client would be the random model's, not the server's. Same shapes, same work a step."""
+    keep = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id], skip_special_tokens=True)
+        keep[token_id] = bool(text.strip()) and not any(mark in text for mark in ("\ufffd", ";", "-"))
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight  # tied: the input rows of those ids too, which no answer holds
+        weight[~keep.to(weight.device)] = 0
 
 
 def bnb_4bit_config():

@@ -393,7 +393,8 @@ def run_app(name: str, env: dict, args, model_dir: Path, results: dict):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="The JSON to write (rewritten after each app).")
-    parser.add_argument("--model_dir", default="/tmp/sc2-3b-random", help="The random model; built if missing.")
+    parser.add_argument("--model_dir", default="/tmp/sc2-3b-random-visible",
+                        help="The random model (every token it writes is text: common.visible_tokens_only); built if missing.")
     parser.add_argument("--smoke", action="store_true", help="Tiny model on a CPU: a wiring check.")
     parser.add_argument("--users", default="1,4,16", help="Concurrent users, comma-separated.")
     parser.add_argument("--rounds", type=int, default=3, help="Questions each user asks, one after another.")
@@ -417,8 +418,8 @@ def main(argv=None) -> int:
     args.log_dir = args.log_dir or str(Path(args.out).parent)
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     if args.smoke and args.model_dir == parser.get_default("model_dir"):
-        args.model_dir = "/tmp/sc2-smoke-random"
-    model_dir = ensure_model(args.model_dir, smoke=args.smoke)
+        args.model_dir = "/tmp/sc2-smoke-random-visible"
+    model_dir = ensure_model(args.model_dir, smoke=args.smoke, visible=True)
     results = {"card": card(), "new_tokens": args.new_tokens, "rounds": args.rounds, "questions": QUESTIONS, "apps": []}
     for spec in args.app or DEFAULT_APPS:
         name, _, assignments = spec.partition("=")

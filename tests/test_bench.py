@@ -337,3 +337,21 @@ def test_app_ceiling_drives_the_app_with_an_engine_that_takes_no_time(tmp_path):
     assert load["users"] == 2 and load["requests"] == 4 and load["answers_per_s"] > 0
     # The stand-in never sends EOS; an answer stops early only where its random text ends a statement.
     assert 0 < load["tokens"] <= 16 * 4 and load["app_cpu_ms_per_request"] > 0 and load["updates_per_request"] >= 1
+
+
+def test_the_serving_benchmarks_random_model_writes_only_text_a_user_sees(tmp_path):
+    """bench/common.visible_tokens_only: without it the random model writes ids that decode to nothing (or half a
+    character), and a client's time to the first text would be the model's, not the server's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import ensure_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = {}
+    for visible in (False, True):
+        path = ensure_model(tmp_path / f"visible-{visible}", smoke=True, visible=visible)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        ids = tokenizer("CREATE TABLE singer (name VARCHAR, age INTEGER);\n-- How many singers?\nSELECT", return_tensors="pt")["input_ids"]
+        new = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[-1]:].tolist()
+        texts[visible] = [tokenizer.decode([token], skip_special_tokens=True) for token in new]
+    assert len(texts[True]) == 24 and all(t.strip() and "\ufffd" not in t and ";" not in t and "-" not in t for t in texts[True])
+    assert not all(t.strip() and "\ufffd" not in t for t in texts[False])  # the plain random model's are not
