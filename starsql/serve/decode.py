@@ -308,8 +308,8 @@ def env_count(name: str, least: int, unit: str, least_means: str) -> int | None:
 def freeze_long_lived_objects() -> bool:
     """With GC_FREEZE (on by default): collect the garbage, then move every object alive now into the permanent
     generation (gc.freeze), which Python's collections no longer walk. A serving process holds torch, the model,
-    Gradio and compiled code, most of a million objects that live as long as it does; a full collection walks all of
-    them while every thread waits, a pause that lands on whichever first tokens are on their way (BENCHMARKS.md).
+    Gradio and compiled code, objects that live as long as it does; a full collection walks all of them while every
+    thread waits, a pause that lands on whichever first tokens are on their way.
     Called once startup work is done (the UI built, the fast backend's builds ended). True if it froze."""
     if not env_switch("GC_FREEZE", True, "freeze what startup made", "Python's own collections"):
         return False
