@@ -284,14 +284,17 @@ def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_the
     # Questions about one database share its schema: the K/V of the first prompt are kept, and each later prompt
     # gets its longest shared prefix restored into its slot and runs only the rest through the model: two at once in
     # one forward from different starts, and a follow-up whose prompt begins with a whole earlier one. With
-    # prefixes=0 (DECODE_PREFIXES=0, the default) every prompt is prefilled whole: the same tokens.
+    # prefixes=0 (DECODE_PREFIXES=0, the default) every prompt is prefilled whole: the same tokens. With the joint
+    # prefill compiled (a compiled decoder's, once, for every shape of its graphs) too.
     model, tokenizer = chaotic
     ids = {p: ids_of(tokenizer, p) for p in [FIRST, *SAME_SCHEMA, FOLLOW_UP, MORE_PROMPTS[3]]}
     expected = {p: plain_greedy(model, tokenizer, p, 16) for p in ids}
     assert shared_tokens(ids[FIRST], ids[FOLLOW_UP]) == len(ids[FIRST][0])  # the follow-up begins with the first
-    for prefixes in (4, 0):
+    for prefixes, compile_prefill in [(4, False), (0, False)] + [(4, True)] * queue_ahead:
         decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), lengths=(64, 128), queue_ahead=queue_ahead,
-                                 prefixes=prefixes)  # steps and joint prefills over 64, 128 or 256 positions
+                                 prefixes=prefixes, compile_prefill=compile_prefill)  # steps, joint prefills over 64-256 positions
+        assert (decoder._prefill_forward != decoder._forward_prompts) == compile_prefill
+        compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         decoder.warm_up()
         first = decoder.submit(ids[FIRST], 16, tokenizer.eos_token_id)
         decoder.run_once()
@@ -318,6 +321,8 @@ def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_the
         assert last.reused == max(shared_tokens(k, ids[SAME_SCHEMA[1]]) for k in kept_before)
         assert usage["reused_tokens"] == sum(r.reused for r in requests.values())
         assert usage["reused_tokens"] > usage["prompt_tokens"] / 2  # most of each prompt is its schema
+        if compile_prefill:  # compiled, once for the rows and widths the test's joint prefills took
+            assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles <= 2
 
 
 def test_a_prefix_found_for_a_prompt_is_restored_before_another_prompt_takes_its_entry(chaotic):
@@ -557,20 +562,29 @@ def test_what_startup_made_is_frozen_out_of_collections_once_the_builds_end(monk
 
     from starsql.serve.decode import freeze_long_lived_objects
 
-    events, go = [], threading.Event()
-    monkeypatch.setattr(gc, "freeze", lambda: events.append("frozen"))
-    warming = WarmingBackend(_Backend("plain"), lambda: (go.wait(30), events.append("built"), _Backend("fast"))[2], 2)
+    # Freezes are told apart by the thread that asks: another test's backend may end its build meanwhile.
+    events, frozen, go = [], [], threading.Event()
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(threading.get_ident()))
+
+    def build(name):
+        go.wait(30)
+        events.append((name, threading.get_ident()))
+        return _Backend(name)
+
+    warming = WarmingBackend(_Backend("plain"), lambda: build("fast"), 2)
     go.set()
     assert warming.wait(30) is not None
+    (_, builder), = events
     for _ in range(300):
-        if "frozen" in events:
+        if builder in frozen:
             break
         threading.Event().wait(0.01)
-    assert events == ["built", "frozen"]
+    assert frozen.count(builder) == 1
     monkeypatch.setenv("GC_FREEZE", "0")
-    assert WarmingBackend(_Backend("plain"), lambda: _Backend("fast"), 2).wait(30) is not None
+    seen = len(frozen)  # a thread's ident may be reused once it ends: only freezes from now on count
+    assert WarmingBackend(_Backend("plain"), lambda: build("fast, GC_FREEZE=0"), 2).wait(30) is not None
     threading.Event().wait(0.2)
-    assert events == ["built", "frozen"] and freeze_long_lived_objects() is False
+    assert events[1][1] not in frozen[seen:] and freeze_long_lived_objects() is False
     monkeypatch.setenv("GC_FREEZE", "later")
     with pytest.raises(ValueError, match="GC_FREEZE must be 1 .* or 0"):
         freeze_long_lived_objects()
@@ -768,14 +782,20 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     monkeypatch.setenv("DECODE_PREFILL_TOKENS", "0")  # each prompt prefilled alone: the baseline of joint prefills
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
     assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
+    assert decoder.rows_kernel  # steps of a few rows through the rows kernel (where the model routes them)
     assert decoder.prefixes is None and not decoder.prefill_graphs  # by default no prompt is kept
     monkeypatch.setenv("DECODE_PREFIXES", "3")
     assert len(build_backend(model, tokenizer, fast=True).wait(60).decoder.prefixes.prompts) == 3
     monkeypatch.setenv("DECODE_LENGTHS", "0")  # every step over whole slots, each step read before the next
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "0")
     monkeypatch.setenv("DECODE_PREFIXES", "0")  # every prompt prefilled whole
+    monkeypatch.setenv("DECODE_ROWS_KERNEL", "0")  # steps of a few rows on cuBLAS
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
-    assert not decoder.queue_ahead and decoder.lengths == [2048] and decoder.prefixes is None
+    assert not decoder.queue_ahead and decoder.lengths == [2048] and decoder.prefixes is None and not decoder.rows_kernel
+    monkeypatch.setenv("DECODE_ROWS_KERNEL", "cublas")
+    with pytest.raises(ValueError, match="DECODE_ROWS_KERNEL must be 1"):
+        build_backend(model, tokenizer, fast=True)
+    monkeypatch.setenv("DECODE_ROWS_KERNEL", "1")
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "later")
     with pytest.raises(ValueError, match="DECODE_QUEUE_AHEAD must be 1"):
         build_backend(model, tokenizer, fast=True)

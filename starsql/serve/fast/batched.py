@@ -32,7 +32,7 @@ import torch
 
 from ..decode import RecentWaits
 from .decoder import GreedyDecoder, capture_graph, check_fits, prefill_attention
-from .gemv import routing
+from .gemv import ROWS, routing
 from .prefixes import PrefixStore
 
 BUCKETS = (1, 2, 4, 8, 16)  # batch sizes with a step (and a CUDA graph) of their own
@@ -199,12 +199,16 @@ class BatchedDecoder:
     On a GPU each bucket's step is compiled (`compile`) and replayed as a CUDA graph; on a CPU the same loop
     runs eagerly. `lengths`: the positions a step attends over, below `max_length` (() or (max_length,): every
     step over whole slots). `queue_ahead` (default: on a GPU) queues each step before the last one's tokens are
-    handed out; the price, as for the one-stream decoder: a request that ends computes one step it does not use."""
+    handed out; the price, as for the one-stream decoder: a request that ends computes one step it does not use.
+    `rows_kernel`: steps of 2 to gemv.ROWS rows compute their linears in starsql.serve.fast.gemv's rows kernel (where
+    the model routes them there, as prepare_model does on a GPU), not cuBLAS. `compile_prefill` (default: as
+    `compile`): with kept prefixes, the joint prefill their CUDA graphs capture is compiled too."""
 
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
                  compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
                  lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None,
-                 timings: EngineTimings | None = None, prefixes: int = 0):  # fmt: skip
+                 timings: EngineTimings | None = None, prefixes: int = 0, rows_kernel: bool = True,
+                 compile_prefill: bool | None = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -229,6 +233,7 @@ class BatchedDecoder:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.live = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.use_graph = self.device.type == "cuda"
+        self.rows_kernel = rows_kernel
         self.queue_ahead = self.use_graph if queue_ahead is None else queue_ahead
         # The host's copy of each slot's next position (the device's, as of the last step queued): which length a step needs.
         self.next_position = [0] * max_batch
@@ -249,7 +254,13 @@ class BatchedDecoder:
         # Two compiles, not one a bucket: the 1-row step (the kernel's linears), then one graph whose rows are a symbol;
         # the length is a symbol in both (marked so: automatic dynamic shapes would compile again for each change).
         self._step = torch.compile(self._forward_step, fullgraph=True) if compile else self._forward_step
-        if compile:  # all decoders share _forward_step's compile budget; past it, fullgraph raises
+        # The joint prefill of prompts' rests (kept prefixes), compiled once for all the (rows, width, span) its graphs
+        # take: its many small kernels (rotary, K/V writes, masks) fused; the whole-prompt prefills stay eager.
+        compile_prefill = compile if compile_prefill is None else compile_prefill
+        self._prefill_forward = self._forward_prompts
+        if compile_prefill and self.prefixes:
+            self._prefill_forward = torch.compile(self._forward_prompts, fullgraph=True, dynamic=True)
+        if compile or compile_prefill:  # all decoders share _forward_step's and _forward_prompts' compile budgets
             import torch._dynamo as dynamo
 
             dynamo.config.recompile_limit += 4
@@ -282,7 +293,9 @@ class BatchedDecoder:
     def _advance(self, bucket: _Bucket):
         """One step of the bucket's rows: each gets its next token (in `bucket.tokens`) and, where live, the next
         position."""
-        with routing():  # one row (the 1 bucket): the linears through starsql.serve.fast.gemv's kernel, if the model has it
+        # The linears of one row (the 1 bucket) through starsql.serve.fast.gemv's kernel, and with `rows_kernel` those of
+        # up to its ROWS through its rows kernel, if the model has them (prepare_model).
+        with routing(rows=ROWS if self.rows_kernel else 1):
             next_tokens = self._step(bucket.tokens, bucket.cache)
         bucket.tokens.copy_(next_tokens)
         bucket.cache.positions.add_(bucket.live)
@@ -357,7 +370,7 @@ class BatchedDecoder:
 
     def _run_prefill_graph(self, prefill: _PrefillGraph):
         """The joint prefill on its fixed inputs (what its CUDA graph replays)."""
-        prefill.first.copy_(self._forward_prompts(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
+        prefill.first.copy_(self._prefill_forward(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
                                                   prefill.span))  # fmt: skip
 
     def _prefill_graph_for(self, rows: int, width: int, span: int) -> _PrefillGraph | None:
