@@ -783,6 +783,7 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
     assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
     assert decoder.rows_kernel  # steps of a few rows through the rows kernel (where the model routes them)
+    assert decoder._prefill_forward == decoder._forward_prompts  # DECODE_COMPILE=0: nothing compiled
     assert decoder.prefixes is None and not decoder.prefill_graphs  # by default no prompt is kept
     monkeypatch.setenv("DECODE_PREFIXES", "3")
     assert len(build_backend(model, tokenizer, fast=True).wait(60).decoder.prefixes.prompts) == 3
@@ -796,6 +797,14 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     with pytest.raises(ValueError, match="DECODE_ROWS_KERNEL must be 1"):
         build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_ROWS_KERNEL", "1")
+    from starsql.serve.decode import batched_switches
+
+    assert batched_switches()["compile_prefill"] is None  # compiled when the step is (DECODE_COMPILE)
+    monkeypatch.setenv("DECODE_COMPILE_PREFILL", "0")
+    assert batched_switches()["compile_prefill"] is False
+    monkeypatch.setenv("DECODE_COMPILE_PREFILL", "eager")
+    with pytest.raises(ValueError, match="DECODE_COMPILE_PREFILL must be 1"):
+        build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "later")
     with pytest.raises(ValueError, match="DECODE_QUEUE_AHEAD must be 1"):
         build_backend(model, tokenizer, fast=True)
