@@ -8,8 +8,6 @@ The model is prepared as starsql.serve.fast.build prepares it (q/k/v fused, the 
   its steps (1-16 rows over 256-2,048 positions) timed with every row at position --position (or the step's last): GPU time a step (CUDA events over
   --steps back-to-back replays) and the engine's old pattern (replay, wait, tokens to the host: `host_ms`).
 - profile: the GPU kernels of one eager 16-row step over the whole slots, the top ones by time.
-- rest: k prompts prefilled together from past their first --shared_tokens through the joint prefill's CUDA graph,
-  captured from the eager forward and from the compiled one (a compiled decoder's, DECODE_COMPILE).
 - prefill_profile: the same for a joint prefill of 4 prompts from past their first --shared_tokens (its graph's
   forward run eagerly), with the graph's replay and a whole-prompt joint prefill timed beside it.
 - prefill: k prompts of --prompt_tokens tokens, prefilled together (one forward) against one at a time (the
@@ -184,31 +182,6 @@ def prefill_times(model, args) -> list[dict]:
     return rows
 
 
-def rest_times(model, args) -> list[dict]:
-    """k prompts prefilled together from past their first --shared_tokens, through the joint prefill's CUDA graph
-    captured from the eager forward and from the compiled one (compile_prefill, as a compiled decoder builds it)."""
-    from starsql.serve.fast.batched import Request
-
-    rows = []
-    for compiled in (False, True):
-        decoder = BatchedDecoder(model, max_batch=16, max_length=2048, compile=False, prefixes=16, compile_prefill=compiled)
-        started = time.perf_counter()
-        decoder.warm_up()
-        build_s = time.perf_counter() - started
-        generator = torch.Generator().manual_seed(1)
-        for k in (1, 2, 4, 8):
-            requests = [Request(torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=generator), 8, None)
-                        for _ in range(k)]  # fmt: skip
-            for request in requests:
-                request.reused = args.shared_tokens
-            rows.append({"compiled": compiled, "prompts": k, "rest_tokens": args.prompt_tokens - args.shared_tokens,
-                         "rest_ms": round(gpu_ms(lambda: decoder._prefill_together(requests, list(range(k))), 20), 3),
-                         "build_s": round(build_s, 1)})  # fmt: skip
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        del decoder
-    return rows
-
-
 ENGINES = {"whole-slots": dict(lengths=(), queue_ahead=False, prefixes=0), "lengths": dict(queue_ahead=False, prefixes=0),
            "queue-ahead": dict(lengths=(), queue_ahead=True, prefixes=0), "both": dict(prefixes=0), "prefixes": dict(prefixes=16)}
 
@@ -276,8 +249,8 @@ def main(argv=None) -> int:
         args.shared_tokens = min(args.shared_tokens, 16)
     if not 0 <= args.shared_tokens < args.prompt_tokens:
         parser.error(f"--shared_tokens must be from 0 to --prompt_tokens - 1 ({args.prompt_tokens - 1}), not {args.shared_tokens}")
-    if {"prefill_profile", "rest"} & set(args.parts.split(",")) and not args.shared_tokens:
-        parser.error("--parts prefill_profile and rest time prompts prefilled from past their first --shared_tokens: give it, above 0")
+    if "prefill_profile" in args.parts.split(",") and not args.shared_tokens:
+        parser.error("--parts prefill_profile times prompts prefilled from past their first --shared_tokens: give it, above 0")
     unknown = set(args.engines.split(",")) - ENGINES.keys()
     if unknown:
         parser.error(f"--engines: no engine {', '.join(sorted(unknown))}; they are {', '.join(ENGINES)}")
@@ -291,8 +264,6 @@ def main(argv=None) -> int:
         print(json.dumps(result["profile"], indent=1), file=sys.stderr, flush=True)
     if "prefill" in parts:
         result["prefill"] = prefill_times(model, args)
-    if "rest" in parts:
-        result["rest"] = rest_times(model, args)
     if "prefill_profile" in parts:
         result["prefill_profile"] = profile_prefill(model, args)
         print(json.dumps(result["prefill_profile"], indent=1), file=sys.stderr, flush=True)

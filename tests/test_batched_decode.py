@@ -284,17 +284,14 @@ def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_the
     # Questions about one database share its schema: the K/V of the first prompt are kept, and each later prompt
     # gets its longest shared prefix restored into its slot and runs only the rest through the model: two at once in
     # one forward from different starts, and a follow-up whose prompt begins with a whole earlier one. With
-    # prefixes=0 (DECODE_PREFIXES=0, the default) every prompt is prefilled whole: the same tokens. With the joint
-    # prefill compiled (a compiled decoder's, once, for every shape of its graphs) too.
+    # prefixes=0 (DECODE_PREFIXES=0, the default) every prompt is prefilled whole: the same tokens.
     model, tokenizer = chaotic
     ids = {p: ids_of(tokenizer, p) for p in [FIRST, *SAME_SCHEMA, FOLLOW_UP, MORE_PROMPTS[3]]}
     expected = {p: plain_greedy(model, tokenizer, p, 16) for p in ids}
     assert shared_tokens(ids[FIRST], ids[FOLLOW_UP]) == len(ids[FIRST][0])  # the follow-up begins with the first
-    for prefixes, compile_prefill in [(4, False), (0, False)] + [(4, True)] * queue_ahead:
+    for prefixes in (4, 0):
         decoder = BatchedDecoder(model, max_batch=4, max_length=256, buckets=(4,), lengths=(64, 128), queue_ahead=queue_ahead,
-                                 prefixes=prefixes, compile_prefill=compile_prefill)  # steps, joint prefills over 64-256 positions
-        assert (decoder._prefill_forward != decoder._forward_prompts) == compile_prefill
-        compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                                 prefixes=prefixes)  # steps and joint prefills over 64, 128 or 256 positions
         decoder.warm_up()
         first = decoder.submit(ids[FIRST], 16, tokenizer.eos_token_id)
         decoder.run_once()
@@ -321,8 +318,6 @@ def test_prompts_that_begin_alike_are_prefilled_from_where_they_part_and_get_the
         assert last.reused == max(shared_tokens(k, ids[SAME_SCHEMA[1]]) for k in kept_before)
         assert usage["reused_tokens"] == sum(r.reused for r in requests.values())
         assert usage["reused_tokens"] > usage["prompt_tokens"] / 2  # most of each prompt is its schema
-        if compile_prefill:  # compiled, once for the rows and widths the test's joint prefills took
-            assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles <= 2
 
 
 def test_a_prefix_found_for_a_prompt_is_restored_before_another_prompt_takes_its_entry(chaotic):
@@ -783,7 +778,6 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     decoder = build_backend(model, tokenizer, fast=True).wait(60).decoder
     assert decoder.prefill_tokens == 0 and decoder.queue_ahead and decoder.lengths == [256, 512, 1024, 2048]
     assert decoder.rows_kernel  # steps of a few rows through the rows kernel (where the model routes them)
-    assert decoder._prefill_forward == decoder._forward_prompts  # DECODE_COMPILE=0: nothing compiled
     assert decoder.prefixes is None and not decoder.prefill_graphs  # by default no prompt is kept
     monkeypatch.setenv("DECODE_PREFIXES", "3")
     assert len(build_backend(model, tokenizer, fast=True).wait(60).decoder.prefixes.prompts) == 3
@@ -797,14 +791,6 @@ def test_decode_batch_switch_picks_the_one_stream_decoder_and_rejects_nonsense(t
     with pytest.raises(ValueError, match="DECODE_ROWS_KERNEL must be 1"):
         build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_ROWS_KERNEL", "1")
-    from starsql.serve.decode import batched_switches
-
-    assert batched_switches()["compile_prefill"] is None  # compiled when the step is (DECODE_COMPILE)
-    monkeypatch.setenv("DECODE_COMPILE_PREFILL", "0")
-    assert batched_switches()["compile_prefill"] is False
-    monkeypatch.setenv("DECODE_COMPILE_PREFILL", "eager")
-    with pytest.raises(ValueError, match="DECODE_COMPILE_PREFILL must be 1"):
-        build_backend(model, tokenizer, fast=True)
     monkeypatch.setenv("DECODE_QUEUE_AHEAD", "later")
     with pytest.raises(ValueError, match="DECODE_QUEUE_AHEAD must be 1"):
         build_backend(model, tokenizer, fast=True)

@@ -370,18 +370,14 @@ def decode_prefixes() -> int:
 def batched_switches() -> dict:
     """The batched decoder's switches from the environment, as keyword arguments of starsql.serve.fast.build:
     DECODE_PREFILL_TOKENS, DECODE_PREFIXES, DECODE_LENGTHS=0 (every step over whole slots), DECODE_QUEUE_AHEAD=0
-    (each step's tokens read before the next is queued), DECODE_ROWS_KERNEL=0 (the linears of steps of a few rows
-    on cuBLAS) and DECODE_COMPILE_PREFILL=0 (a compiled decoder's kept-prefix prefill captured from the eager model);
-    each 0 is the simpler path (DECODE_PREFIXES's default)."""
+    (each step's tokens read before the next is queued) and DECODE_ROWS_KERNEL=0 (the linears of steps of a few rows
+    on cuBLAS); each 0 is the simpler path (DECODE_PREFIXES's default)."""
     return {"prefill_tokens": decode_prefill_tokens(), "prefixes": decode_prefixes(),
             "whole_slots": not env_switch("DECODE_LENGTHS", True, "steps over the positions in use", "over whole slots"),
             "queue_ahead": env_switch("DECODE_QUEUE_AHEAD", True, "queue each step before the last one's tokens are read",
                                       "one step at a time"),
             "rows_kernel": env_switch("DECODE_ROWS_KERNEL", True, "steps of a few rows through the Triton rows kernel",
-                                      "through cuBLAS"),
-            # None: compiled when the decoder compiles its step
-            "compile_prefill": None if env_switch("DECODE_COMPILE_PREFILL", True, "the kept-prefix prefill compiled too",
-                                                  "captured from the eager model") else False}  # fmt: skip
+                                      "through cuBLAS")}  # fmt: skip
 
 
 def build_backend(model, tokenizer, fast: bool = False, batch: int | None = None):

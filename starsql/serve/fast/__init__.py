@@ -63,7 +63,7 @@ def prepare_model(model) -> bool:
 
 def build(model, tokenizer, batch: int, max_length: int | None = None, compile: bool = True,
           prefill_tokens: int | None = None, whole_slots: bool = False, queue_ahead: bool | None = None, timings=None,
-          prefixes: int = 0, replaces: bool = False, rows_kernel: bool = True, compile_prefill: bool | None = None):
+          prefixes: int = 0, replaces: bool = False, rows_kernel: bool = True):
     """The fast backend of `batch` requests at once (1: the one-stream decoder), compiled and captured now
     (minutes the first time), not during users' requests; `max_length`: prompt + answer it holds (default
     DECODER_TOKENS, BATCH_TOKENS). compile=False: the steps' CUDA graphs are captured from the eager model
@@ -71,8 +71,7 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
     one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
     on a GPU); `prefixes`: how many prompts' K/V it keeps to prefill prompts that begin alike from where they part
-    (0: none); `rows_kernel`: its steps of a few rows compute their linears in gemv's rows kernel, not cuBLAS;
-    `compile_prefill`: its joint prefill from kept prefixes compiled (None: when its step is); `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
+    (0: none); `rows_kernel`: its steps of a few rows compute their linears in gemv's rows kernel, not cuBLAS; `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
     it). `replaces`: a decoder already serves on this model, which this one would replace: on a GPU, CUDA graphs that
     could not be captured (warned) are then an error, not a slower backend, and a failure leaves the model as that
     decoder uses it. Otherwise, if building fails, the kernel is turned off again before the error propagates, so
@@ -87,8 +86,7 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
             return FastDecodeBackend(model, tokenizer, decoder)
         decoder = BatchedDecoder(model, max_batch=batch, max_length=max_length or BATCH_TOKENS, compile=None if compile else False,
                                  prefill_tokens=prefill_tokens, lengths=() if whole_slots else LENGTHS,
-                                 queue_ahead=queue_ahead, timings=timings, prefixes=prefixes, rows_kernel=rows_kernel,
-                                 compile_prefill=compile_prefill if compile else False)  # fmt: skip
+                                 queue_ahead=queue_ahead, timings=timings, prefixes=prefixes, rows_kernel=rows_kernel)  # fmt: skip
         decoder.warm_up()
         check_graphs(decoder, replaces)
         decoder.start()

@@ -201,14 +201,12 @@ class BatchedDecoder:
     step over whole slots). `queue_ahead` (default: on a GPU) queues each step before the last one's tokens are
     handed out; the price, as for the one-stream decoder: a request that ends computes one step it does not use.
     `rows_kernel`: steps of 2 to gemv.ROWS rows compute their linears in starsql.serve.fast.gemv's rows kernel (where
-    the model routes them there, as prepare_model does on a GPU), not cuBLAS. `compile_prefill` (default: as
-    `compile`): with kept prefixes, the joint prefill their CUDA graphs capture is compiled too."""
+    the model routes them there, as prepare_model does on a GPU), not cuBLAS."""
 
     def __init__(self, model, max_batch: int = 16, max_length: int = 2048, buckets: tuple[int, ...] = BUCKETS,
                  compile: bool | None = None, prefill_bucket: int = 64, prefill_tokens: int | None = None,
                  lengths: tuple[int, ...] = LENGTHS, queue_ahead: bool | None = None,
-                 timings: EngineTimings | None = None, prefixes: int = 0, rows_kernel: bool = True,
-                 compile_prefill: bool | None = None):  # fmt: skip
+                 timings: EngineTimings | None = None, prefixes: int = 0, rows_kernel: bool = True):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 request, not {max_batch}")
         # Waiting requests share prefill forwards of at most this many padded tokens (0: each prompt alone).
@@ -254,13 +252,7 @@ class BatchedDecoder:
         # Two compiles, not one a bucket: the 1-row step (the kernel's linears), then one graph whose rows are a symbol;
         # the length is a symbol in both (marked so: automatic dynamic shapes would compile again for each change).
         self._step = torch.compile(self._forward_step, fullgraph=True) if compile else self._forward_step
-        # The joint prefill of prompts' rests (kept prefixes), compiled once for all the (rows, width, span) its graphs
-        # take: its many small kernels (rotary, K/V writes, masks) fused; the whole-prompt prefills stay eager.
-        compile_prefill = compile if compile_prefill is None else compile_prefill
-        self._prefill_forward = self._forward_prompts
-        if compile_prefill and self.prefixes:
-            self._prefill_forward = torch.compile(self._forward_prompts, fullgraph=True, dynamic=True)
-        if compile or compile_prefill:  # all decoders share _forward_step's and _forward_prompts' compile budgets
+        if compile:  # all decoders share _forward_step's compile budget; past it, fullgraph raises
             import torch._dynamo as dynamo
 
             dynamo.config.recompile_limit += 4
@@ -370,7 +362,7 @@ class BatchedDecoder:
 
     def _run_prefill_graph(self, prefill: _PrefillGraph):
         """The joint prefill on its fixed inputs (what its CUDA graph replays)."""
-        prefill.first.copy_(self._prefill_forward(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
+        prefill.first.copy_(self._forward_prompts(prefill.prompts, prefill.positions, prefill.slots, prefill.last,
                                                   prefill.span))  # fmt: skip
 
     def _prefill_graph_for(self, rows: int, width: int, span: int) -> _PrefillGraph | None:
