@@ -5,8 +5,9 @@
 
 The model is prepared as starsql.serve.fast.build prepares it (q/k/v fused, the one-row and rows kernels), then:
 - steps: a BatchedDecoder (--compile) of 2,048-position slots, with the rows kernel or not (--rows_kernel), each of
-  its steps (1-16 rows over 256-2,048 positions) timed with every row at position --position (or the step's last): GPU time a step (CUDA events over
-  --steps back-to-back replays) and the engine's old pattern (replay, wait, tokens to the host: `host_ms`).
+  its steps (1-16 rows over 256-2,048 positions) timed with every row at position --position (or the step's last):
+  GPU time a step (CUDA events over --steps back-to-back replays) and the engine's old pattern (replay, wait, tokens
+  to the host: `host_ms`).
 - profile: the GPU kernels of one eager 16-row step over the whole slots, the top ones by time.
 - prefill_profile: the same for a joint prefill of 4 prompts from past their first --shared_tokens (its graph's
   forward run eagerly), with the graph's replay and a whole-prompt joint prefill timed beside it.

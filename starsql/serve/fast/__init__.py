@@ -71,8 +71,9 @@ def build(model, tokenizer, batch: int, max_length: int | None = None, compile: 
     one joint prefill (0: each prompt alone; None: its default); `whole_slots`: its steps attend over whole slots,
     not over the positions in use; `queue_ahead`: its next step queued before the last one's tokens are read (None:
     on a GPU); `prefixes`: how many prompts' K/V it keeps to prefill prompts that begin alike from where they part
-    (0: none); `rows_kernel`: its steps of a few rows compute their linears in gemv's rows kernel, not cuBLAS; `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing
-    it). `replaces`: a decoder already serves on this model, which this one would replace: on a GPU, CUDA graphs that
+    (0: none); `rows_kernel`: its steps of a few rows compute their linears in gemv's rows kernel, not cuBLAS;
+    `timings`: the batched.EngineTimings its engine adds to (shared by a decoder and the one replacing it).
+    `replaces`: a decoder already serves on this model, which this one would replace: on a GPU, CUDA graphs that
     could not be captured (warned) are then an error, not a slower backend, and a failure leaves the model as that
     decoder uses it. Otherwise, if building fails, the kernel is turned off again before the error propagates, so
     generate() runs on cuBLAS."""

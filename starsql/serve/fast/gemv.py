@@ -86,7 +86,8 @@ if triton is not None:
         if GELU:
             acc = acc.to(out.dtype.element_ty).to(tl.float32)
             acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-        tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     def launch(x, weight, bias, out, gelu: bool):
         """The kernel over `weight`'s rows, on `x`'s device (Triton launches on the current one): `gemv_kernel` for
@@ -141,9 +142,9 @@ def routing(rows: int = 1):
 def routed(x: torch.Tensor, layer: nn.Linear) -> bool:
     """Inside routing(): `x` has at most its rows, on a kernel device, for inference (no gradients, no autocast,
     which would cast F.linear's inputs), in `layer`'s weight dtype, and the weight's offsets fit the kernels' int32."""
-    return (_routed_rows > 0 and x.shape[:-1].numel() <= _routed_rows and x.device.type in DEVICES and x.dtype == layer.weight.dtype
-            and layer.weight.is_contiguous() and layer.weight.numel() < 2**31 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
+    return (_routed_rows > 0 and x.shape[:-1].numel() <= _routed_rows and x.device.type in DEVICES
+            and x.dtype == layer.weight.dtype and layer.weight.is_contiguous() and layer.weight.numel() < 2**31
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
 
 
 class GemvLinear(nn.Linear):
