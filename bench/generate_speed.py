@@ -169,18 +169,6 @@ GEMV_SWEEP = [
 GEMV_CONFIG = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-def launch_gemv(x, weight, bias, out, gelu: bool, config: dict):
-    """starsql.serve.fast.gemv's kernel launched with the block shape `config` (gemv.launch uses its fixed one)."""
-    import triton
-
-    from starsql.serve.fast import gemv
-
-    n, k = weight.shape
-    gemv.gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
-        weight, x, bias, out, n, k, HAS_BIAS=bias is not None, GELU=gelu, **config)
-    return out
-
-
 def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
     """Each weight shape of the model's linear layers, one token: cuBLAS (F.linear, and GELU for c_fc) against
     starsql.serve.fast.gemv's kernel with its fixed block shape and with the best of GEMV_SWEEP, timed alone by
@@ -211,7 +199,7 @@ def gemv_shapes(model, dtype=torch.bfloat16) -> dict:
         sweep = {}
         for shape in GEMV_SWEEP:
             config = dict(zip(GEMV_CONFIG, shape))
-            sweep[shape] = time_it(lambda: launch_gemv(x, weight, bias, out, gelu, config))
+            sweep[shape] = time_it(lambda: gemv.launch(x, weight, bias, out, gelu, config))
         best = min(sweep, key=sweep.get)
         times = {"cublas": time_it(cublas), "gemv": time_it(kernel), "best": sweep[best], "op": time_it(op)}
         gigabytes = n * k * weight.element_size() / 1e9

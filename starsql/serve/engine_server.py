@@ -27,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .decode import BackendError, RecentWaits, build_backend, env_count, freeze_long_lived_objects, fast_backend_wanted, usage_report
+from .decode import (BackendError, RecentWaits, build_backend, env_count, fast_backend_wanted, freeze_long_lived_objects,
+                     usage_report)
 from .load import load_for_inference
 
 MAX_TOKENS = 512  # the most one request may ask for (the app's own limit)

@@ -41,6 +41,7 @@ ROWS = 16
 ROWS_BLOCK = dict(BLOCK_M=ROWS, BLOCK_N=32, BLOCK_K=256)
 ROWS_LAUNCH = dict(num_warps=4, num_stages=5)
 ROWS_LAUNCH_FP32 = dict(num_warps=4, num_stages=2)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton at its import, as here: fixed for the process
 
 if triton is not None:
 
@@ -89,19 +90,20 @@ if triton is not None:
         tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    def launch(x, weight, bias, out, gelu: bool):
+    def launch(x, weight, bias, out, gelu: bool, config: dict | None = None):
         """The kernel over `weight`'s rows, on `x`'s device (Triton launches on the current one): `gemv_kernel` for
-        one row of x, `rows_kernel` for up to ROWS (x and out contiguous)."""
+        one row of x, `rows_kernel` for up to ROWS (x and out contiguous). `config`: block shape and launch settings
+        in place of the shipped ones (the benchmarks' sweeps)."""
         N, K = weight.shape
         M = x.numel() // K
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             if M == 1:
-                config = {**BLOCK, **LAUNCH}
+                config = {**BLOCK, **LAUNCH, **(config or {})}
                 gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]),)](
                     weight, x, bias, out, N, K, HAS_BIAS=bias is not None, GELU=gelu, **config)
             elif M <= ROWS:
-                upcast = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-                config = {**ROWS_BLOCK, **(ROWS_LAUNCH_FP32 if x.dtype == torch.float32 else ROWS_LAUNCH)}
+                upcast = x.dtype == torch.float32 or INTERPRETED
+                config = {**ROWS_BLOCK, **(ROWS_LAUNCH_FP32 if x.dtype == torch.float32 else ROWS_LAUNCH), **(config or {})}
                 rows_kernel[(triton.cdiv(N, config["BLOCK_N"]),)](
                     weight, x, bias, out, M, N, K, HAS_BIAS=bias is not None, GELU=gelu, UPCAST=upcast, **config)
             else:
